@@ -1,0 +1,69 @@
+"""The multi-adapter LoRA branch in plain jnp: the oracle every ATMM kernel is tested against.
+
+Glossary: T tokens, D_in / D_out feature sizes, S adapter slots, R the slots' padded rank.
+"""
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+class LoraWeight(NamedTuple):
+    """One targeted linear's adapter slots.
+
+    a:     [S, D_in, R]  down-projections; columns >= rank[s] are padding (ignored).
+    b:     [S, R, D_out] up-projections; rows >= rank[s] are padding (ignored).
+    scale: [S] float32   alpha / rank of the adapter in each slot.
+    rank:  [S] int32     the true rank of each slot's adapter (0 for an empty slot).
+    """
+
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+    rank: jax.Array
+
+
+def lora_delta_reference(
+    x: jax.Array,
+    weights: Sequence[LoraWeight],
+    slot: jax.Array,
+    merged_slot: jax.Array | int = -1,
+    *,
+    mixture: bool = False,
+) -> tuple[jax.Array, ...]:
+    """LoRA deltas of several weights that share the input x.
+
+    For each weight w and token t, with a = slot[t] (-1 = base model only) and
+    m = merged_slot (used only when mixture=True):
+        delta(s)  = scale[s] * x[t] @ A[s][:, :rank[s]] @ B[s][:rank[s], :]
+        y[t]      = (a >= 0 ? delta(a) : 0)                 # unmerged
+        y[t]      = a == m ? 0                               # mixture: already in W
+                  : (a >= 0 ? delta(a) : 0) - delta(m)       #   add own, remove merged
+    Accumulates in float32; returns one [T, D_out] array per weight in x.dtype.
+
+    Args:
+      x: [T, D_in] tokens.
+      weights: LoraWeights whose a has D_in rows.
+      slot: [T] int32 adapter slot per token.
+      merged_slot: int32 scalar, the slot folded into the base weights.
+      mixture: whether the step runs in mixture (deLoRA) mode.
+    """
+    xf = x.astype(jnp.float32)
+    token_slot = jnp.clip(slot, 0)                                   # [T]
+    outputs = []
+    for w in weights:
+        cols = jnp.arange(w.a.shape[-1])
+        keep = (cols[None, :] < w.rank[:, None]).astype(jnp.float32)  # [S, R]
+        a = w.a.astype(jnp.float32) * keep[:, None, :]               # [S, D_in, R]
+        b = w.b.astype(jnp.float32) * keep[:, :, None]               # [S, R, D_out]
+        h = jnp.einsum("TD,TDR->TR", xf, a[token_slot])              # [T, R]
+        y = jnp.einsum("TR,TRO->TO", h, b[token_slot])               # [T, D_out]
+        y = jnp.where((slot >= 0)[:, None], w.scale[token_slot][:, None] * y, 0.0)
+        if mixture:
+            m = jnp.clip(merged_slot, 0)
+            merged = w.scale[m] * ((xf @ a[m]) @ b[m])               # [T, D_out]
+            y = jnp.where((merged_slot >= 0), y - merged, y)
+            y = jnp.where((slot == merged_slot)[:, None], 0.0, y)
+        outputs.append(y.astype(x.dtype))
+    return tuple(outputs)

@@ -1,0 +1,136 @@
+"""Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) over a paged KV cache.
+
+Tokens arrive as a padded block [B, Q] (B sequences, Q query tokens each) with absolute
+positions; `valid [B, Q]` marks real tokens. Two attention sources:
+  * dense (no cache): each token attends to the valid tokens of its own block at
+    positions <= its own (training, full recompute);
+  * paged: the block's keys/values are first written to cache pages
+    (`page_table[b, pos // page_size]`, offset `pos % page_size`; padding goes to the
+    reserved page 0), then each token attends to positions 0..pos of its sequence.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from valora_jax.config import LoraConfig, TextConfig
+from valora_jax.lora import Linear, LoraContext, project
+
+NULL_PAGE = 0  # page that absorbs writes of padding tokens; never holds real data
+_MASKED = -1e30
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, d: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((d,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention. x [B, Q, H, Dh], positions [B, Q]."""
+    dh = x.shape[-1]
+    inv_freq = 1.0 / theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)       # [Dh/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq                    # [B, Q, Dh/2]
+    angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]                   # [B, Q, 1, Dh]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B, Q, H, Dh], k/v [B, C, H_kv, Dh], mask [B, Q, C] -> [B, Q, H*Dh]."""
+    b, nq, h, dh = q.shape
+    hkv = k.shape[2]
+    q = q.reshape(b, nq, hkv, h // hkv, dh)
+    scores = jnp.einsum("BQKGd,BCKd->BKGQC", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGQC,BCKd->BQKGd", probs, v)
+    return out.reshape(b, nq, h * dh)
+
+
+def write_pages(pages: jax.Array, new: jax.Array, positions: jax.Array, valid: jax.Array,
+                page_table: jax.Array) -> jax.Array:
+    """pages [P, page, H_kv, Dh] with new [B, Q, H_kv, Dh] stored at each valid token's position."""
+    page_size = pages.shape[1]
+    col = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
+    page = jnp.where(valid, jnp.take_along_axis(page_table, col, axis=1), NULL_PAGE)   # [B, Q]
+    return pages.at[page, positions % page_size].set(new.astype(pages.dtype))
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+    """pages [P, page, H_kv, Dh], page_table [B, Pmax] -> context [B, Pmax*page, H_kv, Dh]."""
+    ctx = pages[page_table]                                                          # [B, Pmax, page, H_kv, Dh]
+    b, n, ps, hkv, dh = ctx.shape
+    return ctx.reshape(b, n * ps, hkv, dh)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        d, dh = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        lin = lambda i, o, name: Linear(i, o, rngs=rngs, dtype=dtype,
+                                        lora=lora if lora is not None and name in lora.targets else None)
+        self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.q_proj = lin(d, cfg.num_heads * dh, "q_proj")
+        self.k_proj = lin(d, cfg.num_kv_heads * dh, "k_proj")
+        self.v_proj = lin(d, cfg.num_kv_heads * dh, "v_proj")
+        self.o_proj = lin(cfg.num_heads * dh, d, "o_proj")
+        self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.gate_proj, self.up_proj = lin(d, cfg.mlp_size, "gate_proj"), lin(d, cfg.mlp_size, "up_proj")
+        self.down_proj = lin(cfg.mlp_size, d, "down_proj")
+
+    def __call__(self, x, positions, valid, ctx: LoraContext, cache=None, page_table=None):
+        """x [B, Q, D] -> (x, cache). cache = (k_pages, v_pages) or None for dense attention."""
+        cfg = self.cfg
+        b, nq, _ = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = project(h, [self.q_proj, self.k_proj, self.v_proj], ctx)
+        q = rope(q.reshape(b, nq, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
+        k = rope(k.reshape(b, nq, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+        v = v.reshape(b, nq, cfg.num_kv_heads, cfg.head_dim)
+        if cache is None:
+            mask = valid[:, None, :] & (positions[:, None, :] <= positions[:, :, None])     # [B, Q, Q]
+            attn = attention(q, k, v, mask)
+        else:
+            k_pages = write_pages(cache[0], k, positions, valid, page_table)
+            v_pages = write_pages(cache[1], v, positions, valid, page_table)
+            keys, values = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
+            mask = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]      # [B, Q, C]
+            attn = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+            cache = (k_pages, v_pages)
+        x = x + self.o_proj(attn, ctx)
+        h = self.post_attention_layernorm(x)
+        gate, up = project(h, [self.gate_proj, self.up_proj], ctx)
+        return x + self.down_proj(jax.nn.silu(gate) * up, ctx), cache
+
+
+class Decoder(nnx.Module):
+    """Embedding, decoder layers, final norm, untied LM head."""
+
+    def __init__(self, cfg: TextConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Param((0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size)))
+                                      .astype(dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, lora, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = nnx.Param((0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size)))
+                                 .astype(dtype))
+
+    def __call__(self, x, positions, valid, ctx: LoraContext, cache=None, page_table=None):
+        """x [B, Q, D] embeddings -> (final-normed hidden [B, Q, D], cache as a list per layer or None)."""
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, valid, ctx, None if cache is None else cache[i], page_table)
+            new_cache.append(layer_cache)
+        return self.norm(x), (None if cache is None else new_cache)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> float32 logits [..., V]."""
+        return jnp.dot(hidden, self.lm_head[...], preferred_element_type=jnp.float32)

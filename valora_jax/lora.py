@@ -1,0 +1,147 @@
+"""Segmented multi-LoRA linear layers, the backend switch, and merging.
+
+Every targeted linear keeps its base weight `kernel [D_in, D_out]` untouched, the adapter
+pool's slots (`LoraSlot` variables: `lora_a [S, D_in, R]`, `lora_b [S, R, D_out]`,
+`lora_scale [S]`, `lora_rank [S]`), and, when the config is mergeable, a `merged [D_in, D_out]`
+copy holding `kernel + s_m A_m B_m` for the merged adapter m. Three modes (DESIGN.md):
+
+    unmerged:  y = x W   + [a != -1] s_a x A_a B_a
+    merged:    y = x W_m                               (every token uses adapter m)
+    mixture:   y = x W_m + [a != m] ([a != -1] s_a x A_a B_a - s_m x A_m B_m)
+
+Exact unmerge: merging writes only `merged`, never `kernel`, so returning to unmerged mode is
+free and the base weights stay bit-identical forever; the price is one extra copy of every
+targeted weight (`LoraConfig.mergeable=False` drops it and with it merged/mixture modes).
+"""
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference
+
+MODES = ("unmerged", "merged", "mixture")
+BACKENDS = ("reference", "pallas", "pallas-interpret")
+
+
+class LoraSlot(nnx.Variable):
+    """Adapter-pool slot buffers, written by the pool, read by the LoRA branch."""
+
+
+class MergedWeight(nnx.Variable):
+    """A base weight with one adapter folded in (read in merged and mixture modes)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraContext:
+    """How the targeted linears of one call treat their tokens.
+
+    slot: [T] int32 adapter slot of each (flattened) token, -1 = base model only.
+    merged_slot: int32 scalar, the slot held in the merged weights (ignored when unmerged).
+    mode: one of MODES (static).
+    backend: one of BACKENDS (static): "reference" is plain jnp, "pallas" the ATMM kernel,
+      "pallas-interpret" the same kernel interpreted (for CPU tests).
+    """
+
+    slot: jax.Array
+    merged_slot: jax.Array
+    mode: str = "unmerged"
+    backend: str = "reference"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown LoRA backend {self.backend!r}; expected one of {BACKENDS}")
+
+    @classmethod
+    def unmerged(cls, slot, backend: str = "reference") -> "LoraContext":
+        return cls(jnp.asarray(slot, jnp.int32), jnp.int32(-1), "unmerged", backend)
+
+    def for_tokens(self, slot: jax.Array) -> "LoraContext":
+        """The same mode and backend for another token layout."""
+        return dataclasses.replace(self, slot=slot)
+
+
+def _lora_delta(x: jax.Array, weights: Sequence[LoraWeight], ctx: LoraContext) -> tuple[jax.Array, ...]:
+    mixture = ctx.mode == "mixture"
+    if ctx.backend == "reference":
+        return lora_delta_reference(x, weights, ctx.slot, ctx.merged_slot, mixture=mixture)
+    from pallas_kernels import lora_delta  # the kernel package is only needed for these backends
+
+    return lora_delta(x, weights, ctx.slot, ctx.merged_slot, mixture=mixture,
+                      interpret=ctx.backend == "pallas-interpret")
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), plus the LoRA branch when `lora` is given.
+
+    x: [..., D_in] -> y: [..., D_out]. Call several linears that read the same input through
+    `project`, which runs their LoRA branches in one kernel launch.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype, bias: bool = False,
+                 lora=None, init_std: float = 0.02):
+        self.d_in, self.d_out = d_in, d_out
+        self.kernel = nnx.Param((init_std * jax.random.normal(rngs.params(), (d_in, d_out))).astype(dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+        self.targeted = lora is not None
+        if self.targeted:
+            s, r = lora.max_loras, lora.max_rank
+            self.lora_a = LoraSlot(jnp.zeros((s, d_in, r), dtype))
+            self.lora_b = LoraSlot(jnp.zeros((s, r, d_out), dtype))
+            self.lora_scale = LoraSlot(jnp.zeros((s,), jnp.float32))
+            self.lora_rank = LoraSlot(jnp.zeros((s,), jnp.int32))
+            self.merged = MergedWeight(jnp.array(self.kernel[...])) if lora.mergeable else None
+
+    def lora_weight(self) -> LoraWeight:
+        return LoraWeight(self.lora_a[...], self.lora_b[...], self.lora_scale[...], self.lora_rank[...])
+
+    def weight(self, mode: str) -> jax.Array:
+        """The weight this mode multiplies by: the merged copy in merged/mixture modes."""
+        if mode != "unmerged" and self.targeted:
+            if self.merged is None:
+                raise ValueError(f"mode {mode!r} needs LoraConfig.mergeable=True")
+            return self.merged[...]
+        return self.kernel[...]
+
+    def __call__(self, x: jax.Array, ctx: LoraContext) -> jax.Array:
+        return project(x, [self], ctx)[0]
+
+
+def project(x: jax.Array, linears: Sequence[Linear], ctx: LoraContext) -> list[jax.Array]:
+    """[l(x) for l in linears] with one LoRA launch for all targeted ones.
+
+    x: [..., D_in], ctx.slot: [prod(x.shape[:-1])].
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])                                   # [T, D_in]
+    ys = []
+    for lin in linears:
+        y = jnp.dot(x2, lin.weight(ctx.mode), preferred_element_type=jnp.float32)
+        if lin.bias is not None:
+            y = y + lin.bias[...].astype(jnp.float32)
+        ys.append(y)
+    targeted = [i for i, lin in enumerate(linears) if lin.targeted]
+    if targeted and ctx.mode != "merged":
+        deltas = _lora_delta(x2, [linears[i].lora_weight() for i in targeted], ctx)
+        for i, d in zip(targeted, deltas):
+            ys[i] = ys[i] + d.astype(jnp.float32)
+    return [y.astype(x.dtype).reshape(*lead, y.shape[-1]) for y in ys]
+
+
+def merged_kernel(lin: Linear, slot: jax.Array) -> jax.Array:
+    """kernel + scale[slot] * A[slot][:, :rank] @ B[slot][:rank], rounded once to the kernel dtype."""
+    w = lin.lora_weight()
+    keep = (jnp.arange(w.a.shape[-1]) < w.rank[slot]).astype(jnp.float32)   # [R]
+    a = w.a[slot].astype(jnp.float32) * keep                                  # [D_in, R]
+    delta = w.scale[slot] * (a @ w.b[slot].astype(jnp.float32))               # [D_in, D_out]
+    return (lin.kernel[...].astype(jnp.float32) + delta).astype(lin.kernel.dtype)
+
+
+def targeted_linears(model: nnx.Module) -> list[tuple[tuple, Linear]]:
+    """(path, Linear) for every linear that carries adapter slots."""
+    return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.targeted]

@@ -1,0 +1,142 @@
+"""The model's device state and its jitted functions: steps, image encoding, slot writes, merging.
+
+`ModelRunner` splits an `LMM` into base params, LoRA slots and merged weights, and compiles
+  step(cache, inputs, mode)     one prefill/decode step over the paged cache (cache donated)
+  encode_images(pixels, slots)  vision tower + projector
+  write_slot(slot, adapter)     place an adapter's weights in a device slot (slots donated)
+  merge(slot)                   fold a slot's adapter into every targeted weight in one call
+Shapes are padded to power-of-two buckets (`bucket`) so a long run compiles a bounded number
+of times.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from valora_jax.adapters import Adapter
+from valora_jax.lora import BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merged_kernel, targeted_linears
+from valora_jax.model import LMM, split_model
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+class StepInputs(NamedTuple):
+    """One step's padded token block (B rows of Q tokens) and where it reads/writes.
+
+    tokens, positions, image_rows: [B, Q] int32; valid: [B, Q] bool; slot: [B] int32
+    adapter slot per row; page_table: [B, Pmax] int32; image_features: [F, D];
+    merged_slot: int32 scalar (slot of the merged adapter, -1 when unmerged).
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    image_rows: jax.Array
+    slot: jax.Array
+    page_table: jax.Array
+    image_features: jax.Array
+    merged_slot: jax.Array
+
+
+def _path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+class ModelRunner:
+    """Owns the device state of one model and the jitted functions over it."""
+
+    def __init__(self, model: LMM, *, backend: str = "reference"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown LoRA backend {backend!r}; expected one of {BACKENDS}")
+        self.config, self.backend = model.config, backend
+        self.module_shapes = {_path_str(p): (lin.d_in, lin.d_out) for p, lin in targeted_linears(model)}
+        self.graphdef, self.params, self.lora, self.merged = split_model(model)
+        self.merged_slot = -1          # slot whose adapter the merged weights hold (-1: none yet)
+        self._step = jax.jit(self._step_impl, static_argnames="mode", donate_argnames="cache")
+        self._encode = jax.jit(self._encode_impl, static_argnames="mode")
+        self._write = jax.jit(self._write_impl, donate_argnames="lora")
+        self._merge = jax.jit(self._merge_impl, donate_argnames="merged")
+
+    def model(self) -> LMM:
+        """A module view of the current state (for eager use in tests and tools)."""
+        return nnx.merge(self.graphdef, self.params, self.lora, self.merged)
+
+    # jitted bodies ---------------------------------------------------------------------------
+    def _ctx(self, slot, merged_slot, mode) -> LoraContext:
+        return LoraContext(slot, merged_slot, mode, self.backend)
+
+    def _step_impl(self, params, lora, merged, cache, inputs: StepInputs, mode: str):
+        model = nnx.merge(self.graphdef, params, lora, merged)
+        q = inputs.tokens.shape[1]
+        ctx = self._ctx(jnp.repeat(inputs.slot, q), inputs.merged_slot, mode)
+        return model.step(cache, inputs.page_table, inputs.tokens, inputs.positions, inputs.valid,
+                          inputs.image_rows, inputs.image_features, ctx)
+
+    def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
+        model = nnx.merge(self.graphdef, params, lora, merged)
+        return model.encode_images(pixels, self._ctx(slot, merged_slot, mode))
+
+    def _write_impl(self, params, lora, merged, slot, payload):
+        model = nnx.merge(self.graphdef, params, lora, merged)
+        r_max = self.config.lora.max_rank
+        for path, lin in targeted_linears(model):
+            a, b, scale = payload.get(_path_str(path), (None, None, None))
+            if a is None:   # module the adapter does not touch: an all-zero, rank-0 slot
+                a, b, scale = jnp.zeros((lin.d_in, 0)), jnp.zeros((0, lin.d_out)), jnp.float32(0)
+            r = a.shape[1]
+            dt = lin.lora_a.dtype
+            lin.lora_a[...] = lin.lora_a[...].at[slot].set(jnp.pad(a.astype(dt), ((0, 0), (0, r_max - r))))
+            lin.lora_b[...] = lin.lora_b[...].at[slot].set(jnp.pad(b.astype(dt), ((0, r_max - r), (0, 0))))
+            lin.lora_scale[...] = lin.lora_scale[...].at[slot].set(scale)
+            lin.lora_rank[...] = lin.lora_rank[...].at[slot].set(r)
+        return nnx.state(model, LoraSlot)
+
+    def _merge_impl(self, params, lora, merged, slot):
+        model = nnx.merge(self.graphdef, params, lora, merged)
+        for _, lin in targeted_linears(model):
+            lin.merged[...] = merged_kernel(lin, slot)
+        return nnx.state(model, MergedWeight)
+
+    # public API ------------------------------------------------------------------------------
+    def step(self, cache, inputs: StepInputs, mode: str = "unmerged"):
+        """-> (hidden [B, D], logits [B, V] float32, new cache). The cache passed in is consumed."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if mode != "unmerged" and self.merged_slot < 0:
+            raise ValueError(f"mode {mode!r} needs a merged adapter; call merge(slot) first")
+        return self._step(self.params, self.lora, self.merged, cache, inputs, mode=mode)
+
+    def encode_images(self, pixels, slot, mode: str = "unmerged") -> jax.Array:
+        """pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
+        return self._encode(self.params, self.lora, self.merged, pixels, jnp.asarray(slot, jnp.int32),
+                            jnp.int32(self.merged_slot), mode=mode)
+
+    def write_slot(self, slot: int, adapter: Adapter | None) -> None:
+        """Place `adapter` (or nothing) in device slot `slot` of every targeted module."""
+        if not 0 <= slot < self.config.lora.max_loras:
+            raise ValueError(f"slot {slot} outside 0..{self.config.lora.max_loras - 1}")
+        payload = {} if adapter is None else {
+            p: (jnp.asarray(a), jnp.asarray(b), jnp.float32(adapter.scales[p])) for p, (a, b) in adapter.weights.items()}
+        self.lora = self._write(self.params, self.lora, self.merged, jnp.int32(slot), payload)
+        if slot == self.merged_slot:
+            self.merged_slot = -1     # the merged weights no longer match that slot
+
+    def merge(self, slot: int) -> None:
+        """Merged weights := base + the adapter in `slot`, every targeted layer, one call.
+
+        The base weights are only read: unmerging is switching back to mode "unmerged"."""
+        if self.config.lora.mergeable is False:
+            raise ValueError("this model was built with LoraConfig.mergeable=False")
+        if not 0 <= slot < self.config.lora.max_loras:
+            raise ValueError(f"slot {slot} outside 0..{self.config.lora.max_loras - 1}")
+        if slot != self.merged_slot:
+            self.merged = self._merge(self.params, self.lora, self.merged, jnp.int32(slot))
+            self.merged_slot = slot
