@@ -1,0 +1,115 @@
+"""`valora` command line: generate and info (serving, training and import commands join later).
+
+Models: `--model` takes a checkpoint directory or a preset name; by default the embedded
+model in checkpoints/default, or, while no trained checkpoint exists there, the `tiny`
+preset randomly initialised with seed 0 (the output says so).
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+CHECKPOINTS = Path(os.environ.get("VALORA_CHECKPOINTS", Path(__file__).resolve().parents[1] / "checkpoints"))
+
+
+def _load_model(spec: str | None):
+    from valora_jax import PRESETS, init_model, load_model
+
+    if spec is None:
+        default = CHECKPOINTS / "default"
+        if (default / "config.json").exists():
+            return load_model(default), f"embedded default ({default})"
+        return init_model(PRESETS["tiny"](), seed=0), ("tiny preset, RANDOMLY INITIALISED (seed 0): "
+                                                       f"no trained checkpoint in {default}")
+    if spec in PRESETS:
+        return init_model(PRESETS[spec](), seed=0), f"{spec} preset, RANDOMLY INITIALISED (seed 0)"
+    if not (Path(spec) / "config.json").exists():
+        raise SystemExit(f"error: --model {spec!r} is neither a preset {sorted(PRESETS)} nor a model directory")
+    return load_model(spec), spec
+
+
+def _parse_adapter(spec: str) -> tuple[str, Path]:
+    name, sep, directory = spec.partition("=")
+    if not sep or not name or not directory:
+        raise SystemExit(f"error: --adapter expects NAME=DIR, got {spec!r}")
+    return name, Path(directory)
+
+
+def _setup(args):
+    from valora_jax import AdapterPool, ModelRunner, load_adapter
+
+    model, origin = _load_model(args.model)
+    runner = ModelRunner(model, backend=args.backend)
+    pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
+    for spec in args.adapter:
+        name, directory = _parse_adapter(spec)
+        try:
+            pool.register(load_adapter(directory, runner.config, runner.module_shapes, name=name))
+        except ValueError as e:
+            raise SystemExit(f"error: adapter {name!r}: {e}")
+    return runner, pool, origin
+
+
+def cmd_info(args) -> None:
+    from valora_jax import count_params
+
+    runner, pool, origin = _setup(args)
+    cfg = runner.config
+    print(f"model: {cfg.name} ({origin})")
+    print(f"base id: {cfg.base_id}")
+    print(f"parameters: {count_params(cfg):,}")
+    print(cfg.to_json())
+    print(f"LoRA: {len(runner.module_shapes)} targeted modules, {cfg.lora.max_loras} slots, "
+          f"max rank {cfg.lora.max_rank}, backend {runner.backend}")
+    for name, a in pool.store.items():
+        head = f", task head over {len(a.head.labels)} labels" if a.head else ""
+        print(f"adapter {name}: rank {a.rank}, alpha {a.alpha}, targets {list(a.targets)}{head}")
+
+
+def cmd_generate(args) -> None:
+    from valora_jax import Generator, Request
+
+    runner, pool, origin = _setup(args)
+    use = args.use or (_parse_adapter(args.adapter[0])[0] if len(args.adapter) == 1 else None)
+    if use is None and len(args.adapter) > 1:
+        raise SystemExit("error: several --adapter given; choose one with --use NAME")
+    print(f"model: {runner.config.name} ({origin}); adapter: {use or 'none'}", file=sys.stderr)
+    request = Request(args.prompt, [Path(p) for p in args.image], adapter=use, max_tokens=args.max_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    start = time.perf_counter()
+    try:
+        completion = Generator(runner, pool).generate([request])[0]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(completion.text)
+    print(f"[{completion.prompt_tokens} prompt tokens, {len(completion.token_ids)} generated, "
+          f"finish: {completion.finish_reason}, {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="valora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="checkpoint directory or preset name (default: embedded)")
+    common.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="load an adapter")
+    common.add_argument("--backend", default="reference", choices=("reference", "pallas", "pallas-interpret"),
+                        help="LoRA backend (pallas needs a GPU)")
+    info = sub.add_parser("info", parents=[common], help="config, parameter counts, adapters")
+    info.set_defaults(func=cmd_info)
+    gen = sub.add_parser("generate", parents=[common], help="answer one prompt about images")
+    gen.add_argument("--image", nargs="*", default=[], metavar="PATH")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--use", metavar="NAME", help="which loaded adapter answers (default: the only one)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Shared fixtures: a micro LMM (fast to compile on CPU), its runner, pool and adapters."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from valora_jax import AdapterPool, Generator, ModelRunner, VisionConfig, init_model, random_adapter, tiny
+from valora_jax.config import ALL_TARGETS, TextConfig
+
+# (rtol, atol) for comparing two computations of the same function, keyed by dtype.
+TOLERANCES = {jnp.dtype(jnp.float32): (2e-5, 2e-5), jnp.dtype(jnp.bfloat16): (2e-2, 2e-2)}
+
+
+def tol(dtype) -> dict:
+    rtol, atol = TOLERANCES[jnp.dtype(dtype)]
+    return {"rtol": rtol, "atol": atol}
+
+
+def micro_config(dtype: str = "float32", targets=ALL_TARGETS, max_loras: int = 4, max_rank: int = 16):
+    """tiny() shrunk further: 2 decoder layers, 32x32 images (16 patches)."""
+    base = tiny(targets=tuple(targets), max_loras=max_loras, max_rank=max_rank)
+    return dataclasses.replace(
+        base, dtype=dtype,
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=2,
+                            mlp_size=128, feature_layer=-2),
+        text=TextConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_size=128, max_position=512),
+        page_size=8)
+
+
+@pytest.fixture(scope="session")
+def config():
+    return micro_config()
+
+
+@pytest.fixture(scope="session")
+def runner(config):
+    return ModelRunner(init_model(config, seed=1))
+
+
+@pytest.fixture(scope="session")
+def adapters(config, runner):
+    """Three adapters of ranks 4, 8, 16 on every target (vision and projector included)."""
+    return [random_adapter(config, runner.module_shapes, f"task{i}", r, seed=10 + i, std=0.2)
+            for i, r in enumerate((4, 8, 16))]
+
+
+@pytest.fixture(scope="session")
+def generator(config, runner, adapters):
+    pool = AdapterPool(config, runner.module_shapes, runner.write_slot)
+    for a in adapters:
+        pool.register(a)
+    return Generator(runner, pool, num_pages=128)
+
+
+def random_image(seed: int, size: int = 40) -> np.ndarray:
+    return (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)

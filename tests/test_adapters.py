@@ -1,0 +1,121 @@
+"""Adapter validation and the adapter pool: LRU, pinning, full pool, re-registration."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import micro_config
+from valora_jax import AdapterPool, PoolFull, make_adapter, random_adapter
+from valora_jax.adapters import target_of
+
+
+class _Slots:
+    """Stands in for the runner's device writes: records which adapter each slot holds."""
+
+    def __init__(self, n):
+        self.held = [None] * n
+        self.writes = 0
+
+    def __call__(self, slot, adapter):
+        self.held[slot] = None if adapter is None else adapter.name
+        self.writes += 1
+
+
+SHAPES = {"decoder.layers.0.q_proj": (8, 8), "decoder.layers.0.down_proj": (16, 8),
+          "vision_tower.layers.0.fc1": (4, 16)}
+
+
+def _pool(max_loras=2):
+    cfg = micro_config(max_loras=max_loras)
+    slots = _Slots(max_loras)
+    pool = AdapterPool(cfg, SHAPES, slots)
+    for i in range(5):
+        pool.register(random_adapter(cfg, SHAPES, f"a{i}", rank=4, seed=i))
+    return pool, slots, cfg
+
+
+def test_target_names():
+    assert target_of("decoder.layers.3.q_proj") == "q_proj"
+    assert target_of("vision_tower.layers.0.fc1") == "vision.fc1"
+    assert target_of("projector.linear_1") == "projector.linear_1"
+
+
+def test_lru_eviction_and_slot_reuse():
+    pool, slots, _ = _pool()
+    assert pool.acquire(["a0"]) == {"a0": 0}
+    assert pool.acquire(["a1", None]) == {"a1": 1}
+    pool.acquire(["a0"])                                  # a0 now most recent
+    assert pool.acquire(["a2"]) == {"a2": 1}              # evicts a1
+    assert slots.held == ["a0", "a2"] and pool.resident == {"a0": 0, "a2": 1}
+    writes = slots.writes
+    pool.acquire(["a0", "a2"])                            # resident: no device write
+    assert slots.writes == writes
+
+
+def test_pinning_and_full_pool_change_nothing():
+    pool, slots, _ = _pool()
+    pool.acquire(["a0", "a1"])
+    pool.pin("a0")
+    pool.pin("a1")
+    before = (dict(pool.resident), list(slots.held), slots.writes)
+    with pytest.raises(PoolFull, match="a2"):
+        pool.acquire(["a2"])
+    with pytest.raises(PoolFull):
+        pool.acquire(["a0", "a2", "a3"])
+    assert (pool.resident, slots.held, slots.writes) == before
+    pool.unpin("a1")
+    assert pool.acquire(["a2"]) == {"a2": 1}
+    with pytest.raises(ValueError, match="not pinned"):
+        pool.unpin("a3")
+    with pytest.raises(ValueError, match="pinned"):
+        pool.unregister("a0")
+
+
+def test_unknown_adapter_rejected_before_any_write():
+    pool, slots, _ = _pool()
+    with pytest.raises(ValueError, match="'nope'"):
+        pool.acquire(["a0", "nope"])
+    assert slots.writes == 0 and pool.resident == {}
+
+
+def test_reregistration_replaces_resident_copy():
+    pool, slots, cfg = _pool()
+    pool.acquire(["a0"])
+    version = pool.register(random_adapter(cfg, SHAPES, "a0", rank=8, seed=99))
+    assert version == 2 and pool.slot_of("a0") is None    # the old copy is stale
+    writes = slots.writes
+    pool.acquire(["a0"])
+    assert slots.writes == writes + 1 and pool.store["a0"].rank == 8
+
+
+def test_unregister_clears_slot():
+    pool, slots, _ = _pool()
+    pool.acquire(["a3"])
+    pool.unregister("a3")
+    assert slots.held == [None, None] and "a3" not in pool.store
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda cfg, a: {"base_id": "other@123"}, "other@123"),
+    (lambda cfg, a: {"weights": {**a.weights, "decoder.layers.0.up_proj": a.weights["decoder.layers.0.q_proj"]}},
+     "up_proj"),
+    (lambda cfg, a: {"weights": {**a.weights, "decoder.layers.0.q_proj": (np.zeros((7, 4)), np.zeros((4, 8)))}},
+     r"\(7, 4\)"),
+    (lambda cfg, a: {"weights": {p: (np.zeros((i, 40)), np.zeros((40, o))) for p, (i, o) in SHAPES.items()},
+                     "scales": {p: 1.0 for p in SHAPES}}, "rank 40"),
+    (lambda cfg, a: {"name": ""}, "name"),
+])
+def test_bad_adapters_rejected_and_pool_unchanged(change, message):
+    pool, slots, cfg = _pool()
+    good = random_adapter(cfg, SHAPES, "bad", rank=4, seed=0)
+    store = dict(pool.store)
+    with pytest.raises(ValueError, match=message):
+        pool.register(dataclasses.replace(good, **change(cfg, good)))
+    assert pool.store == store and slots.writes == 0
+
+
+def test_make_adapter_scales():
+    cfg = micro_config()
+    a = make_adapter("x", cfg.base_id, {"decoder.layers.0.q_proj": (np.ones((8, 4)), np.ones((4, 8)))}, alpha=8)
+    assert a.scales == {"decoder.layers.0.q_proj": 2.0} and a.rank == 4 and a.targets == ("q_proj",)

@@ -1,0 +1,77 @@
+"""Orbax round trips of models and adapters, and the errors for bad checkpoints."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import micro_config
+from valora_jax import (ModelRunner, TaskHead, init_model, load_adapter, load_model, random_adapter, save_adapter,
+                        save_model)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, config):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = init_model(config, seed=11)
+    save_model(root / "model", model)
+    runner = ModelRunner(model)
+    adapter = random_adapter(config, runner.module_shapes, "counting", rank=8, seed=1)
+    head = TaskHead(np.ones((config.text.hidden_size, 2), np.float32), np.array([0.5, -0.5], np.float32),
+                    ("yes", "no"))
+    adapter = dataclasses.replace(adapter, head=head)
+    save_adapter(root / "adapter", adapter)
+    return root, model, runner, adapter
+
+
+def test_model_round_trip_is_exact(saved):
+    root, model, _, _ = saved
+    loaded = load_model(root / "model")
+    assert loaded.config == model.config
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adapter_round_trip(saved, config):
+    root, _, runner, adapter = saved
+    again = load_adapter(root / "adapter", config, runner.module_shapes)
+    assert again.name == "counting" and again.scales == adapter.scales and again.alpha == adapter.alpha
+    assert again.head.labels == ("yes", "no")
+    np.testing.assert_array_equal(again.head.bias, adapter.head.bias)
+    for p, (a, b) in adapter.weights.items():
+        np.testing.assert_array_equal(again.weights[p][0], a)
+        np.testing.assert_array_equal(again.weights[p][1], b)
+    assert load_adapter(root / "adapter", config, runner.module_shapes, name="renamed").name == "renamed"
+
+
+def test_adapter_for_another_base_model_is_refused(saved):
+    root, _, runner, _ = saved
+    other = dataclasses.replace(micro_config(), name="other-model")
+    with pytest.raises(ValueError, match="other-model"):
+        load_adapter(root / "adapter", other, runner.module_shapes)
+
+
+def test_adapter_with_module_the_model_lacks_is_refused(saved, config):
+    root, _, runner, _ = saved
+    shapes = {p: s for p, s in runner.module_shapes.items() if "vision" not in p}
+    with pytest.raises(ValueError, match="vision"):
+        load_adapter(root / "adapter", config, shapes)
+
+
+def test_corrupt_checkpoints_are_refused(saved, tmp_path, config):
+    root, _, runner, _ = saved
+    with pytest.raises(ValueError, match="adapter.json"):
+        load_adapter(tmp_path, config, runner.module_shapes)
+    (tmp_path / "adapter.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter.json"):
+        load_adapter(tmp_path, config, runner.module_shapes)
+    meta = json.loads((root / "adapter" / "adapter.json").read_text())
+    meta["modules"][next(iter(meta["modules"]))]["rank"] = 3
+    (tmp_path / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="weights"):      # no weights directory here
+        load_adapter(tmp_path, config, runner.module_shapes)
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(tmp_path)

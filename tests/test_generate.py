@@ -1,0 +1,104 @@
+"""generate(): batch and mode invariance, sampling, stops, task heads, bad input, no page leaks."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import random_image
+from valora_jax import Request, TaskHead
+
+
+def _requests():
+    return [Request("describe the picture", [random_image(0)], adapter="task0", max_tokens=6),
+            Request("a question without images", adapter=None, max_tokens=4),
+            Request("two frames of a clip", [random_image(1), random_image(2)], adapter="task2", max_tokens=5),
+            Request("sampled", [random_image(3)], adapter="task1", max_tokens=6, temperature=0.9, top_p=0.8,
+                    seed=7)]
+
+
+@pytest.fixture(scope="module")
+def together(generator):
+    return generator.generate(_requests())
+
+
+def test_each_request_alone_equals_its_batch(generator, together):
+    for req, batched in zip(_requests(), together):
+        alone = generator.generate([req])[0]
+        assert alone.token_ids == batched.token_ids
+        assert alone.finish_reason == batched.finish_reason
+    assert generator.allocator.num_free == generator.allocator.num_pages - 1      # no page leaks
+
+
+def test_merged_and_mixture_modes_give_the_same_greedy_output(generator, together):
+    reqs = _requests()[:3]
+    solo = generator.generate([reqs[0]], mode="merged")[0]
+    assert solo.token_ids == together[0].token_ids
+    mixed = generator.generate(reqs, mode="mixture", merged_adapter="task0")
+    assert [c.token_ids for c in mixed] == [c.token_ids for c in together[:3]]
+    other = generator.generate(reqs, mode="mixture", merged_adapter="task1")   # merged one not in batch
+    assert [c.token_ids for c in other] == [c.token_ids for c in together[:3]]
+
+
+def test_adapters_change_the_output(generator):
+    req = Request("same prompt", [random_image(5)], max_tokens=8)
+    outs = {generator.generate([dataclasses.replace(req, adapter=a)])[0].token_ids
+            for a in (None, "task0", "task1", "task2")}
+    assert len(outs) > 1
+
+
+def test_sampling_is_seeded_per_request(generator):
+    req = Request("sample me", max_tokens=8, temperature=1.0, top_p=1.0, seed=3)
+    a = generator.generate([req])[0]
+    b = generator.generate([Request("other", max_tokens=3), req])[1]
+    c = generator.generate([dataclasses.replace(req, seed=4)])[0]
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_max_tokens_and_stop_strings(generator, together):
+    first = together[0]
+    assert first.finish_reason == "length" and len(first.token_ids) == 6
+    stop_text = first.text[2:4]
+    if stop_text:
+        cut = generator.generate([dataclasses.replace(_requests()[0], stop=[stop_text])])[0]
+        assert cut.finish_reason == "stop" and stop_text not in cut.text and first.text.startswith(cut.text)
+
+
+def test_stop_token_ends_generation(generator, monkeypatch):
+    req = Request("stop early", max_tokens=6)
+    first = generator.generate([req])[0].token_ids[0]
+    monkeypatch.setattr(type(generator.tokenizer), "stop_ids", (first,))
+    out = generator.generate([req])[0]
+    assert out.token_ids == () and out.finish_reason == "stop"
+
+
+def test_task_head_answers_after_prefill(generator, config):
+    rng = np.random.default_rng(0)
+    base = generator.pool.store["task1"]
+    head = TaskHead(rng.standard_normal((config.text.hidden_size, 3)).astype(np.float32),
+                    np.zeros(3, np.float32), ("left", "right", "none"))
+    generator.pool.register(dataclasses.replace(base, name="headed", head=head))
+    out = generator.generate([Request("which way?", [random_image(9)], adapter="headed")])[0]
+    assert out.label in head.labels and out.text == out.label and out.token_ids == ()
+
+
+@pytest.mark.parametrize("req,message", [
+    (Request(""), "prompt"),
+    (Request("hi", [b"not an image"]), "image"),
+    (Request("hi", max_tokens=0), "max_tokens"),
+    (Request("hi", temperature=-1.0), "temperature"),
+    (Request("x" * 600), "context"),
+    (Request("hi", adapter="missing"), "'missing'"),
+])
+def test_bad_requests_fail_alone_and_change_nothing(generator, req, message):
+    resident = dict(generator.pool.resident)
+    with pytest.raises(ValueError, match=message):
+        generator.generate([Request("fine", max_tokens=2), req])
+    assert generator.pool.resident == resident
+    assert generator.allocator.num_free == generator.allocator.num_pages - 1
+    assert generator.generate([Request("fine", max_tokens=2)])[0].token_ids
+
+
+def test_merged_mode_needs_one_adapter(generator):
+    with pytest.raises(ValueError, match="one adapter"):
+        generator.generate(_requests()[:2], mode="merged")

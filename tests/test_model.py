@@ -1,0 +1,153 @@
+"""Model forward: paged KV decode vs full recompute, images, modes, batch invariance, shapes."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import micro_config, random_image, tol
+from valora_jax import LoraContext, ModelRunner, StepInputs, count_params, init_model, init_pages, random_adapter
+from valora_jax.config import llava_1_5_7b, llava_1_5_13b
+from valora_jax.image import preprocess_batch
+
+
+@pytest.fixture(scope="module")
+def loaded(config):
+    """A runner with adapters of ranks 4, 16, 8 in slots 0..2 (slot 3 empty)."""
+    runner = ModelRunner(init_model(config, seed=5))
+    for s, r in enumerate((4, 16, 8)):
+        runner.write_slot(s, random_adapter(config, runner.module_shapes, f"m{s}", r, seed=20 + s, std=0.2))
+    return runner
+
+
+def _pixels(config, seeds):
+    v = config.vision
+    return preprocess_batch([random_image(s) for s in seeds], size=v.image_size, mean=v.image_mean, std=v.image_std)
+
+
+def _sequence(config, rng, length, num_images, image_at=2):
+    """Token ids with `num_images` runs of image tokens starting at image_at; image_rows for them."""
+    p = config.tokens_per_image
+    tokens = rng.integers(0, 256, length).astype(np.int32)
+    rows = np.full(length, -1, np.int32)
+    rows[image_at: image_at + num_images * p] = np.arange(num_images * p)
+    tokens[rows >= 0] = 259
+    return tokens, rows
+
+
+def _dense(runner, tokens, rows, features, slot, mode="unmerged", merged_slot=-1):
+    n = len(tokens)
+    ctx = LoraContext(jnp.full((n,), slot, jnp.int32), jnp.int32(merged_slot), mode)
+    logits = runner.model()(tokens[None], np.arange(n)[None], np.ones((1, n), bool), rows[None], features, ctx)
+    return np.asarray(logits[0])
+
+
+def _block(rows_of_tokens, q, page_table, features, slots, merged_slot=-1):
+    """StepInputs for rows given as (tokens, positions, image_rows)."""
+    b = len(rows_of_tokens)
+    arr = {k: np.zeros((b, q), np.int32) for k in ("tokens", "positions")}
+    image_rows, valid = np.full((b, q), -1, np.int32), np.zeros((b, q), bool)
+    for i, (t, p, r) in enumerate(rows_of_tokens):
+        arr["tokens"][i, :len(t)], arr["positions"][i, :len(t)], image_rows[i, :len(t)] = t, p, r
+        valid[i, :len(t)] = True
+    return StepInputs(arr["tokens"], arr["positions"], valid, image_rows, np.asarray(slots, np.int32),
+                      np.asarray(page_table, np.int32), features, np.int32(merged_slot))
+
+
+@pytest.mark.parametrize("slot", [-1, 1])
+def test_paged_prefill_chunks_and_decode_equal_full_recompute(config, loaded, slot):
+    rng = np.random.default_rng(slot + 2)
+    tokens, rows = _sequence(config, rng, 29, num_images=1)
+    features = loaded.encode_images(_pixels(config, [0]), [slot]).reshape(-1, config.text.hidden_size)
+    dense = _dense(loaded, tokens, rows, features, slot)
+    cache = init_pages(config.text, 8, config.page_size, jnp.float32)
+    table = [[3, 5, 1, 7]]                                  # pages out of order on purpose
+    got = {}
+    for start, stop in ((0, 13), (13, 25), (25, 26), (26, 27), (27, 28), (28, 29)):
+        pos = np.arange(start, stop)
+        inputs = _block([(tokens[start:stop], pos, rows[start:stop])], 16, table, features, [slot])
+        _, logits, cache = loaded.step(cache, inputs)
+        got[stop - 1] = np.asarray(logits[0])
+    for pos, logits in got.items():
+        np.testing.assert_allclose(logits, dense[pos], **tol(jnp.float32))
+
+
+def test_each_image_feeds_its_own_placeholders(config, loaded):
+    rng = np.random.default_rng(3)
+    tokens, rows = _sequence(config, rng, 2 * config.tokens_per_image + 8, num_images=2)
+    p, d = config.tokens_per_image, config.text.hidden_size
+    feats = loaded.encode_images(_pixels(config, [1, 2]), [0, 0]).reshape(-1, d)
+    swapped_feats = np.concatenate([feats[p:], feats[:p]])
+    swapped_rows = np.where(rows >= 0, (rows + p) % (2 * p), -1)
+    a = _dense(loaded, tokens, rows, feats, 0)
+    np.testing.assert_allclose(_dense(loaded, tokens, swapped_rows, swapped_feats, 0), a, **tol(jnp.float32))
+    same = np.concatenate([feats[:p], feats[:p]])
+    assert np.abs(_dense(loaded, tokens, rows, same, 0)[-1] - a[-1]).max() > 1e-3
+
+
+def test_vision_adapter_changes_image_features(config, loaded):
+    px = _pixels(config, [4, 4])
+    f = np.asarray(loaded.encode_images(px, [-1, 2]))
+    assert np.abs(f[0] - f[1]).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(loaded.encode_images(px[:1], [-1]))[0], f[0], **tol(jnp.float32))
+
+
+def test_merged_unmerged_mixture_agree(config, loaded):
+    rng = np.random.default_rng(4)
+    tokens, rows = _sequence(config, rng, 20, num_images=0)
+    empty = jnp.zeros((0, config.text.hidden_size))
+    loaded.merge(1)
+    for slot in (-1, 0, 1, 2):
+        unmerged = _dense(loaded, tokens, rows, empty, slot)
+        np.testing.assert_allclose(_dense(loaded, tokens, rows, empty, slot, "mixture", 1), unmerged,
+                                   **tol(jnp.float32))
+    np.testing.assert_allclose(_dense(loaded, tokens, rows, empty, 1, "merged", 1),
+                               _dense(loaded, tokens, rows, empty, 1), **tol(jnp.float32))
+
+
+def test_batch_invariance_mixed_adapters_in_one_step(config, loaded):
+    """Each row's logits in a batch of different adapters (and lengths) equal the row alone."""
+    rng = np.random.default_rng(5)
+    seqs = [(rng.integers(0, 256, n).astype(np.int32), s) for n, s in ((1, 0), (9, -1), (16, 2), (5, 0))]
+    empty = jnp.zeros((0, config.text.hidden_size))
+    def run(batch):
+        cache = init_pages(config.text, 16, config.page_size, jnp.float32)
+        table = [[1 + 2 * i, 2 + 2 * i] for i in range(len(batch))]
+        rows = [(t, np.arange(len(t)), np.full(len(t), -1)) for t, _ in batch]
+        return np.asarray(loaded.step(cache, _block(rows, 16, table, empty, [s for _, s in batch]))[1])
+    together = run(seqs)
+    for i, seq in enumerate(seqs):
+        np.testing.assert_allclose(together[i], run([seq])[0], **tol(jnp.float32))
+
+
+def test_mode_needs_a_merge_first(config):
+    runner = ModelRunner(init_model(config, seed=0))
+    empty = jnp.zeros((0, config.text.hidden_size))
+    inputs = _block([(np.array([1]), np.array([0]), np.array([-1]))], 1, [[1]], empty, [0])
+    with pytest.raises(ValueError, match="merged"):
+        runner.step(init_pages(config.text, 2, config.page_size, jnp.float32), inputs, "mixture")
+    with pytest.raises(ValueError, match="slot 9"):
+        runner.merge(9)
+
+
+def test_preset_parameter_counts():
+    assert abs(count_params(llava_1_5_7b()) - 7.06e9) < 0.01e9
+    assert abs(count_params(llava_1_5_13b()) - 13.35e9) < 0.05e9
+
+
+def test_config_errors():
+    from valora_jax import LoraConfig, TextConfig, VisionConfig
+    with pytest.raises(ValueError, match="'qq_proj'"):
+        LoraConfig(targets=("q_proj", "qq_proj"))
+    with pytest.raises(ValueError, match="num_kv_heads 3"):
+        TextConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="patch_size 7"):
+        VisionConfig(image_size=64, patch_size=7)
+
+
+def test_config_json_round_trip_and_base_id():
+    from valora_jax import LMMConfig
+    cfg = micro_config(targets=("q_proj",))
+    again = LMMConfig.from_dict(__import__("json").loads(cfg.to_json()))
+    assert again == cfg and again.base_id == cfg.base_id
+    assert micro_config(max_loras=8).base_id == cfg.base_id          # the pool is not the base model
+    assert llava_1_5_7b().base_id != cfg.base_id
