@@ -108,7 +108,17 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
+    _enable_compilation_cache()
     args.func(args)
+
+
+def _enable_compilation_cache() -> None:
+    """Reuse compiled steps across runs (~/.cache/valora-jax/xla, or $VALORA_XLA_CACHE)."""
+    import jax
+
+    cache = Path(os.environ.get("VALORA_XLA_CACHE", Path.home() / ".cache" / "valora-jax" / "xla"))
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,16 @@ def test_bad_requests_fail_alone_and_change_nothing(generator, req, message):
 def test_merged_mode_needs_one_adapter(generator):
     with pytest.raises(ValueError, match="one adapter"):
         generator.generate(_requests()[:2], mode="merged")
+
+
+def test_shape_buckets_bound_compilations(generator):
+    step = generator.runner._step
+    before = step._cache_size()
+    lengths = range(1, 41, 3)
+    for n in lengths:
+        generator.generate([Request("z" * n, max_tokens=2)])
+    compiled = step._cache_size()
+    assert compiled - before <= 12 < 2 * len(lengths)     # one prefill + one decode per length would be 28
+    for n in lengths:
+        generator.generate([Request("y" * n, max_tokens=2, adapter="task1")])
+    assert step._cache_size() == compiled                 # nothing new on a second pass
