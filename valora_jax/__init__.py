@@ -8,5 +8,6 @@ from valora_jax.generate import Completion, Generator, Request
 from valora_jax.kv_cache import OutOfPages, PageAllocator, init_pages
 from valora_jax.lora import BACKENDS, MODES, Linear, LoraContext
 from valora_jax.model import LMM, count_params, init_model
-from valora_jax.runtime import ModelRunner, StepInputs, bucket
+from valora_jax.decoder import Block
+from valora_jax.runtime import ModelRunner, bucket
 from valora_jax.tokenizer import ByteTokenizer

@@ -1,13 +1,17 @@
 """Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) over a paged KV cache.
 
-Tokens arrive as a padded block [B, Q] (B sequences, Q query tokens each) with absolute
-positions; `valid [B, Q]` marks real tokens. Two attention sources:
-  * dense (no cache): each token attends to the valid tokens of its own block at
+A step's tokens are one flat [T, D] array made of blocks: a `Block` is B rows of Q padded
+tokens (say, one block of decode rows with Q=1 and one of prefill chunks with Q=256), so
+the linears and their LoRA branch see every token of the step at once, while attention
+runs per block. `valid [B, Q]` marks real tokens. Two attention sources:
+  * dense (page_table None): each token attends to the valid tokens of its own row at
     positions <= its own (training, full recompute);
-  * paged: the block's keys/values are first written to cache pages
+  * paged: the row's keys/values are first written to cache pages
     (`page_table[b, pos // page_size]`, offset `pos % page_size`; padding goes to the
     reserved page 0), then each token attends to positions 0..pos of its sequence.
 """
+
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,19 @@ from flax import nnx
 
 from valora_jax.config import LoraConfig, TextConfig
 from valora_jax.lora import Linear, LoraContext, project
+
+class Block(NamedTuple):
+    """B rows of Q padded tokens. tokens, positions, image_rows: [B, Q] int32 (image_rows: row of
+    the step's image features replacing the token's embedding, -1 = text); valid: [B, Q] bool;
+    slot: [B] int32 adapter slot per row; page_table: [B, Pmax] int32, or None for dense attention."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    image_rows: jax.Array
+    slot: jax.Array
+    page_table: jax.Array | None
+
 
 NULL_PAGE = 0  # page that absorbs writes of padding tokens; never holds real data
 _MASKED = -1e30
@@ -32,11 +49,11 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention. x [B, Q, H, Dh], positions [B, Q]."""
+    """Rotary embedding, rotate-half convention. x [T, H, Dh], positions [T]."""
     dh = x.shape[-1]
     inv_freq = 1.0 / theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)       # [Dh/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq                    # [B, Q, Dh/2]
-    angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]                   # [B, Q, 1, Dh]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq                      # [T, Dh/2]
+    angles = jnp.concatenate([angles, angles], -1)[:, None, :]                      # [T, 1, Dh]
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
@@ -86,26 +103,34 @@ class DecoderLayer(nnx.Module):
         self.gate_proj, self.up_proj = lin(d, cfg.mlp_size, "gate_proj"), lin(d, cfg.mlp_size, "up_proj")
         self.down_proj = lin(cfg.mlp_size, d, "down_proj")
 
-    def __call__(self, x, positions, valid, ctx: LoraContext, cache=None, page_table=None):
-        """x [B, Q, D] -> (x, cache). cache = (k_pages, v_pages) or None for dense attention."""
+    def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None):
+        """x [T, D] (the blocks' tokens, flattened in order) -> (x, cache).
+        cache = (k_pages, v_pages) of this layer, or None when every block is dense."""
         cfg = self.cfg
-        b, nq, _ = x.shape
         h = self.input_layernorm(x)
         q, k, v = project(h, [self.q_proj, self.k_proj, self.v_proj], ctx)
-        q = rope(q.reshape(b, nq, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
-        k = rope(k.reshape(b, nq, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
-        v = v.reshape(b, nq, cfg.num_kv_heads, cfg.head_dim)
-        if cache is None:
-            mask = valid[:, None, :] & (positions[:, None, :] <= positions[:, :, None])     # [B, Q, Q]
-            attn = attention(q, k, v, mask)
-        else:
-            k_pages = write_pages(cache[0], k, positions, valid, page_table)
-            v_pages = write_pages(cache[1], v, positions, valid, page_table)
-            keys, values = gather_pages(k_pages, page_table), gather_pages(v_pages, page_table)
-            mask = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]      # [B, Q, C]
-            attn = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
-            cache = (k_pages, v_pages)
-        x = x + self.o_proj(attn, ctx)
+        positions = jnp.concatenate([blk.positions.reshape(-1) for blk in blocks])     # [T]
+        q = rope(q.reshape(-1, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
+        k = rope(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+        v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        outputs, start = [], 0
+        for blk in blocks:
+            b, nq = blk.positions.shape
+            rows = slice(start, start + b * nq)
+            start += b * nq
+            qb, kb, vb = (t[rows].reshape(b, nq, *t.shape[1:]) for t in (q, k, v))
+            if blk.page_table is None:
+                mask = blk.valid[:, None, :] & (blk.positions[:, None, :] <= blk.positions[:, :, None])  # [B, Q, Q]
+                out = attention(qb, kb, vb, mask)
+            else:
+                k_pages = write_pages(cache[0], kb, blk.positions, blk.valid, blk.page_table)
+                v_pages = write_pages(cache[1], vb, blk.positions, blk.valid, blk.page_table)
+                cache = (k_pages, v_pages)
+                keys, values = gather_pages(k_pages, blk.page_table), gather_pages(v_pages, blk.page_table)
+                mask = jnp.arange(keys.shape[1])[None, None, :] <= blk.positions[:, :, None]   # [B, Q, C]
+                out = attention(qb, keys.astype(q.dtype), values.astype(q.dtype), mask)
+            outputs.append(out.reshape(b * nq, -1))
+        x = x + self.o_proj(jnp.concatenate(outputs), ctx)
         h = self.post_attention_layernorm(x)
         gate, up = project(h, [self.gate_proj, self.up_proj], ctx)
         return x + self.down_proj(jax.nn.silu(gate) * up, ctx), cache
@@ -123,11 +148,11 @@ class Decoder(nnx.Module):
         self.lm_head = nnx.Param((0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size)))
                                  .astype(dtype))
 
-    def __call__(self, x, positions, valid, ctx: LoraContext, cache=None, page_table=None):
-        """x [B, Q, D] embeddings -> (final-normed hidden [B, Q, D], cache as a list per layer or None)."""
+    def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None):
+        """x [T, D] embeddings -> (final-normed hidden [T, D], cache: a (k, v) pair per layer, or None)."""
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, valid, ctx, None if cache is None else cache[i], page_table)
+            x, layer_cache = layer(x, blocks, ctx, None if cache is None else cache[i])
             new_cache.append(layer_cache)
         return self.norm(x), (None if cache is None else new_cache)
 

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from valora_jax.adapters import AdapterPool
-from valora_jax.decoder import NULL_PAGE
+from valora_jax.decoder import NULL_PAGE, Block
 from valora_jax.image import preprocess_batch
 from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.lora import MODES
-from valora_jax.runtime import ModelRunner, StepInputs, bucket
+from valora_jax.runtime import ModelRunner, bucket
 from valora_jax.sampling import sample
 from valora_jax.tokenizer import ByteTokenizer
 
@@ -117,7 +117,6 @@ class Generator:
         try:
             if mode != "unmerged":
                 self.runner.merge(slots[merged_adapter])
-            merged_slot = slots[merged_adapter] if mode != "unmerged" else -1
             features = self._encode_images(requests, prepared, slots, mode)
             first_row = 0
             for req, (ids, pixels) in zip(requests, prepared):
@@ -128,7 +127,7 @@ class Generator:
                 first_row += len(pixels) * self.runner.config.tokens_per_image
                 pages = self.allocator.allocate(self.allocator.pages_for(len(ids) + req.max_tokens))
                 rows.append(_Row(req, ids, image_rows, pages, slots.get(req.adapter, -1)))
-            self._run(rows, features, merged_slot, mode)
+            self._run(rows, features, mode)
         finally:
             for row in rows:
                 self.allocator.free(row.pages)
@@ -148,7 +147,7 @@ class Generator:
         feats = self.runner.encode_images(batch, image_slots + [-1] * (n - len(pixels)), mode)
         return feats.reshape(-1, feats.shape[-1])                 # [N*P, D]
 
-    def _run(self, rows: list[_Row], features, merged_slot: int, mode: str) -> None:
+    def _run(self, rows: list[_Row], features, mode: str) -> None:
         b = bucket(len(rows))
         width = bucket(max(len(r.pages) for r in rows))
         page_table = np.full((b, width), NULL_PAGE, np.int32)
@@ -164,9 +163,8 @@ class Generator:
             n = len(r.ids)
             block["tokens"][i, :n], block["image_rows"][i, :n] = r.ids, r.image_rows
             block["positions"][i, :n], valid[i, :n] = np.arange(n), True
-        inputs = StepInputs(block["tokens"], block["positions"], valid, block["image_rows"], slot,
-                            page_table, features, np.int32(merged_slot))
-        hidden, logits, self.cache = self.runner.step(self.cache, inputs, mode)
+        prefill = Block(block["tokens"], block["positions"], valid, block["image_rows"], slot, page_table)
+        hidden, logits, self.cache = self.runner.step(self.cache, [prefill], features, mode)
         self._answer_heads(rows, hidden)
         params = self._sampling_params(rows, b)
         no_features = features[:0]
@@ -184,9 +182,8 @@ class Generator:
             for i in live:
                 positions[i, 0] = len(rows[i].ids) + len(rows[i].out) - 1
                 toks[i, 0], valid[i, 0] = rows[i].out[-1], True
-            inputs = StepInputs(toks, positions, valid, np.full((b, 1), -1, np.int32), slot, page_table,
-                                no_features, np.int32(merged_slot))
-            _, logits, self.cache = self.runner.step(self.cache, inputs, mode)
+            decode = Block(toks, positions, valid, np.full((b, 1), -1, np.int32), slot, page_table)
+            _, logits, self.cache = self.runner.step(self.cache, [decode], no_features, mode)
 
     def _answer_heads(self, rows: list[_Row], hidden: jax.Array) -> None:
         hidden = np.asarray(hidden, np.float32)

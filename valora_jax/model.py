@@ -1,16 +1,18 @@
 """The LLaVA-style LMM: vision tower + projector + decoder, as one Flax NNX module.
 
-Image features replace the prompt's image placeholder tokens: the caller passes
-`image_rows [B, Q]`, for each token the row of `image_features [F, D]` that replaces its
-embedding (-1 = a text token), so any number of images per request fits one static shape.
+Image features replace the prompt's image placeholder tokens: each token's `image_rows`
+entry names the row of `image_features [F, D]` that replaces its embedding (-1 = a text
+token), so any number of images per request fits one static shape.
 """
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from valora_jax.config import LMMConfig
-from valora_jax.decoder import Decoder
+from valora_jax.decoder import Block, Decoder
 from valora_jax.lora import LoraContext, MergedWeight, LoraSlot
 from valora_jax.vision import Projector, VisionTower
 
@@ -28,31 +30,37 @@ class LMM(nnx.Module):
         """pixels [N, H, W, 3] normalised, ctx.slot [N] (vision adapter per image) -> [N, P, D]."""
         return self.projector(self.vision_tower(pixels, ctx), ctx)
 
-    def embed(self, tokens: jax.Array, image_rows: jax.Array, image_features: jax.Array) -> jax.Array:
-        """tokens [B, Q], image_rows [B, Q], image_features [F, D] -> embeddings [B, Q, D]."""
+    def embed(self, blocks: Sequence[Block], image_features: jax.Array) -> jax.Array:
+        """The blocks' tokens flattened in order -> embeddings [T, D]; image tokens take rows of
+        image_features [F, D]."""
+        tokens = jnp.concatenate([blk.tokens.reshape(-1) for blk in blocks])
         text = self.decoder.embed_tokens[...][tokens]
         if image_features.shape[0] == 0:
             return text
-        image = image_features[jnp.clip(image_rows, 0)].astype(text.dtype)
-        return jnp.where((image_rows >= 0)[..., None], image, text)
+        rows = jnp.concatenate([blk.image_rows.reshape(-1) for blk in blocks])
+        image = image_features[jnp.clip(rows, 0)].astype(text.dtype)
+        return jnp.where((rows >= 0)[:, None], image, text)
 
     def __call__(self, tokens, positions, valid, image_rows, image_features, ctx: LoraContext) -> jax.Array:
-        """Full forward without a cache: logits [B, Q, V] (float32) for every token.
+        """Full forward without a cache: float32 logits [B, Q, V] for every token.
 
         tokens/positions/image_rows [B, Q], valid [B, Q] bool, ctx.slot [B*Q]."""
-        x = self.embed(tokens, image_rows, image_features)
-        hidden, _ = self.decoder(x, positions, valid, ctx)
-        return self.decoder.logits(hidden)
+        blocks = [Block(tokens, positions, valid, image_rows, None, None)]
+        hidden, _ = self.decoder(self.embed(blocks, image_features), blocks, ctx)
+        return self.decoder.logits(hidden).reshape(*tokens.shape, -1)
 
-    def step(self, cache, page_table, tokens, positions, valid, image_rows, image_features, ctx: LoraContext):
-        """One prefill/decode step over the paged cache.
+    def step(self, cache, blocks: Sequence[Block], image_features: jax.Array, ctx: LoraContext):
+        """One prefill/decode step over the paged cache (every block has a page table).
 
-        Writes the block's keys/values into the cache and returns
-        (hidden [B, D] of each row's last valid token, logits [B, V] float32, new cache)."""
-        x = self.embed(tokens, image_rows, image_features)
-        hidden, cache = self.decoder(x, positions, valid, ctx, cache, page_table)
-        last = jnp.maximum(valid.sum(axis=1) - 1, 0)                                  # [B]
-        h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]      # [B, D]
+        Writes the blocks' keys/values into the cache and returns (hidden [R, D], logits [R, V]
+        float32, new cache) for the last valid token of each of the R = sum of B rows."""
+        hidden, cache = self.decoder(self.embed(blocks, image_features), blocks, ctx, cache)
+        last, start = [], 0
+        for blk in blocks:
+            b, nq = blk.valid.shape
+            last.append(start + jnp.arange(b) * nq + jnp.maximum(blk.valid.sum(axis=1) - 1, 0))
+            start += b * nq
+        h_last = hidden[jnp.concatenate(last)]                                        # [R, D]
         return h_last, self.decoder.logits(h_last), cache
 
 

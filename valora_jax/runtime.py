@@ -1,7 +1,7 @@
 """The model's device state and its jitted functions: steps, image encoding, slot writes, merging.
 
 `ModelRunner` splits an `LMM` into base params, LoRA slots and merged weights, and compiles
-  step(cache, inputs, mode)     one prefill/decode step over the paged cache (cache donated)
+  step(cache, blocks, mode)     one prefill/decode step over the paged cache (cache donated)
   encode_images(pixels, slots)  vision tower + projector
   write_slot(slot, adapter)     place an adapter's weights in a device slot (slots donated)
   merge(slot)                   fold a slot's adapter into every targeted weight in one call
@@ -10,7 +10,7 @@ of times.
 """
 
 import functools
-from typing import NamedTuple
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from valora_jax.adapters import Adapter
+from valora_jax.decoder import Block
 from valora_jax.lora import BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merged_kernel, targeted_linears
 from valora_jax.model import LMM, split_model
 
@@ -26,24 +27,6 @@ def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum, 1)
     return 1 << (n - 1).bit_length()
-
-
-class StepInputs(NamedTuple):
-    """One step's padded token block (B rows of Q tokens) and where it reads/writes.
-
-    tokens, positions, image_rows: [B, Q] int32; valid: [B, Q] bool; slot: [B] int32
-    adapter slot per row; page_table: [B, Pmax] int32; image_features: [F, D];
-    merged_slot: int32 scalar (slot of the merged adapter, -1 when unmerged).
-    """
-
-    tokens: jax.Array
-    positions: jax.Array
-    valid: jax.Array
-    image_rows: jax.Array
-    slot: jax.Array
-    page_table: jax.Array
-    image_features: jax.Array
-    merged_slot: jax.Array
 
 
 def _path_str(path) -> str:
@@ -73,12 +56,10 @@ class ModelRunner:
     def _ctx(self, slot, merged_slot, mode) -> LoraContext:
         return LoraContext(slot, merged_slot, mode, self.backend)
 
-    def _step_impl(self, params, lora, merged, cache, inputs: StepInputs, mode: str):
+    def _step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, mode: str):
         model = nnx.merge(self.graphdef, params, lora, merged)
-        q = inputs.tokens.shape[1]
-        ctx = self._ctx(jnp.repeat(inputs.slot, q), inputs.merged_slot, mode)
-        return model.step(cache, inputs.page_table, inputs.tokens, inputs.positions, inputs.valid,
-                          inputs.image_rows, inputs.image_features, ctx)
+        slot = jnp.concatenate([jnp.repeat(blk.slot, blk.tokens.shape[1]) for blk in blocks])
+        return model.step(cache, blocks, image_features, self._ctx(slot, merged_slot, mode))
 
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
         model = nnx.merge(self.graphdef, params, lora, merged)
@@ -106,13 +87,18 @@ class ModelRunner:
         return nnx.state(model, MergedWeight)
 
     # public API ------------------------------------------------------------------------------
-    def step(self, cache, inputs: StepInputs, mode: str = "unmerged"):
-        """-> (hidden [B, D], logits [B, V] float32, new cache). The cache passed in is consumed."""
+    def step(self, cache, blocks: Sequence[Block], image_features, mode: str = "unmerged"):
+        """Run the blocks (each with a page table) through the model in one call.
+
+        -> (hidden [R, D], logits [R, V] float32, new cache) for the last valid token of each of
+        the R rows, blocks in order. The cache passed in is consumed."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if mode != "unmerged" and self.merged_slot < 0:
             raise ValueError(f"mode {mode!r} needs a merged adapter; call merge(slot) first")
-        return self._step(self.params, self.lora, self.merged, cache, inputs, mode=mode)
+        merged_slot = jnp.int32(self.merged_slot if mode != "unmerged" else -1)
+        return self._step(self.params, self.lora, self.merged, cache, tuple(blocks), image_features,
+                          merged_slot, mode=mode)
 
     def encode_images(self, pixels, slot, mode: str = "unmerged") -> jax.Array:
         """pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
