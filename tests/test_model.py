@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_rel_close, micro_config, random_image, tol
-from valora_jax import Block, LoraContext, ModelRunner, count_params, init_model, init_pages, random_adapter
+from valora_jax import (LoraContext, ModelRunner, RowSpec, count_params, init_model, init_pages, pack_block,
+                        random_adapter)
 from valora_jax.config import llava_1_5_7b, llava_1_5_13b
 from valora_jax.image import preprocess_batch
 
@@ -41,18 +42,6 @@ def _dense(runner, tokens, rows, features, slot, mode="unmerged", merged_slot=-1
     return np.asarray(logits[0])
 
 
-def _block(rows_of_tokens, q, page_table, slots):
-    """A Block of rows given as (tokens, positions, image_rows), padded to q tokens."""
-    b = len(rows_of_tokens)
-    arr = {k: np.zeros((b, q), np.int32) for k in ("tokens", "positions")}
-    image_rows, valid = np.full((b, q), -1, np.int32), np.zeros((b, q), bool)
-    for i, (t, p, r) in enumerate(rows_of_tokens):
-        arr["tokens"][i, :len(t)], arr["positions"][i, :len(t)], image_rows[i, :len(t)] = t, p, r
-        valid[i, :len(t)] = True
-    return Block(arr["tokens"], arr["positions"], valid, image_rows, np.asarray(slots, np.int32),
-                 np.asarray(page_table, np.int32))
-
-
 @pytest.mark.parametrize("slot", [-1, 1])
 def test_paged_prefill_chunks_and_decode_equal_full_recompute(config, loaded, slot):
     rng = np.random.default_rng(slot + 2)
@@ -60,11 +49,10 @@ def test_paged_prefill_chunks_and_decode_equal_full_recompute(config, loaded, sl
     features = loaded.encode_images(_pixels(config, [0]), [slot]).reshape(-1, config.text.hidden_size)
     dense = _dense(loaded, tokens, rows, features, slot)
     cache = init_pages(config.text, 8, config.page_size, jnp.float32)
-    table = [[3, 5, 1, 7]]                                  # pages out of order on purpose
+    table = [3, 5, 1, 7]                                    # pages out of order on purpose
     got = {}
     for start, stop in ((0, 13), (13, 25), (25, 26), (26, 27), (27, 28), (28, 29)):
-        pos = np.arange(start, stop)
-        block = _block([(tokens[start:stop], pos, rows[start:stop])], 16, table, [slot])
+        block = pack_block([RowSpec(tokens[start:stop], start, rows[start:stop], slot, table)], min_tokens=16)
         _, logits, cache = loaded.step(cache, [block], features)
         got[stop - 1] = np.asarray(logits[0])
     for pos, logits in got.items():
@@ -113,9 +101,8 @@ def test_batch_invariance_mixed_adapters_in_one_step(config, loaded):
     empty = jnp.zeros((0, config.text.hidden_size))
     def run(batch):
         cache = init_pages(config.text, 16, config.page_size, jnp.float32)
-        table = [[1 + 2 * i, 2 + 2 * i] for i in range(len(batch))]
-        rows = [(t, np.arange(len(t)), np.full(len(t), -1)) for t, _ in batch]
-        return np.asarray(loaded.step(cache, [_block(rows, 16, table, [s for _, s in batch])], empty)[1])
+        rows = [RowSpec(t, 0, None, s, [1 + 2 * i, 2 + 2 * i]) for i, (t, s) in enumerate(batch)]
+        return np.asarray(loaded.step(cache, [pack_block(rows)], empty)[1])
     together = run(seqs)
     for i, seq in enumerate(seqs):
         np.testing.assert_allclose(together[i], run([seq])[0], **tol(jnp.float32))
@@ -124,7 +111,7 @@ def test_batch_invariance_mixed_adapters_in_one_step(config, loaded):
 def test_mode_needs_a_merge_first(config):
     runner = ModelRunner(init_model(config, seed=0))
     empty = jnp.zeros((0, config.text.hidden_size))
-    block = _block([(np.array([1]), np.array([0]), np.array([-1]))], 1, [[1]], [0])
+    block = pack_block([RowSpec([1], 0, None, 0, [1])])
     with pytest.raises(ValueError, match="merged"):
         runner.step(init_pages(config.text, 2, config.page_size, jnp.float32), [block], empty, "mixture")
     with pytest.raises(ValueError, match="slot 9"):
@@ -163,12 +150,11 @@ def test_decode_and_prefill_blocks_in_one_step_equal_separate_steps(config, load
 
     def prime(cache):
         # sequences a and b are decoding: their first tokens are already in the cache
-        block = _block([(a[:-1], np.arange(11), np.full(11, -1)), (b[:-1], np.arange(6), np.full(6, -1))],
-                       16, [[1, 2], [3, 4]], [0, 2])
+        block = pack_block([RowSpec(a[:-1], 0, None, 0, [1, 2]), RowSpec(b[:-1], 0, None, 2, [3, 4])])
         return loaded.step(cache, [block], empty)[2]
 
-    decode = _block([(a[-1:], [11], [-1]), (b[-1:], [6], [-1])], 1, [[1, 2], [3, 4]], [0, 2])
-    prefill = _block([(c, np.arange(20), np.full(20, -1))], 32, [[5, 6, 7, 8]], [1])
+    decode = pack_block([RowSpec(a[-1:], 11, None, 0, [1, 2]), RowSpec(b[-1:], 6, None, 2, [3, 4])])
+    prefill = pack_block([RowSpec(c, 0, None, 1, [5, 6, 7, 8])])
     fresh = lambda: prime(init_pages(config.text, 12, config.page_size, jnp.float32))
     _, together, _ = loaded.step(fresh(), [decode, prefill], empty)
     _, dec_alone, _ = loaded.step(fresh(), [decode], empty)

@@ -4,10 +4,11 @@ from valora_jax.adapters import Adapter, AdapterPool, PoolFull, TaskHead, make_a
 from valora_jax.checkpoint import load_adapter, load_model, save_adapter, save_model
 from valora_jax.config import (ALL_TARGETS, DECODER_TARGETS, PRESETS, LMMConfig, LoraConfig, TextConfig,
                                VisionConfig, llava_1_5_7b, llava_1_5_13b, tiny)
-from valora_jax.generate import Completion, Generator, Request
+from valora_jax.generate import Generator
 from valora_jax.kv_cache import OutOfPages, PageAllocator, init_pages
 from valora_jax.lora import BACKENDS, MODES, Linear, LoraContext
+from valora_jax.request import Completion, Request, RequestState
 from valora_jax.model import LMM, count_params, init_model
 from valora_jax.decoder import Block
-from valora_jax.runtime import ModelRunner, bucket
+from valora_jax.runtime import ModelRunner, RowSpec, bucket, pack_block
 from valora_jax.tokenizer import ByteTokenizer

@@ -10,7 +10,7 @@ of times.
 """
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from valora_jax.adapters import Adapter
-from valora_jax.decoder import Block
+from valora_jax.decoder import NULL_PAGE, Block
 from valora_jax.lora import BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merged_kernel, targeted_linears
 from valora_jax.model import LMM, split_model
 
@@ -27,6 +27,35 @@ def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum, 1)
     return 1 << (n - 1).bit_length()
+
+
+class RowSpec(NamedTuple):
+    """One row of a step: `tokens` at positions start, start+1, ...; image_rows per token (None:
+    all text); slot: adapter slot; pages: the sequence's KV pages in order."""
+
+    tokens: Sequence[int]
+    start: int
+    image_rows: Sequence[int] | None
+    slot: int
+    pages: Sequence[int]
+
+
+def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1) -> Block:
+    """Pad rows into a Block of bucketed shape [bucket(rows), bucket(longest row, min_tokens)],
+    page tables padded to a bucketed width with the null page; padding rows are all invalid."""
+    b = bucket(len(rows))
+    q = bucket(max(len(r.tokens) for r in rows), min_tokens)
+    width = bucket(max(len(r.pages) for r in rows))
+    tokens, positions = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
+    image_rows, valid = np.full((b, q), -1, np.int32), np.zeros((b, q), bool)
+    slot, page_table = np.full((b,), -1, np.int32), np.full((b, width), NULL_PAGE, np.int32)
+    for i, r in enumerate(rows):
+        n = len(r.tokens)
+        tokens[i, :n], positions[i, :n], valid[i, :n] = r.tokens, np.arange(r.start, r.start + n), True
+        if r.image_rows is not None:
+            image_rows[i, :n] = r.image_rows
+        slot[i], page_table[i, : len(r.pages)] = r.slot, r.pages
+    return Block(tokens, positions, valid, image_rows, slot, page_table)
 
 
 def _path_str(path) -> str:

@@ -6,6 +6,7 @@ generated, never on which other requests share the batch.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: jax.Array,
@@ -33,3 +34,21 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: ja
     choice = jax.vmap(draw)(seed, step, sorted_logits)                       # index into sorted
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
+
+
+def make_sampler(vocab_size: int):
+    """sampler(logits [R, V], states) -> np.ndarray [len(states)] of next tokens, drawing with each
+    RequestState's own temperature, top_p, seed and step (= tokens generated so far); logits of
+    ids >= vocab_size (padding rows of the embedding table) are never drawn."""
+    masked = jax.jit(lambda logits, *args: sample(logits.at[:, vocab_size:].set(-jnp.inf), *args))
+
+    def sampler(logits: jax.Array, states) -> np.ndarray:
+        pad = logits.shape[0] - len(states)
+        reqs = [st.request for st in states]
+        temperature = np.array([r.temperature for r in reqs] + [0.0] * pad, np.float32)
+        top_p = np.array([r.top_p for r in reqs] + [1.0] * pad, np.float32)
+        seed = np.array([r.seed for r in reqs] + [0] * pad, np.uint32)
+        step = np.array([len(st.out) for st in states] + [0] * pad, np.int32)
+        return np.asarray(masked(logits, temperature, top_p, seed, step))[: len(states)]
+
+    return sampler

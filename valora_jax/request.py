@@ -1,0 +1,100 @@
+"""Requests, their validation and tokenisation, per-request decoding state, and completions.
+
+Shared by the batch `Generator` and the serving engine: `RequestState.prepare` checks a
+request against the model and tokenizer (raising ValueError naming the bad value) before
+anything else happens, and `append` applies the stop rules to each new token.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+from valora_jax.config import LMMConfig
+from valora_jax.image import preprocess_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """prompt: the user's text; images: image sources (bytes, path, PIL image, HxWx3 uint8 array),
+    placed before the text; adapter: adapter name or None for the base model."""
+
+    prompt: str
+    images: Sequence[Any] = ()
+    adapter: str | None = None
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str            # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    label: str | None = None      # the task head's answer, for adapters with a head
+    error: str | None = None      # why the request failed, for finish_reason "error"
+
+
+@dataclasses.dataclass
+class RequestState:
+    """A request in flight. prompt_ids: chat-formatted ids with image placeholders expanded;
+    image_rows: per prompt token, the row img * tokens_per_image + patch of this request's image
+    features, or -1 for text; pixels: [N, H, W, 3] preprocessed images."""
+
+    request: Request
+    prompt_ids: list[int]
+    image_rows: list[int]
+    pixels: np.ndarray
+    out: list[int] = dataclasses.field(default_factory=list)
+    finish: str | None = None
+    label: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def prepare(cls, req: Request, config: LMMConfig, tokenizer) -> "RequestState":
+        if not isinstance(req.prompt, str) or not req.prompt.strip():
+            raise ValueError(f"prompt must be non-empty text, got {req.prompt!r}")
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if req.temperature < 0 or not 0 < req.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
+        v = config.vision
+        pixels = preprocess_batch(list(req.images), size=v.image_size, mean=v.image_mean, std=v.image_std)
+        ids = tokenizer.expand_image_tokens(tokenizer.prompt_ids(req.prompt, len(req.images)),
+                                            config.tokens_per_image)
+        if len(ids) + req.max_tokens > config.text.max_position:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {req.max_tokens} exceeds the "
+                             f"context of {config.text.max_position} tokens")
+        is_image = np.asarray(ids) == tokenizer.image_id
+        rows = np.where(is_image, np.cumsum(is_image) - 1, -1)
+        return cls(req, ids, rows.tolist(), pixels)
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated ids so far."""
+        return self.prompt_ids + self.out
+
+    def append(self, token: int, tokenizer) -> None:
+        """Record a sampled token, setting `finish` when a stop rule fires (stop ids are not kept)."""
+        req = self.request
+        if token in tokenizer.stop_ids:
+            self.finish = "stop"
+            return
+        self.out.append(token)
+        if req.stop and any(s in tokenizer.decode(self.out) for s in req.stop):
+            self.finish = "stop"
+        elif len(self.out) >= req.max_tokens:
+            self.finish = "length"
+
+    def completion(self, tokenizer) -> Completion:
+        if self.label is not None:
+            return Completion(self.label, (), "stop", len(self.prompt_ids), label=self.label)
+        text = tokenizer.decode(self.out)
+        for s in self.request.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        return Completion(text, tuple(self.out), self.finish or "length", len(self.prompt_ids), error=self.error)
