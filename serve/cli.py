@@ -1,4 +1,5 @@
-"""`valora` command line: generate and info (serving, training and import commands join later).
+"""`valora` command line: generate, info, and import of Hugging Face models (import-hf) and
+PEFT LoRA adapters (import-peft) (serving and training commands join later).
 
 Models: `--model` takes a checkpoint directory or a preset name; by default the embedded
 model in checkpoints/default, or, while no trained checkpoint exists there, the `tiny`
@@ -27,7 +28,24 @@ def _load_model(spec: str | None):
         return init_model(PRESETS[spec](), seed=0), f"{spec} preset, RANDOMLY INITIALISED (seed 0)"
     if not (Path(spec) / "config.json").exists():
         raise SystemExit(f"error: --model {spec!r} is neither a preset {sorted(PRESETS)} nor a model directory")
-    return load_model(spec), spec
+    from valora_jax.hf_model import is_hf_checkpoint
+
+    try:
+        return load_model(spec), (f"{spec}, Hugging Face checkpoint (not converted)" if is_hf_checkpoint(spec)
+                                  else spec)
+    except ValueError as e:
+        raise SystemExit(f"error: --model {spec!r}: {e}")
+
+
+def _tokenizer_for(spec: str | None):
+    """The model directory's tokenizer (HF tokenizer.json when there is one), else the byte tokenizer."""
+    from valora_jax.hf_tokenizer import load_tokenizer
+
+    directory = spec if spec is not None and (Path(spec) / "config.json").exists() else None
+    try:
+        return load_tokenizer(directory)
+    except ValueError as e:
+        raise SystemExit(f"error: --model {spec!r}: {e}")
 
 
 def _parse_adapter(spec: str) -> tuple[str, Path]:
@@ -80,12 +98,42 @@ def cmd_generate(args) -> None:
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     start = time.perf_counter()
     try:
-        completion = Generator(runner, pool).generate([request])[0]
+        completion = Generator(runner, pool, _tokenizer_for(args.model)).generate([request])[0]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(completion.text)
     print(f"[{completion.prompt_tokens} prompt tokens, {len(completion.token_ids)} generated, "
           f"finish: {completion.finish_reason}, {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+
+
+def cmd_import_hf(args) -> None:
+    from valora_jax import LoraConfig
+    from valora_jax.config import ALL_TARGETS
+    from valora_jax.hf_model import import_hf
+
+    targets = ALL_TARGETS if args.lora_targets == "all" else tuple(t for t in args.lora_targets.split(",") if t)
+    try:
+        lora = LoraConfig(max_loras=args.max_loras, max_rank=args.max_rank, targets=targets)
+        config = import_hf(args.src, args.out, lora=lora, dtype=args.dtype, name=args.name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"imported {config.name} ({config.dtype}, base id {config.base_id}) into {args.out}; "
+          f"LoRA targets {list(config.lora.targets)}, {config.lora.max_loras} slots, max rank {config.lora.max_rank}")
+
+
+def cmd_import_peft(args) -> None:
+    from valora_jax.checkpoint import load_config
+    from valora_jax.hf_peft import import_peft
+
+    if not (Path(args.model) / "config.json").exists():
+        raise SystemExit(f"error: --model {args.model!r} is not a model directory")
+    try:
+        adapter = import_peft(args.src, args.out, load_config(args.model), name=args.name,
+                              check_base=not args.ignore_base_name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"imported adapter {adapter.name!r} (rank {adapter.rank}, targets {list(adapter.targets)}, "
+          f"{len(adapter.weights)} modules) for {adapter.base_id} into {args.out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +155,26 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+    imp = sub.add_parser("import-hf", help="convert a Hugging Face LLaVA checkpoint directory")
+    imp.add_argument("src", help="directory with config.json, *.safetensors, tokenizer.json, ...")
+    imp.add_argument("out", help="new valora model directory (must not exist)")
+    imp.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                     help="comma-separated modules that carry adapter slots (vision.q_proj, projector.linear_1, "
+                          "...) or 'all' (default: the decoder's)")
+    imp.add_argument("--max-loras", type=int, default=4, help="adapter slots per targeted weight")
+    imp.add_argument("--max-rank", type=int, default=64, help="largest adapter rank")
+    imp.add_argument("--dtype", choices=("float32", "bfloat16"),
+                     help="parameter dtype (default: float32 checkpoints stay float32, others bfloat16)")
+    imp.add_argument("--name", help="model name adapters are checked against (default: the source directory's)")
+    imp.set_defaults(func=cmd_import_hf)
+    imp_peft = sub.add_parser("import-peft", help="convert a PEFT LoRA adapter directory")
+    imp_peft.add_argument("src", help="directory with adapter_config.json and adapter_model.safetensors")
+    imp_peft.add_argument("out", help="new valora adapter directory (must not exist)")
+    imp_peft.add_argument("--model", required=True, help="the model directory (imported or Hugging Face) it adapts")
+    imp_peft.add_argument("--name", help="adapter name (default: the source directory's)")
+    imp_peft.add_argument("--ignore-base-name", action="store_true",
+                          help="accept an adapter whose base_model_name_or_path names another model")
+    imp_peft.set_defaults(func=cmd_import_peft)
     args = parser.parse_args(argv)
     _enable_compilation_cache()
     args.func(args)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from valora_jax.adapters import Adapter, TaskHead
 from valora_jax.config import LMMConfig
+from valora_jax.hf_model import hf_config, is_hf_checkpoint, load_hf_model
 from valora_jax.model import LMM, split_model
 
 ADAPTER_FORMAT = 1
@@ -32,6 +33,8 @@ def save_model(directory: str | Path, model: LMM) -> None:
 
 
 def load_config(directory: str | Path) -> LMMConfig:
+    if is_hf_checkpoint(directory):
+        return hf_config(directory)
     path = Path(directory) / "config.json"
     try:
         return LMMConfig.from_dict(json.loads(path.read_text()))
@@ -40,7 +43,9 @@ def load_config(directory: str | Path) -> LMMConfig:
 
 
 def load_model(directory: str | Path) -> LMM:
-    """Restore a model saved by save_model; LoRA slots start empty."""
+    """Restore a model saved by save_model (or read a Hugging Face LLaVA directory); LoRA slots start empty."""
+    if is_hf_checkpoint(directory):
+        return load_hf_model(directory)
     directory = Path(directory).absolute()
     config = load_config(directory)
     abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))

@@ -133,13 +133,17 @@ def project(x: jax.Array, linears: Sequence[Linear], ctx: LoraContext) -> list[j
     return [y.astype(x.dtype).reshape(*lead, y.shape[-1]) for y in ys]
 
 
-def merged_kernel(lin: Linear, slot: jax.Array) -> jax.Array:
+def merge_weight(kernel: jax.Array, w: LoraWeight, slot: jax.Array) -> jax.Array:
     """kernel + scale[slot] * A[slot][:, :rank] @ B[slot][:rank], rounded once to the kernel dtype."""
-    w = lin.lora_weight()
     keep = (jnp.arange(w.a.shape[-1]) < w.rank[slot]).astype(jnp.float32)   # [R]
     a = w.a[slot].astype(jnp.float32) * keep                                  # [D_in, R]
     delta = w.scale[slot] * (a @ w.b[slot].astype(jnp.float32))               # [D_in, D_out]
-    return (lin.kernel[...].astype(jnp.float32) + delta).astype(lin.kernel.dtype)
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def merged_kernel(lin: Linear, slot: jax.Array) -> jax.Array:
+    """The linear's kernel with the adapter in `slot` folded in."""
+    return merge_weight(lin.kernel[...], lin.lora_weight(), slot)
 
 
 def targeted_linears(model: nnx.Module) -> list[tuple[tuple, Linear]]:

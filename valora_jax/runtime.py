@@ -19,7 +19,8 @@ from flax import nnx
 
 from valora_jax.adapters import Adapter
 from valora_jax.decoder import NULL_PAGE, Block
-from valora_jax.lora import BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merged_kernel, targeted_linears
+from valora_jax.lora import (BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merge_weight, merged_kernel,
+                             targeted_linears)
 from valora_jax.model import LMM, split_model
 
 
@@ -76,6 +77,7 @@ class ModelRunner:
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged")
+        self._merge_one = jax.jit(merge_weight)
 
     def model(self) -> LMM:
         """A module view of the current state (for eager use in tests and tools)."""
@@ -144,14 +146,27 @@ class ModelRunner:
         if slot == self.merged_slot:
             self.merged_slot = -1     # the merged weights no longer match that slot
 
+    def _check_mergeable(self, slot: int) -> None:
+        if not self.config.lora.mergeable:
+            raise ValueError("this model was built with LoraConfig.mergeable=False")
+        if not 0 <= slot < self.config.lora.max_loras:
+            raise ValueError(f"slot {slot} outside 0..{self.config.lora.max_loras - 1}")
+
     def merge(self, slot: int) -> None:
         """Merged weights := base + the adapter in `slot`, every targeted layer, one call.
 
         The base weights are only read: unmerging is switching back to mode "unmerged"."""
-        if self.config.lora.mergeable is False:
-            raise ValueError("this model was built with LoraConfig.mergeable=False")
-        if not 0 <= slot < self.config.lora.max_loras:
-            raise ValueError(f"slot {slot} outside 0..{self.config.lora.max_loras - 1}")
+        self._check_mergeable(slot)
         if slot != self.merged_slot:
             self.merged = self._merge(self.params, self.lora, self.merged, jnp.int32(slot))
             self.merged_slot = slot
+
+    def merge_per_layer(self, slot: int) -> None:
+        """The same result as merge(slot), one dispatch per targeted weight (the dLoRA-style
+        switch, kept as a baseline)."""
+        self._check_mergeable(slot)
+        model = self.model()
+        for _, lin in targeted_linears(model):
+            lin.merged[...] = self._merge_one(lin.kernel[...], lin.lora_weight(), jnp.int32(slot))
+        self.merged = nnx.state(model, MergedWeight)
+        self.merged_slot = slot

@@ -1,0 +1,378 @@
+"""The serving engine: continuous batching over the jitted steps, with mode orchestration.
+
+Each `step()`:
+  1. the policy picks a mode (unmerged | merged a | mixture a) and the rows to run
+     (decode rows and prefill chunks, within the engine's limits);
+  2. the rows' adapters are placed in device slots (a failed load fails only its requests)
+     and, if the merged adapter changes, every targeted weight is re-merged in one call;
+  3. KV pages are allocated for the new tokens, preempting (for recompute) the newest
+     requests when the cache runs out;
+  4. images of newly started requests are encoded (cached by image hash and vision adapter);
+  5. one jitted call runs the decode block and the prefill block; rows that reached the end
+     of their known tokens sample a token, task-head adapters answer after their prefill.
+Requests are submitted at any time (`submit`) and followed through `result` or an
+`on_event(request_id, text_delta, completion)` callback (completion is set on the last one).
+"""
+
+import collections
+import dataclasses
+import hashlib
+import itertools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serve.metrics import RequestMetrics, StepMetrics, summarize
+from serve.policies import POLICIES, BatchLimits, CostModel, Policy, SchedulerState, SeqView
+from valora_jax.adapters import Adapter, AdapterPool, PoolFull
+from valora_jax.kv_cache import OutOfPages, PageAllocator, init_pages
+from valora_jax.request import Completion, Request, RequestState
+from valora_jax.runtime import ModelRunner, RowSpec, bucket, pack_block
+from valora_jax.sampling import make_sampler
+from valora_jax.tokenizer import ByteTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_rows: int = 32
+    """Most sequences in one step (decode rows + prefill rows)."""
+    token_budget: int = 512
+    """Most valid tokens in one step (each decode row counts one)."""
+    prefill_chunk: int = 256
+    """Longest prefill chunk of one sequence in one step."""
+    num_pages: int = 512
+    """KV-cache pages (page 0 is reserved)."""
+    max_queue: int = 256
+    """Requests waiting to start beyond this are refused with Overloaded."""
+    image_cache_size: int = 256
+    """Image embeddings kept, least recently used evicted."""
+
+    def __post_init__(self):
+        for name in ("max_rows", "token_budget", "prefill_chunk", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class Overloaded(RuntimeError):
+    """The queue is full; the request was not accepted (the server answers 429)."""
+
+
+@dataclasses.dataclass
+class _Seq:
+    id: str
+    state: RequestState
+    metrics: RequestMetrics
+    on_event: Callable | None
+    pages: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0                         # tokens whose keys/values are in the cache
+    features: jax.Array | None = None         # [N*P, D] image features, once encoded
+    last_progress: float = 0.0
+    cancelled: bool = False
+    digests: tuple[str, ...] = ()             # sha256 of each preprocessed image
+    stream: object = None                     # incremental detokenizer for on_event
+
+    @property
+    def adapter(self) -> str | None:
+        return self.state.request.adapter
+
+    @property
+    def pending(self) -> int:
+        return len(self.state.tokens) - self.computed
+
+
+class ImageCache:
+    """LRU of image features [P, D] keyed by (pixel digest, vision adapter identity)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        return None
+
+    def put(self, key, features) -> None:
+        self._entries[key] = features
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def drop_adapter(self, name: str) -> None:
+        for key in [k for k in self._entries if k[1] is not None and k[1][0] == name]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, pool: AdapterPool, *, config: EngineConfig = EngineConfig(),
+                 policy: Policy | str = "ours", tokenizer=None, clock: Callable[[], float] = time.perf_counter):
+        self.runner, self.pool, self.config, self.clock = runner, pool, config, clock
+        self.policy = POLICIES[policy]() if isinstance(policy, str) else policy
+        self.cost: CostModel = getattr(self.policy, "cost", None) or CostModel()
+        self.tokenizer = tokenizer or ByteTokenizer()
+        cfg = runner.config
+        self.allocator = PageAllocator(config.num_pages, cfg.page_size)
+        self.cache = init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype))
+        self.images = ImageCache(config.image_cache_size)
+        self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras)
+        self._sample = make_sampler(self.tokenizer.vocab_size)
+        self._seqs: dict[str, _Seq] = {}                  # live, in arrival order
+        self._results: dict[str, Completion] = {}
+        self._ids = itertools.count()
+        self._merged_key: tuple[str, int] | None = None   # (adapter, version) in the merged weights
+        self.request_metrics: list[RequestMetrics] = []
+        self.step_metrics: list[StepMetrics] = []
+
+    # submission ---------------------------------------------------------------------------------
+    def submit(self, request: Request, on_event: Callable | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError (bad request, unknown
+        adapter) or Overloaded (queue full) without changing anything."""
+        if request.adapter is not None and request.adapter not in self.pool.store:
+            raise ValueError(f"unknown adapter {request.adapter!r}; loaded: {sorted(self.pool.store)}")
+        state = RequestState.prepare(request, self.runner.config, self.tokenizer)
+        if sum(s.computed == 0 for s in self._seqs.values()) >= self.config.max_queue:
+            raise Overloaded(f"{self.config.max_queue} requests are already waiting")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._seqs or rid in self._results:
+            raise ValueError(f"request id {rid!r} is already in use")
+        now = self.clock()
+        metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
+        digests = tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels)
+        self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=digests,
+                               stream=self.tokenizer.stream_decoder())
+        self.request_metrics.append(metrics)
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a live request at the next step boundary; False if it is not live."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        seq.cancelled = True
+        return True
+
+    def result(self, request_id: str) -> Completion | None:
+        return self._results.get(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._seqs)
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Submit every request, run until all finish, return completions in order."""
+        ids = [self.submit(r) for r in requests]
+        while self.has_work:
+            self.step()
+        return [self._results.pop(i) for i in ids]
+
+    # adapters -----------------------------------------------------------------------------------
+    def register_adapter(self, adapter: Adapter) -> int:
+        """Load or replace an adapter while serving. Replacing drops its cached image features;
+        requests already running keep the version they started with until they finish."""
+        version = self.pool.register(adapter)
+        self.images.drop_adapter(adapter.name)
+        return version
+
+    def _vision_key(self, adapter: str | None):
+        if adapter is None:
+            return None
+        weights = self.pool.store[adapter].weights
+        touches_vision = any(not p.startswith("decoder.") for p in weights)
+        return (adapter, self.pool.versions[adapter]) if touches_vision else None
+
+    # the step -----------------------------------------------------------------------------------
+    def step(self) -> StepMetrics | None:
+        """Run one scheduling step; None when there was nothing to run."""
+        start = self.clock()
+        for seq in [s for s in self._seqs.values() if s.cancelled]:
+            self._finish(seq, "cancelled")
+        if not self._seqs:
+            return None
+        views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress)
+                      for s in self._seqs.values())
+        merged_now = self._merged_key[0] if self._merged_key else None
+        decision = self.policy.decide(SchedulerState(start, views, merged_now, self.limits))
+        rows = [(self._seqs[i], n) for i, n in decision.rows]
+        slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
+        rows = [(s, n) for s, n in rows if s.id in self._seqs]        # failed loads dropped
+        mode = decision.mode
+        if mode != "unmerged" and decision.merged_adapter not in slots:
+            mode = "unmerged"            # the merged adapter could not be placed: plain LoRA is exact too
+        try:
+            switch = self._switch(mode, decision.merged_adapter, slots)
+            rows = self._allocate_pages(rows)
+            if not rows:
+                return None
+            self._encode_images([s for s, _ in rows], slots)
+            self._run(rows, slots, mode)
+        finally:
+            for name in slots:
+                self.pool.unpin(name)
+        duration = self.clock() - start
+        lora = self.cost.lora_units(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows])
+        step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
+                           sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
+                           lora, len({s.adapter for s, _ in rows} - {None}))
+        self.cost.observe(step.tokens, lora, step.adapters, duration - switch)
+        self.step_metrics.append(step)
+        return step
+
+    def _place_adapters(self, rows, merged: str | None) -> dict[str, int]:
+        """Acquire and pin every adapter of the step; a load that fails fails its requests."""
+        slots = {}
+        for name in dict.fromkeys([merged] + [s.adapter for s, _ in rows]):
+            if name is None:
+                continue
+            try:
+                slots[name] = self.pool.acquire([name])[name]
+                self.pool.pin(name)
+            except PoolFull:
+                continue                              # the policy over-asked: those rows wait
+            except Exception as e:                    # a broken adapter fails only its own requests
+                for seq in [s for s in self._seqs.values() if s.adapter == name]:
+                    self._finish(seq, "error", f"loading adapter {name!r} failed: {e}")
+        return slots
+
+    def _switch(self, mode: str, merged: str | None, slots: dict[str, int]) -> float:
+        """Bring the merged weights to `merged` if the mode needs it; returns the seconds spent."""
+        if mode == "unmerged":
+            return 0.0
+        key = (merged, self.pool.versions[merged])
+        if key == self._merged_key and self.runner.merged_slot == slots[merged]:
+            return 0.0
+        t0 = self.clock()
+        if getattr(self.policy, "per_layer_switch", False):
+            self.runner.merge_per_layer(slots[merged])
+        else:
+            self.runner.merge(slots[merged])
+        jax.block_until_ready(self.runner.merged)
+        self._merged_key = key
+        seconds = self.clock() - t0
+        self.cost.observe_switch(seconds)
+        return seconds
+
+    def _allocate_pages(self, rows):
+        """Pages for every row's new tokens; when the cache is full, preempt the newest live
+        requests (they recompute later), dropping rows that still do not fit."""
+        kept = []
+        for seq, n in rows:
+            need = self.allocator.pages_for(seq.computed + n) - len(seq.pages)
+            while need > self.allocator.num_free:
+                victims = [s for s in reversed(self._seqs.values())
+                           if s.pages and s is not seq and all(s is not k for k, _ in kept)]
+                if not victims:
+                    break
+                self._preempt(victims[0])
+            if need <= self.allocator.num_free:
+                seq.pages += self.allocator.allocate(max(need, 0))
+                kept.append((seq, n))
+        return kept
+
+    def _preempt(self, seq: _Seq) -> None:
+        self.allocator.free(seq.pages)
+        seq.pages, seq.computed = [], 0
+        seq.metrics.preemptions += 1
+
+    def _encode_images(self, seqs, slots) -> None:
+        """Features for the images of requests starting now: from the cache, or encoded in one call."""
+        todo = [s for s in seqs if s.features is None and len(s.state.pixels)]
+        missing = {}
+        for seq in todo:
+            vkey = self._vision_key(seq.adapter)
+            for digest, px in zip(seq.digests, seq.state.pixels):
+                if self.images.get((digest, vkey)) is None:
+                    missing[(digest, vkey)] = (px, slots.get(seq.adapter, -1) if vkey else -1)
+        if missing:
+            n = bucket(len(missing))
+            pixels = np.zeros((n, *todo[0].state.pixels.shape[1:]), np.float32)
+            pixels[: len(missing)] = [px for px, _ in missing.values()]
+            feats = self.runner.encode_images(pixels, [s for _, s in missing.values()] + [-1] * (n - len(missing)))
+            for i, key in enumerate(missing):
+                self.images.put(key, feats[i])
+        for seq in todo:
+            vkey = self._vision_key(seq.adapter)
+            seq.features = jnp.concatenate([self.images.get((d, vkey)) for d in seq.digests])
+
+    def _run(self, rows, slots, mode: str) -> None:
+        now = self.clock()
+        decode, prefill, features, offset = [], [], [], 0
+        for seq, n in rows:
+            seq.metrics.first_scheduled = seq.metrics.first_scheduled or now
+            chunk = seq.state.tokens[seq.computed: seq.computed + n]
+            image_rows = None
+            if seq.features is not None and seq.computed < len(seq.state.prompt_ids):
+                local = np.asarray(seq.state.image_rows + [-1] * len(seq.state.out))[seq.computed: seq.computed + n]
+                if (local >= 0).any():
+                    image_rows = np.where(local >= 0, local + offset, -1)
+                    features.append(seq.features)
+                    offset += seq.features.shape[0]
+            spec = RowSpec(chunk, seq.computed, image_rows, slots.get(seq.adapter, -1), seq.pages)
+            (decode if n == 1 else prefill).append((seq, spec))
+        d = self.runner.config.text.hidden_size
+        feats = jnp.concatenate(features) if features else jnp.zeros((0, d), jnp.dtype(self.runner.config.dtype))
+        if features:
+            feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
+        ordered = decode + prefill
+        blocks = [pack_block([sp for _, sp in group], min_tokens=16 if group is prefill else 1)
+                  for group in (decode, prefill) if group]
+        hidden, logits, self.cache = self.runner.step(self.cache, blocks, feats, mode)
+        # rows of each block start at that block's first row; padding rows follow each block
+        row_index, first = [], 0
+        for group in (decode, prefill):
+            if group:
+                row_index += list(range(first, first + len(group)))
+                first += bucket(len(group))
+        self._advance([(seq, spec, i) for (seq, spec), i in zip(ordered, row_index)], hidden, logits)
+
+    def _advance(self, rows, hidden, logits) -> None:
+        done_prefill = [(seq, i) for seq, spec, i in rows
+                        if seq.computed + len(spec.tokens) == len(seq.state.tokens)]
+        now = self.clock()
+        for seq, spec, _ in rows:
+            seq.computed += len(spec.tokens)
+            seq.last_progress = now
+        heads = {seq.id: self.pool.store[seq.adapter].head for seq, _ in done_prefill
+                 if seq.adapter is not None and not seq.state.out and self.pool.store[seq.adapter].head is not None}
+        hidden_np = np.asarray(hidden, np.float32) if heads else None
+        sampling = [(seq, i) for seq, i in done_prefill if seq.id not in heads]
+        tokens = self._sample(logits[np.asarray([i for _, i in sampling], np.int32)], [s.state for s, _ in sampling]) \
+            if sampling else []
+        now = self.clock()
+        for seq, i in done_prefill:
+            if seq.id in heads:
+                head = heads[seq.id]
+                seq.state.label = head.labels[int(np.argmax(hidden_np[i] @ head.kernel + head.bias))]
+                seq.state.finish = "stop"
+        for (seq, _), token in zip(sampling, tokens):
+            seq.state.append(int(token), self.tokenizer)
+            seq.metrics.first_token = seq.metrics.first_token or now
+        for seq, _ in done_prefill:
+            seq.metrics.output_tokens = len(seq.state.out)
+            if seq.on_event is not None and seq.state.out and seq.state.finish is None:
+                seq.on_event(seq.id, seq.stream.push(seq.state.out[-1]), None)
+            if seq.state.finish is not None:
+                seq.metrics.first_token = seq.metrics.first_token or now
+                self._finish(seq, seq.state.finish)
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        seq.state.finish, seq.state.error = reason, error
+        if seq.pages:
+            self.allocator.free(seq.pages)
+            seq.pages = []
+        completion = seq.state.completion(self.tokenizer)
+        seq.metrics.finished, seq.metrics.finish_reason = self.clock(), reason
+        seq.metrics.output_tokens = len(seq.state.out)
+        del self._seqs[seq.id]
+        self._results[seq.id] = completion
+        if seq.on_event is not None:
+            seq.on_event(seq.id, "", completion)
+
+    def summary(self) -> dict:
+        return summarize(self.request_metrics, self.step_metrics)

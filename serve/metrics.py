@@ -1,0 +1,90 @@
+"""Per-request and per-step serving metrics, and their summary.
+
+Times are seconds on the engine's clock. A request's latency splits into queue time
+(arrival -> first scheduled), time to first token, and time per output token.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    adapter: str | None
+    arrival: float
+    prompt_tokens: int
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    output_tokens: int = 0
+    preemptions: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first."""
+        if self.finished is None or self.first_token is None or self.output_tokens < 2:
+            return None
+        return (self.finished - self.first_token) / (self.output_tokens - 1)
+
+    @property
+    def token_latency(self) -> float | None:
+        """End-to-end latency divided by output tokens (V-LoRA's average token latency)."""
+        if self.latency is None:
+            return None
+        return self.latency / max(self.output_tokens, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+    start: float
+    duration: float            # the whole step, switch included
+    switch_time: float         # merging into the weights before the step
+    mode: str
+    merged_adapter: str | None
+    decode_rows: int
+    prefill_rows: int
+    tokens: int                # valid tokens computed
+    lora_tokens: float         # token-deltas the LoRA branch computed (CostModel units)
+    adapters: int              # distinct adapters in the step
+
+
+def _stats(values) -> dict:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return {"mean": None, "p50": None, "p99": None}
+    return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+
+
+def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
+    """Aggregate metrics: latency statistics, throughput and the mix of step modes."""
+    done = [r for r in requests if r.finished is not None]
+    span = (max(r.finished for r in done) - min(r.arrival for r in done)) if done else 0.0
+    return {
+        "requests": len(requests), "finished": len(done),
+        "token_latency": _stats(r.token_latency for r in done),
+        "latency": _stats(r.latency for r in done),
+        "ttft": _stats(r.ttft for r in done),
+        "tpot": _stats(r.tpot for r in done),
+        "queue_time": _stats(r.queue_time for r in done),
+        "throughput_rps": len(done) / span if span > 0 else None,
+        "output_tokens_per_s": sum(r.output_tokens for r in done) / span if span > 0 else None,
+        "steps": len(steps),
+        "mode_steps": {m: sum(s.mode == m for s in steps) for m in ("unmerged", "merged", "mixture")},
+        "switches": sum(s.switch_time > 0 for s in steps),
+        "switch_time": sum(s.switch_time for s in steps),
+        "preemptions": sum(r.preemptions for r in requests),
+    }

@@ -1,0 +1,236 @@
+"""Orchestration policies: each step, which requests run and in which mode.
+
+Every policy answers `decide(state) -> Decision` from a snapshot of the live requests.
+  ours    (V-LoRA)   per step the cheapest of unmerged, mixture(a) and merged(a) under a
+                     cost model of measured step times, amortising merge switches, with a
+                     starvation bound on how long any request may be left out;
+  slora              always unmerged, chunked prefill mixed with decodes, static-tile kernel;
+  punica             always unmerged, static-tile kernel, prefill steps separate from decodes;
+  dlora              merge the top adapter when its requests >= alpha * batch, unmerge when
+                     <= beta * batch; no mixture; layer-by-layer switch;
+  merged             one adapter at a time, merged, first come first served by adapter.
+The engine owns the packing limits (rows, token budget, chunk, adapter slots); `pack` fills a
+batch within them, oldest requests first, decodes before prefills.
+"""
+
+import collections
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqView:
+    """What a policy sees of a live request: pending = tokens not yet in the KV cache
+    (1 while decoding); last_progress = when it last ran (its arrival before that)."""
+
+    id: str
+    adapter: str | None
+    arrival: float
+    pending: int
+    last_progress: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLimits:
+    max_rows: int                 # sequences per step
+    token_budget: int             # valid tokens per step (a decode row counts 1)
+    prefill_chunk: int            # longest prefill chunk per sequence per step
+    max_adapters: int             # distinct adapters per step (device slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerState:
+    now: float
+    seqs: tuple[SeqView, ...]     # in arrival order
+    merged_adapter: str | None    # adapter currently folded into the merged weights
+    limits: BatchLimits
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    mode: str                                 # "unmerged" | "merged" | "mixture"
+    merged_adapter: str | None
+    rows: tuple[tuple[str, int], ...]         # (request id, tokens to compute this step)
+
+
+def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: True,
+         reserved: Sequence[str] = (), prefill: bool = True, decode: bool = True,
+         chunk: int | None = None) -> tuple[tuple[str, int], ...]:
+    """Fill one step: decode rows first, then prefill chunks, each oldest first, within the limits.
+    `reserved` adapters take slots up front (the merged adapter in mixture mode)."""
+    lim = state.limits
+    chunk = chunk or lim.prefill_chunk
+    adapters, rows, tokens = set(reserved), [], 0
+    ordered = ([s for s in state.seqs if s.pending == 1] if decode else []) + \
+              ([s for s in state.seqs if s.pending > 1] if prefill else [])
+    for s in ordered:
+        if len(rows) == lim.max_rows or tokens == lim.token_budget:
+            break
+        if not eligible(s) or (s.adapter is not None and s.adapter not in adapters
+                               and len(adapters) >= lim.max_adapters):
+            continue
+        n = min(s.pending, chunk, lim.token_budget - tokens)
+        rows.append((s.id, n))
+        tokens += n
+        if s.adapter is not None:
+            adapters.add(s.adapter)
+    return tuple(rows)
+
+
+@dataclasses.dataclass
+class CostModel:
+    """Step time = fixed + per_token * tokens + per_lora_token * lora_units + per_adapter * adapters,
+    refitted online from observed steps (least squares over the last `window`)."""
+
+    fixed: float = 2e-3
+    per_token: float = 2e-5
+    per_lora_token: float = 5e-6
+    per_adapter: float = 5e-5
+    switch: float = 5e-3
+    window: int = 256
+    _obs: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
+
+    @staticmethod
+    def lora_units(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
+        """Token-deltas the LoRA branch computes: unmerged, one per adapter token; mixture, none
+        for the merged adapter's tokens, two (own + subtract) for other adapters', one for base
+        tokens; merged, none."""
+        if mode == "merged":
+            return 0.0
+        if mode == "unmerged":
+            return float(sum(n for a, n in rows if a is not None))
+        return float(sum(0 if a == merged else (2 * n if a is not None else n) for a, n in rows))
+
+    def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
+        tokens = sum(n for _, n in rows)
+        adapters = len({a for a, _ in rows if a is not None} | ({merged} if mode == "mixture" else set()))
+        return (self.fixed + self.per_token * tokens + self.per_lora_token * self.lora_units(mode, merged, rows)
+                + self.per_adapter * adapters)
+
+    def observe(self, tokens: int, lora_units: float, adapters: int, seconds: float) -> None:
+        self._obs.append((1.0, tokens, lora_units, adapters, seconds))
+        if len(self._obs) >= 16 and len(self._obs) % 8 == 0:
+            data = np.asarray(self._obs, np.float64)
+            coef, *_ = np.linalg.lstsq(data[:, :4], data[:, 4], rcond=None)
+            if np.all(np.isfinite(coef)):
+                self.fixed, self.per_token, self.per_lora_token, self.per_adapter = np.maximum(coef, 0.0)
+
+    def observe_switch(self, seconds: float) -> None:
+        self.switch = 0.5 * self.switch + 0.5 * seconds
+
+
+class Policy:
+    """decide(state) -> Decision. `static_tiles`: runs the ATMM kernel with one fixed tile;
+    `per_layer_switch`: merges layer by layer (dLoRA) instead of in one call."""
+
+    name = "base"
+    static_tiles = False
+    per_layer_switch = False
+
+    def decide(self, state: SchedulerState) -> Decision:
+        raise NotImplementedError
+
+
+def _top_adapter(seqs: Sequence[SeqView]) -> str | None:
+    counts = collections.Counter(s.adapter for s in seqs if s.adapter is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+class SLoRAPolicy(Policy):
+    name = "slora"
+    static_tiles = True
+
+    def decide(self, state):
+        return Decision("unmerged", None, pack(state))
+
+
+class PunicaPolicy(Policy):
+    """Prefill steps (whole prompts, up to the token budget) run apart from decode steps."""
+
+    name = "punica"
+    static_tiles = True
+
+    def decide(self, state):
+        rows = pack(state, decode=False, chunk=state.limits.token_budget)
+        return Decision("unmerged", None, rows or pack(state, prefill=False))
+
+
+class DLoRAPolicy(Policy):
+    name = "dlora"
+    per_layer_switch = True
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5):
+        self.alpha, self.beta, self.merged = alpha, beta, None
+
+    def decide(self, state):
+        batch = min(len(state.seqs), state.limits.max_rows)
+        count = collections.Counter(s.adapter for s in state.seqs)
+        if self.merged is not None and count[self.merged] <= self.beta * batch:
+            self.merged = None
+        top = _top_adapter(state.seqs)
+        if self.merged is None and top is not None and count[top] >= self.alpha * batch:
+            self.merged = top
+        if self.merged is None:
+            return Decision("unmerged", None, pack(state))
+        m = self.merged
+        return Decision("merged", m, pack(state, eligible=lambda s: s.adapter == m))
+
+
+class MergedOnlyPolicy(Policy):
+    """Serve the oldest request's adapter, merged, until none of its requests remain."""
+
+    name = "merged"
+
+    def __init__(self):
+        self.current: str | None = None
+        self.started = False
+
+    def decide(self, state):
+        live = {s.adapter for s in state.seqs}
+        if not self.started or self.current not in live:
+            self.current, self.started = state.seqs[0].adapter, True
+        a = self.current
+        rows = pack(state, eligible=lambda s: s.adapter == a)
+        return Decision("unmerged" if a is None else "merged", a, rows)
+
+
+class VLoRAPolicy(Policy):
+    """Cheapest time per scheduled request among unmerged, mixture(a), merged(a) for the top
+    adapter and the currently merged one; merge switches are amortised over `horizon` steps;
+    merged(a) is ruled out while any other request has waited longer than `starvation_bound`."""
+
+    name = "ours"
+
+    def __init__(self, cost: CostModel | None = None, starvation_bound: float = 0.5, horizon: int = 16):
+        self.cost = cost or CostModel()
+        self.starvation_bound, self.horizon = starvation_bound, horizon
+
+    def decide(self, state):
+        adapter_of = {s.id: s.adapter for s in state.seqs}
+        candidates = [("unmerged", None, pack(state))]
+        for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
+            candidates.append(("mixture", a, pack(state, reserved=[a])))
+            starving = any(state.now - s.last_progress > self.starvation_bound
+                           for s in state.seqs if s.adapter != a)
+            if not starving:
+                candidates.append(("merged", a, pack(state, eligible=lambda s, a=a: s.adapter == a)))
+
+        def score(c):
+            mode, a, rows = c
+            if not rows:
+                return float("inf")
+            t = self.cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows])
+            if mode != "unmerged" and a != state.merged_adapter:
+                t += self.cost.switch / self.horizon
+            return t / len(rows)
+
+        mode, a, rows = min(candidates, key=score)
+        return Decision(mode, a, rows)
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {
+    "ours": VLoRAPolicy, "slora": SLoRAPolicy, "punica": PunicaPolicy, "dlora": DLoRAPolicy,
+    "merged": MergedOnlyPolicy,
+}
