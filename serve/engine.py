@@ -73,10 +73,7 @@ class _Seq:
     cancelled: bool = False
     digests: tuple[str, ...] = ()             # sha256 of each preprocessed image
     stream: object = None                     # incremental detokenizer for on_event
-
-    @property
-    def adapter(self) -> str | None:
-        return self.state.request.adapter
+    adapter: tuple[str, int] | None = None    # (name, version) fixed at submission
 
     @property
     def pending(self) -> int:
@@ -102,8 +99,9 @@ class ImageCache:
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def drop_adapter(self, name: str) -> None:
-        for key in [k for k in self._entries if k[1] is not None and k[1][0] == name]:
+    def drop_version(self, adapter_key: tuple[str, int]) -> None:
+        """Forget the features computed with that adapter version."""
+        for key in [k for k in self._entries if k[1] == adapter_key]:
             del self._entries[key]
 
     def __len__(self) -> int:
@@ -134,8 +132,7 @@ class Engine:
     def submit(self, request: Request, on_event: Callable | None = None, request_id: str | None = None) -> str:
         """Validate and queue a request; returns its id. Raises ValueError (bad request, unknown
         adapter) or Overloaded (queue full) without changing anything."""
-        if request.adapter is not None and request.adapter not in self.pool.store:
-            raise ValueError(f"unknown adapter {request.adapter!r}; loaded: {sorted(self.pool.store)}")
+        key = None if request.adapter is None else self.pool.key(request.adapter)
         state = RequestState.prepare(request, self.runner.config, self.tokenizer)
         if sum(s.computed == 0 for s in self._seqs.values()) >= self.config.max_queue:
             raise Overloaded(f"{self.config.max_queue} requests are already waiting")
@@ -146,7 +143,7 @@ class Engine:
         metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
         digests = tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels)
         self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=digests,
-                               stream=self.tokenizer.stream_decoder())
+                               stream=self.tokenizer.stream_decoder(), adapter=key)
         self.request_metrics.append(metrics)
         return rid
 
@@ -174,18 +171,26 @@ class Engine:
 
     # adapters -----------------------------------------------------------------------------------
     def register_adapter(self, adapter: Adapter) -> int:
-        """Load or replace an adapter while serving. Replacing drops its cached image features;
-        requests already running keep the version they started with until they finish."""
+        """Load or replace an adapter while serving. Requests submitted before a replacement keep
+        the version they started with; image features of older versions are dropped with them."""
+        old = self.pool.versions.get(adapter.name)
         version = self.pool.register(adapter)
-        self.images.drop_adapter(adapter.name)
+        if old is not None:
+            self._release_if_unused((adapter.name, old))
         return version
 
-    def _vision_key(self, adapter: str | None):
-        if adapter is None:
+    def _release_if_unused(self, key: tuple[str, int]) -> None:
+        """Forget a replaced adapter version (slot, cached image features) once no request uses it."""
+        current = key[0] in self.pool.store and self.pool.versions[key[0]] == key[1]
+        if not current and all(s.adapter != key for s in self._seqs.values()):
+            self.pool.release(key)
+            self.images.drop_version(key)
+
+    def _vision_key(self, key: tuple[str, int] | None):
+        """The adapter identity image features depend on: None unless it adapts the vision side."""
+        if key is None or all(p.startswith("decoder.") for p in self.pool.get(key).weights):
             return None
-        weights = self.pool.store[adapter].weights
-        touches_vision = any(not p.startswith("decoder.") for p in weights)
-        return (adapter, self.pool.versions[adapter]) if touches_vision else None
+        return key
 
     # the step -----------------------------------------------------------------------------------
     def step(self) -> StepMetrics | None:
@@ -197,8 +202,7 @@ class Engine:
             return None
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress)
                       for s in self._seqs.values())
-        merged_now = self._merged_key[0] if self._merged_key else None
-        decision = self.policy.decide(SchedulerState(start, views, merged_now, self.limits))
+        decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
         rows = [(s, n) for s, n in rows if s.id in self._seqs]        # failed loads dropped
@@ -244,8 +248,7 @@ class Engine:
         """Bring the merged weights to `merged` if the mode needs it; returns the seconds spent."""
         if mode == "unmerged":
             return 0.0
-        key = (merged, self.pool.versions[merged])
-        if key == self._merged_key and self.runner.merged_slot == slots[merged]:
+        if merged == self._merged_key and self.runner.merged_slot == slots[merged]:
             return 0.0
         t0 = self.clock()
         if getattr(self.policy, "per_layer_switch", False):
@@ -253,7 +256,7 @@ class Engine:
         else:
             self.runner.merge(slots[merged])
         jax.block_until_ready(self.runner.merged)
-        self._merged_key = key
+        self._merged_key = merged
         seconds = self.clock() - t0
         self.cost.observe_switch(seconds)
         return seconds
@@ -338,8 +341,8 @@ class Engine:
         for seq, spec, _ in rows:
             seq.computed += len(spec.tokens)
             seq.last_progress = now
-        heads = {seq.id: self.pool.store[seq.adapter].head for seq, _ in done_prefill
-                 if seq.adapter is not None and not seq.state.out and self.pool.store[seq.adapter].head is not None}
+        heads = {seq.id: self.pool.get(seq.adapter).head for seq, _ in done_prefill
+                 if seq.adapter is not None and not seq.state.out and self.pool.get(seq.adapter).head is not None}
         hidden_np = np.asarray(hidden, np.float32) if heads else None
         sampling = [(seq, i) for seq, i in done_prefill if seq.id not in heads]
         tokens = self._sample(logits[np.asarray([i for _, i in sampling], np.int32)], [s.state for s, _ in sampling]) \
@@ -370,6 +373,8 @@ class Engine:
         seq.metrics.finished, seq.metrics.finish_reason = self.clock(), reason
         seq.metrics.output_tokens = len(seq.state.out)
         del self._seqs[seq.id]
+        if seq.adapter is not None:
+            self._release_if_unused(seq.adapter)
         self._results[seq.id] = completion
         if seq.on_event is not None:
             seq.on_event(seq.id, "", completion)

@@ -47,7 +47,7 @@ def test_lru_eviction_and_slot_reuse():
     assert pool.acquire(["a1", None]) == {"a1": 1}
     pool.acquire(["a0"])                                  # a0 now most recent
     assert pool.acquire(["a2"]) == {"a2": 1}              # evicts a1
-    assert slots.held == ["a0", "a2"] and pool.resident == {"a0": 0, "a2": 1}
+    assert slots.held == ["a0", "a2"] and pool.resident == {("a0", 1): 0, ("a2", 1): 1}
     writes = slots.writes
     pool.acquire(["a0", "a2"])                            # resident: no device write
     assert slots.writes == writes
@@ -79,14 +79,19 @@ def test_unknown_adapter_rejected_before_any_write():
     assert slots.writes == 0 and pool.resident == {}
 
 
-def test_reregistration_replaces_resident_copy():
+def test_reregistration_keeps_old_version_until_released():
     pool, slots, cfg = _pool()
     pool.acquire(["a0"])
     version = pool.register(random_adapter(cfg, SHAPES, "a0", rank=8, seed=99))
-    assert version == 2 and pool.slot_of("a0") is None    # the old copy is stale
-    writes = slots.writes
-    pool.acquire(["a0"])
-    assert slots.writes == writes + 1 and pool.store["a0"].rank == 8
+    assert version == 2 and pool.slot_of("a0") is None and pool.slot_of(("a0", 1)) == 0
+    assert pool.acquire(["a0"]) == {"a0": 1} and pool.store["a0"].rank == 8
+    assert pool.get(("a0", 1)).rank == 4                 # the old version still serves its requests
+    pool.release(("a0", 1))
+    assert slots.held == [None, "a0"]
+    with pytest.raises(ValueError, match="version"):
+        pool.acquire([("a0", 1)])
+    pool.release(("a0", 2))                              # the current version is never released
+    assert pool.slot_of("a0") == 1
 
 
 def test_unregister_clears_slot():

@@ -111,99 +111,124 @@ class PoolFull(RuntimeError):
     """Every device slot holds a pinned or needed adapter; nothing was changed."""
 
 
-class AdapterPool:
-    """Host store of adapters + assignment of resident adapters to device slots (LRU, pinning).
+AdapterRef = str | tuple[str, int]
+"""An adapter name (its current version) or a (name, version) key."""
 
-    `write_slot(slot, adapter | None)` is the device write (the runner's); the pool calls it
-    when an adapter must become resident, or with None to clear a slot.
+
+class AdapterPool:
+    """Host store of adapters + assignment of adapters to device slots (LRU, pinning).
+
+    Adapters are identified by (name, version): registering a name again makes a new current
+    version, while older versions that requests still use stay available (by key) until
+    `release`d. `write_slot(slot, adapter | None)` is the device write (the runner's); the pool
+    calls it when an adapter must become resident, or with None to clear a slot.
     """
 
     def __init__(self, config: LMMConfig, module_shapes: Mapping[str, tuple[int, int]],
                  write_slot: Callable[[int, Adapter | None], None]):
         self.config, self.module_shapes, self._write_slot = config, dict(module_shapes), write_slot
-        self.store: dict[str, Adapter] = {}
+        self.store: dict[str, Adapter] = {}                   # current version of each name
         self.versions: dict[str, int] = {}
-        self._slots: list[tuple[str, int] | None] = [None] * config.lora.max_loras   # (name, version)
-        self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._pinned: collections.Counter[str] = collections.Counter()
+        self._held: dict[tuple[str, int], Adapter] = {}       # every version still usable
+        self._slots: list[tuple[str, int] | None] = [None] * config.lora.max_loras
+        self._lru: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self._pinned: collections.Counter[tuple[str, int]] = collections.Counter()
 
     # host store ---------------------------------------------------------------------------
     def register(self, adapter: Adapter) -> int:
-        """Validate and store an adapter (replacing one of the same name); returns its version."""
+        """Validate and store an adapter as the current version of its name; returns the version."""
         adapter.validate(self.config, self.module_shapes)
-        self.store[adapter.name] = adapter
-        self.versions[adapter.name] = self.versions.get(adapter.name, 0) + 1
-        return self.versions[adapter.name]
+        version = self.versions.get(adapter.name, 0) + 1
+        self.store[adapter.name], self.versions[adapter.name] = adapter, version
+        self._held[(adapter.name, version)] = adapter
+        return version
 
     def unregister(self, name: str) -> None:
-        self._require(name)
-        if self._pinned[name]:
+        """Remove a name; its current version is released (older ones stay until released)."""
+        key = self.key(name)
+        if self._pinned[key]:
             raise ValueError(f"adapter {name!r} is pinned (in use) and cannot be removed")
-        slot = self.slot_of(name)
-        if slot is not None:
-            self._slots[slot] = None
-            self._lru.pop(name, None)
-            self._write_slot(slot, None)
         del self.store[name]
+        self.release(key)
 
-    def _require(self, name: str) -> Adapter:
-        if name not in self.store:
-            raise ValueError(f"unknown adapter {name!r}; known: {sorted(self.store)}")
-        return self.store[name]
+    def release(self, key: tuple[str, int]) -> None:
+        """Forget a version that is no longer current (no-op for the current one or a pinned one)."""
+        if key not in self._held or self.store.get(key[0]) is self._held[key] or self._pinned[key]:
+            return
+        del self._held[key]
+        if key in self._slots:
+            slot = self._slots.index(key)
+            self._slots[slot] = None
+            self._lru.pop(key, None)
+            self._write_slot(slot, None)
+
+    def key(self, ref: AdapterRef) -> tuple[str, int]:
+        """(name, version) of a reference; ValueError for unknown names or versions."""
+        if isinstance(ref, tuple):
+            if ref not in self._held:
+                raise ValueError(f"unknown adapter version {ref!r}")
+            return ref
+        if ref not in self.store:
+            raise ValueError(f"unknown adapter {ref!r}; known: {sorted(self.store)}")
+        return ref, self.versions[ref]
+
+    def get(self, ref: AdapterRef) -> Adapter:
+        return self._held[self.key(ref)]
 
     # device slots -------------------------------------------------------------------------
-    def slot_of(self, name: str) -> int | None:
-        """The slot holding the current version of `name`, or None."""
-        key = (name, self.versions.get(name))
+    def slot_of(self, ref: AdapterRef) -> int | None:
+        """The slot holding that adapter version, or None."""
+        key = self.key(ref)
         return self._slots.index(key) if key in self._slots else None
 
     @property
-    def resident(self) -> dict[str, int]:
-        return {entry[0]: i for i, entry in enumerate(self._slots)
-                if entry is not None and entry[1] == self.versions.get(entry[0])}
+    def resident(self) -> dict[tuple[str, int], int]:
+        return {key: i for i, key in enumerate(self._slots) if key is not None}
 
-    def acquire(self, names: Iterable[str | None]) -> dict[str, int]:
-        """Make every named adapter resident; returns name -> slot (None names are skipped).
+    def acquire(self, refs: Iterable[AdapterRef | None]) -> dict[AdapterRef, int]:
+        """Make every referenced adapter resident; returns ref -> slot (None refs are skipped).
 
-        Raises ValueError for unknown names and PoolFull when the adapters do not fit
-        beside the pinned ones; in both cases no slot changes."""
-        wanted = list(dict.fromkeys(n for n in names if n is not None))
-        for n in wanted:
-            self._require(n)
-        missing = [n for n in wanted if self.slot_of(n) is None]
-        free = self._free_slots(keep=set(wanted))
+        Raises ValueError for unknown adapters and PoolFull when they do not fit beside the
+        pinned ones, in both cases before any slot changes. If a device write fails, the
+        adapters written before it stay resident and the failing slot is left empty."""
+        refs = list(dict.fromkeys(r for r in refs if r is not None))
+        keys = {r: self.key(r) for r in refs}
+        wanted = set(keys.values())
+        missing = list(dict.fromkeys(k for k in keys.values() if k not in self._slots))
+        free = self._free_slots(keep=wanted)
         if len(missing) > len(free):
             raise PoolFull(f"adapters {missing} need {len(missing)} slots; {len(free)} of "
                            f"{len(self._slots)} can be freed (pinned: {sorted(self._pinned)})")
-        for name, slot in zip(missing, free):
+        for key, slot in zip(missing, free):
             old = self._slots[slot]
             if old is not None:
-                self._lru.pop(old[0], None)
-            self._write_slot(slot, self.store[name])
-            self._slots[slot] = (name, self.versions[name])
-        for n in wanted:
-            self._lru.pop(n, None)
-            self._lru[n] = None
-        return {n: self.slot_of(n) for n in wanted}
+                self._lru.pop(old, None)
+            self._slots[slot] = None
+            self._write_slot(slot, self._held[key])
+            self._slots[slot] = key
+        for key in wanted:
+            self._lru.pop(key, None)
+            self._lru[key] = None
+        return {r: self._slots.index(k) for r, k in keys.items()}
 
-    def _free_slots(self, keep: set[str]) -> list[int]:
-        """Slots usable for new adapters: empty or stale first, then LRU victims. A stale slot
-        (an older version of a re-registered adapter) stays while its name is pinned."""
-        current = self.resident
-        empty = [i for i, e in enumerate(self._slots)
-                 if e is None or (current.get(e[0]) != i and not self._pinned[e[0]])]
-        victims = [current[n] for n in self._lru if n in current and n not in keep and not self._pinned[n]]
+    def _free_slots(self, keep: set[tuple[str, int]]) -> list[int]:
+        """Slots usable for new adapters: empty ones first, then least recently used victims."""
+        empty = [i for i, key in enumerate(self._slots) if key is None]
+        victims = [self._slots.index(k) for k in self._lru
+                   if k in self._slots and k not in keep and not self._pinned[k]]
         return empty + victims
 
-    def pin(self, name: str) -> None:
-        """Keep `name` resident until a matching unpin (pins nest)."""
-        if self.slot_of(name) is None:
-            raise ValueError(f"adapter {name!r} is not resident; acquire it before pinning")
-        self._pinned[name] += 1
+    def pin(self, ref: AdapterRef) -> None:
+        """Keep an adapter resident until a matching unpin (pins nest)."""
+        key = self.key(ref)
+        if key not in self._slots:
+            raise ValueError(f"adapter {ref!r} is not resident; acquire it before pinning")
+        self._pinned[key] += 1
 
-    def unpin(self, name: str) -> None:
-        if self._pinned[name] <= 0:
-            raise ValueError(f"adapter {name!r} is not pinned")
-        self._pinned[name] -= 1
-        if not self._pinned[name]:
-            del self._pinned[name]
+    def unpin(self, ref: AdapterRef) -> None:
+        key = self.key(ref)
+        if self._pinned[key] <= 0:
+            raise ValueError(f"adapter {ref!r} is not pinned")
+        self._pinned[key] -= 1
+        if not self._pinned[key]:
+            del self._pinned[key]

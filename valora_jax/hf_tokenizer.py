@@ -96,9 +96,8 @@ class HFTokenizer:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:   # tokenizers raises its own exception type
             raise ValueError(f"{path}: cannot read tokenizer ({e})") from e
-        tok_config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
-        special_map = (_read_json(directory / "special_tokens_map.json")
-                       if (directory / "special_tokens_map.json").exists() else {})
+        tok_config, special_map = (_read_json(directory / f) if (directory / f).exists() else {}
+                                   for f in ("tokenizer_config.json", "special_tokens_map.json"))
         special = {k: _token_text(v) for k, v in {**special_map, **tok_config}.items() if k in _SPECIAL_NAMES and v}
         meta = hf_metadata(directory) or {}
         image_token = "<image>"
