@@ -134,11 +134,11 @@ class Engine:
         adapter) or Overloaded (queue full) without changing anything."""
         key = None if request.adapter is None else self.pool.key(request.adapter)
         state = RequestState.prepare(request, self.runner.config, self.tokenizer)
+        if request_id is not None and (request_id in self._seqs or request_id in self._results):
+            raise ValueError(f"request id {request_id!r} is already in use")
         if sum(s.computed == 0 for s in self._seqs.values()) >= self.config.max_queue:
             raise Overloaded(f"{self.config.max_queue} requests are already waiting")
         rid = request_id or f"req-{next(self._ids)}"
-        if rid in self._seqs or rid in self._results:
-            raise ValueError(f"request id {rid!r} is already in use")
         now = self.clock()
         metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
         digests = tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels)

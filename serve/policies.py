@@ -81,8 +81,8 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
 
 @dataclasses.dataclass
 class CostModel:
-    """Step time = fixed + per_token * tokens + per_lora_token * lora_units + per_adapter * adapters,
-    refitted online from observed steps (least squares over the last `window`)."""
+    """Step time = fixed + per_token * tokens + per_lora_token * lora_units + per_adapter * adapters
+    (adapters the LoRA branch reads; none in merged mode), refitted online from observed steps (least squares over the last `window`)."""
 
     fixed: float = 2e-3
     per_token: float = 2e-5
@@ -105,7 +105,8 @@ class CostModel:
 
     def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
         tokens = sum(n for _, n in rows)
-        adapters = len({a for a, _ in rows if a is not None} | ({merged} if mode == "mixture" else set()))
+        adapters = 0 if mode == "merged" else len({a for a, _ in rows if a is not None}
+                                                   | ({merged} if mode == "mixture" else set()))
         return (self.fixed + self.per_token * tokens + self.per_lora_token * self.lora_units(mode, merged, rows)
                 + self.per_adapter * adapters)
 

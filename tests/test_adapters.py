@@ -110,6 +110,7 @@ def test_unregister_clears_slot():
     (lambda cfg, a: {"weights": {p: (np.zeros((i, 40)), np.zeros((40, o))) for p, (i, o) in SHAPES.items()},
                      "scales": {p: 1.0 for p in SHAPES}}, "rank 40"),
     (lambda cfg, a: {"name": ""}, "name"),
+    (lambda cfg, a: {"weights": {p: (a_.astype(np.int32), b_) for p, (a_, b_) in a.weights.items()}}, "int32"),
 ])
 def test_bad_adapters_rejected_and_pool_unchanged(change, message):
     pool, slots, cfg = _pool()

@@ -79,6 +79,10 @@ class Adapter:
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != d_in or b.shape[1] != d_out or a.shape[1] != b.shape[0]:
                 raise ValueError(f"adapter {self.name!r} module {path!r}: A {a.shape} / B {b.shape} do not fit "
                                  f"[{d_in}, r] / [r, {d_out}]")
+            if not (np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)) \
+                    and not (str(a.dtype) == "bfloat16" and str(b.dtype) == "bfloat16"):
+                raise ValueError(f"adapter {self.name!r} module {path!r}: weights of dtype {a.dtype} / {b.dtype}, "
+                                 f"expected floating point")
             if not 1 <= a.shape[1] <= config.lora.max_rank:
                 raise ValueError(f"adapter {self.name!r} module {path!r}: rank {a.shape[1]} outside "
                                  f"1..max_rank={config.lora.max_rank}")

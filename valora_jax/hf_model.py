@@ -99,13 +99,9 @@ def _sub_configs(cfg: dict, path: Path) -> tuple[dict, dict, dict]:
     if ARCHITECTURE not in archs:
         raise ValueError(f"{path}: architectures {archs} is not supported; expected {ARCHITECTURE!r}")
     llava = {**_LLAVA_DEFAULTS, **cfg}
-    if "image_token_id" in cfg and "image_token_index" not in cfg:
-        llava["image_token_index"] = cfg["image_token_id"]
     text = {**_LLAMA_DEFAULTS, **(cfg.get("text_config") or {})}
     vision_cfg = cfg.get("vision_config")
     vision = {**(_CLIP_DEFAULTS if vision_cfg is not None else _LLAVA_VISION_DEFAULTS), **(vision_cfg or {})}
-    if "tie_word_embeddings" not in cfg:
-        llava["tie_word_embeddings"] = text["tie_word_embeddings"]
     llava["tie_word_embeddings"] = bool(llava["tie_word_embeddings"] or text["tie_word_embeddings"])
     if cfg.get("quantization_config"):
         raise ValueError(f"{path}: quantization_config is not supported (quantized checkpoint)")
@@ -304,21 +300,17 @@ def _weight_files(directory: Path) -> dict[str, str]:
         other = sorted(p.name for p in directory.glob("*.bin")) or "none"
         raise ValueError(f"{directory}: no model.safetensors or model.safetensors.index.json (found .bin files: "
                          f"{other}); only safetensors checkpoints are read")
-    from safetensors import safe_open
-
     try:
-        with safe_open(single, framework="flax") as f:
+        with _safetensors_open()(single, framework="flax") as f:
             return {k: single.name for k in f.keys()}
     except Exception as e:   # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{single}: not a readable safetensors file ({e})") from e
 
 
-def _load_params(directory: Path, config: LMMConfig, llava: dict) -> dict[str, jax.Array]:
-    """Our flat parameter path -> array, read shard by shard with shape checks."""
-    from safetensors import safe_open
-
-    abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))
-    expected = {path: leaf for path, leaf in _flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
+def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict) -> dict[str, jax.Array]:
+    """Our flat parameter path -> array, read shard by shard with shape checks against
+    `expected` (flat path -> abstract leaf)."""
+    safe_open = _safetensors_open()
     plan = _plan(config, bool(llava["multimodal_projector_bias"]), bool(llava["tie_word_embeddings"]))
     weight_map = _weight_files(directory)
     by_canon: dict[str, str] = {}
@@ -365,6 +357,14 @@ def _load_params(directory: Path, config: LMMConfig, llava: dict) -> dict[str, j
     return params
 
 
+def _safetensors_open():
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise ImportError("reading Hugging Face checkpoints needs safetensors: pip install 'valora-jax[hf]'") from e
+    return safe_open
+
+
 def _flatten(tree: dict, prefix: str = ""):
     """(dotted path, leaf) pairs of a nested dict."""
     for k, v in tree.items():
@@ -385,10 +385,11 @@ def load_hf_model(directory: str | Path, *, lora: LoraConfig | None = None, dtyp
     """An LMM with the weights of a Hugging Face LLaVA directory (no conversion step); LoRA
     slots start empty. Options as in `hf_config`."""
     config, llava = _read_hf(Path(directory), lora, dtype, name)
-    params = _load_params(Path(directory), config, llava)
     abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_lora, abs_merged = split_model(abstract)
-    nnx.replace_by_pure_dict(abs_params, _fill(nnx.to_pure_dict(abs_params), params))
+    tree = nnx.to_pure_dict(abs_params)
+    params = _load_params(Path(directory), config, llava, dict(_flatten(tree)))
+    nnx.replace_by_pure_dict(abs_params, _fill(tree, params))
     zeros = lambda s: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), s)
     return nnx.merge(graphdef, abs_params, zeros(abs_lora), zeros(abs_merged))
 

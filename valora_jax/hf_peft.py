@@ -22,7 +22,7 @@ from flax import nnx
 
 from valora_jax.adapters import Adapter, target_of
 from valora_jax.config import ALL_TARGETS, LMMConfig, LoraConfig
-from valora_jax.hf_model import _read_json, hf_config, is_hf_checkpoint, module_path
+from valora_jax.hf_model import _read_json, _safetensors_open, hf_config, is_hf_checkpoint, module_path
 from valora_jax.lora import targeted_linears
 from valora_jax.model import LMM
 
@@ -48,6 +48,8 @@ def _selected(peft: dict, module: str) -> bool:
     """Whether PEFT's target_modules / layers_to_transform select `module` (PEFT's rules: a
     string is a full regex match, a list matches a name or a ".name" suffix)."""
     targets = peft.get("target_modules")
+    if targets == "all-linear":           # every linear except the output layer
+        return True
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
     if not targets:
@@ -182,10 +184,9 @@ def read_peft(src: str | Path, config: LMMConfig, *, name: str | None = None, ch
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as float32 numpy."""
     import jax.numpy as jnp
-    from safetensors import safe_open
 
     try:
-        with safe_open(path, framework="flax") as f:
+        with _safetensors_open()(path, framework="flax") as f:
             return {k: np.asarray(jnp.asarray(f.get_tensor(k), jnp.float32)) for k in f.keys()}
     except Exception as e:   # safetensors raises its own error types for corrupt files
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e

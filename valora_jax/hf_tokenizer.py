@@ -88,8 +88,10 @@ class HFTokenizer:
         """Read tokenizer.json, tokenizer_config.json / special_tokens_map.json, the chat template
         (chat_template.jinja, chat_template.json or tokenizer_config.json), generation_config.json,
         and the image token id from the model's HF config when there is one (else "<image>")."""
-        from tokenizers import Tokenizer
-
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:
+            raise ImportError("HF tokenizers need the tokenizers package: pip install 'valora-jax[hf]'") from e
         directory = Path(directory)
         path = directory / "tokenizer.json"
         try:
@@ -145,12 +147,16 @@ class HFTokenizer:
                                      image_token=self.image_token, **self.special_tokens)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the rendered conversation; each image part yields one image id.
+        """Ids of the rendered conversation; each image part yields one image id. The
+        tokenizer's own special tokens (e.g. a leading <s>) are added unless the rendered text
+        already starts with the bos token, as transformers' processors do.
 
         Raises ValueError on malformed messages, text that contains the image token, or a
         template that does not render one image token per image part."""
         num_images = _check_messages(messages, self.image_token)
-        ids = self.encode(self.render(messages, add_generation_prompt))
+        text = self.render(messages, add_generation_prompt)
+        bos = self.special_tokens.get("bos_token")
+        ids = self._tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids
         if ids.count(self.image_id) != num_images:
             raise ValueError(f"the chat template rendered {ids.count(self.image_id)} image tokens "
                              f"{self.image_token!r} for {num_images} image parts")
@@ -215,7 +221,10 @@ def _chat_template(directory: Path, tok_config: Mapping[str, Any]) -> str | None
 
 
 def _compile(template: str):
-    import jinja2
+    try:
+        import jinja2
+    except ImportError as e:
+        raise ImportError("chat templates need jinja2: pip install 'valora-jax[hf]'") from e
     from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment

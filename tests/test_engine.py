@@ -1,0 +1,209 @@
+"""The serving engine on the micro model: outputs equal generate() alone under every policy and
+across mode switches, adapter loads mid-stream, preemption, cancellation, faults, no leaks."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import random_image
+from serve.engine import Engine, EngineConfig, Overloaded
+from serve.policies import POLICIES, Decision, Policy, pack
+from valora_jax import Request, TaskHead, random_adapter
+
+SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, num_pages=64)
+ADAPTERS = [None, "task0", "task1", "task2"]
+
+
+def _requests(n=10, offset=0):
+    return [Request(f"q{i} " + "w" * (i * 7 % 40), [random_image(i)] if i % 3 == 1 else [],
+                    adapter=ADAPTERS[i % 4], max_tokens=2 + i % 4, seed=i,
+                    temperature=0.7 if i % 5 == 4 else 0.0) for i in range(offset, offset + n)]
+
+
+@pytest.fixture(scope="module")
+def expected(generator):
+    """Each request generated alone by the batch generator."""
+    return [generator.generate([r])[0] for r in _requests(10)]
+
+
+def _engine(generator, policy="ours", config=SMALL):
+    return Engine(generator.runner, generator.pool, config=config, policy=policy)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_gives_each_request_its_solo_output(generator, expected, policy):
+    engine = _engine(generator, policy)
+    reqs = _requests(10)
+    for want, got in zip(expected, engine.generate(reqs)):
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+    assert engine.allocator.num_free == SMALL.num_pages - 1
+
+
+class _Cycling(Policy):
+    """unmerged -> mixture(task1) -> merged(task1's rows only) -> mixture(task2) -> ..."""
+
+    def __init__(self):
+        self.i = 0
+
+    def decide(self, state):
+        self.i += 1
+        keys = sorted({s.adapter for s in state.seqs if s.adapter is not None})
+        if not keys or self.i % 4 == 0:
+            return Decision("unmerged", None, pack(state))
+        a = keys[self.i % len(keys)]
+        if self.i % 4 == 2:
+            return Decision("merged", a, pack(state, eligible=lambda s: s.adapter == a))
+        return Decision("mixture", a, pack(state, reserved=[a]))
+
+
+def test_mode_switches_mid_stream_do_not_change_outputs(generator, expected):
+    engine = _engine(generator, _Cycling())
+    reqs = _requests(10)
+    for want, got in zip(expected, engine.generate(reqs)):
+        assert got.token_ids == want.token_ids
+    modes = engine.summary()["mode_steps"]
+    assert modes["merged"] and modes["mixture"] and modes["unmerged"] and engine.summary()["switches"] > 2
+
+
+def test_preemption_under_kv_pressure_recomputes_exactly(generator, expected):
+    engine = _engine(generator, "slora", dataclasses.replace(SMALL, num_pages=12))
+    reqs = _requests(10)
+    for want, got in zip(expected, engine.generate(reqs)):
+        assert got.token_ids == want.token_ids
+    assert engine.summary()["preemptions"] > 0 and engine.allocator.num_free == 11
+
+
+def test_adapter_loaded_and_replaced_mid_stream(generator, config):
+    pool = generator.pool
+    engine = _engine(generator)
+    early = [engine.submit(r) for r in _requests(4)]
+    engine.step()
+    late_adapter = random_adapter(config, generator.runner.module_shapes, "late", 8, seed=77, std=0.2)
+    engine.register_adapter(late_adapter)
+    late = Request("a late adapter", [random_image(3)], adapter="late", max_tokens=4)
+    late_id = engine.submit(late)
+    engine.step()
+    # replace task1 while its request runs: that request keeps version 1, new ones get version 2
+    running_task1 = engine.submit(Request("task1 before", adapter="task1", max_tokens=5))
+    engine.step()
+    old = pool.get("task1")
+    engine.register_adapter(random_adapter(config, generator.runner.module_shapes, "task1", 4, seed=78, std=0.2))
+    new_task1 = engine.submit(Request("task1 before", adapter="task1", max_tokens=5))
+    while engine.has_work:
+        engine.step()
+    assert engine.result(late_id).token_ids == generator.generate([late])[0].token_ids
+    new_out = generator.generate([Request("task1 before", adapter="task1", max_tokens=5)])[0]
+    assert engine.result(new_task1).token_ids == new_out.token_ids
+    pool.register(old)                                    # restore task1 for the other tests
+    assert engine.result(running_task1).token_ids == \
+        generator.generate([Request("task1 before", adapter="task1", max_tokens=5)])[0].token_ids
+    assert all(engine.result(i) for i in early)
+    pool.unregister("late")
+
+
+def test_image_features_are_not_reused_after_an_adapter_reload(generator, config):
+    engine = _engine(generator)
+    shapes = generator.runner.module_shapes
+    engine.register_adapter(random_adapter(config, shapes, "vis", 4, seed=1, std=0.3))
+    req = Request("look", [random_image(8)], adapter="vis", max_tokens=4)
+    first = engine.generate([req])[0]
+    cached = len(engine.images)
+    engine.register_adapter(random_adapter(config, shapes, "vis", 4, seed=2, std=0.3))
+    second = engine.generate([req])[0]
+    assert len(engine.images) == cached                   # the old version's features were dropped
+    assert second.token_ids == generator.generate([req])[0].token_ids
+    assert first.token_ids != second.token_ids
+    generator.pool.unregister("vis")
+
+
+def test_cancellation_frees_everything(generator):
+    engine = _engine(generator)
+    ids = [engine.submit(r) for r in _requests(6)]
+    engine.step()
+    assert engine.cancel(ids[0]) and engine.cancel(ids[5])
+    while engine.has_work:
+        engine.step()
+    assert engine.result(ids[0]).finish_reason == "cancelled"
+    assert engine.result(ids[5]).finish_reason == "cancelled"
+    assert engine.allocator.num_free == SMALL.num_pages - 1 and not engine.cancel("req-unknown")
+
+
+def test_failing_adapter_load_fails_only_its_requests(generator, config, monkeypatch):
+    engine = _engine(generator)
+    engine.register_adapter(random_adapter(config, generator.runner.module_shapes, "broken", 4, seed=5))
+    write = generator.pool._write_slot
+
+    def failing_write(slot, adapter):
+        if adapter is not None and adapter.name == "broken":
+            raise RuntimeError("device write failed")
+        write(slot, adapter)
+
+    monkeypatch.setattr(generator.pool, "_write_slot", failing_write)
+    good = _requests(3)
+    ids = [engine.submit(Request("doomed", adapter="broken", max_tokens=3))] + [engine.submit(r) for r in good]
+    while engine.has_work:
+        engine.step()
+    failed = engine.result(ids[0])
+    assert failed.finish_reason == "error" and "device write failed" in failed.error
+    for i, r in zip(ids[1:], good):
+        assert engine.result(i).token_ids == generator.generate([r])[0].token_ids
+    generator.pool.unregister("broken")
+
+
+def test_submission_errors_and_overload(generator):
+    engine = _engine(generator, config=dataclasses.replace(SMALL, max_queue=3))
+    with pytest.raises(ValueError, match="'nope'"):
+        engine.submit(Request("hi", adapter="nope"))
+    with pytest.raises(ValueError, match="prompt"):
+        engine.submit(Request(""))
+    ids = [engine.submit(Request(f"r{i}", max_tokens=2)) for i in range(3)]
+    with pytest.raises(Overloaded):
+        engine.submit(Request("one too many", max_tokens=2))
+    with pytest.raises(ValueError, match="in use"):
+        engine.submit(Request("dup"), request_id=ids[0])
+    while engine.has_work:
+        engine.step()
+    assert all(engine.result(i).finish_reason in ("stop", "length") for i in ids)
+
+
+def test_task_head_requests_finish_after_prefill(generator, config):
+    engine = _engine(generator)
+    rng = np.random.default_rng(1)
+    head = TaskHead(rng.standard_normal((config.text.hidden_size, 4)).astype(np.float32), np.zeros(4, np.float32),
+                    ("0", "1", "2", "3"))
+    engine.register_adapter(dataclasses.replace(generator.pool.get("task2"), name="counter", head=head))
+    req = Request("how many?", [random_image(2)], adapter="counter")
+    rid = engine.submit(req)
+    other = engine.submit(Request("chat", adapter="task0", max_tokens=3))
+    engine.step()
+    assert engine.result(rid).label in head.labels and engine.result(other) is None
+    assert engine.result(rid).label == generator.generate([req])[0].label
+    while engine.has_work:
+        engine.step()
+    generator.pool.unregister("counter")
+
+
+def test_streaming_events_concatenate_to_the_completion(generator):
+    engine = _engine(generator)
+    events = []
+    req = Request("stream this", max_tokens=6, temperature=1.0, seed=3)
+    rid = engine.submit(req, on_event=lambda i, text, done: events.append((i, text, done)))
+    while engine.has_work:
+        engine.step()
+    assert events[-1][2] is not None and all(e[2] is None for e in events[:-1])
+    streamed = "".join(t for _, t, _ in events)
+    assert engine.result(rid).text.startswith(streamed.rstrip("\ufffd"))
+
+
+def test_no_page_leaks_after_1000_requests(generator):
+    engine = _engine(generator, "ours", dataclasses.replace(SMALL, max_rows=32, token_budget=512, num_pages=96,
+                                                           max_queue=1000))
+    reqs = [Request(f"#{i}", adapter=ADAPTERS[i % 4], max_tokens=1 + i % 2) for i in range(1000)]
+    ids = [engine.submit(r) for r in reqs]
+    for i in ids[::97]:
+        engine.cancel(i)
+    while engine.has_work:
+        engine.step()
+    assert engine.allocator.num_free == 95
+    assert sum(engine.result(i) is not None for i in ids) == 1000

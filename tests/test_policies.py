@@ -1,0 +1,128 @@
+"""Policies on hand-made scheduler states (no model): packing limits, mode decisions, starvation."""
+
+import numpy as np
+import pytest
+
+from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, PunicaPolicy, SchedulerState,
+                            SeqView, SLoRAPolicy, VLoRAPolicy, pack)
+
+LIMITS = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters=3)
+
+
+def _state(adapters_pending, now=0.0, merged=None, limits=LIMITS, waited=None):
+    """One SeqView per (adapter, pending); arrival = index; last_progress = now - waited[i]."""
+    seqs = tuple(SeqView(f"r{i}", a, float(i) * 1e-3, p, now - (waited[i] if waited else 0.0))
+                 for i, (a, p) in enumerate(adapters_pending))
+    return SchedulerState(now, seqs, merged, limits)
+
+
+def test_pack_respects_rows_budget_chunk_and_slots():
+    state = _state([("a", 1), ("b", 40), ("c", 1), ("d", 1), (None, 1), ("a", 30), ("e", 5)])
+    rows = dict(pack(state))
+    assert rows == {"r0": 1, "r2": 1, "r3": 1, "r4": 1, "r5": 16}   # b and e find no slot; chunk 16
+    tight = _state([("a", 1)] * 3 + [("a", 50)] * 2, limits=BatchLimits(4, 20, 16, 3))
+    assert dict(pack(tight)) == {"r0": 1, "r1": 1, "r2": 1, "r3": 16}
+    assert dict(pack(_state([("a", 1), ("b", 1)]), reserved=["x", "y", "z"])) == {}
+    assert dict(pack(_state([(None, 1), ("b", 1)]), reserved=["x", "y", "z"])) == {"r0": 1}
+
+
+def test_slora_and_punica():
+    state = _state([("a", 1), ("b", 40), ("c", 1)])
+    assert SLoRAPolicy().decide(state).rows == (("r0", 1), ("r2", 1), ("r1", 16))
+    punica = PunicaPolicy().decide(state)
+    assert punica.mode == "unmerged" and punica.rows == (("r1", 40),)       # whole prompt, alone
+    assert PunicaPolicy().decide(_state([("a", 1), ("c", 1)])).rows == (("r0", 1), ("r1", 1))
+
+
+def test_dlora_merges_at_alpha_and_unmerges_at_beta():
+    policy = DLoRAPolicy(alpha=1.0, beta=0.5)
+    assert policy.decide(_state([("a", 1), ("a", 1), ("b", 1)])).mode == "unmerged"
+    merged = policy.decide(_state([("a", 1), ("a", 1), ("a", 1)]))
+    assert merged.mode == "merged" and merged.merged_adapter == "a"
+    stay = policy.decide(_state([("a", 1), ("a", 1), ("a", 1), ("b", 1), ("c", 1)]))     # 3 > 0.5 * 5
+    assert stay.mode == "merged" and [i for i, _ in stay.rows] == ["r0", "r1", "r2"]   # others wait
+    assert policy.decide(_state([("a", 1), ("b", 1), ("c", 1)])).mode == "unmerged"  # 1 <= 1.5
+
+
+def test_merged_only_serves_one_adapter_until_it_drains():
+    policy = MergedOnlyPolicy()
+    d = policy.decide(_state([("b", 1), ("a", 1), ("b", 5)]))
+    assert (d.mode, d.merged_adapter, [i for i, _ in d.rows]) == ("merged", "b", ["r0", "r2"])
+    d = policy.decide(_state([("a", 1), ("b", 1), ("c", 1)]))
+    assert d.merged_adapter == "b"
+    d = policy.decide(_state([("a", 1), ("c", 1)]))
+    assert d.merged_adapter == "a"
+    d = policy.decide(_state([(None, 1), ("c", 1)]))
+    assert d.mode == "unmerged" and d.rows == (("r0", 1),)
+
+
+def _costly_lora():
+    return CostModel(fixed=1e-3, per_token=1e-5, per_lora_token=4e-5, per_adapter=1e-4, switch=1e-3)
+
+
+def test_ours_merges_a_single_adapter_workload():
+    d = VLoRAPolicy(_costly_lora()).decide(_state([("a", 1)] * 6))
+    assert d.mode == "merged" and d.merged_adapter == "a" and len(d.rows) == 6
+
+
+def test_ours_uses_mixture_when_one_adapter_dominates():
+    d = VLoRAPolicy(_costly_lora()).decide(_state([("a", 1)] * 6 + [("b", 1)]))
+    assert d.mode in ("mixture", "merged") and d.merged_adapter == "a"
+    if d.mode == "merged":
+        assert len(d.rows) == 6
+    balanced = VLoRAPolicy(_costly_lora()).decide(_state([("a", 1), ("b", 1), ("c", 1), (None, 1)] * 2))
+    assert balanced.mode == "unmerged" and len(balanced.rows) == 8
+
+
+def test_ours_never_merges_out_a_starving_request():
+    policy = VLoRAPolicy(_costly_lora(), starvation_bound=0.2)
+    adapters = [("a", 1)] * 7 + [("b", 1)]
+    assert policy.decide(_state(adapters, now=1.0, waited=[0.0] * 7 + [0.1])).mode != "unmerged"
+    d = policy.decide(_state(adapters, now=1.0, waited=[0.0] * 7 + [0.3]))
+    assert d.mode in ("mixture", "unmerged") and "r7" in [i for i, _ in d.rows]
+
+
+def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
+    """Scheduler-only simulation: hot adapter 'a' gets 90% of requests; every cold request's
+    longest wait between two of its steps stays within the starvation bound plus one step."""
+    rng = np.random.default_rng(0)
+    cost = _costly_lora()
+    policy = VLoRAPolicy(cost, starvation_bound=0.05)
+    now, seqs, waits, served = 0.0, {}, [], 0
+    for i in range(400):
+        seqs[f"r{i}"] = ["a" if rng.random() < 0.9 else "b", 1 + int(rng.integers(0, 30)), now, now]
+        if i % 4:
+            continue
+        for _ in range(3):
+            views = tuple(SeqView(k, a, arr, p, last) for k, (a, p, arr, last) in seqs.items())
+            d = policy.decide(SchedulerState(now, views, None, LIMITS))
+            step = cost.step_time(d.mode, d.merged_adapter, [(seqs[k][0], n) for k, n in d.rows])
+            now += step
+            for k, n in d.rows:
+                if seqs[k][0] == "b":
+                    waits.append(now - step - seqs[k][3])
+                seqs[k][1] -= n
+                seqs[k][3] = now
+                if seqs[k][1] <= 0:
+                    del seqs[k]
+                    served += 1
+    assert served > 300 and max(waits) <= 0.05 + 2 * cost.step_time("unmerged", None, [("a", 16)] * 8)
+
+
+def test_cost_model_fits_observed_steps():
+    truth = CostModel(fixed=3e-3, per_token=1e-5, per_lora_token=2e-5, per_adapter=4e-4)
+    model = CostModel()
+    rng = np.random.default_rng(1)
+    for _ in range(64):
+        tokens, lora, adapters = int(rng.integers(1, 512)), float(rng.integers(0, 512)), int(rng.integers(0, 8))
+        seconds = truth.fixed + truth.per_token * tokens + truth.per_lora_token * lora + truth.per_adapter * adapters
+        model.observe(tokens, lora, adapters, seconds)
+    for name in ("fixed", "per_token", "per_lora_token", "per_adapter"):
+        assert getattr(model, name) == pytest.approx(getattr(truth, name), rel=1e-3)
+
+
+def test_lora_units_per_mode():
+    rows = [("a", 4), ("b", 2), (None, 3)]
+    assert CostModel.lora_units("unmerged", None, rows) == 6
+    assert CostModel.lora_units("mixture", "a", rows) == 2 * 2 + 3
+    assert CostModel.lora_units("merged", "a", rows) == 0
