@@ -145,6 +145,8 @@ class Engine:
         self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=digests,
                                stream=self.tokenizer.stream_decoder(), adapter=key)
         self.request_metrics.append(metrics)
+        if key is not None:
+            self.pool.stage(key)          # overlap the host-to-device copy with running steps
         return rid
 
     def cancel(self, request_id: str) -> bool:

@@ -125,3 +125,18 @@ def test_make_adapter_scales():
     cfg = micro_config()
     a = make_adapter("x", cfg.base_id, {"decoder.layers.0.q_proj": (np.ones((8, 4)), np.ones((4, 8)))}, alpha=8)
     assert a.scales == {"decoder.layers.0.q_proj": 2.0} and a.rank == 4 and a.targets == ("q_proj",)
+
+
+def test_staged_adapters_are_written_from_device_copies():
+    pool, slots, _ = _pool()
+    written = []
+    pool._write_slot = lambda slot, adapter: written.append(adapter)
+    pool.stage("a3")
+    pool.stage("a3")                                     # idempotent
+    pool.acquire(["a3"])
+    import jax
+    assert all(isinstance(a, jax.Array) for a, _ in written[0].weights.values())
+    np.testing.assert_array_equal(written[0].weights["decoder.layers.0.q_proj"][0],
+                                  pool.get("a3").weights["decoder.layers.0.q_proj"][0])
+    pool.stage("a3")                                     # resident: nothing staged
+    assert not pool._staged

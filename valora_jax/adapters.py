@@ -10,6 +10,7 @@ import collections
 import dataclasses
 from typing import Callable, Iterable, Mapping
 
+import jax
 import numpy as np
 
 from valora_jax.config import LMMConfig
@@ -137,6 +138,8 @@ class AdapterPool:
         self._slots: list[tuple[str, int] | None] = [None] * config.lora.max_loras
         self._lru: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._pinned: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._staged: collections.OrderedDict[tuple[str, int], Adapter] = collections.OrderedDict()
+        self.max_staged = 2 * config.lora.max_loras
 
     # host store ---------------------------------------------------------------------------
     def register(self, adapter: Adapter) -> int:
@@ -160,6 +163,7 @@ class AdapterPool:
         if key not in self._held or self.store.get(key[0]) is self._held[key] or self._pinned[key]:
             return
         del self._held[key]
+        self._staged.pop(key, None)
         if key in self._slots:
             slot = self._slots.index(key)
             self._slots[slot] = None
@@ -208,12 +212,24 @@ class AdapterPool:
             if old is not None:
                 self._lru.pop(old, None)
             self._slots[slot] = None
-            self._write_slot(slot, self._held[key])
+            self._write_slot(slot, self._staged.pop(key, None) or self._held[key])
             self._slots[slot] = key
         for key in wanted:
             self._lru.pop(key, None)
             self._lru[key] = None
         return {r: self._slots.index(k) for r, k in keys.items()}
+
+    def stage(self, ref: AdapterRef) -> None:
+        """Start copying a non-resident adapter's weights to the device now (asynchronously),
+        so that placing it in a slot later is a device-side copy that does not wait on the host."""
+        key = self.key(ref)
+        if key in self._slots or key in self._staged:
+            return
+        adapter = self._held[key]
+        weights = {p: (jax.device_put(a), jax.device_put(b)) for p, (a, b) in adapter.weights.items()}
+        self._staged[key] = dataclasses.replace(adapter, weights=weights)
+        while len(self._staged) > self.max_staged:
+            self._staged.popitem(last=False)
 
     def _free_slots(self, keep: set[tuple[str, int]]) -> list[int]:
         """Slots usable for new adapters: empty ones first, then least recently used victims."""
