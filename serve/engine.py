@@ -129,9 +129,11 @@ class Engine:
         self.step_metrics: list[StepMetrics] = []
 
     # submission ---------------------------------------------------------------------------------
-    def submit(self, request: Request, on_event: Callable | None = None, request_id: str | None = None) -> str:
+    def submit(self, request: Request, on_event: Callable | None = None, request_id: str | None = None,
+               arrival: float | None = None) -> str:
         """Validate and queue a request; returns its id. Raises ValueError (bad request, unknown
-        adapter) or Overloaded (queue full) without changing anything."""
+        adapter) or Overloaded (queue full) without changing anything. `arrival` (engine clock)
+        backdates the request, for replaying traces whose arrivals fall inside a step."""
         key = None if request.adapter is None else self.pool.key(request.adapter)
         state = RequestState.prepare(request, self.runner.config, self.tokenizer)
         if request_id is not None and (request_id in self._seqs or request_id in self._results):
@@ -139,7 +141,7 @@ class Engine:
         if sum(s.computed == 0 for s in self._seqs.values()) >= self.config.max_queue:
             raise Overloaded(f"{self.config.max_queue} requests are already waiting")
         rid = request_id or f"req-{next(self._ids)}"
-        now = self.clock()
+        now = self.clock() if arrival is None else arrival
         metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
         digests = tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels)
         self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=digests,

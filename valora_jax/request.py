@@ -27,6 +27,8 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    """Keep generating through stop tokens until max_tokens (fixed-length benchmark requests)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +83,7 @@ class RequestState:
     def append(self, token: int, tokenizer) -> None:
         """Record a sampled token, setting `finish` when a stop rule fires (stop ids are not kept)."""
         req = self.request
-        if token in tokenizer.stop_ids:
+        if token in tokenizer.stop_ids and not req.ignore_eos:
             self.finish = "stop"
             return
         self.out.append(token)
