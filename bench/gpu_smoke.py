@@ -1,0 +1,69 @@
+"""ATMM on the GPU vs the reference: the checks of tests/test_atmm.py, compiled for real.
+
+Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
+small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
+several tiles on the device. Usage: python3 bench/gpu_smoke.py  (exit status 1 on any failure)
+"""
+
+import sys
+import time
+import traceback
+
+import jax
+
+from pallas_kernels import TileConfig
+from pallas_kernels.testing import Case, check
+
+CASES = [
+    Case(1, 64, (64,), 16, 4, layout="uniform"),
+    Case(2, 32, (32,), 16, 1, layout="distinct"),
+    Case(17, 64, (48, 96), 32, 3, layout="segments"),
+    Case(40, 64, (64,), 128, 16, layout="distinct"),
+    Case(53, 96, (80,), 64, 8, layout="skewed", dtype="bfloat16"),
+    Case(64, 64, (64, 32, 32), 16, 5, rank=16, layout="segments", dtype="bfloat16"),
+    Case(33, 64, (64,), 8, 4, rank=8, layout="uniform", dtype="bfloat16"),
+    Case(70, 48, (40,), 24, 6, layout="segments"),
+    Case(100, 64, (64,), 128, 16, layout="uniform", dtype="bfloat16"),
+    Case(45, 64, (64, 48), 32, 6, layout="segments", mixture=True, merged="present"),
+    Case(31, 64, (64,), 16, 6, layout="uniform", mixture=True, merged="absent", dtype="bfloat16"),
+    Case(16, 32, (32,), 16, 4, layout="distinct", mixture=True, merged="none"),
+    # LLaVA-sized
+    Case(1, 4096, (4096,), 16, 8, rank=16, layout="uniform", dtype="bfloat16"),
+    Case(64, 4096, (4096, 4096, 4096), 16, 64, rank=16, layout="distinct", dtype="bfloat16"),
+    Case(64, 5120, (13824,), 128, 32, layout="uniform", dtype="bfloat16"),
+    Case(256, 4096, (11008, 11008), 64, 16, layout="skewed", dtype="bfloat16", mixture=True),
+    Case(1000, 4096, (4096,), 8, 8, rank=8, layout="segments", dtype="bfloat16"),
+    Case(2304, 4096, (4096,), 128, 8, layout="segments", dtype="bfloat16", mixture=True, merged="absent"),
+    Case(4096, 4096, (11008,), 16, 8, rank=16, layout="segments", dtype="bfloat16"),
+    Case(600, 1024, (1024,), 32, 4, layout="segments", dtype="float32", mixture=True),
+    Case(300, 1024, (1024,), 64, 4, layout="uniform", dtype="float16"),
+]
+TILES = [
+    None,                                                               # the lookup
+    TileConfig(shrink_block_t=16, block_k=64, split_k=4, expand_block_t=16, block_n=64),
+    TileConfig(shrink_block_t=64, block_k=128, split_k=1, shrink_warps=8, expand_block_t=64,
+               block_n=256, expand_warps=8),
+]
+
+
+def main() -> int:
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    failures = 0
+    for case in CASES:
+        for tile in TILES:
+            t0 = time.perf_counter()
+            try:
+                err = check(case, seed=case.tokens + 7, tile=tile)
+                status = f"ok   err {err:.2e}"
+            except Exception as e:                                      # report every failure
+                failures += 1
+                status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if not isinstance(e, AssertionError):
+                    traceback.print_exc()
+            print(f"{status:60s} {time.perf_counter() - t0:5.1f}s  {case}  tile={tile}", flush=True)
+    print(f"{failures} failures", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

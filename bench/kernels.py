@@ -1,0 +1,309 @@
+"""Side-by-side GPU benchmark of the LoRA delta: ATMM (tuned table) against a static tile,
+jax.lax.ragged_dot, a gather-einsum, a per-adapter dense loop, and the bandwidth floor; then a
+whole LLaVA-1.5-7B decoder layer with and without LoRA.
+
+    python3 -m bench.kernels [--quick] [--out-dir bench/results] [--budget-s 400]
+
+The static tile is TileConfig()'s default (one mid-size tile for every shape, as Punica and
+S-LoRA do). Every variant runs on the same inputs in the same process, timed in bulk (pallas_kernels.timing:
+chained calls in one jitted loop, rotating input sets larger than the L2 cache, median of
+repeats after warm-up). The floor is the bytes that must move (x, the used adapters at their
+true rank, the outputs) over the measured device copy bandwidth. Writes kernels_<device>.json,
+.md and .png.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import LoraWeight, lora_delta
+from pallas_kernels.problems import Shape, floor_bytes, make_inputs
+from pallas_kernels.tiling import TileConfig
+from pallas_kernels.timing import copy_bandwidth, harness_overhead, time_op
+
+L2_BYTES = 50 << 20
+UNROLL = 8              # chained calls per timing-loop iteration
+PROJ = ((4096, 4096), (4096, 11008), (5120, 13824))
+
+
+def ragged_dot_delta(x, weights, slot):
+    """Sort tokens by slot, ragged_dot shrink and expand at the padded rank, unsort."""
+    s = weights[0].a.shape[0]
+    order = jnp.argsort(jnp.where(slot < 0, s, slot))                   # [T]; slot -1 last
+    sizes = jnp.bincount(jnp.where(slot < 0, s - 1, slot), length=s).astype(jnp.int32)
+    sorted_slot, xs, inverse = slot[order], x[order], jnp.argsort(order)
+    out = []
+    for w in weights:
+        h = jax.lax.ragged_dot(xs, w.a, sizes, preferred_element_type=jnp.float32)   # [T, R]
+        h = h * jnp.where(sorted_slot >= 0, w.scale[jnp.clip(sorted_slot, 0)], 0.0)[:, None]
+        out.append(jax.lax.ragged_dot(h.astype(x.dtype), w.b, sizes)[inverse])     # [T, D_out]
+    return tuple(out)
+
+
+def gather_delta(x, weights, slot):
+    """Gather each token's A and B, two einsums."""
+    idx = jnp.clip(slot, 0)
+    out = []
+    for w in weights:
+        h = jnp.einsum("TD,TDR->TR", x, w.a[idx], preferred_element_type=jnp.float32)
+        h = h * jnp.where(slot >= 0, w.scale[idx], 0.0)[:, None]
+        out.append(jnp.einsum("TR,TRO->TO", h.astype(x.dtype), w.b[idx]))
+    return tuple(out)
+
+
+def dense_loop_delta(x, weights, slot):
+    """For each slot s: rows of slot s take scale[s] * (x @ A[s]) @ B[s]."""
+    out = []
+    for w in weights:
+        y = jnp.zeros((x.shape[0], w.b.shape[-1]), jnp.float32)
+        for s in range(w.a.shape[0]):
+            h = jnp.dot(x, w.a[s], preferred_element_type=jnp.float32) * w.scale[s]
+            ys = jnp.dot(h.astype(x.dtype), w.b[s], preferred_element_type=jnp.float32)
+            y = jnp.where((slot == s)[:, None], ys, y)
+        out.append(y.astype(x.dtype))
+    return tuple(out)
+
+
+def shapes(quick: bool = False) -> list[Shape]:
+    """The grid: LLaVA-1.5-7B/13B projections, decode T <= 256 and prefill T >= 512."""
+    out = [Shape(t, d, o, 16, 8) for t in (1, 16, 64, 256) for d, o in PROJ]
+    out += [Shape(t, d, o, 16, 8) for t in (1024, 4096, 8192) for d, o in PROJ]
+    out += [Shape(64, 4096, 4096, r, 64, "distinct") for r in (16, 32, 64, 128, "mixed")]
+    out += [Shape(4096, 4096, 11008, r, 8) for r in (32, 64, 128, "mixed")]
+    out += [Shape(64, 4096, 4096, 16, 64, "skewed"), Shape(256, 4096, 11008, 16, 64, "uniform"),
+            Shape(64, 4096, 4096, 16, 64, "distinct", n_weights=3),
+            Shape(512, 4096, 4096, 16, 8), Shape(4096, 4096, 4096, 16, 64, "distinct", requests=64),
+            Shape(4096, 4096, 4096, 16, 64, "skewed", requests=64)]
+    return out[::4] if quick else out
+
+
+def _gather_bytes(s: Shape) -> int:
+    return 2 * s.tokens * s.max_rank * (s.d_in + s.d_out) * s.n_weights
+
+
+def bench_shape(shape: Shape, bandwidth: float, static) -> dict:
+    x, weights, slot = make_inputs(shape)
+    set_bytes = x.nbytes + sum(w.a.nbytes + w.b.nbytes for w in weights) + \
+        2 * shape.tokens * shape.d_out * shape.n_weights
+    sets = [(x, weights, slot)] + [make_inputs(shape, seed=i) for i in
+                                   range(1, int(min(8, math.ceil(3 * L2_BYTES / set_bytes))))]
+    n_bytes = floor_bytes(shape)
+    rec = {"shape": shape.label(), "tokens": shape.tokens, "d_in": shape.d_in, "d_out": shape.d_out,
+           "rank": shape.rank, "adapters": shape.adapters, "dist": shape.dist,
+           "requests": shape.n_requests, "n_weights": shape.n_weights, "rotations": len(sets),
+           "floor_bytes": n_bytes, "floor_us": n_bytes / bandwidth * 1e6, "us": {}}
+    variants = {"atmm": lambda x, w, s: lora_delta(x, w, s),
+                "atmm_static": lambda x, w, s: lora_delta(x, w, s, tile=static),
+                "ragged_dot": ragged_dot_delta, "gather_einsum": gather_delta,
+                "dense_loop": dense_loop_delta}
+    for name, fn in variants.items():
+        if name == "gather_einsum" and _gather_bytes(shape) > (2 << 30):
+            continue                               # the gathered adapters alone exceed 2 GB
+        if name == "dense_loop" and shape.adapters > 8 and shape.tokens > 256:
+            continue
+        rec["us"][name] = time_op(fn, sets, unroll=UNROLL) * 1e6
+    return rec
+
+
+def _rmsnorm(x):
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-6)).astype(x.dtype)
+
+
+def decoder_layer(p, x, kv, slot, gain, lora: bool, attention: str | None = "cudnn"):
+    """One LLaVA-1.5-7B (Llama-2-7B) decoder layer over x [T, D]; LoRA on all 7 projections.
+
+    Prefill (kv None): one causal sequence of T tokens. Decode: token t of request t attends to
+    its cache kv = (K, V) [T, L, H, 128].
+    """
+    heads = p["wq"].shape[1] // 128
+
+    def proj(h, names):
+        ys = [h @ p[n] for n in names]
+        if lora:
+            ds = lora_delta(h, [p["lora_" + n] for n in names], slot)
+            ys = [y + d for y, d in zip(ys, ds)]
+        return ys
+
+    t = x.shape[0]
+    x = x * gain.astype(x.dtype)                   # gain [1] = 1: the input the harness chains
+    q, k, v = proj(_rmsnorm(x), ("wq", "wk", "wv"))
+    q = q.reshape(t, 1, heads, 128) if kv else q.reshape(1, t, heads, 128)
+    if kv:
+        k, v = kv
+    else:
+        k, v = k.reshape(1, t, heads, 128), v.reshape(1, t, heads, 128)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=not kv, implementation=attention)
+    x = x + proj(o.reshape(t, -1), ("wo",))[0]
+    g, u = proj(_rmsnorm(x), ("wg", "wu"))
+    return x + proj(jax.nn.silu(g) * u, ("wd",))[0]
+
+
+def bench_layer(tokens: int, context: int | None, adapters: int = 8, rank: int = 16) -> dict:
+    rng = np.random.default_rng(0)
+    d, f = 4096, 11008
+    dims = {"wq": (d, d), "wk": (d, d), "wv": (d, d), "wo": (d, d), "wg": (d, f), "wu": (d, f), "wd": (f, d)}
+    p = {}
+    for n, (i, o) in dims.items():
+        p[n] = jnp.asarray(rng.standard_normal((i, o), np.float32) / np.sqrt(i), jnp.bfloat16)
+        p["lora_" + n] = make_inputs(Shape(1, i, o, rank, adapters), seed=1)[1][0]
+    x = jnp.asarray(rng.standard_normal((tokens, d), np.float32), jnp.bfloat16)
+    slot = jnp.asarray(Shape(tokens, d, d, rank, adapters).slot())
+    kv = None
+    if context:
+        kv = tuple(jnp.asarray(rng.standard_normal((tokens, context, 32, 128), np.float32), jnp.bfloat16)
+                   for _ in range(2))
+    us = {}
+    for attention in ("cudnn", None):              # XLA's attention where cuDNN's is missing
+        try:
+            for lora in (False, True):
+                fn = lambda p, x, kv, slot, gain, lora=lora: decoder_layer(p, x, kv, slot, gain, lora,
+                                                                           attention)
+                params = p if lora else {n: w for n, w in p.items() if not n.startswith("lora_")}
+                us["lora" if lora else "base"] = time_op(
+                    fn, [(params, x, kv, slot, jnp.ones((1,), jnp.float32))], unroll=2) * 1e6
+            break
+        except Exception as e:
+            print(f"attention={attention} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    return {"tokens": tokens, "context": context, "adapters": adapters, "rank": rank,
+            "attention": attention or "xla", "us": us, "ratio": us["lora"] / us["base"]}
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x is not None]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def summarize(records: list[dict], layers: list[dict]) -> dict:
+    def ratio(r, other):
+        return r["us"][other] / r["us"]["atmm"] if other in r["us"] else None
+
+    prefill = [r for r in records if r["tokens"] >= 1024]
+    decode = [r for r in records if r["tokens"] <= 64]
+    vs_static = [ratio(r, "atmm_static") for r in records]
+    s = {
+        "atmm_vs_ragged_dot_geomean": _geomean([ratio(r, "ragged_dot") for r in records]),
+        "atmm_vs_static_geomean": _geomean(vs_static),
+        "atmm_vs_static_worst": min(vs_static),
+        "atmm_vs_gather_einsum_geomean": _geomean([ratio(r, "gather_einsum") for r in records]),
+        "atmm_vs_dense_loop_geomean": _geomean([ratio(r, "dense_loop") for r in records]),
+        "prefill_floor_fraction_min": min((r["floor_us"] / r["us"]["atmm"] for r in prefill), default=None),
+        "prefill_floor_fraction_geomean": _geomean([r["floor_us"] / r["us"]["atmm"] for r in prefill]),
+        "decode_misses": [r["shape"] for r in decode
+                          if r["us"]["atmm"] > max(2 * r["floor_us"], 10.0)],
+    }
+    for lay in layers:
+        s[f"layer_T{lay['tokens']}_ratio"] = lay["ratio"]
+    return s
+
+
+TARGETS = [("atmm_vs_ragged_dot_geomean", ">=", 20.0), ("atmm_vs_static_geomean", ">=", 1.3),
+           ("atmm_vs_static_worst", ">=", 0.95), ("prefill_floor_fraction_min", ">=", 0.6),
+           ("layer_T4096_ratio", "<=", 1.10), ("layer_T64_ratio", "<=", 1.25)]
+
+
+def write_report(result: dict, out_dir: pathlib.Path, stem: str) -> None:
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    names = ["atmm", "atmm_static", "ragged_dot", "gather_einsum", "dense_loop"]
+    lines = [f"# ATMM kernel benchmark on {result['device']}", "",
+             f"`{result['command']}` · jax {result['jax']} · {result['date']} · copy bandwidth "
+             f"{result['copy_bandwidth_TBps']:.2f} TB/s · static tile `{result['static_tile']}`", "",
+             "Times in us per call (median, bulk-timed; each includes the harness's "
+             f"{result['harness_overhead_us']:.2f} us per call). floor = bytes that must move / "
+             "copy bandwidth.", "",
+             "| shape | floor | " + " | ".join(names) + " | floor/atmm | ragged/atmm | static/atmm |",
+             "|---" * (len(names) + 5) + "|"]
+    for r in result["records"]:
+        cells = [f"{r['us'][n]:.1f}" if n in r["us"] else "–" for n in names]
+        a = r["us"]["atmm"]
+        lines.append(f"| {r['shape']} | {r['floor_us']:.1f} | " + " | ".join(cells) +
+                     f" | {r['floor_us'] / a:.2f} | {r['us']['ragged_dot'] / a:.1f} | "
+                     f"{r['us']['atmm_static'] / a:.2f} |")
+    lines += ["", "## Decoder layer (LLaVA-1.5-7B, LoRA rank 16 on all 7 projections, 8 adapters)", "",
+              "| tokens | KV context | base us | with LoRA us | ratio |", "|---|---|---|---|---|"]
+    for lay in result["layers"]:
+        lines.append(f"| {lay['tokens']} | {lay['context'] or 'causal prefill'} | {lay['us']['base']:.1f} | "
+                     f"{lay['us']['lora']:.1f} | {lay['ratio']:.3f} |")
+    lines += ["", "## Targets", "", "| metric | measured | target | met |", "|---|---|---|---|"]
+    summ = result["summary"]
+    for key, op, goal in TARGETS:
+        v = summ.get(key)
+        met = v is not None and (v >= goal if op == ">=" else v <= goal)
+        lines.append(f"| {key} | {v if v is None else round(v, 3)} | {op} {goal} | {'yes' if met else 'NO'} |")
+    lines.append(f"| decode shapes over max(2x floor, 10 us) | {summ['decode_misses'] or 'none'} | none | "
+                 f"{'yes' if not summ['decode_misses'] else 'NO'} |")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    try:
+        _plot(result, out_dir / f"{stem}.png")
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+
+def _plot(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = result["records"]
+    fig, ax = plt.subplots(figsize=(max(10, 0.42 * len(recs)), 6))
+    xs = np.arange(len(recs))
+    for k, name in enumerate(["atmm", "atmm_static", "ragged_dot", "gather_einsum", "dense_loop"]):
+        ys = [r["us"].get(name, np.nan) for r in recs]
+        ax.scatter(xs, ys, label=name, marker="o^sDv"[k], s=28)
+    ax.plot(xs, [r["floor_us"] for r in recs], "k_", markersize=14, label="bandwidth floor")
+    ax.set_yscale("log")
+    ax.set_ylabel("us per call")
+    ax.set_xticks(xs, [r["shape"] for r in recs], rotation=80, fontsize=7)
+    ax.set_title(f"LoRA delta on {result['device']} (jax {result['jax']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a quarter of the grid")
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this")
+    p.add_argument("--no-layer", action="store_true", help="skip the decoder-layer benchmark")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    device = jax.devices()[0].device_kind
+    bandwidth = copy_bandwidth()
+    overhead = harness_overhead(UNROLL)
+    static = TileConfig()
+    result = {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+              "command": "python3 -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "copy_bandwidth_TBps": bandwidth / 1e12, "harness_overhead_us": overhead * 1e6,
+              "static_tile": static.to_dict(),
+              "records": [], "layers": []}
+    print(f"{device}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s, harness "
+          f"{overhead * 1e6:.2f} us/call, static {static}", flush=True)
+    for shape in shapes(args.quick):
+        if time.perf_counter() - start > args.budget_s:
+            print(f"budget spent; skipping from {shape.label()}", flush=True)
+            break
+        rec = bench_shape(shape, bandwidth, static)
+        result["records"].append(rec)
+        print(f"{rec['shape']:48s} floor {rec['floor_us']:8.1f} " +
+              " ".join(f"{k} {v:8.1f}" for k, v in rec["us"].items()), flush=True)
+    if not args.no_layer:
+        for tokens, context in ((4096, None), (64, 640)):
+            lay = bench_layer(tokens, context)
+            result["layers"].append(lay)
+            print(f"layer T={tokens} ctx={context}: {lay['us']} ratio {lay['ratio']:.3f}", flush=True)
+    result["summary"] = summarize(result["records"], result["layers"])
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(result, out_dir, "kernels_" + "".join(c if c.isalnum() else "_" for c in device))
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

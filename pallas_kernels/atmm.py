@@ -1,0 +1,363 @@
+"""ATMM: the adaptive-tiling multi-adapter LoRA kernels (Pallas, Triton lowering).
+
+`lora_delta` computes `lora_delta_reference` in two launches, however many weights share x:
+
+    token sets j:  u_0(t) = own adapter of token t (-1 in mixture mode when it is the merged one)
+                   u_1(t) = merged adapter m for every other token (mixture mode only), sign -1
+    shrink:  h[w][j, p, t] = x[t, K_p] @ A_w[u_j(t)][K_p, :rank_w]       # [J, P, T, RB] float32
+    expand:  y[w][t]       = sum_j sign_j * scale_w[u_j(t)]
+                               * (sum_p h[w][j, p, t]) @ B_w[u_j(t)][:rank_w, :]    # [T, D_out]
+
+Tokens stay in their order (no sort, no gather): each program takes a block of consecutive
+tokens and loops over the distinct adapters in it (a serving batch keeps each request's tokens
+together, so a prefill block holds one or two adapters, a decode block up to one per token).
+Adapter weights are read only up to each slot's true rank (masked loads), and each
+(block, adapter) dot runs at the smallest width 16, 32, ... >= that rank, up to
+RB = max(16, next_pow2(R)) (never under 16: bf16 dots with contraction < 16 are wrong on GPU).
+The shrink splits D_in over `split_k` programs whose partial sums the expand adds up. Mixture
+mode is one more token set in the same two launches (x is re-read from L2, not HBM).
+"""
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.lora_reference import LoraWeight
+from pallas_kernels.tiling import TileConfig, pick_tile
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_NONE = 2**30            # sorts after every slot id
+
+
+def _padded_rank(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _token_sets(slots, live, merged, n_slots: int, mixture: bool):
+    """Per-token adapter of each token set; -1 = nothing to add.  slots, live: [BT]."""
+    valid = live & (slots >= 0) & (slots < n_slots)
+    own = jnp.where(valid, slots, -1)                                   # [BT]
+    if not mixture:
+        return [(own, 1.0)]
+    m_ok = (merged >= 0) & (merged < n_slots)
+    own = jnp.where(own == merged, -1, own)
+    other = jnp.where(live & m_ok & (slots != merged), merged, -1)      # [BT]
+    return [(own, 1.0), (other, -1.0)]
+
+
+def _for_each_adapter(slots, body, carry):
+    """carry = body(u, slots == u, carry) for each distinct u >= 0 in slots [BT], ascending."""
+    def cond(c):
+        return jnp.min(c[0]) < _NONE
+
+    def step(c):
+        rest, carry = c
+        u = jnp.min(rest)
+        rows = rest == u                                                # [BT]
+        return jnp.where(rows, _NONE, rest), body(u, rows, carry)
+
+    return jax.lax.while_loop(cond, step, (jnp.where(slots >= 0, slots, _NONE), carry))[1]
+
+
+def _load_block_slots(slot_ref, m_ref, t0, bt: int, n_tokens: int, n_slots: int, mixture: bool):
+    rows = t0 + jnp.arange(bt)                                          # [BT]
+    live = rows < n_tokens
+    slots = plt.load(slot_ref.at[pl.ds(t0, bt)], mask=live, other=-1)
+    return live, _token_sets(slots, live, m_ref[0], n_slots, mixture)
+
+
+def _rank_classes(rb: int) -> tuple[int, ...]:
+    """Dot widths a slot can run at: 16, 32, ... up to RB."""
+    return tuple(16 << k for k in range(rb.bit_length() - 4))
+
+
+def _switch_on_rank(rank, rb: int, branch, *carry):
+    """branch(c)(*carry) for c = the smallest class >= rank (the dot skips padded columns)."""
+    classes = _rank_classes(rb)
+    if len(classes) == 1:
+        return branch(classes[0])(*carry)
+    index = sum((rank > c).astype(jnp.int32) for c in classes[:-1])
+    return jax.lax.switch(index, [branch(c) for c in classes], *carry)
+
+
+def _mask(static_ok: bool, mask):
+    """The load/store mask, or None when shapes make it all-true (keeps accesses vectorised)."""
+    return None if static_ok else mask
+
+
+def _shrink_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bt: int, bk: int,
+                   k_steps: int, split_k: int, mixture: bool):
+    """One (token block i, D_in share p): h[w][j, p, rows of adapter u] for every w, j, u.
+
+    Rows of tokens without an adapter in set j are left unwritten (the expand never reads them).
+    """
+    a_refs, rank_refs = refs[:n_weights], refs[n_weights:2 * n_weights]
+    h_refs = refs[2 * n_weights:]
+    n_tokens, d_in = x_ref.shape
+    n_slots = a_refs[0].shape[0]
+    i, p = pl.program_id(0), pl.program_id(1)
+    t0 = i * bt
+    live, token_sets = _load_block_slots(slot_ref, m_ref, t0, bt, n_tokens, n_slots, mixture)
+    full_t, full_k = n_tokens % bt == 0, d_in == bk * k_steps * split_k
+    rb_max = max(h.shape[-1] for h in h_refs)
+
+    for j, (slots, _) in enumerate(token_sets):
+        def visit(u, rows, carry):
+            ranks = [jnp.minimum(r[u], a.shape[-1]) for r, a in zip(rank_refs, a_refs)]
+            top = functools.reduce(jnp.maximum, ranks)
+
+            def branch(c):
+                widths = [min(c, h.shape[-1]) for h in h_refs]
+
+                def step(s, accs):
+                    k0 = pl.multiple_of((p * k_steps + s) * bk, bk)
+                    k_ok = k0 + jnp.arange(bk) < d_in                   # [BK]
+                    xk = plt.load(x_ref.at[pl.ds(t0, bt), pl.ds(k0, bk)],
+                                  mask=_mask(full_t and full_k, live[:, None] & k_ok[None, :]),
+                                  other=_mask(full_t and full_k, 0))    # [BT, BK]
+                    out = []
+                    for a_ref, rank, width, acc in zip(a_refs, ranks, widths, accs):
+                        a = plt.load(a_ref.at[u, pl.ds(k0, bk), pl.ds(0, width)],
+                                     mask=k_ok[:, None] & (jnp.arange(width) < rank)[None, :],
+                                     other=0)                           # [BK, c]
+                        out.append(acc + jnp.dot(xk, a, preferred_element_type=jnp.float32))
+                    return out
+
+                def run():
+                    accs = jax.lax.fori_loop(0, k_steps, step,
+                                             [jnp.zeros((bt, w), jnp.float32) for w in widths])
+                    for h_ref, width, acc in zip(h_refs, widths, accs):
+                        plt.store(h_ref.at[jnp.int32(j), p, pl.ds(t0, bt), pl.ds(0, width)], acc,
+                                  mask=jnp.broadcast_to(rows[:, None], acc.shape))
+                return run
+
+            _switch_on_rank(top, rb_max, branch)
+            return carry
+
+        _for_each_adapter(slots, visit, ())
+
+
+def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
+                   tile_offsets: tuple, n_tokens: int, mixture: bool):
+    """One (token block i, output tile): y[w][block, tile] for the weight w owning the tile."""
+    h_refs, b_refs = refs[:n_weights], refs[n_weights:2 * n_weights]
+    scale_refs, rank_refs = refs[2 * n_weights:3 * n_weights], refs[3 * n_weights:4 * n_weights]
+    y_refs = refs[4 * n_weights:]
+    n_slots = b_refs[0].shape[0]
+    i, tile = pl.program_id(0), pl.program_id(1)
+    t0 = i * bt
+    live, token_sets = _load_block_slots(slot_ref, m_ref, t0, bt, n_tokens, n_slots, mixture)
+
+    for w in range(n_weights):
+        h_ref, b_ref, scale_ref, rank_ref, y_ref = (
+            h_refs[w], b_refs[w], scale_refs[w], rank_refs[w], y_refs[w])
+        first, last = tile_offsets[w], tile_offsets[w + 1]
+
+        @pl.when((tile >= first) & (tile < last))
+        def _():
+            n0 = pl.multiple_of((tile - first) * bn, bn)
+            d_out, rb = y_ref.shape[1], h_ref.shape[-1]
+            full_n = d_out % bn == 0
+            n_ok = n0 + jnp.arange(bn) < d_out                          # [BN]
+            y = jnp.zeros((bt, bn), jnp.float32)
+            for j, (slots, sign) in enumerate(token_sets):
+                def visit(u, rows, y):
+                    rank = jnp.minimum(rank_ref[u], b_ref.shape[1])
+
+                    def branch(c):
+                        def run(y):
+                            h = sum(h_ref[j, p, pl.ds(t0, bt), pl.ds(0, c)]
+                                    for p in range(h_ref.shape[1]))    # [BT, c]
+                            b = plt.load(b_ref.at[u, pl.ds(0, c), pl.ds(n0, bn)],
+                                         mask=(jnp.arange(c) < rank)[:, None] & n_ok[None, :],
+                                         other=0)                       # [c, BN]
+                            yu = jnp.dot(h.astype(b.dtype), b, preferred_element_type=jnp.float32)
+                            return y + jnp.where(rows[:, None], (sign * scale_ref[u]) * yu, 0.0)
+                        return run
+
+                    return _switch_on_rank(rank, rb, branch, y)
+
+                y = _for_each_adapter(slots, visit, y)
+            full = full_n and n_tokens % bt == 0
+            plt.store(y_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], y.astype(y_ref.dtype),
+                      mask=_mask(full, live[:, None] & n_ok[None, :]))
+
+
+def _shrink(x, weights, slot, merged, *, tile: TileConfig, t_pad: int, mixture: bool,
+            interpret: bool, poison: bool):
+    n_tokens, d_in = x.shape
+    bt, bk = tile.shrink_block_t, tile.block_k
+    k_steps = _cdiv(_cdiv(d_in, bk), tile.split_k)
+    n_sets = 2 if mixture else 1
+    shapes = [jax.ShapeDtypeStruct((n_sets, tile.split_k, t_pad, _padded_rank(w.a.shape[-1])),
+                                   jnp.float32) for w in weights]
+    args = [slot, merged, x, *[w.a for w in weights], *[w.rank for w in weights]]
+    aliases = {}
+    if poison:
+        aliases = {len(args) + k: k for k in range(len(weights))}
+        args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
+    kernel = functools.partial(_shrink_kernel, n_weights=len(weights), bt=bt, bk=bk,
+                               k_steps=k_steps, split_k=tile.split_k, mixture=mixture)
+    if poison:
+        kernel = _ignore_aliased_inputs(kernel, len(args) - len(weights), len(weights))
+    return pl.pallas_call(
+        kernel,
+        out_shape=shapes,
+        grid=(_cdiv(n_tokens, bt), tile.split_k),
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=tile.shrink_warps,
+                                           num_stages=tile.shrink_stages),
+        interpret=interpret,
+        name="atmm_shrink",
+    )(*args)
+
+
+def _expand(hs, weights, slot, merged, n_tokens: int, dtype, *, tile: TileConfig,
+            mixture: bool, interpret: bool, poison: bool):
+    bt, bn = tile.expand_block_t, tile.block_n
+    tiles = np.cumsum([0] + [_cdiv(w.b.shape[-1], bn) for w in weights])
+    shapes = [jax.ShapeDtypeStruct((n_tokens, w.b.shape[-1]), dtype) for w in weights]
+    args = [slot, merged, *hs, *[w.b for w in weights], *[w.scale.astype(jnp.float32) for w in weights],
+            *[w.rank for w in weights]]
+    aliases = {}
+    if poison:
+        aliases = {len(args) + k: k for k in range(len(weights))}
+        args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
+    kernel = functools.partial(_expand_kernel, n_weights=len(weights), bt=bt, bn=bn,
+                               tile_offsets=tuple(int(t) for t in tiles), n_tokens=n_tokens,
+                               mixture=mixture)
+    if poison:
+        kernel = _ignore_aliased_inputs(kernel, len(args) - len(weights), len(weights))
+    return pl.pallas_call(
+        kernel,
+        out_shape=shapes,
+        grid=(_cdiv(n_tokens, bt), int(tiles[-1])),
+        input_output_aliases=aliases,
+        compiler_params=plt.CompilerParams(num_warps=tile.expand_warps,
+                                           num_stages=tile.expand_stages),
+        interpret=interpret,
+        name="atmm_expand",
+    )(*args)
+
+
+def _pad_rank(w: LoraWeight) -> LoraWeight:
+    """Pads R up to the kernel's RB (a copy: pools should use a power of 2 >= 16 as R)."""
+    r = w.a.shape[-1]
+    if r == _padded_rank(r):
+        return w
+    pad = _padded_rank(r) - r
+    return w._replace(a=jnp.pad(w.a, ((0, 0), (0, 0), (0, pad))),
+                      b=jnp.pad(w.b, ((0, 0), (0, pad), (0, 0))))
+
+
+def _ignore_aliased_inputs(kernel, n_inputs: int, n_aliased: int):
+    """A kernel taking (inputs..., aliased poison inputs..., outputs...) that skips the poison."""
+    def wrapped(*refs):
+        return kernel(*refs[:n_inputs], *refs[n_inputs + n_aliased:])
+    return wrapped
+
+
+@functools.partial(jax.jit, static_argnames=("mixture", "tile", "interpret", "poison"))
+def _lora_delta(x, weights, slot, merged_slot, *, mixture: bool, tile: TileConfig,
+                interpret: bool, poison: bool = False):
+    n_tokens = x.shape[0]
+    bt = max(tile.shrink_block_t, tile.expand_block_t)
+    t_pad = _cdiv(n_tokens, bt) * bt
+    merged = jnp.asarray(merged_slot, jnp.int32).reshape(1)
+    weights = [_pad_rank(w._replace(rank=w.rank.astype(jnp.int32))) for w in weights]
+    common = dict(tile=tile, mixture=mixture, interpret=interpret, poison=poison)
+    hs = _shrink(x, weights, slot, merged, t_pad=t_pad, **common)
+    return tuple(_expand(hs, weights, slot, merged, n_tokens, x.dtype, **common))
+
+
+def lora_delta(
+    x: jax.Array,
+    weights: Sequence[LoraWeight],
+    slot: jax.Array,
+    merged_slot: jax.Array | int = -1,
+    *,
+    mixture: bool = False,
+    tile: TileConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+    """LoRA deltas of several weights sharing the input x, by the ATMM kernels.
+
+    Same semantics as `lora_delta_reference` (see there):
+        y[w][t] = [a != m or not mixture] * ([a >= 0] delta_w(a) - [mixture, m >= 0] delta_w(m))
+        with a = slot[t], delta_w(s) = scale_w[s] * x[t] @ A_w[s][:, :rank_w[s]] @ B_w[s][:rank_w[s]]
+    Slot ids outside [-1, S) add nothing; ranks above R count as R.
+
+    Args:
+      x: [T, D_in] float32 / bfloat16 / float16 tokens.
+      weights: LoraWeights with a [S, D_in, R_w] and b [S, R_w, D_out_w] in x.dtype, the same S.
+      slot: [T] int32 adapter slot per token (-1 = base model only).
+      merged_slot: int32 scalar, the merged adapter (mixture mode only).
+      mixture: whether the step runs in mixture (deLoRA) mode.
+      tile: the tile shapes; None = pick from the device's tuned table by shape bucket.
+      interpret: run the kernels in the Pallas interpreter (CPU tests).
+    Returns: one [T, D_out_w] array per weight, in x.dtype.
+    Raises: ValueError for inconsistent shapes or dtypes, and, where slot / merged_slot / rank
+      are host values, for slot ids outside [-1, S) and ranks outside [0, R].
+    """
+    weights = tuple(weights)
+    _validate(x, weights, slot, merged_slot)
+    if tile is None:
+        n_tokens, d_in = x.shape
+        n_slots = weights[0].a.shape[0]
+        tile = pick_tile(n_tokens, d_in, sum(w.b.shape[-1] for w in weights),
+                         max(w.a.shape[-1] for w in weights), min(n_slots, n_tokens),
+                         device_kind="interpret" if interpret else None)
+    return _lora_delta(x, weights, jnp.asarray(slot), merged_slot, mixture=mixture, tile=tile,
+                       interpret=interpret)
+
+
+def _validate(x, weights, slot, merged_slot):
+    """Static checks (shapes, dtypes; values only of host arrays): ValueError naming the culprit."""
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"x must be [T, D_in], got shape {getattr(x, 'shape', None)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} not supported; expected one of float32, bfloat16, float16")
+    n_tokens, d_in = x.shape
+    if not weights:
+        raise ValueError("weights is empty")
+    n_slots = weights[0].a.shape[0] if getattr(weights[0].a, "ndim", 0) == 3 else None
+    for k, w in enumerate(weights):
+        if not isinstance(w, LoraWeight):
+            raise ValueError(f"weights[{k}] is {type(w).__name__}, expected LoraWeight")
+        if w.a.ndim != 3 or w.a.shape[:2] != (n_slots, d_in):
+            raise ValueError(f"weights[{k}].a shape {w.a.shape} != [S={n_slots}, D_in={d_in}, R]")
+        r = w.a.shape[2]
+        if w.b.ndim != 3 or w.b.shape[:2] != (n_slots, r):
+            raise ValueError(f"weights[{k}].b shape {w.b.shape} != [S={n_slots}, R={r}, D_out]")
+        for name in ("a", "b"):
+            if getattr(w, name).dtype != x.dtype:
+                raise ValueError(f"weights[{k}].{name} dtype {getattr(w, name).dtype} != x dtype {x.dtype}")
+        if w.scale.shape != (n_slots,) or not jnp.issubdtype(w.scale.dtype, jnp.floating):
+            raise ValueError(f"weights[{k}].scale must be float [S={n_slots}], got "
+                             f"{w.scale.dtype}{list(w.scale.shape)}")
+        if w.rank.shape != (n_slots,) or not jnp.issubdtype(w.rank.dtype, jnp.integer):
+            raise ValueError(f"weights[{k}].rank must be int [S={n_slots}], got "
+                             f"{w.rank.dtype}{list(w.rank.shape)}")
+        if isinstance(w.rank, np.ndarray) and ((w.rank < 0) | (w.rank > r)).any():
+            raise ValueError(f"weights[{k}].rank {w.rank.tolist()} outside [0, R={r}]")
+    if getattr(slot, "shape", None) != (n_tokens,) or slot.dtype != jnp.int32:
+        raise ValueError(f"slot must be int32 [T={n_tokens}], got "
+                         f"{getattr(slot, 'dtype', type(slot).__name__)}{list(getattr(slot, 'shape', ()))}")
+    if isinstance(slot, np.ndarray) and ((slot < -1) | (slot >= n_slots)).any():
+        bad = slot[(slot < -1) | (slot >= n_slots)]
+        raise ValueError(f"slot ids {sorted(set(bad.tolist()))} outside [-1, S={n_slots})")
+    if isinstance(merged_slot, (int, np.integer)):
+        if not -1 <= merged_slot < n_slots:
+            raise ValueError(f"merged_slot {merged_slot} outside [-1, S={n_slots})")
+    elif getattr(merged_slot, "shape", None) not in ((), (1,)) or not jnp.issubdtype(
+            merged_slot.dtype, jnp.integer):
+        raise ValueError(f"merged_slot must be an int32 scalar, got {merged_slot!r}")

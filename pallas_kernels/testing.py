@@ -1,0 +1,122 @@
+"""Random ATMM problems and the kernel-vs-reference check (shared by tests/ and bench/gpu_smoke.py).
+
+Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
+(a kernel that reads it fails), slot 0 of every pool may be empty (rank 0), token layouts mimic
+serving batches. The kernel's outputs are poisoned with NaN before it runs.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.atmm import _lora_delta
+from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference
+from pallas_kernels.tiling import TileConfig, pick_tile
+
+TOLERANCE = {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3}
+"""Max relative Frobenius error per output, by dtype (float32 dots run as TF32 on GPU)."""
+
+LAYOUTS = ("segments", "uniform", "skewed", "distinct")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One ATMM problem shape."""
+
+    tokens: int
+    d_in: int
+    d_outs: tuple = (64,)
+    max_rank: int = 16
+    """R of every pool (ranks are drawn in [1, R], or fixed by `rank`)."""
+    slots: int = 4
+    rank: int | None = None
+    """Every adapter's rank; None = mixed ranks (powers of 2 and odd ones up to R)."""
+    layout: str = "segments"
+    """How tokens pick slots: segments (requests of random length, some empty, some single
+    tokens, some slot -1), uniform, skewed (one hot adapter), distinct (token t -> t % S)."""
+    dtype: str = "float32"
+    mixture: bool = False
+    merged: str = "present"
+    """Mixture mode only: the merged slot is 'present' among the tokens, 'absent', or 'none' (-1)."""
+
+
+def _slots(case: Case, rng) -> np.ndarray:
+    t, s = case.tokens, case.slots
+    if case.layout == "uniform":
+        return rng.integers(-1, s, t).astype(np.int32)
+    if case.layout == "skewed":
+        hot = rng.integers(0, s)
+        return np.where(rng.random(t) < 0.8, hot, rng.integers(-1, s, t)).astype(np.int32)
+    if case.layout == "distinct":
+        return (np.arange(t) % s).astype(np.int32)
+    out, pos = [], 0
+    while pos < t:                                    # request segments, some empty or single
+        n = min(t - pos, int(rng.choice([0, 1, 1 + rng.integers(0, max(1, t // 3))])))
+        out += [int(rng.integers(-1, s))] * n
+        pos += n
+    return np.asarray(out, np.int32)
+
+
+def _weight(case: Case, d_out: int, rng) -> LoraWeight:
+    s, r = case.slots, case.max_rank
+    if case.rank is not None:
+        rank = np.full(s, case.rank)
+    else:
+        choices = sorted({min(r, v) for v in (1, 3, 8, 16, 24, 32, 64, 100, 128)})
+        rank = rng.choice(choices, s)
+    if s > 1:
+        rank[0] = 0                                   # an empty slot
+    a = rng.normal(size=(s, case.d_in, r)) / np.sqrt(case.d_in)
+    b = rng.normal(size=(s, r, d_out)) / np.sqrt(r)
+    for k in range(s):                                # garbage beyond the rank
+        a[k, :, rank[k]:] = rng.uniform(100, 1000, (case.d_in, r - rank[k]))
+        b[k, rank[k]:] = rng.uniform(100, 1000, (r - rank[k], d_out))
+    return LoraWeight(jnp.asarray(a, case.dtype), jnp.asarray(b, case.dtype),
+                      jnp.asarray(rng.uniform(0.5, 2.0, s), jnp.float32), jnp.asarray(rank, jnp.int32))
+
+
+def make_problem(case: Case, seed: int):
+    """(x [T, D_in], weights, slot [T] int32, merged_slot) drawn fresh from the seed."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(case.tokens, case.d_in)), case.dtype)
+    weights = tuple(_weight(case, d, rng) for d in case.d_outs)
+    slot = _slots(case, rng)
+    used = sorted(set(slot[slot >= 0].tolist()) - {0})
+    unused = sorted(set(range(1, case.slots)) - set(used))
+    merged = -1
+    if case.mixture and case.merged == "present" and used:
+        merged = int(rng.choice(used))
+    elif case.mixture and case.merged == "absent" and unused:
+        merged = int(rng.choice(unused))
+    return x, weights, jnp.asarray(slot), merged
+
+
+def check(case: Case, seed: int = 0, tile: TileConfig | None = None, interpret: bool = False) -> float:
+    """Runs the kernel (outputs poisoned) and the reference; returns the worst relative error.
+
+    Raises AssertionError when an output holds NaN, exceeds TOLERANCE[dtype], or is nonzero on
+    a token that must get no delta.
+    """
+    x, weights, slot, merged = make_problem(case, seed)
+    if tile is None:
+        tile = pick_tile(case.tokens, case.d_in, sum(case.d_outs), case.max_rank,
+                         min(case.slots, case.tokens),
+                         device_kind="interpret" if interpret else None)
+    got = _lora_delta(x, weights, slot, jnp.int32(merged), mixture=case.mixture, tile=tile,
+                      interpret=interpret, poison=True)
+    with jax.default_matmul_precision("highest"):
+        want = lora_delta_reference(x, weights, slot, merged, mixture=case.mixture)
+    slot = np.asarray(slot)
+    silent = (slot == merged) if case.mixture and merged >= 0 else (slot == -1)
+    worst = 0.0
+    for k, (g, w) in enumerate(zip(got, want)):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert g.shape == w.shape, (k, g.shape, w.shape)
+        assert not np.isnan(g).any(), f"output {k}: {np.isnan(g).sum()} NaN (unwritten or garbage read)"
+        assert not g[silent].any(), f"output {k}: nonzero delta on tokens that take none"
+        err = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+        assert err <= TOLERANCE[case.dtype], f"output {k}: relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+        worst = max(worst, err)
+    return worst

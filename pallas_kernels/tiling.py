@@ -1,0 +1,130 @@
+"""ATMM tile shapes: the frozen TileConfig, the per-device tuned table, and the run-time lookup.
+
+The table (`configs/<device kind>.json`, written by `python -m pallas_kernels.tune`) maps shape
+buckets to the fastest measured tile. Lookup is pure Python on static shapes (no device sync):
+
+    bucket(T, D_in, D_out, R, n) = the table entry nearest in log2 space, tokens weighing most
+    pick_tile(...)                = that entry's tile, or heuristic_tile(...) when the table has
+                                    no entry within one octave of T (or none for this device)
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+
+import jax
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+_NUM_SMS = 132          # H100/H200; only the heuristic uses it
+_KEY_WEIGHTS = {"tokens": 4.0, "d_in": 1.0, "d_out": 1.0, "rank": 1.0, "adapters": 1.0}
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Block shapes and launch parameters of the two ATMM kernels (shrink, expand)."""
+
+    shrink_block_t: int = 32
+    """Tokens per shrink program (power of 2, >= 16: Triton dots need M >= 16)."""
+    block_k: int = 128
+    """D_in columns per step of the shrink loop (power of 2, >= 16)."""
+    split_k: int = 1
+    """Shrink programs per token block, each summing a 1/split_k share of D_in (power of 2)."""
+    shrink_warps: int = 4
+    """Warps per shrink program."""
+    shrink_stages: int = 3
+    """Software-pipelining depth of the shrink loop."""
+    expand_block_t: int = 32
+    """Tokens per expand program (power of 2, >= 16)."""
+    block_n: int = 128
+    """D_out columns per expand program (power of 2, >= 16)."""
+    expand_warps: int = 4
+    """Warps per expand program."""
+    expand_stages: int = 1
+    """Pipelining depth of the expand kernel (it has no long loop)."""
+
+    def __post_init__(self):
+        for name in ("shrink_block_t", "block_k", "expand_block_t", "block_n"):
+            v = getattr(self, name)
+            if not (_is_pow2(v) and v >= 16):
+                raise ValueError(f"TileConfig.{name}={v} must be a power of 2 >= 16")
+        for name in ("split_k", "shrink_warps", "expand_warps"):
+            v = getattr(self, name)
+            if not _is_pow2(v):
+                raise ValueError(f"TileConfig.{name}={v} must be a power of 2")
+        for name in ("shrink_stages", "expand_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TileConfig.{name}={getattr(self, name)} must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TileConfig":
+        return cls(**d)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def heuristic_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int) -> TileConfig:
+    """A tile from first principles, for shapes the table does not cover.
+
+    Decode (T <= 256): 16-token blocks (each block loops over its distinct adapters, so small
+    blocks keep that loop short), D_in split 16 ways in 256-column steps, 64-column expand
+    tiles. Prefill: 32-token blocks (64 when R >= 64: fewer re-reads of the adapters), D_in
+    split until the shrink launches about two programs per SM.
+    """
+    del d_out, adapters
+    if tokens <= 256:
+        split = max(1, min(16, d_in // 256))
+        return TileConfig(shrink_block_t=16, block_k=256, split_k=split, expand_block_t=16, block_n=64)
+    big = rank >= 64
+    bt = 64 if big else 32
+    blocks = -(-tokens // bt)
+    split = max(1, min(_pow2_floor(max(1, 2 * _NUM_SMS // blocks)), _pow2_floor(max(1, d_in // 512))))
+    return TileConfig(shrink_block_t=bt, block_k=128, split_k=split, expand_block_t=bt,
+                      block_n=256 if big else 128, expand_warps=8 if big else 4)
+
+
+def device_table_name(device_kind: str) -> str:
+    """'NVIDIA H200' -> 'NVIDIA_H200' (the table's file stem)."""
+    return "".join(c if c.isalnum() else "_" for c in device_kind)
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_kind: str) -> tuple:
+    """The tuned entries for a device kind: ((key dict, TileConfig), ...); () when none."""
+    path = CONFIG_DIR / f"{device_table_name(device_kind)}.json"
+    if not path.exists():
+        return ()
+    data = json.loads(path.read_text())
+    return tuple((e["key"], TileConfig.from_dict(e["tile"])) for e in data["entries"])
+
+
+def _distance(key: dict, query: dict) -> float:
+    return sum(w * abs(math.log2(max(1, key[k])) - math.log2(max(1, query[k])))
+               for k, w in _KEY_WEIGHTS.items())
+
+
+def pick_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int,
+              device_kind: str | None = None) -> TileConfig:
+    """The tile for one ATMM call (pure Python on static shapes).
+
+    tokens: T; d_in: D_in; d_out: total D_out of the weights sharing x; rank: padded rank R;
+    adapters: an upper bound on the distinct adapters among the tokens (e.g. min(S, T)).
+    """
+    query = {"tokens": tokens, "d_in": d_in, "d_out": d_out, "rank": rank, "adapters": adapters}
+    kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
+    table = load_table(kind)
+    if table:
+        key, tile = min(table, key=lambda e: _distance(e[0], query))
+        if abs(math.log2(max(1, key["tokens"])) - math.log2(max(1, tokens))) <= 1.0:
+            return tile
+    return heuristic_tile(tokens, d_in, d_out, rank, adapters)

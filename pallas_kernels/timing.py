@@ -1,0 +1,80 @@
+"""Bulk device timing for kernels (used by the tile profiler and bench/).
+
+One host dispatch per timed call measures the launcher, not the kernel. So time_op runs
+
+    for i in range(n): for args in arg_sets: out = fn(*args)     # one jitted fori_loop
+
+over distinct argument sets (pass enough of them to exceed the L2 cache), each call made to
+depend on the previous output (`_chain`: its last input array gets `+ (o != o)` for one output
+element o, which is 0 but cannot be folded away), so XLA can neither drop a call whose result
+is unused, merge calls, nor hoist one out of the loop. That costs one tiny extra kernel per
+call: `harness_overhead` measures it. Reports the median over repeats of (wall time / calls).
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _chain(args, out):
+    """args with its last array plus (o != o), o = one element of out: a data dependency."""
+    leaves, tree = jax.tree.flatten(args)
+    o = jax.tree.leaves(out)[0].reshape(-1)[0]
+    leaves[-1] = leaves[-1] + (o != o).astype(leaves[-1].dtype)
+    return jax.tree.unflatten(tree, leaves)
+
+
+def bulk_loop(fn, sets):
+    """jit(run)(n, sets): n iterations of `for args in sets: out = fn(*_chain(args, out))`."""
+    def run(n, sets):
+        out = jax.eval_shape(fn, *sets[0])
+        carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+
+        def body(_, carry):
+            for args in sets:
+                carry = fn(*_chain(args, carry))
+            return carry
+
+        return jax.lax.fori_loop(0, n, body, carry)
+
+    return jax.jit(run)
+
+
+def time_op(fn, arg_sets, *, target_s: float = 0.01, repeats: int = 3, unroll: int = 16) -> float:
+    """Median seconds per fn(*args) call.
+
+    Each loop iteration makes max(unroll, len(arg_sets)) chained calls, on arg_sets topped up
+    with device copies of them; the loop's own cost, a few us per iteration, is spread over
+    them. The trip count is calibrated so that one timed run lasts about target_s. fn must use
+    its last input array (the one _chain perturbs; best a small one, e.g. the slot ids).
+    """
+    copy = lambda args: jax.tree.map(lambda a: jnp.array(a, copy=True), args)
+    sets = [arg_sets[i] if i < len(arg_sets) else copy(arg_sets[i % len(arg_sets)])
+            for i in range(max(unroll, len(arg_sets)))]
+
+    f = bulk_loop(fn, sets)
+
+    def wall(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(jnp.int32(n), sets))
+        return time.perf_counter() - t0
+
+    wall(1)                                               # compile and warm up
+    n = max(1, min(100_000, int(target_s / wall(1))))
+    n = max(1, min(100_000, int(n * target_s / wall(n))))
+    return float(np.median([wall(n) for _ in range(repeats)])) / (n * len(sets))
+
+
+def harness_overhead(unroll: int = 16) -> float:
+    """Seconds time_op adds per call (the chaining kernel and the amortised loop)."""
+    slot = jnp.zeros((256,), jnp.int32)
+    return time_op(lambda s: (s,), [(slot,)], unroll=unroll)
+
+
+def copy_bandwidth(n_bytes: int = 4 << 30) -> float:
+    """Measured device copy bandwidth, bytes read + written per second."""
+    x, tick = jnp.ones((n_bytes // 4,), jnp.float32), jnp.zeros((1,), jnp.float32)
+    seconds = time_op(lambda x, tick: x + tick, [(x, tick)], target_s=0.05, repeats=5, unroll=1)
+    return 2 * n_bytes / seconds

@@ -1,0 +1,180 @@
+"""Tile profiler: times candidate ATMM tiles per shape bucket on the GPU and writes the table.
+
+    python -m pallas_kernels.tune [--tokens 1 16 ...] [--budget-s 600] [--out F] [--sweep-out F]
+
+Per (T, R) it times the shrink kernel under every shrink candidate; then, on the winner's
+partial sums, the expand kernel for each D_out under every expand candidate. The entry for
+bucket (T, D_in, D_out, R, adapters) pairs the two winners. `--tokens` sweeps a subset of the
+token buckets and keeps the table's other entries, so a sweep can be split over several runs.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import atmm
+from pallas_kernels.problems import Shape, make_inputs
+from pallas_kernels.tiling import CONFIG_DIR, TileConfig, device_table_name
+from pallas_kernels.timing import time_op
+
+TOKENS = (1, 16, 64, 256, 1024, 4096)
+RANKS = (16, 128)                 # pool R; R = 128 pools hold mixed ranks 16..128
+D_IN = 4096
+D_OUTS = (4096, 11008)
+ADAPTERS = 64
+L2_BYTES = 50 << 20
+
+# (block_t, block_k, split_k, warps) and (block_t, block_n, warps)
+SHRINK = [(16, 128, s, 4) for s in (4, 8, 16, 32)] + [(16, 256, s, 4) for s in (8, 16)] + \
+         [(32, 128, s, 4) for s in (2, 4, 8)] + [(64, 128, s, 4) for s in (1, 2, 4)] + \
+         [(64, 64, 1, 4), (64, 64, 2, 4), (128, 64, 1, 8), (128, 64, 2, 8), (128, 128, 1, 8)]
+EXPAND = [(16, n, 4) for n in (32, 64, 128, 256)] + [(32, n, 4) for n in (64, 128, 256)] + \
+         [(64, 64, 4), (64, 128, 4), (64, 256, 8), (128, 64, 4), (128, 128, 8)]
+
+
+def _fits(block_t: int, tokens: int) -> bool:
+    """Token blocks beyond max(32, T) only waste work; 16 and 32 are timed on every bucket."""
+    return block_t <= max(32, 1 << max(0, (tokens - 1).bit_length()))
+
+
+def _shape(tokens: int, rank: int, d_out: int) -> Shape:
+    return Shape(tokens, D_IN, d_out, 16 if rank == 16 else "mixed", ADAPTERS, "uniform")
+
+
+def _rotations(n_bytes: int) -> int:
+    return int(min(4, max(1, math.ceil(3 * L2_BYTES / n_bytes))))
+
+
+def _time_shrink(shape: Shape, cand, sets) -> float:
+    bt, bk, split, warps = cand
+    tile = TileConfig(shrink_block_t=bt, block_k=bk, split_k=split, shrink_warps=warps)
+    t_pad = -(-shape.tokens // 128) * 128
+    merged = jnp.full((1,), -1, jnp.int32)
+    return time_op(lambda x, ws, slot: atmm._shrink(
+        x, ws, slot, merged, tile=tile, t_pad=t_pad, mixture=False, interpret=False,
+        poison=False), sets, target_s=0.005, unroll=4)
+
+
+def _time_expand(shape: Shape, cand, sets) -> float:
+    bt, bn, warps = cand
+    tile = TileConfig(expand_block_t=bt, block_n=bn, expand_warps=warps)
+    merged = jnp.full((1,), -1, jnp.int32)
+    return time_op(lambda hs, ws, slot: atmm._expand(
+        hs, ws, slot, merged, shape.tokens, jnp.bfloat16, tile=tile, mixture=False,
+        interpret=False, poison=False), sets, target_s=0.005, unroll=4)
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, file=sys.stdout, mininterval=5.0)
+    except ImportError:
+        class _Bar:
+            n = 0
+
+            def update(self, k=1):
+                self.n += k
+                print(f"\r{self.n}/{total}", end="", flush=True)
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                print()
+        return _Bar()
+
+
+def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
+    """{'shrink': {(T, R): {cand: s}}, 'expand': {(T, R, D_out): {cand: s}}} measured on the GPU."""
+    start = time.perf_counter()
+    bar = _progress(len(tokens_list) * len(RANKS) * (len(SHRINK) + len(D_OUTS) * len(EXPAND)))
+    out = {"shrink": {}, "expand": {}}
+    for tokens in tokens_list:
+        for rank in RANKS:
+            if time.perf_counter() - start > budget_s:
+                bar.close()
+                print(f"budget of {budget_s:.0f}s spent; buckets from T={tokens} R={rank} on skipped")
+                return out
+            shape = _shape(tokens, rank, D_OUTS[0])
+            x, ws, slot = make_inputs(shape)
+            k = _rotations(x.nbytes + ws[0].a.nbytes)
+            sets = [(x, ws, slot)] + [make_inputs(shape, seed=i) for i in range(1, k)]
+            times = {}
+            for cand in SHRINK:
+                if _fits(cand[0], tokens) and cand[2] * cand[1] <= D_IN:
+                    times[cand] = _time_shrink(shape, cand, sets)
+                bar.update()
+            out["shrink"][(tokens, rank)] = times
+            best = min(times, key=times.get)
+            bar.set_postfix_str(f"T={tokens} R={rank} shrink {best} {times[best] * 1e6:.1f}us")
+            for d_out in D_OUTS:
+                shape = _shape(tokens, rank, d_out)
+                rb = atmm._padded_rank(shape.max_rank)
+                h = jnp.asarray(np.random.default_rng(0).standard_normal(
+                    (1, best[2], -(-tokens // 128) * 128, rb), np.float32))
+                k = _rotations(ADAPTERS * rb * d_out * 2 + tokens * d_out * 2)
+                sets = [((h,),) + make_inputs(shape, seed=i)[1:] for i in range(k)]
+                times = {}
+                for cand in EXPAND:
+                    if _fits(cand[0], tokens):
+                        times[cand] = _time_expand(shape, cand, sets)
+                    bar.update()
+                out["expand"][(tokens, rank, d_out)] = times
+    bar.close()
+    return out
+
+
+def build_table(result: dict, command: str) -> dict:
+    entries = []
+    for (tokens, rank, d_out), times in result["expand"].items():
+        shrink = result["shrink"][(tokens, rank)]
+        s, e = min(shrink, key=shrink.get), min(times, key=times.get)
+        tile = TileConfig(shrink_block_t=s[0], block_k=s[1], split_k=s[2], shrink_warps=s[3],
+                          expand_block_t=e[0], block_n=e[1], expand_warps=e[2])
+        key = {"tokens": tokens, "d_in": D_IN, "d_out": d_out, "rank": rank,
+               "adapters": min(tokens, ADAPTERS)}
+        entries.append({"key": key, "tile": tile.to_dict(),
+                        "shrink_us": round(shrink[s] * 1e6, 2), "expand_us": round(times[e] * 1e6, 2)})
+    return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": command,
+            "date": datetime.date.today().isoformat(), "entries": entries}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token buckets to sweep")
+    p.add_argument("--budget-s", type=float, default=600.0, help="stop sweeping new buckets after this")
+    p.add_argument("--out", help="table path (default: pallas_kernels/configs/<device>.json)")
+    p.add_argument("--sweep-out", help="also write every measured time here (JSON)")
+    args = p.parse_args(argv)
+    command = "python -m pallas_kernels.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = sweep(args.budget_s, args.tokens)
+    table = build_table(result, command.strip())
+    out = pathlib.Path(args.out or CONFIG_DIR / f"{device_table_name(table['device'])}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():                               # keep the buckets this run did not sweep
+        swept = {e["key"]["tokens"] for e in table["entries"]}
+        old = json.loads(out.read_text())["entries"]
+        table["entries"] = [e for e in old if e["key"]["tokens"] not in swept] + table["entries"]
+        table["entries"].sort(key=lambda e: tuple(e["key"].values()))
+    with open(out, "w") as f:
+        json.dump(table, f, indent=1)
+    print(f"wrote {len(table['entries'])} entries to {out}")
+    if args.sweep_out:
+        flat = {kind: [{"bucket": list(b), "cand": list(c), "us": round(t * 1e6, 2)}
+                       for b, times in d.items() for c, t in times.items()]
+                for kind, d in result.items()}
+        with open(args.sweep_out, "w") as f:
+            json.dump({"command": command, **flat}, f, indent=0)
+
+
+if __name__ == "__main__":
+    main()
