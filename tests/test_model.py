@@ -1,7 +1,5 @@
 """Model forward: paged KV decode vs full recompute, images, modes, batch invariance, shapes."""
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -172,11 +170,10 @@ def test_pallas_backend_matches_reference_through_the_model(config, loaded):
     tokens, rows = _sequence(config, rng, 24, num_images=0)
     empty = jnp.zeros((0, config.text.hidden_size))
     loaded.merge(2)
-    kernel = ModelRunner(loaded.model(), backend="pallas-interpret")     # same weights, other backend
-    slots = np.repeat(np.array([-1, 0, 1, 2], np.int32), 6)
+    model = loaded.model()
+    slots = jnp.asarray(np.repeat(np.array([-1, 0, 1, 2], np.int32), 6))
+    args = (tokens[None], np.arange(24)[None], np.ones((1, 24), bool), rows[None], empty)
     for mode, merged in (("unmerged", -1), ("mixture", 2)):
-        ctx = lambda: LoraContext(jnp.asarray(slots), jnp.int32(merged), mode)
-        ref = loaded.model()(tokens[None], np.arange(24)[None], np.ones((1, 24), bool), rows[None], empty, ctx())
-        got = kernel.model()(tokens[None], np.arange(24)[None], np.ones((1, 24), bool), rows[None], empty,
-                             dataclasses.replace(ctx(), backend="pallas-interpret"))
+        ref = model(*args, LoraContext(slots, jnp.int32(merged), mode, "reference"))
+        got = model(*args, LoraContext(slots, jnp.int32(merged), mode, "pallas-interpret"))
         np.testing.assert_allclose(got, ref, **tol(jnp.float32))
