@@ -4,7 +4,7 @@ whole LLaVA-1.5-7B decoder layer with and without LoRA.
 
     python3 -m bench.kernels [--quick] [--out-dir bench/results] [--budget-s 400]
 
-The static tile is TileConfig()'s default (one mid-size tile for every shape, as Punica and
+The static tile is STATIC_TILE (TileConfig()'s default: one mid-size tile for every shape, as Punica and
 S-LoRA do). Every variant runs on the same inputs in the same process, timed in bulk (pallas_kernels.timing:
 chained calls in one jitted loop, rotating input sets larger than the L2 cache, median of
 repeats after warm-up). The floor is the bytes that must move (x, the used adapters at their
@@ -25,7 +25,7 @@ import numpy as np
 
 from pallas_kernels import LoraWeight, lora_delta
 from pallas_kernels.problems import Shape, floor_bytes, make_inputs
-from pallas_kernels.tiling import TileConfig
+from pallas_kernels.tiling import STATIC_TILE
 from pallas_kernels.timing import copy_bandwidth, harness_overhead, time_op
 
 L2_BYTES = 50 << 20
@@ -277,7 +277,7 @@ def main(argv=None) -> None:
     device = jax.devices()[0].device_kind
     bandwidth = copy_bandwidth()
     overhead = harness_overhead(UNROLL)
-    static = TileConfig()
+    static = STATIC_TILE
     result = {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": "python3 -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
               "copy_bandwidth_TBps": bandwidth / 1e12, "harness_overhead_us": overhead * 1e6,

@@ -69,6 +69,11 @@ class TileConfig:
         return cls(**d)
 
 
+STATIC_TILE = TileConfig()
+"""One mid-size tile for every shape, as static-tiling multi-LoRA kernels (Punica, S-LoRA) use:
+the baseline adaptive tiling is measured against."""
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 

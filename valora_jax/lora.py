@@ -24,7 +24,7 @@ from flax import nnx
 from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference
 
 MODES = ("unmerged", "merged", "mixture")
-BACKENDS = ("reference", "pallas", "pallas-interpret")
+BACKENDS = ("reference", "pallas", "pallas-static", "pallas-interpret")
 
 
 class LoraSlot(nnx.Variable):
@@ -42,8 +42,9 @@ class LoraContext:
     slot: [T] int32 adapter slot of each (flattened) token, -1 = base model only.
     merged_slot: int32 scalar, the slot held in the merged weights (ignored when unmerged).
     mode: one of MODES (static).
-    backend: one of BACKENDS (static): "reference" is plain jnp, "pallas" the ATMM kernel,
-      "pallas-interpret" the same kernel interpreted (for CPU tests).
+    backend: one of BACKENDS (static): "reference" is plain jnp, "pallas" the ATMM kernel with
+      tiles picked per shape, "pallas-static" the same kernel with one static tile (the baseline
+      of static-tiling servers), "pallas-interpret" the kernel interpreted (for CPU tests).
     """
 
     slot: jax.Array
@@ -70,9 +71,10 @@ def _lora_delta(x: jax.Array, weights: Sequence[LoraWeight], ctx: LoraContext) -
     mixture = ctx.mode == "mixture"
     if ctx.backend == "reference":
         return lora_delta_reference(x, weights, ctx.slot, ctx.merged_slot, mixture=mixture)
-    from pallas_kernels import lora_delta  # the kernel package is only needed for these backends
+    from pallas_kernels import STATIC_TILE, lora_delta  # needed only for the kernel backends
 
     return lora_delta(x, weights, ctx.slot, ctx.merged_slot, mixture=mixture,
+                      tile=STATIC_TILE if ctx.backend == "pallas-static" else None,
                       interpret=ctx.backend == "pallas-interpret")
 
 
