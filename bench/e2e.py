@@ -1,0 +1,214 @@
+"""End-to-end serving benchmark: orchestration policies on the same engine, model and traces.
+
+For each workload (kind, arrival process, rate, adapter popularity) and each policy, a fresh
+Engine replays the same trace (bench/workloads.py: real-time steps, idle gaps skipped) and
+reports average token latency (latency / output tokens, V-LoRA's metric), average and p99
+request latency, TTFT, throughput, and p99 latency of requests to cold (non-hot) adapters.
+Ratios of ours to each baseline are computed per workload and as geometric means.
+
+  python bench/e2e.py --preset llava-1.5-7b --backend pallas --adapters 32 --out bench/results/e2e
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
+from serve.engine import Engine, EngineConfig  # noqa: E402
+from serve.policies import POLICIES  # noqa: E402
+from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, make_adapter  # noqa: E402
+
+
+def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
+    """`count` distinct random adapters whose A/B are views into one shared random buffer
+    (cheap to build at 7B scale); ranks cycle through `ranks`."""
+    rng = np.random.default_rng(seed)
+    biggest = max(i + o for i, o in shapes.values()) * max(ranks)
+    pool = (std * rng.standard_normal(biggest + 1_000_003)).astype(np.float32)
+    adapters = []
+    for k in range(count):
+        r = ranks[k % len(ranks)]
+        weights = {}
+        for path, (i, o) in shapes.items():
+            start = int(rng.integers(0, 1_000_000))
+            weights[path] = (pool[start: start + i * r].reshape(i, r),
+                             pool[start + i * r: start + (i + o) * r].reshape(r, o))
+        adapters.append(make_adapter(f"task{k}", config.base_id, weights, alpha=2.0 * r))
+    return adapters
+
+
+def _twin(runner: ModelRunner, backend: str) -> ModelRunner:
+    """A runner on the same base weights with its own adapter slots and merged weights."""
+    twin = ModelRunner(runner.model(), backend=backend)
+    twin.lora, twin.merged = jax.tree.map(jnp.copy, (twin.lora, twin.merged))
+    return twin
+
+
+def _with_adapters(runner: ModelRunner, adapters) -> tuple[ModelRunner, AdapterPool]:
+    pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
+    for a in adapters:
+        pool.register(a)
+    return runner, pool
+
+
+def _p99(values):
+    return float(np.percentile(values, 99)) if len(values) else None
+
+
+def run_one(runner, pool, policy: str, trace, engine_config: EngineConfig, hot: str) -> dict:
+    clock = SkippingClock()
+    engine = Engine(runner, pool, config=engine_config, policy=policy, clock=clock)
+    start = time.perf_counter()
+    ids = replay(engine, trace, clock)
+    summary = engine.summary()
+    cold = [m.latency for m in engine.request_metrics if m.adapter != hot and m.latency is not None]
+    summary.update(policy=policy, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
+                   completed=sum(engine.result(i) is not None for i in ids))
+    return summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llava-1.5-7b", choices=sorted(PRESETS))
+    ap.add_argument("--backend", default="pallas")
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--ranks", default="16,32,64")
+    ap.add_argument("--max-loras", type=int, default=16)
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--rates", default="2,4,6,10,16")
+    ap.add_argument("--popularity", default=",".join(POPULARITY))
+    ap.add_argument("--arrivals", default=",".join(ARRIVALS))
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--max-rows", type=int, default=32)
+    ap.add_argument("--token-budget", type=int, default=2048)
+    ap.add_argument("--prefill-chunk", type=int, default=1024)
+    ap.add_argument("--num-pages", type=int, default=4096)
+    ap.add_argument("--out", default="bench/results/e2e")
+    args = ap.parse_args(argv)
+
+    ranks = [int(r) for r in args.ranks.split(",")]
+    config = PRESETS[args.preset](max_loras=args.max_loras, max_rank=max(ranks))
+    runner = ModelRunner(init_model(config, seed=0), backend=args.backend)
+    adapters = fast_adapters(config, runner.module_shapes, args.adapters, ranks, seed=1)
+    rng = np.random.default_rng(2)
+    headed = set()
+    for k, a in enumerate(adapters):
+        if k % 2:                                       # half the adapters answer through a task head
+            head = TaskHead((0.02 * rng.standard_normal((config.text.hidden_size, 8))).astype(np.float32),
+                            np.zeros(8, np.float32), tuple(str(i) for i in range(8)))
+            adapters[k] = dataclasses.replace(a, head=head)
+            headed.add(a.name)
+    names = [a.name for a in adapters]
+    # static-tiling baselines run the same kernel with one fixed tile, on a twin of the runner
+    backends = {p: ("pallas-static" if POLICIES[p].static_tiles and args.backend == "pallas" else args.backend)
+                for p in args.policies.split(",")}
+    serving = {b: _with_adapters(runner if b == args.backend else _twin(runner, b), adapters)
+               for b in set(backends.values())}
+    engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
+                                 prefill_chunk=args.prefill_chunk, num_pages=args.num_pages, max_queue=10_000)
+
+    size = config.vision.image_size
+    # warm-up: compile the step shapes every policy meets, outside the measurements
+    for policy in args.policies.split(","):
+        for kind in args.kinds.split(","):
+            warm = make_trace(Workload(kind, 50.0, "poisson", "hot80", 2 * args.max_rows, seed=99), names, size,
+                              headed)
+            run_one(*serving[backends[policy]], policy, warm, engine_config, names[0])
+
+    results = []
+    grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
+                             [float(r) for r in args.rates.split(",")])
+    for kind, arrival, popularity, rate in grid:
+        w = Workload(kind, rate, arrival, popularity, args.requests, seed=hash((kind, arrival, popularity, rate)) % 2**31)
+        trace = make_trace(w, names, size, headed)
+        for policy in args.policies.split(","):
+            r = run_one(*serving[backends[policy]], policy, trace, engine_config, names[0])
+            r.update(dataclasses.asdict(w), backend=backends[policy])
+            results.append(r)
+            print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
+                  f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
+                  f"modes {r['mode_steps']}", flush=True)
+
+    report = _report(results, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": report["meta"], "ratios": report["ratios"],
+                                                    "runs": results}, indent=2))
+    out.with_suffix(".md").write_text(report["table"])
+    _plot(results, out.with_suffix(".png"))
+    print(report["table"])
+
+
+def _report(results, args) -> dict:
+    meta = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "python": platform.python_version()}
+    key = lambda r: (r["kind"], r["arrival"], r["popularity"], r["rate"])
+    by = {}
+    for r in results:
+        by.setdefault(key(r), {})[r["policy"]] = r
+    ratios = {}
+    for base in [p for p in args.policies.split(",") if p != "ours"]:
+        pairs = [(g["ours"]["token_latency"]["mean"], g[base]["token_latency"]["mean"]) for g in by.values()
+                 if "ours" in g and base in g]
+        logs = [math.log(o / b) for o, b in pairs if o and b]
+        worst = max((o / b for o, b in pairs if o and b), default=None)
+        ratios[base] = {"geomean_ours_over_base": math.exp(sum(logs) / len(logs)) if logs else None,
+                        "reduction": 1 - math.exp(sum(logs) / len(logs)) if logs else None, "worst": worst}
+    cold = [g["ours"]["cold_p99"] / g["slora"]["cold_p99"] for g in by.values()
+            if "ours" in g and "slora" in g and g["ours"]["cold_p99"] and g["slora"]["cold_p99"]]
+    ratios["cold_p99_ours_over_slora_max"] = max(cold) if cold else None
+    lines = [f"# End-to-end serving, {args.preset}, {meta['device']}, jax {meta['jax']}", "",
+             f"`{meta['command']}`", "",
+             "| ours vs | geomean token-latency ratio | reduction | worst ratio |", "| --- | --- | --- | --- |"]
+    for base, v in ratios.items():
+        if isinstance(v, dict) and v["geomean_ours_over_base"] is not None:
+            lines.append(f"| {base} | {v['geomean_ours_over_base']:.3f} | {100 * v['reduction']:.1f}% | {v['worst']:.3f} |")
+    lines += ["", f"cold-adapter p99 latency, ours / slora, worst workload: {ratios['cold_p99_ours_over_slora_max']}", "",
+              "| kind | arrival | popularity | rate | policy | token latency ms | avg latency s | p99 s | TTFT s | req/s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r['kind']} | {r['arrival']} | {r['popularity']} | {r['rate']} | {r['policy']} | "
+                     f"{1e3 * r['token_latency']['mean']:.2f} | {r['latency']['mean']:.3f} | {r['latency']['p99']:.3f} | "
+                     f"{r['ttft']['mean']:.3f} | {r['throughput_rps'] or 0:.2f} |")
+    return {"meta": meta, "ratios": ratios, "table": "\n".join(lines) + "\n"}
+
+
+def _plot(results, path: Path) -> None:
+    """Average token latency vs request rate, one panel per (kind, popularity), a line per policy."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    panels = sorted({(r["kind"], r["popularity"], r["arrival"]) for r in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    for ax, (kind, pop, arr) in zip(axes[0], panels):
+        for policy in sorted({r["policy"] for r in results}):
+            pts = sorted((r["rate"], 1e3 * r["token_latency"]["mean"]) for r in results
+                         if (r["kind"], r["popularity"], r["arrival"], r["policy"]) == (kind, pop, arr, policy))
+            ax.plot(*zip(*pts), marker="o", label=policy)
+        ax.set_title(f"{kind} {pop} {arr}", fontsize=8)
+        ax.set_xlabel("requests/s")
+    axes[0][0].set_ylabel("avg token latency (ms)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
