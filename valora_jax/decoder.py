@@ -74,18 +74,36 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 def write_pages(pages: jax.Array, new: jax.Array, positions: jax.Array, valid: jax.Array,
                 page_table: jax.Array) -> jax.Array:
-    """pages [P, page, H_kv, Dh] with new [B, Q, H_kv, Dh] stored at each valid token's position."""
-    page_size = pages.shape[1]
+    """pages [H_kv, P, page, Dh] with new [B, Q, H_kv, Dh] stored at each valid token's position."""
+    page_size = pages.shape[2]
     col = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
     page = jnp.where(valid, jnp.take_along_axis(page_table, col, axis=1), NULL_PAGE)   # [B, Q]
-    return pages.at[page, positions % page_size].set(new.astype(pages.dtype))
+    return pages.at[:, page, positions % page_size].set(new.transpose(2, 0, 1, 3).astype(pages.dtype))
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
-    """pages [P, page, H_kv, Dh], page_table [B, Pmax] -> context [B, Pmax*page, H_kv, Dh]."""
-    ctx = pages[page_table]                                                          # [B, Pmax, page, H_kv, Dh]
-    b, n, ps, hkv, dh = ctx.shape
-    return ctx.reshape(b, n * ps, hkv, dh)
+    """pages [H_kv, P, page, Dh], page_table [B, Pmax] -> context [B, Pmax*page, H_kv, Dh]."""
+    ctx = pages[:, page_table]                                                       # [H_kv, B, Pmax, page, Dh]
+    hkv, b, n, ps, dh = ctx.shape
+    return ctx.transpose(1, 2, 3, 0, 4).reshape(b, n * ps, hkv, dh)
+
+
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+                           lengths: jax.Array, interpret: bool = False) -> jax.Array:
+    """One query per row over its pages, by JAX's Pallas paged-attention kernel (no gather).
+
+    q [B, H, Dh], pages [H_kv, P, page, Dh], page_table [B, Pmax] (Pmax a power of two),
+    lengths [B] int32 (keys 0..length-1 are attended) -> [B, H*Dh]."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+    width = page_table.shape[1]
+    q = (q.astype(jnp.float32) / jnp.sqrt(q.shape[-1])).astype(q.dtype)    # the kernel does not scale
+    out = paged_attention(q, k_pages, v_pages, page_table, lengths, k_splits=min(16, width),
+                          pages_per_compute_block=8, interpret=interpret)
+    return out.reshape(q.shape[0], -1)
+
+
+ATTENTION_BACKENDS = ("reference", "pallas", "pallas-interpret")
 
 
 class DecoderLayer(nnx.Module):
@@ -103,9 +121,12 @@ class DecoderLayer(nnx.Module):
         self.gate_proj, self.up_proj = lin(d, cfg.mlp_size, "gate_proj"), lin(d, cfg.mlp_size, "up_proj")
         self.down_proj = lin(cfg.mlp_size, d, "down_proj")
 
-    def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None):
+    def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None,
+                 attention_backend: str = "reference"):
         """x [T, D] (the blocks' tokens, flattened in order) -> (x, cache).
-        cache = (k_pages, v_pages) of this layer, or None when every block is dense."""
+        cache = (k_pages, v_pages) of this layer, or None when every block is dense.
+        attention_backend: how paged blocks of one token per row (decodes) attend: "reference"
+        gathers their pages, "pallas" runs the paged-attention kernel on them."""
         cfg = self.cfg
         h = self.input_layernorm(x)
         q, k, v = project(h, [self.q_proj, self.k_proj, self.v_proj], ctx)
@@ -126,9 +147,14 @@ class DecoderLayer(nnx.Module):
                 k_pages = write_pages(cache[0], kb, blk.positions, blk.valid, blk.page_table)
                 v_pages = write_pages(cache[1], vb, blk.positions, blk.valid, blk.page_table)
                 cache = (k_pages, v_pages)
-                keys, values = gather_pages(k_pages, blk.page_table), gather_pages(v_pages, blk.page_table)
-                mask = jnp.arange(keys.shape[1])[None, None, :] <= blk.positions[:, :, None]   # [B, Q, C]
-                out = attention(qb, keys.astype(q.dtype), values.astype(q.dtype), mask)
+                if nq == 1 and attention_backend != "reference":
+                    lengths = jnp.where(blk.valid[:, 0], blk.positions[:, 0] + 1, 0).astype(jnp.int32)
+                    out = paged_decode_attention(qb[:, 0], k_pages, v_pages, blk.page_table, lengths,
+                                                 interpret=attention_backend == "pallas-interpret")
+                else:
+                    keys, values = gather_pages(k_pages, blk.page_table), gather_pages(v_pages, blk.page_table)
+                    mask = jnp.arange(keys.shape[1])[None, None, :] <= blk.positions[:, :, None]  # [B, Q, C]
+                    out = attention(qb, keys.astype(q.dtype), values.astype(q.dtype), mask)
             outputs.append(out.reshape(b * nq, -1))
         x = x + self.o_proj(jnp.concatenate(outputs), ctx)
         h = self.post_attention_layernorm(x)
@@ -148,11 +174,12 @@ class Decoder(nnx.Module):
         self.lm_head = nnx.Param((0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size)))
                                  .astype(dtype))
 
-    def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None):
+    def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None,
+                 attention_backend: str = "reference"):
         """x [T, D] embeddings -> (final-normed hidden [T, D], cache: a (k, v) pair per layer, or None)."""
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, blocks, ctx, None if cache is None else cache[i])
+            x, layer_cache = layer(x, blocks, ctx, None if cache is None else cache[i], attention_backend)
             new_cache.append(layer_cache)
         return self.norm(x), (None if cache is None else new_cache)
 

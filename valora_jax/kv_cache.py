@@ -1,6 +1,6 @@
 """Paged KV cache: device page arrays and the host-side page allocator.
 
-Each layer has `k, v [P, page_size, H_kv, Dh]`; a sequence owns a list of pages, in order,
+Each layer has `k, v [H_kv, P, page_size, Dh]`; a sequence owns a list of pages, in order,
 and its page table row maps position `pos` to `page_table[pos // page_size]`. Page 0
 (`decoder.NULL_PAGE`) is reserved: padding tokens write there and unused table entries
 point there.
@@ -13,8 +13,8 @@ from valora_jax.decoder import NULL_PAGE
 
 
 def init_pages(cfg: TextConfig, num_pages: int, page_size: int, dtype) -> list[tuple]:
-    """Zeroed cache: one (k, v) pair of [num_pages, page_size, H_kv, Dh] per layer."""
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+    """Zeroed cache: one (k, v) pair of [H_kv, num_pages, page_size, Dh] per layer."""
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
 
 

@@ -49,12 +49,13 @@ class LMM(nnx.Module):
         hidden, _ = self.decoder(self.embed(blocks, image_features), blocks, ctx)
         return self.decoder.logits(hidden).reshape(*tokens.shape, -1)
 
-    def step(self, cache, blocks: Sequence[Block], image_features: jax.Array, ctx: LoraContext):
+    def step(self, cache, blocks: Sequence[Block], image_features: jax.Array, ctx: LoraContext,
+             attention_backend: str = "reference"):
         """One prefill/decode step over the paged cache (every block has a page table).
 
         Writes the blocks' keys/values into the cache and returns (hidden [R, D], logits [R, V]
         float32, new cache) for the last valid token of each of the R = sum of B rows."""
-        hidden, cache = self.decoder(self.embed(blocks, image_features), blocks, ctx, cache)
+        hidden, cache = self.decoder(self.embed(blocks, image_features), blocks, ctx, cache, attention_backend)
         last, start = [], 0
         for blk in blocks:
             b, nq = blk.valid.shape

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from valora_jax.adapters import Adapter
-from valora_jax.decoder import NULL_PAGE, Block
+from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
 from valora_jax.lora import (BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merge_weight, merged_kernel,
                              targeted_linears)
 from valora_jax.model import LMM, split_model
@@ -66,10 +66,14 @@ def _path_str(path) -> str:
 class ModelRunner:
     """Owns the device state of one model and the jitted functions over it."""
 
-    def __init__(self, model: LMM, *, backend: str = "reference"):
+    def __init__(self, model: LMM, *, backend: str = "reference", attention: str = "reference"):
+        """backend: the LoRA branch's (lora.BACKENDS); attention: decode attention's
+        (decoder.ATTENTION_BACKENDS: "pallas" = the paged-attention kernel)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown LoRA backend {backend!r}; expected one of {BACKENDS}")
-        self.config, self.backend = model.config, backend
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; expected one of {ATTENTION_BACKENDS}")
+        self.config, self.backend, self.attention = model.config, backend, attention
         self.module_shapes = {_path_str(p): (lin.d_in, lin.d_out) for p, lin in targeted_linears(model)}
         self.graphdef, self.params, self.lora, self.merged = split_model(model)
         self.merged_slot = -1          # slot whose adapter the merged weights hold (-1: none yet)
@@ -90,7 +94,7 @@ class ModelRunner:
     def _step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, mode: str):
         model = nnx.merge(self.graphdef, params, lora, merged)
         slot = jnp.concatenate([jnp.repeat(blk.slot, blk.tokens.shape[1]) for blk in blocks])
-        return model.step(cache, blocks, image_features, self._ctx(slot, merged_slot, mode))
+        return model.step(cache, blocks, image_features, self._ctx(slot, merged_slot, mode), self.attention)
 
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
         model = nnx.merge(self.graphdef, params, lora, merged)
