@@ -96,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
     ap.add_argument("--num-pages", type=int, default=4096)
+    ap.add_argument("--min-rows", type=int, default=8, help="pad blocks to >= this many rows (fewer compiles)")
+    ap.add_argument("--min-pages", type=int, default=16, help="pad page tables to >= this many pages")
     ap.add_argument("--out", default="bench/results/e2e")
     args = ap.parse_args(argv)
 
@@ -118,7 +120,8 @@ def main(argv=None):
     serving = {b: _with_adapters(runner if b == args.backend else _twin(runner, b), adapters)
                for b in set(backends.values())}
     engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
-                                 prefill_chunk=args.prefill_chunk, num_pages=args.num_pages, max_queue=10_000)
+                                 prefill_chunk=args.prefill_chunk, num_pages=args.num_pages, max_queue=10_000,
+                                 min_rows=args.min_rows, min_pages=args.min_pages)
 
     size = config.vision.image_size
     # warm-up: compile the step shapes every policy meets, outside the measurements

@@ -49,6 +49,10 @@ class EngineConfig:
     """Requests waiting to start beyond this are refused with Overloaded."""
     image_cache_size: int = 256
     """Image embeddings kept, least recently used evicted."""
+    min_rows: int = 1
+    """Blocks are padded to at least this many rows (fewer step shapes to compile)."""
+    min_pages: int = 1
+    """Page tables are padded to at least this many columns (likewise)."""
 
     def __post_init__(self):
         for name in ("max_rows", "token_budget", "prefill_chunk", "max_queue"):
@@ -58,6 +62,10 @@ class EngineConfig:
 
 class Overloaded(RuntimeError):
     """The queue is full; the request was not accepted (the server answers 429)."""
+
+
+class AdapterInUse(RuntimeError):
+    """An adapter cannot be removed while live requests use it (the server answers 409)."""
 
 
 @dataclasses.dataclass
@@ -138,7 +146,7 @@ class Engine:
         state = RequestState.prepare(request, self.runner.config, self.tokenizer)
         if request_id is not None and (request_id in self._seqs or request_id in self._results):
             raise ValueError(f"request id {request_id!r} is already in use")
-        if sum(s.computed == 0 for s in self._seqs.values()) >= self.config.max_queue:
+        if self.waiting >= self.config.max_queue:
             raise Overloaded(f"{self.config.max_queue} requests are already waiting")
         rid = request_id or f"req-{next(self._ids)}"
         now = self.clock() if arrival is None else arrival
@@ -159,12 +167,22 @@ class Engine:
         seq.cancelled = True
         return True
 
-    def result(self, request_id: str) -> Completion | None:
-        return self._results.get(request_id)
+    def result(self, request_id: str, pop: bool = False) -> Completion | None:
+        """The completion of a finished request (None while live or unknown); `pop` forgets it."""
+        return self._results.pop(request_id, None) if pop else self._results.get(request_id)
 
     @property
     def has_work(self) -> bool:
         return bool(self._seqs)
+
+    @property
+    def waiting(self) -> int:
+        """Live requests that have not started (the queue that max_queue bounds)."""
+        return sum(s.computed == 0 for s in self._seqs.values())
+
+    @property
+    def live(self) -> int:
+        return len(self._seqs)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Submit every request, run until all finish, return completions in order."""
@@ -182,6 +200,16 @@ class Engine:
         if old is not None:
             self._release_if_unused((adapter.name, old))
         return version
+
+    def unregister_adapter(self, name: str) -> None:
+        """Remove an adapter name; ValueError if unknown, AdapterInUse while live requests use its
+        current version (requests on replaced versions keep theirs)."""
+        key = self.pool.key(name)
+        users = sum(s.adapter == key for s in self._seqs.values())
+        if users:
+            raise AdapterInUse(f"adapter {name!r} is used by {users} live requests")
+        self.pool.unregister(name)
+        self.images.drop_version(key)
 
     def _release_if_unused(self, key: tuple[str, int]) -> None:
         """Forget a replaced adapter version (slot, cached image features) once no request uses it."""
@@ -327,15 +355,15 @@ class Engine:
         if features:
             feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
         ordered = decode + prefill
-        blocks = [pack_block([sp for _, sp in group], min_tokens=16 if group is prefill else 1)
-                  for group in (decode, prefill) if group]
+        groups = [g for g in (decode, prefill) if g]
+        blocks = [pack_block([sp for _, sp in g], min_tokens=16 if g is prefill else 1,
+                             min_rows=self.config.min_rows, min_pages=self.config.min_pages) for g in groups]
         hidden, logits, self.cache = self.runner.step(self.cache, blocks, feats, mode)
         # rows of each block start at that block's first row; padding rows follow each block
         row_index, first = [], 0
-        for group in (decode, prefill):
-            if group:
-                row_index += list(range(first, first + len(group)))
-                first += bucket(len(group))
+        for group, block in zip(groups, blocks):
+            row_index += list(range(first, first + len(group)))
+            first += block.valid.shape[0]
         self._advance([(seq, spec, i) for (seq, spec), i in zip(ordered, row_index)], hidden, logits)
 
     def _advance(self, rows, hidden, logits) -> None:

@@ -66,6 +66,12 @@ def test_mode_switches_mid_stream_do_not_change_outputs(generator, expected):
     assert modes["merged"] and modes["mixture"] and modes["unmerged"] and engine.summary()["switches"] > 2
 
 
+def test_padded_shapes_change_nothing(generator, expected):
+    engine = _engine(generator, "ours", dataclasses.replace(SMALL, min_rows=4, min_pages=8))
+    for want, got in zip(expected, engine.generate(_requests(10))):
+        assert got.token_ids == want.token_ids
+
+
 def test_preemption_under_kv_pressure_recomputes_exactly(generator, expected):
     engine = _engine(generator, "slora", dataclasses.replace(SMALL, num_pages=12))
     reqs = _requests(10)

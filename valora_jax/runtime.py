@@ -41,12 +41,13 @@ class RowSpec(NamedTuple):
     pages: Sequence[int]
 
 
-def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1) -> Block:
-    """Pad rows into a Block of bucketed shape [bucket(rows), bucket(longest row, min_tokens)],
-    page tables padded to a bucketed width with the null page; padding rows are all invalid."""
-    b = bucket(len(rows))
+def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, min_pages: int = 1) -> Block:
+    """Pad rows into a Block of bucketed shape [bucket(rows, min_rows), bucket(longest row,
+    min_tokens)], page tables padded with the null page to bucket(most pages, min_pages) columns;
+    padding rows are all invalid. Larger minimums mean fewer distinct shapes to compile."""
+    b = bucket(len(rows), min_rows)
     q = bucket(max(len(r.tokens) for r in rows), min_tokens)
-    width = bucket(max(len(r.pages) for r in rows))
+    width = bucket(max(len(r.pages) for r in rows), min_pages)
     tokens, positions = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
     image_rows, valid = np.full((b, q), -1, np.int32), np.zeros((b, q), bool)
     slot, page_table = np.full((b,), -1, np.int32), np.full((b, width), NULL_PAGE, np.int32)
