@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import LoraWeight, lora_delta
+from pallas_kernels import lora_delta
 from pallas_kernels.problems import Shape, floor_bytes, make_inputs
 from pallas_kernels.tiling import STATIC_TILE
 from pallas_kernels.timing import copy_bandwidth, harness_overhead, time_op

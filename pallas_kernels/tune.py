@@ -9,7 +9,6 @@ token buckets and keeps the table's other entries, so a sweep can be split over 
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import LoraWeight, TileConfig, lora_delta, lora_delta_reference, tiling
+from pallas_kernels import TileConfig, lora_delta, lora_delta_reference, tiling
 from pallas_kernels.testing import Case, check, make_problem
 
 SMALL = TileConfig(shrink_block_t=16, block_k=32, split_k=2, expand_block_t=16, block_n=32)
@@ -139,7 +139,6 @@ def test_committed_tables_parse():
 
 def test_timing_loop_keeps_every_call():
     # XLA drops a call whose result is unused: the harness must chain every call to the next.
-    import jax
     from pallas_kernels.timing import bulk_loop
     sets = [(jnp.full((32, 32), float(i)), jnp.ones((32, 32)), jnp.zeros((4,), jnp.int32)) for i in range(5)]
     fn = lambda x, w, s: (x @ w + s[0],)

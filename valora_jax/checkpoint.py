@@ -6,8 +6,13 @@ Adapter directory: adapter.json (name, base_id, alpha, rank, targets, per-module
 An adapter is validated against the model it is loaded for (base id, modules, shapes, rank).
 """
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,23 @@ from valora_jax.hf_model import hf_config, is_hf_checkpoint, load_hf_model
 from valora_jax.model import LMM, split_model
 
 ADAPTER_FORMAT = 1
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `out` that replaces `out` (absent or empty) when the
+    block succeeds and is deleted when it fails, so `out` never holds a half-written result."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_model(directory: str | Path, model: LMM) -> None:

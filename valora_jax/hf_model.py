@@ -15,10 +15,8 @@ shard by shard and are converted one tensor at a time, so the model is held once
 """
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -400,26 +398,18 @@ def import_hf(src: str | Path, out: str | Path, *, lora: LoraConfig | None = Non
     checkpoint (save_model), the tokenizer / processor files, and the original config.json as
     hf_config.json. Written to a temporary directory beside `out` and renamed at the end, so a
     failure leaves nothing at `out`. `out` must not exist or be an empty directory."""
-    from valora_jax.checkpoint import save_model
+    from valora_jax.checkpoint import atomic_directory, save_model
 
     src, out = Path(src), Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output {out} already exists and is not an empty directory")
     model = load_hf_model(src, lora=lora, dtype=dtype, name=name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_model(tmp, model)
         shutil.copyfile(src / "config.json", tmp / HF_CONFIG)
         for f in TOKENIZER_FILES:
             if (src / f).is_file():
                 shutil.copyfile(src / f, tmp / f)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model.config
 
 

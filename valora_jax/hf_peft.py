@@ -10,10 +10,7 @@ Options that change the math beyond that (DoRA, biases, modules_to_save, ...) ar
 import dataclasses
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -197,22 +194,14 @@ def import_peft(src: str | Path, out: str | Path, config: LMMConfig, *, name: st
     """Convert a PEFT LoRA directory into a valora adapter directory `out` (save_adapter), for
     the model `config`. Written beside `out` and renamed at the end: a failure leaves nothing
     at `out`, which must not exist or be an empty directory."""
-    from valora_jax.checkpoint import save_adapter
+    from valora_jax.checkpoint import atomic_directory, save_adapter
 
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"output {out} already exists and is not an empty directory")
     adapter = read_peft(src, config, name=name, check_base=check_base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_adapter(tmp, adapter)
         (tmp / "peft_adapter_config.json").write_text(json.dumps(_read_json(Path(src) / "adapter_config.json"),
                                                                  indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return adapter

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from valora_jax.hf_model import _read_json, hf_metadata
-from valora_jax.tokenizer import ByteTokenizer
+from valora_jax.tokenizer import ByteTokenizer, ChatTokenizer
 
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -59,7 +59,7 @@ class HFStreamDecoder:
         return new
 
 
-class HFTokenizer:
+class HFTokenizer(ChatTokenizer):
     """A `tokenizers.Tokenizer` with the checkpoint's chat template, special tokens and image token.
 
     image_id: the id that marks an image placeholder; stop_ids: generation stops at these
@@ -162,24 +162,6 @@ class HFTokenizer:
                              f"{self.image_token!r} for {num_images} image parts")
         return ids
 
-    def prompt_ids(self, text: str, num_images: int = 0) -> list[int]:
-        """`chat_prompt` of one user message: `num_images` image parts, then `text`."""
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-            raise ValueError(f"num_images must be an int >= 0, got {num_images!r}")
-        parts: list[dict[str, Any]] = [{"type": "image"}] * num_images
-        if text:
-            parts.append({"type": "text", "text": text})
-        return self.chat_prompt([{"role": "user", "content": parts}])
-
-    def expand_image_tokens(self, ids: Iterable[int], tokens_per_image: int) -> list[int]:
-        """`ids` with every image id repeated `tokens_per_image` times."""
-        if isinstance(tokens_per_image, bool) or not isinstance(tokens_per_image, int) or tokens_per_image < 1:
-            raise ValueError(f"tokens_per_image must be an int >= 1, got {tokens_per_image!r}")
-        out: list[int] = []
-        for t in ids:
-            out.extend([t] * tokens_per_image if t == self.image_id else [t])
-        return out
-
 
 def load_tokenizer(directory: str | Path | None) -> HFTokenizer | ByteTokenizer:
     """HFTokenizer for a directory with tokenizer.json; ByteTokenizer for valora's own model
@@ -225,7 +207,6 @@ def _compile(template: str):
         import jinja2
     except ImportError as e:
         raise ImportError("chat templates need jinja2: pip install 'valora-jax[hf]'") from e
-    from jinja2 import nodes
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

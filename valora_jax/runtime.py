@@ -9,7 +9,6 @@ Shapes are padded to power-of-two buckets (`bucket`) so a long run compiles a bo
 of times.
 """
 
-import functools
 from typing import NamedTuple, Sequence
 
 import jax

@@ -57,7 +57,38 @@ class StreamDecoder:
         return text
 
 
-class ByteTokenizer:
+class ChatTokenizer:
+    """What the generator needs beyond `chat_prompt` and `image_id`, shared by every tokenizer."""
+
+    image_id: int
+
+    def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def prompt_ids(self, text: str, num_images: int = 0) -> list[int]:
+        """`chat_prompt` of one user message: `num_images` image parts, then `text`."""
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
+            raise ValueError(f"num_images must be an int >= 0, got {num_images!r}")
+        parts: list[dict[str, Any]] = [{"type": "image"}] * num_images
+        if text:
+            parts.append({"type": "text", "text": text})
+        return self.chat_prompt([{"role": "user", "content": parts}])
+
+    def expand_image_tokens(self, ids: Iterable[int], tokens_per_image: int) -> list[int]:
+        """`ids` with every `<image>` id repeated `tokens_per_image` times."""
+        if (isinstance(tokens_per_image, bool) or not isinstance(tokens_per_image, int)
+                or tokens_per_image < 1):
+            raise ValueError(f"tokens_per_image must be an int >= 1, got {tokens_per_image!r}")
+        out: list[int] = []
+        for t in ids:
+            if t == self.image_id:
+                out.extend([self.image_id] * tokens_per_image)
+            else:
+                out.append(t)
+        return out
+
+
+class ByteTokenizer(ChatTokenizer):
     """UTF-8 byte tokenizer with specials <pad> <bos> <eos> <image> and chat roles."""
 
     name = "byte"
@@ -132,28 +163,6 @@ class ByteTokenizer:
         if add_generation_prompt:
             ids.append(self.assistant_id)
         return ids
-
-    def prompt_ids(self, text: str, num_images: int = 0) -> list[int]:
-        """`chat_prompt` of one user message: `num_images` image parts, then `text`."""
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-            raise ValueError(f"num_images must be an int >= 0, got {num_images!r}")
-        parts: list[dict[str, Any]] = [{"type": "image"}] * num_images
-        if text:
-            parts.append({"type": "text", "text": text})
-        return self.chat_prompt([{"role": "user", "content": parts}])
-
-    def expand_image_tokens(self, ids: Iterable[int], tokens_per_image: int) -> list[int]:
-        """`ids` with every `<image>` id repeated `tokens_per_image` times."""
-        if (isinstance(tokens_per_image, bool) or not isinstance(tokens_per_image, int)
-                or tokens_per_image < 1):
-            raise ValueError(f"tokens_per_image must be an int >= 1, got {tokens_per_image!r}")
-        out: list[int] = []
-        for t in ids:
-            if t == self.image_id:
-                out.extend([self.image_id] * tokens_per_image)
-            else:
-                out.append(t)
-        return out
 
     def _content_ids(self, content: Any, i: int) -> list[int]:
         """Ids of one message's content (str or list of parts)."""
