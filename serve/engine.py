@@ -28,7 +28,7 @@ import numpy as np
 from serve.metrics import RequestMetrics, StepMetrics, summarize
 from serve.policies import POLICIES, BatchLimits, CostModel, Policy, SchedulerState, SeqView
 from valora_jax.adapters import Adapter, AdapterPool, PoolFull
-from valora_jax.kv_cache import OutOfPages, PageAllocator, init_pages
+from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.request import Completion, Request, RequestState
 from valora_jax.runtime import ModelRunner, RowSpec, bucket, pack_block
 from valora_jax.sampling import make_sampler
