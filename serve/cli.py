@@ -1,5 +1,6 @@
-"""`valora` command line: generate, info, and import of Hugging Face models (import-hf) and
-PEFT LoRA adapters (import-peft) (serving and training commands join later).
+"""`valora` command line: generate, info, serve (the OpenAI-compatible HTTP server), and import of
+Hugging Face models (import-hf) and PEFT LoRA adapters (import-peft); training commands
+(train-adapter, generate-adapters, eval) come from train/cli.py.
 
 Models: `--model` takes a checkpoint directory or a preset name; by default the embedded
 model in checkpoints/default, or, while no trained checkpoint exists there, the `tiny`
@@ -106,6 +107,70 @@ def cmd_generate(args) -> None:
           f"finish: {completion.finish_reason}, {time.perf_counter() - start:.1f} s]", file=sys.stderr)
 
 
+def _with_max_loras(model, max_loras: int):
+    """The same base weights with a LoRA pool of `max_loras` slots (the pool is not part of the base
+    weights: adapters made for the model still fit, base_id is unchanged)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from valora_jax.model import LMM, split_model
+
+    if max_loras == model.config.lora.max_loras:
+        return model
+    try:
+        config = dataclasses.replace(model.config, lora=dataclasses.replace(model.config.lora, max_loras=max_loras))
+    except ValueError as e:
+        raise SystemExit(f"error: --max-loras {max_loras}: {e}")
+    params = split_model(model)[1]
+    graphdef, _, lora, merged = split_model(nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0))))
+    zeros = lambda state: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
+    return nnx.merge(graphdef, params, zeros(lora), zeros(merged))
+
+
+def _serve_adapters(args) -> list[tuple[str, Path, bool]]:
+    """(name, directory, required): the --adapter ones, or with no --model and no --adapter the
+    embedded default's adapters under checkpoints/adapters/* (skipped with a warning if they do not fit)."""
+    if args.adapter or args.model is not None:
+        return [(*_parse_adapter(spec), True) for spec in args.adapter]
+    found = sorted(p.parent for p in (CHECKPOINTS / "adapters").glob("*/adapter.json"))
+    return [(d.name, d, False) for d in found]
+
+
+def cmd_serve(args) -> None:
+    from serve.engine import Engine, EngineConfig
+    from serve.server import Server, create_app
+    from serve.service import EngineService
+    from valora_jax import AdapterPool, ModelRunner, load_adapter
+
+    model, origin = _load_model(args.model)
+    if args.max_loras is not None:
+        model = _with_max_loras(model, args.max_loras)
+    runner = ModelRunner(model, backend=args.backend)
+    pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
+    for name, directory, required in _serve_adapters(args):
+        try:
+            pool.register(load_adapter(directory, runner.config, runner.module_shapes, name=name))
+        except ValueError as e:
+            if required:
+                raise SystemExit(f"error: adapter {name!r}: {e}")
+            print(f"warning: skipping embedded adapter {name!r}: {e}", file=sys.stderr)
+    try:
+        engine = Engine(runner, pool, config=EngineConfig(max_queue=args.max_queue), policy=args.policy,
+                        tokenizer=_tokenizer_for(args.model))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    app = create_app(EngineService(engine), adapter_root=args.adapter_root,
+                     api_key=args.api_key or os.environ.get("VALORA_API_KEY") or None,
+                     media_roots=tuple(args.allowed_local_media_path))
+    print(f"model: {runner.config.name} ({origin}); adapters: {sorted(pool.store) or 'none'}; "
+          f"{runner.config.lora.max_loras} adapter slots; policy {args.policy}; adapter root {args.adapter_root}",
+          file=sys.stderr)
+    Server(app, args.host, args.port).run()
+
+
 def cmd_import_hf(args) -> None:
     from valora_jax import LoraConfig
     from valora_jax.config import ALL_TARGETS
@@ -137,12 +202,14 @@ def cmd_import_peft(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from valora_jax.lora import BACKENDS
+
     parser = argparse.ArgumentParser(prog="valora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="checkpoint directory or preset name (default: embedded)")
     common.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="load an adapter")
-    common.add_argument("--backend", default="reference", choices=("reference", "pallas", "pallas-interpret"),
+    common.add_argument("--backend", default="reference", choices=BACKENDS,
                         help="LoRA backend (pallas needs a GPU)")
     info = sub.add_parser("info", parents=[common], help="config, parameter counts, adapters")
     info.set_defaults(func=cmd_info)
@@ -155,6 +222,19 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
+    srv.add_argument("--adapter-root", default=str(CHECKPOINTS / "adapters"), metavar="DIR",
+                     help="the only directory /v1/load_lora_adapter reads adapters from (default: %(default)s)")
+    srv.add_argument("--max-loras", type=int, metavar="N", help="device adapter slots (default: the model's)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (or $VALORA_API_KEY)")
+    srv.add_argument("--policy", default="ours", choices=("ours", "slora", "punica", "dlora", "merged"),
+                     help="orchestration policy")
+    srv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    srv.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
+                     help="directory that file:// image URLs may read from (repeatable; default: none)")
+    srv.set_defaults(func=cmd_serve)
     imp = sub.add_parser("import-hf", help="convert a Hugging Face LLaVA checkpoint directory")
     imp.add_argument("src", help="directory with config.json, *.safetensors, tokenizer.json, ...")
     imp.add_argument("out", help="new valora model directory (must not exist)")
@@ -175,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     imp_peft.add_argument("--ignore-base-name", action="store_true",
                           help="accept an adapter whose base_model_name_or_path names another model")
     imp_peft.set_defaults(func=cmd_import_peft)
+    from train.cli import add_commands as add_training_commands   # train-adapter, generate-adapters, eval
+
+    add_training_commands(sub, _load_model)
     args = parser.parse_args(argv)
     _enable_compilation_cache()
     args.func(args)

@@ -1,0 +1,273 @@
+"""Request bodies of the OpenAI-compatible API and their translation into engine Requests.
+
+Bodies are validated with pydantic (unknown fields ignored, NaN/inf refused); anything a
+client can get wrong raises `APIError` with the HTTP status and OpenAI error type to answer.
+Images come from `image_url` parts: `data:image/png|jpeg;base64,...` URLs, or `file://` URLs
+inside the configured media roots; remote URLs are never fetched. Each image is checked for
+its encoded size and, from its header before decoding, its pixel count.
+
+A conversation becomes one engine prompt: with a single user turn, the system text and the
+user text; otherwise one "Role: text" line per message. Images go before the text (the
+model's prompt layout), in the order they appear.
+"""
+
+import base64
+import binascii
+import dataclasses
+import io
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from valora_jax.image import load_image
+from valora_jax.request import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_body_bytes: int = 32 << 20
+    """Largest HTTP request body."""
+    max_image_bytes: int = 16 << 20
+    """Largest encoded image (after base64 decoding)."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest width * height of an image, checked from its header before decoding."""
+    max_images: int = 8
+    """Most images in one request."""
+    default_max_tokens: int = 256
+    """max_tokens when a request sets none (capped by the context left after the prompt)."""
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *,
+                 code: str | None = None, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# bodies ------------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class ImageURL(_Body):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    """Fields shared by chat and text completions (OpenAI's defaults: temperature 1, top_p 1)."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"only n=1 is supported, got {n}")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        items = [stop] if isinstance(stop, str) else stop or []
+        if len(items) > 4 or any(not s for s in items):
+            raise ValueError(f"stop must be at most 4 non-empty strings, got {stop!r}")
+        return stop
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs):
+        if logprobs:
+            raise ValueError("logprobs are not supported")
+        return logprobs
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError(f"exactly one prompt is supported, got {len(prompt)}")
+        return prompt
+
+    @field_validator("logprobs", "echo")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported")
+        return value
+
+
+class LoadAdapterRequest(_Body):
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadAdapterRequest(_Body):
+    lora_name: str = Field(min_length=1, max_length=128)
+
+
+def parse(model: type[BaseModel], data) -> BaseModel:
+    """Validate a decoded JSON body; APIError 400 naming the first problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(x) for x in err["loc"]) or "body"
+        raise APIError(400, f"{where}: {err['msg']}"[:500], param=where) from None
+
+
+# translation -------------------------------------------------------------------------------------
+def chat_prompt(messages: list[Message]) -> tuple[str, list[str]]:
+    """(prompt text, image URLs in order) of a conversation (see the module docstring)."""
+    turns = [m for m in messages if m.role not in ("system", "developer")]
+    single = len(turns) == 1 and turns[0].role == "user"
+    lines, urls = [], []
+    for m in messages:
+        if isinstance(m.content, str):
+            text = m.content
+        else:
+            parts = m.content or []
+            urls += [p.image_url.url for p in parts if isinstance(p, ImagePart)]
+            text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
+        if text:
+            plain = single or m.role in ("system", "developer")
+            lines.append(text if plain else f"{m.role.capitalize()}: {text}")
+    return "\n".join(lines), urls
+
+
+def make_request(body: _Sampling, prompt: str, images: list, adapter: str | None, seed: int,
+                 tokenizer, config, limits: Limits) -> Request:
+    """The engine Request; max_tokens defaults to limits.default_max_tokens within the context left."""
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if max_tokens is None:
+        n = len(tokenizer.expand_image_tokens(tokenizer.prompt_ids(prompt, len(images)), config.tokens_per_image))
+        left = config.text.max_position - n
+        if left < 1:
+            raise APIError(400, f"prompt of {n} tokens fills the context of {config.text.max_position} tokens",
+                           code="context_length_exceeded")
+        max_tokens = min(limits.default_max_tokens, left)
+    return Request(prompt, images, adapter=adapter, max_tokens=max_tokens,
+                   temperature=1.0 if body.temperature is None else body.temperature,
+                   top_p=1.0 if body.top_p is None else body.top_p, seed=seed % 2 ** 32, stop=body.stops)
+
+
+# images ------------------------------------------------------------------------------------------
+_DATA_URL = re.compile(r"data:(image/(?:png|jpeg|jpg));base64,(.*)", re.DOTALL)
+_FORMATS = ("PNG", "JPEG")
+
+
+def load_image_url(url: str, limits: Limits, media_roots: tuple[Path, ...] = ()) -> Image.Image:
+    """Decode one image_url (data URL, or file:// inside a media root) into an RGB image."""
+    if url.startswith("data:"):
+        match = _DATA_URL.fullmatch(url)
+        if match is None:
+            raise APIError(400, f"image data URL must be data:image/png|jpeg;base64,...; got {url[:40]!r}...")
+        encoded = match.group(2)
+        if len(encoded) * 3 // 4 > limits.max_image_bytes + 3:
+            raise APIError(413, f"image of about {len(encoded) * 3 // 4} bytes exceeds the limit of "
+                                f"{limits.max_image_bytes} bytes")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise APIError(400, f"image data URL is not valid base64: {e}") from None
+    elif url.startswith("file://"):
+        data = _read_local(unquote(urlparse(url).path), limits, media_roots)
+    elif re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        raise APIError(400, f"remote image URLs are not fetched: {url[:80]!r}; send a base64 data URL")
+    else:
+        raise APIError(400, f"image_url must be a data URL or a file:// URL, got {url[:80]!r}")
+    return decode_image(data, limits)
+
+
+def _read_local(path: str, limits: Limits, media_roots: tuple[Path, ...]) -> bytes:
+    """The bytes of a local image, only if it resolves inside one of the media roots."""
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in media_roots):
+        raise APIError(400, f"local image {path!r} is outside the allowed media roots "
+                            f"({[str(r) for r in media_roots] or 'none configured'})")
+    if not resolved.is_file():
+        raise APIError(400, f"local image {path!r} is not a file")
+    try:
+        size = resolved.stat().st_size
+        if size > limits.max_image_bytes:
+            raise APIError(413, f"image {path!r} of {size} bytes exceeds the limit of {limits.max_image_bytes} bytes")
+        return resolved.read_bytes()
+    except OSError as e:
+        raise APIError(400, f"cannot read local image {path!r}: {e.strerror}") from None
+
+
+def decode_image(data: bytes, limits: Limits) -> Image.Image:
+    """PNG/JPEG bytes -> RGB image; the pixel count is checked from the header before decoding."""
+    if len(data) > limits.max_image_bytes:
+        raise APIError(413, f"image of {len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            (w, h), fmt = probe.size, probe.format
+    except Image.DecompressionBombError:
+        raise APIError(413, "image has too many pixels (decompression bomb)") from None
+    except Exception as e:     # Pillow raises many types for garbage input
+        raise APIError(400, f"not a readable image ({len(data)} bytes): {e}") from None
+    if fmt not in _FORMATS:
+        raise APIError(400, f"image format {fmt} is not supported; send PNG or JPEG")
+    if w * h > limits.max_image_pixels:
+        raise APIError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {limits.max_image_pixels}")
+    try:
+        return load_image(data, max_pixels=limits.max_image_pixels)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    except Exception as e:
+        raise APIError(400, f"corrupt image data: {e}") from None
