@@ -6,9 +6,8 @@ Images come from `image_url` parts: `data:image/png|jpeg;base64,...` URLs, or `f
 inside the configured media roots; remote URLs are never fetched. Each image is checked for
 its encoded size and, from its header before decoding, its pixel count.
 
-A conversation becomes one engine prompt: with a single user turn, the system text and the
-user text; otherwise one "Role: text" line per message. Images go before the text (the
-model's prompt layout), in the order they appear.
+A conversation goes to the engine as chat messages in the tokenizer's format, each image part
+becoming an image placeholder where it stands ("developer" turns count as "system").
 """
 
 import base64
@@ -171,36 +170,38 @@ def parse(model: type[BaseModel], data) -> BaseModel:
 
 
 # translation -------------------------------------------------------------------------------------
-def chat_prompt(messages: list[Message]) -> tuple[str, list[str]]:
-    """(prompt text, image URLs in order) of a conversation (see the module docstring)."""
-    turns = [m for m in messages if m.role not in ("system", "developer")]
-    single = len(turns) == 1 and turns[0].role == "user"
-    lines, urls = [], []
+def chat_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
+    """(the conversation in the tokenizer's chat format, image URLs in order)."""
+    converted, urls = [], []
     for m in messages:
-        if isinstance(m.content, str):
-            text = m.content
+        if isinstance(m.content, str) or m.content is None:
+            content = m.content or ""
         else:
-            parts = m.content or []
-            urls += [p.image_url.url for p in parts if isinstance(p, ImagePart)]
-            text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
-        if text:
-            plain = single or m.role in ("system", "developer")
-            lines.append(text if plain else f"{m.role.capitalize()}: {text}")
-    return "\n".join(lines), urls
+            content = []
+            for p in m.content:
+                if isinstance(p, ImagePart):
+                    urls.append(p.image_url.url)
+                    content.append({"type": "image"})
+                else:
+                    content.append({"type": "text", "text": p.text})
+        converted.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return converted, urls
 
 
-def make_request(body: _Sampling, prompt: str, images: list, adapter: str | None, seed: int,
-                 tokenizer, config, limits: Limits) -> Request:
-    """The engine Request; max_tokens defaults to limits.default_max_tokens within the context left."""
+def make_request(body: _Sampling, images: list, adapter: str | None, seed: int, tokenizer, config,
+                 limits: Limits, *, prompt: str = "", messages: list[dict] | None = None) -> Request:
+    """The engine Request for a text `prompt` or chat `messages`; max_tokens defaults to
+    limits.default_max_tokens within the context left."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if max_tokens is None:
-        n = len(tokenizer.expand_image_tokens(tokenizer.prompt_ids(prompt, len(images)), config.tokens_per_image))
+        ids = tokenizer.prompt_ids(prompt, len(images)) if messages is None else tokenizer.chat_prompt(messages)
+        n = len(tokenizer.expand_image_tokens(ids, config.tokens_per_image))
         left = config.text.max_position - n
         if left < 1:
             raise APIError(400, f"prompt of {n} tokens fills the context of {config.text.max_position} tokens",
                            code="context_length_exceeded")
         max_tokens = min(limits.default_max_tokens, left)
-    return Request(prompt, images, adapter=adapter, max_tokens=max_tokens,
+    return Request(prompt, images, adapter=adapter, max_tokens=max_tokens, messages=messages,
                    temperature=1.0 if body.temperature is None else body.temperature,
                    top_p=1.0 if body.top_p is None else body.top_p, seed=seed % 2 ** 32, stop=body.stops)
 

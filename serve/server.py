@@ -35,7 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from serve.api_schema import (APIError, ChatRequest, CompletionRequest, Limits, LoadAdapterRequest,
-                              UnloadAdapterRequest, chat_prompt, load_image_url, make_request, parse)
+                              UnloadAdapterRequest, chat_messages, load_image_url, make_request, parse)
 from serve.engine import AdapterInUse, Overloaded
 from serve.service import EngineService, ShuttingDown, UnknownModel
 from valora_jax.checkpoint import load_adapter
@@ -86,8 +86,9 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(), 500)
 
     # generation -----------------------------------------------------------------------------
-    async def _prepare(body, prompt: str, urls: list[str]):
-        """The engine Request: adapter from `model`, images decoded off the event loop."""
+    async def _prepare(body, urls: list[str], **text):
+        """The engine Request (text: prompt= or messages=): adapter from `model`, images decoded
+        off the event loop."""
         if body.model != service.model_name and body.model not in service.adapters:
             raise APIError(404, f"the model {body.model!r} does not exist; models: "
                                 f"{[service.model_name, *service.adapters]}", "not_found_error",
@@ -99,8 +100,8 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
             images = [load_image_url(u, limits, roots) for u in urls]
             seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 32)
             try:
-                return make_request(body, prompt, images, None if body.model == service.model_name else body.model,
-                                    seed, tokenizer, config, limits)
+                return make_request(body, images, None if body.model == service.model_name else body.model,
+                                    seed, tokenizer, config, limits, **text)
             except ValueError as e:
                 raise APIError(400, str(e)) from None
 
@@ -191,8 +192,8 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         body = parse(ChatRequest, await _json(http))
-        prompt, urls = chat_prompt(body.messages)
-        request = await _prepare(body, prompt, urls)
+        messages, urls = chat_messages(body.messages)
+        request = await _prepare(body, urls, messages=messages)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         events = await _start(request, rid)
         head = {"id": rid, "created": created, "model": body.model}
@@ -222,7 +223,7 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
     async def completions(http: HTTPRequest):
         body = parse(CompletionRequest, await _json(http))
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        request = await _prepare(body, prompt, [])
+        request = await _prepare(body, [], prompt=prompt)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         events = await _start(request, rid)
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}

@@ -115,3 +115,23 @@ def test_shape_buckets_bound_compilations(generator):
     for n in lengths:
         generator.generate([Request("y" * n, max_tokens=2, adapter="task1")])
     assert step._cache_size() == compiled                 # nothing new on a second pass
+
+
+def test_conversations_place_images_where_their_parts_stand(generator):
+    img = random_image(11)
+    convo = [{"role": "system", "content": "be brief"},
+             {"role": "user", "content": [{"type": "text", "text": "look:"}, {"type": "image"}]},
+             {"role": "assistant", "content": "ok"},
+             {"role": "user", "content": "and now?"}]
+    out = generator.generate([Request(messages=convo, images=[img], max_tokens=4)])[0]
+    tok = generator.tokenizer
+    ids = tok.expand_image_tokens(tok.chat_prompt(convo), generator.runner.config.tokens_per_image)
+    assert out.prompt_tokens == len(ids) and len(out.token_ids) == 4
+    simple = generator.generate([Request("look:", [img], max_tokens=4)])[0]
+    assert simple.prompt_tokens != out.prompt_tokens
+    with pytest.raises(ValueError, match="1 image parts but 2 images"):
+        generator.generate([Request(messages=convo, images=[img, img])])
+    with pytest.raises(ValueError, match="not both"):
+        generator.generate([Request("text", messages=convo, images=[img])])
+    with pytest.raises(ValueError, match="role"):
+        generator.generate([Request(messages=[{"role": "robot", "content": "hi"}])])

@@ -16,10 +16,12 @@ from valora_jax.image import preprocess_batch
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """prompt: the user's text; images: image sources (bytes, path, PIL image, HxWx3 uint8 array),
-    placed before the text; adapter: adapter name or None for the base model."""
+    """prompt: the user's text, with `images` (bytes, path, PIL image, HxWx3 uint8 array) placed
+    before it; or `messages`: a whole conversation (the tokenizer's `chat_prompt` format, content
+    text or a list of {"type": "text", "text"} / {"type": "image"} parts) whose image parts
+    `images` fill in order. adapter: adapter name or None for the base model."""
 
-    prompt: str
+    prompt: str = ""
     images: Sequence[Any] = ()
     adapter: str | None = None
     max_tokens: int = 32
@@ -29,6 +31,7 @@ class Request:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     """Keep generating through stop tokens until max_tokens (fixed-length benchmark requests)."""
+    messages: Sequence[Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +61,24 @@ class RequestState:
 
     @classmethod
     def prepare(cls, req: Request, config: LMMConfig, tokenizer) -> "RequestState":
-        if not isinstance(req.prompt, str) or not req.prompt.strip():
+        if req.messages is None and (not isinstance(req.prompt, str) or not req.prompt.strip()):
             raise ValueError(f"prompt must be non-empty text, got {req.prompt!r}")
+        if req.messages is not None and req.prompt:
+            raise ValueError("give either prompt or messages, not both")
         if req.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
         v = config.vision
         pixels = preprocess_batch(list(req.images), size=v.image_size, mean=v.image_mean, std=v.image_std)
-        ids = tokenizer.expand_image_tokens(tokenizer.prompt_ids(req.prompt, len(req.images)),
-                                            config.tokens_per_image)
+        if req.messages is None:
+            ids = tokenizer.prompt_ids(req.prompt, len(req.images))
+        else:
+            ids = tokenizer.chat_prompt(list(req.messages))
+            if ids.count(tokenizer.image_id) != len(req.images):
+                raise ValueError(f"the messages have {ids.count(tokenizer.image_id)} image parts but "
+                                 f"{len(req.images)} images were given")
+        ids = tokenizer.expand_image_tokens(ids, config.tokens_per_image)
         if len(ids) + req.max_tokens > config.text.max_position:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {req.max_tokens} exceeds the "
                              f"context of {config.text.max_position} tokens")
