@@ -4,7 +4,6 @@ serve/cli.py registers them with `add_commands(subparsers, load_model)`; `load_m
 is the CLI's model loader (-> (LMM, description)). Heavy imports happen inside the commands.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -12,13 +11,13 @@ from typing import Callable
 
 
 def _model(load_model: Callable, spec: str | None):
-    """The model for training/evaluation: byte tokenizer, images a multiple of the 8-cell grid."""
-    from valora_jax.hf_model import is_hf_checkpoint
+    """The model to train or evaluate; the suite speaks the byte tokenizer, so models with a
+    tokenizer of their own (Hugging Face checkpoints, imported or not) are refused."""
     from valora_jax.tokenizer import ByteTokenizer
 
-    if spec is not None and is_hf_checkpoint(spec):
-        raise SystemExit(f"error: --model {spec!r}: training and evaluation use the byte tokenizer; import the "
-                         "model first or use a valora model directory")
+    if spec is not None and (Path(spec) / "tokenizer.json").exists():
+        raise SystemExit(f"error: --model {spec!r} has its own tokenizer; the task suite is built for the byte "
+                         "tokenizer of valora's own models")
     model, origin = load_model(spec)
     if model.config.text.vocab_size < ByteTokenizer.vocab_size:
         raise SystemExit(f"error: --model {spec!r}: vocabulary {model.config.text.vocab_size} is smaller than the "
@@ -40,11 +39,15 @@ def cmd_train_adapter(args, load_model) -> None:
     from valora_jax.checkpoint import save_adapter
     from train.trainer import train_adapter
 
+    try:
+        cfg = _train_config(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     model = _model(load_model, args.model)
     name = args.name or "+".join(args.task)
     workdir = Path(args.workdir) if args.workdir else Path(args.out) / "training"
     try:
-        result = train_adapter(model, args.task, _train_config(args), workdir=workdir, progress=not args.quiet)
+        result = train_adapter(model, args.task, cfg, workdir=workdir, progress=not args.quiet)
         save_adapter(args.out, result.to_adapter(name, model.config.base_id))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
@@ -60,13 +63,13 @@ def cmd_generate_adapters(args, load_model) -> None:
 
     try:
         spec = load_spec(args.spec)
+        if args.steps is not None:
+            spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, steps=args.steps))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if args.steps is not None:
-        spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, steps=args.steps))
     model = _model(load_model, args.model)
     try:
-        report = generate_adapters(spec, args.out, ModelTrainer(model, spec.train, progress=not args.quiet))
+        generate_adapters(spec, args.out, ModelTrainer(model, spec.train, progress=not args.quiet))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print((Path(args.out) / "report.md").read_text())
