@@ -12,21 +12,10 @@ import traceback
 import jax
 
 from pallas_kernels import TileConfig
+from pallas_kernels.testing import CASES as BASE_CASES
 from pallas_kernels.testing import Case, check
 
-CASES = [
-    Case(1, 64, (64,), 16, 4, layout="uniform"),
-    Case(2, 32, (32,), 16, 1, layout="distinct"),
-    Case(17, 64, (48, 96), 32, 3, layout="segments"),
-    Case(40, 64, (64,), 128, 16, layout="distinct"),
-    Case(53, 96, (80,), 64, 8, layout="skewed", dtype="bfloat16"),
-    Case(64, 64, (64, 32, 32), 16, 5, rank=16, layout="segments", dtype="bfloat16"),
-    Case(33, 64, (64,), 8, 4, rank=8, layout="uniform", dtype="bfloat16"),
-    Case(70, 48, (40,), 24, 6, layout="segments"),
-    Case(100, 64, (64,), 128, 16, layout="uniform", dtype="bfloat16"),
-    Case(45, 64, (64, 48), 32, 6, layout="segments", mixture=True, merged="present"),
-    Case(31, 64, (64,), 16, 6, layout="uniform", mixture=True, merged="absent", dtype="bfloat16"),
-    Case(16, 32, (32,), 16, 4, layout="distinct", mixture=True, merged="none"),
+CASES = BASE_CASES + [
     # LLaVA-sized
     Case(1, 4096, (4096,), 16, 8, rank=16, layout="uniform", dtype="bfloat16"),
     Case(64, 4096, (4096, 4096, 4096), 16, 64, rank=16, layout="distinct", dtype="bfloat16"),

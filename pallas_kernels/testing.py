@@ -120,3 +120,23 @@ def check(case: Case, seed: int = 0, tile: TileConfig | None = None, interpret: 
         assert err <= TOLERANCE[case.dtype], f"output {k}: relative error {err:.3g} > {TOLERANCE[case.dtype]}"
         worst = max(worst, err)
     return worst
+
+
+# The kernel-vs-reference grid of the CPU tests; bench/gpu_smoke.py runs it on the GPU too.
+CASES = [
+    # T from 1 up; mixed ranks up to 128; 1..16 slots; every layout; f32 and bf16.
+    Case(1, 64, (64,), 16, 4, layout="uniform"),
+    Case(2, 32, (32,), 16, 1, layout="distinct"),
+    Case(17, 64, (48, 96), 32, 3, layout="segments"),
+    Case(40, 64, (64,), 128, 16, layout="distinct"),
+    Case(53, 96, (80,), 64, 8, layout="skewed", dtype="bfloat16"),
+    Case(64, 64, (64, 32, 32), 16, 5, rank=16, layout="segments", dtype="bfloat16"),
+    Case(33, 64, (64,), 8, 4, rank=8, layout="uniform", dtype="bfloat16"),   # R < 16
+    Case(70, 48, (40,), 24, 6, layout="segments"),                           # R not a power of 2
+    Case(100, 64, (64,), 128, 16, layout="uniform", dtype="bfloat16"),
+    # mixture: merged slot present among the tokens, absent, or none
+    Case(45, 64, (64, 48), 32, 6, layout="segments", mixture=True, merged="present"),
+    Case(31, 64, (64,), 16, 6, layout="uniform", mixture=True, merged="absent", dtype="bfloat16"),
+    Case(16, 32, (32,), 16, 4, layout="distinct", mixture=True, merged="none"),
+    Case(1, 64, (64,), 64, 3, layout="uniform", mixture=True, merged="absent"),
+]

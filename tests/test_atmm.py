@@ -10,27 +10,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels import TileConfig, lora_delta, lora_delta_reference, tiling
-from pallas_kernels.testing import Case, check, make_problem
+from pallas_kernels.testing import CASES, Case, check, make_problem
 
 SMALL = TileConfig(shrink_block_t=16, block_k=32, split_k=2, expand_block_t=16, block_n=32)
 
-CASES = [
-    # T from 1 up; mixed ranks up to 128; 1..16 slots; every layout; f32 and bf16.
-    Case(1, 64, (64,), 16, 4, layout="uniform"),
-    Case(2, 32, (32,), 16, 1, layout="distinct"),
-    Case(17, 64, (48, 96), 32, 3, layout="segments"),
-    Case(40, 64, (64,), 128, 16, layout="distinct"),
-    Case(53, 96, (80,), 64, 8, layout="skewed", dtype="bfloat16"),
-    Case(64, 64, (64, 32, 32), 16, 5, rank=16, layout="segments", dtype="bfloat16"),
-    Case(33, 64, (64,), 8, 4, rank=8, layout="uniform", dtype="bfloat16"),   # R < 16
-    Case(70, 48, (40,), 24, 6, layout="segments"),                           # R not a power of 2
-    Case(100, 64, (64,), 128, 16, layout="uniform", dtype="bfloat16"),
-    # mixture: merged slot present among the tokens, absent, or none
-    Case(45, 64, (64, 48), 32, 6, layout="segments", mixture=True, merged="present"),
-    Case(31, 64, (64,), 16, 6, layout="uniform", mixture=True, merged="absent", dtype="bfloat16"),
-    Case(16, 32, (32,), 16, 4, layout="distinct", mixture=True, merged="none"),
-    Case(1, 64, (64,), 64, 3, layout="uniform", mixture=True, merged="absent"),
-]
 
 
 def _id(c: Case) -> str:
