@@ -14,7 +14,7 @@ from conftest import assert_rel_close, micro_config
 from valora_jax import (AdapterPool, ByteTokenizer, Generator, LoraContext, ModelRunner, Request, init_model, load_adapter,
                         save_adapter, save_model)
 from valora_jax.image import preprocess_batch
-from valora_jax.lora import targeted_linears
+from valora_jax.lora import module_path, targeted_linears
 from train import forward as fwd
 from train.data import encode, eval_dataset, layout_for, train_dataset
 from train.evaluate import evaluate_adapter, module_shapes
@@ -152,7 +152,7 @@ def test_training_lowers_the_loss_and_changes_only_the_adapter(model, trained, t
     runner.write_slot(2, loaded)
     served = runner.model()
     for path, lin in targeted_linears(served):
-        key = fwd.module_path(path)
+        key = module_path(path)
         a, b = np.asarray(lin.lora_a[...][2]), np.asarray(lin.lora_b[...][2])
         assert not a[:, CFG.rank:].any() and not b[CFG.rank:].any()
         np.testing.assert_array_equal(a[:, :CFG.rank], result.lora[key]["a"])

@@ -77,7 +77,8 @@ def cmd_generate_adapters(args, load_model) -> None:
 
 def cmd_eval(args, load_model) -> None:
     from valora_jax.checkpoint import load_adapter
-    from train.evaluate import evaluate_adapter, module_shapes
+    from train.evaluate import evaluate_adapter
+    from valora_jax.lora import module_shapes
     from train.forward import split_for_training
     from train.tasks import get_task
 

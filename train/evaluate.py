@@ -8,7 +8,7 @@ import numpy as np
 
 from valora_jax.adapters import Adapter
 from valora_jax.config import LMMConfig
-from valora_jax.lora import targeted_linears
+from valora_jax.lora import module_shapes
 from valora_jax.tokenizer import ByteTokenizer
 
 from train import forward as fwd
@@ -64,11 +64,6 @@ def evaluate(parts: fwd.Parts, config: LMMConfig, task: Task, *, lora=None, scal
                 pairs.append((pred, str(ref)))
     accuracy = float(np.mean(scores))
     return (accuracy, pairs) if return_predictions else accuracy
-
-
-def module_shapes(model) -> dict[str, tuple[int, int]]:
-    """{module path: (D_in, D_out)} of the model's slot-carrying linears (what adapters are checked against)."""
-    return {fwd.module_path(p): (lin.d_in, lin.d_out) for p, lin in targeted_linears(model)}
 
 
 def evaluate_adapter(model, adapter: Adapter | None, task: Task | str, *, split: str = "test", n: int = 200,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from valora_jax.decoder import Block
-from valora_jax.lora import LoraContext
+from valora_jax.lora import LoraContext, module_path
 from valora_jax.model import LMM, split_model
 from valora_jax.tokenizer import ByteTokenizer
 
@@ -49,11 +49,6 @@ def split_for_training(model: LMM) -> Parts:
         return Parts(graphdef, nnx.state(model, nnx.Param), (zeros(lora), zeros(merged)))
     graphdef, params, lora, merged = split_model(model)
     return Parts(graphdef, params, (lora, merged))
-
-
-def module_path(path) -> str:
-    """nnx path tuple -> "decoder.layers.0.q_proj" (the Adapter's module keys)."""
-    return ".".join(str(p) for p in path)
 
 
 def _folded(params: nnx.State, merged: nnx.State, lora, scales) -> nnx.State:

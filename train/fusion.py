@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from valora_jax.checkpoint import load_adapter, save_adapter
+from valora_jax.lora import module_shapes
 
 from train import forward as fwd
-from train.evaluate import evaluate, evaluate_adapter, module_shapes
+from train.evaluate import evaluate, evaluate_adapter
 from train.tasks import TASKS, get_task
 from train.trainer import TrainConfig, train_adapter
 
@@ -265,7 +266,7 @@ def _report(out: Path, spec: FusionSpec, state: dict, trainer: Trainer) -> dict:
 
 def report_markdown(report: dict) -> str:
     """The report as a markdown table with a summary line."""
-    lines = [f"# Adapter generation report", "",
+    lines = ["# Adapter generation report", "",
              f"{report['num_adapters']} adapters for {report['one_per_task']} tasks (one per task would be "
              f"{report['one_per_task']}); every requirement met: {'yes' if report['all_met'] else 'NO'}.",
              f"Order ({report['order_rule']}): {', '.join(report['order'])}. Accuracies on the test split; "

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from valora_jax.adapters import Adapter, TaskHead, make_adapter
-from valora_jax.lora import targeted_linears
+from valora_jax.lora import module_path, targeted_linears
 from valora_jax.model import LMM
 
 from train import forward as fwd
@@ -127,7 +127,7 @@ def init_lora(model: LMM, rank: int, seed: int) -> dict:
     for i, (path, lin) in enumerate(targeted_linears(model)):
         bound = 1.0 / np.sqrt(lin.d_in)
         a = jax.random.uniform(jax.random.fold_in(key, i), (lin.d_in, rank), jnp.float32, -bound, bound)
-        lora[fwd.module_path(path)] = {"a": a, "b": jnp.zeros((rank, lin.d_out), jnp.float32)}
+        lora[module_path(path)] = {"a": a, "b": jnp.zeros((rank, lin.d_out), jnp.float32)}
     if not lora:
         raise ValueError(f"model {model.config.name} has no LoRA target modules")
     return lora

@@ -20,7 +20,7 @@ from flax import nnx
 from valora_jax.adapters import Adapter, target_of
 from valora_jax.config import ALL_TARGETS, LMMConfig, LoraConfig
 from valora_jax.hf_model import _read_json, _safetensors_open, hf_config, is_hf_checkpoint, module_path
-from valora_jax.lora import targeted_linears
+from valora_jax.lora import module_shapes
 from valora_jax.model import LMM
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
@@ -38,7 +38,7 @@ def module_shapes_for(config: LMMConfig, all_targets: bool = False) -> dict[str,
         config = dataclasses.replace(config, lora=LoraConfig(max_loras=1, max_rank=1, targets=ALL_TARGETS,
                                                              mergeable=False))
     abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))
-    return {".".join(map(str, p)): (lin.d_in, lin.d_out) for p, lin in targeted_linears(abstract)}
+    return module_shapes(abstract)
 
 
 def _selected(peft: dict, module: str) -> bool:

@@ -151,3 +151,13 @@ def merged_kernel(lin: Linear, slot: jax.Array) -> jax.Array:
 def targeted_linears(model: nnx.Module) -> list[tuple[tuple, Linear]]:
     """(path, Linear) for every linear that carries adapter slots."""
     return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.targeted]
+
+
+def module_path(path: tuple) -> str:
+    """An nnx path as an adapter's module key: ("decoder", "layers", 0, "q_proj") -> "decoder.layers.0.q_proj"."""
+    return ".".join(str(p) for p in path)
+
+
+def module_shapes(model: nnx.Module) -> dict[str, tuple[int, int]]:
+    """{module key: (D_in, D_out)} of every slot-carrying linear (what adapters are checked against)."""
+    return {module_path(p): (lin.d_in, lin.d_out) for p, lin in targeted_linears(model)}

@@ -19,7 +19,7 @@ from flax import nnx
 from valora_jax.adapters import Adapter
 from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
 from valora_jax.lora import (BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merge_weight, merged_kernel,
-                             targeted_linears)
+                             module_path, module_shapes, targeted_linears)
 from valora_jax.model import LMM, split_model
 
 
@@ -59,10 +59,6 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
     return Block(tokens, positions, valid, image_rows, slot, page_table)
 
 
-def _path_str(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 class ModelRunner:
     """Owns the device state of one model and the jitted functions over it."""
 
@@ -74,7 +70,7 @@ class ModelRunner:
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; expected one of {ATTENTION_BACKENDS}")
         self.config, self.backend, self.attention = model.config, backend, attention
-        self.module_shapes = {_path_str(p): (lin.d_in, lin.d_out) for p, lin in targeted_linears(model)}
+        self.module_shapes = module_shapes(model)
         self.graphdef, self.params, self.lora, self.merged = split_model(model)
         self.merged_slot = -1          # slot whose adapter the merged weights hold (-1: none yet)
         self._step = jax.jit(self._step_impl, static_argnames="mode", donate_argnames="cache")
@@ -104,7 +100,7 @@ class ModelRunner:
         model = nnx.merge(self.graphdef, params, lora, merged)
         r_max = self.config.lora.max_rank
         for path, lin in targeted_linears(model):
-            a, b, scale = payload.get(_path_str(path), (None, None, None))
+            a, b, scale = payload.get(module_path(path), (None, None, None))
             if a is None:   # module the adapter does not touch: an all-zero, rank-0 slot
                 a, b, scale = jnp.zeros((lin.d_in, 0)), jnp.zeros((0, lin.d_out)), jnp.float32(0)
             r = a.shape[1]
