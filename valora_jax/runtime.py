@@ -60,7 +60,10 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
 
 
 class ModelRunner:
-    """Owns the device state of one model and the jitted functions over it."""
+    """Owns the device state of one model and the jitted functions over it.
+
+    Slot writes and merges donate the previous LoRA-slot and merged-weight buffers, so two
+    runners must not share those arrays: build each runner from its own model (or copy them)."""
 
     def __init__(self, model: LMM, *, backend: str = "reference", attention: str = "reference"):
         """backend: the LoRA branch's (lora.BACKENDS); attention: decode attention's

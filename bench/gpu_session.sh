@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, stage by stage, in as few device calls as possible:
+#   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
+#   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
+#   bash bench/gpu_session.sh kernels                     (ATMM side by side)
+#   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison)
+# Each stage's log goes to $OUT/<stage>.log; results land in bench/results/ and the tile table
+# in pallas_kernels/configs/, and both are packed into $OUT/results.tgz to bring back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/valora-gpu}
+mkdir -p "$OUT" bench/results
+python3 -c 'import jax; print(jax.__version__, jax.devices())'
+for stage in "$@"; do
+    echo "=== $stage $(date +%T)"
+    case $stage in
+        smoke)   python3 bench/gpu_smoke.py ;;
+        model)   python3 bench/model_smoke.py --out bench/results/model_smoke ;;
+        switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
+        tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
+        kernels) python3 -m bench.kernels --out-dir bench/results --budget-s "${KERNELS_BUDGET_S:-480}" ;;
+        e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e ${E2E_ARGS:-} ;;
+        *)       echo "unknown stage $stage"; false ;;
+    esac 2>&1 | tee "$OUT/$stage.log"
+done
+tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs
