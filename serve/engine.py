@@ -252,11 +252,11 @@ class Engine:
             for name in slots:
                 self.pool.unpin(name)
         duration = self.clock() - start
-        lora = self.cost.lora_units(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows])
+        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows])
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
-                           lora, len({s.adapter for s, _ in rows} - {None}))
-        self.cost.observe(step.tokens, lora, step.adapters, duration - switch)
+                           float(features[2]), len({s.adapter for s, _ in rows} - {None}))
+        self.cost.observe(mode, features, duration - switch)
         self.step_metrics.append(step)
         return step
 

@@ -1,9 +1,9 @@
 """Orchestration policies: each step, which requests run and in which mode.
 
 Every policy answers `decide(state) -> Decision` from a snapshot of the live requests.
-  ours    (V-LoRA)   per step the cheapest of unmerged, mixture(a) and merged(a) under a
-                     cost model of measured step times, amortising merge switches, with a
-                     starvation bound on how long any request may be left out;
+  ours    (V-LoRA)   per step the one of unmerged, mixture(a) and merged(a) that adds the
+                     least total latency under a cost model of measured step times, amortising
+                     merge switches, with a starvation bound on how long any request waits;
   slora              always unmerged, chunked prefill mixed with decodes, static-tile kernel;
   punica             always unmerged, static-tile kernel, prefill steps separate from decodes;
   dlora              merge the top adapter when its requests >= alpha * batch, unmerge when
@@ -79,18 +79,20 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
     return tuple(rows)
 
 
-@dataclasses.dataclass
 class CostModel:
-    """Step time = fixed + per_token * tokens + per_lora_token * lora_units + per_adapter * adapters
-    (adapters the LoRA branch reads; none in merged mode), refitted online from observed steps (least squares over the last `window`)."""
+    """Step time per mode = fixed + per_token * tokens + per_lora_token * lora_units
+    + per_adapter * adapters (adapters the LoRA branch reads; none in merged mode).
 
-    fixed: float = 2e-3
-    per_token: float = 2e-5
-    per_lora_token: float = 5e-6
-    per_adapter: float = 5e-5
-    switch: float = 5e-3
-    window: int = 256
-    _obs: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=256))
+    Each mode has its own coefficients, starting from the same prior and refitted online from
+    that mode's observed steps (least squares over the last `window`, refitted without outliers
+    such as steps that compiled), so what a mode really costs on this backend is learnt."""
+
+    def __init__(self, fixed: float = 2e-3, per_token: float = 2e-5, per_lora_token: float = 5e-6,
+                 per_adapter: float = 5e-5, switch: float = 5e-3, window: int = 256):
+        prior = np.array([fixed, per_token, per_lora_token, per_adapter])
+        self.coef = {mode: prior.copy() for mode in ("unmerged", "merged", "mixture")}
+        self.switch = switch
+        self._obs = {mode: collections.deque(maxlen=window) for mode in self.coef}
 
     @staticmethod
     def lora_units(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
@@ -103,20 +105,29 @@ class CostModel:
             return float(sum(n for a, n in rows if a is not None))
         return float(sum(0 if a == merged else (2 * n if a is not None else n) for a, n in rows))
 
-    def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
-        tokens = sum(n for _, n in rows)
+    @staticmethod
+    def features(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> np.ndarray:
+        """[1, tokens, lora_units, adapters] of a step."""
         adapters = 0 if mode == "merged" else len({a for a, _ in rows if a is not None}
                                                    | ({merged} if mode == "mixture" else set()))
-        return (self.fixed + self.per_token * tokens + self.per_lora_token * self.lora_units(mode, merged, rows)
-                + self.per_adapter * adapters)
+        return np.array([1.0, sum(n for _, n in rows), CostModel.lora_units(mode, merged, rows), adapters])
 
-    def observe(self, tokens: int, lora_units: float, adapters: int, seconds: float) -> None:
-        self._obs.append((1.0, tokens, lora_units, adapters, seconds))
-        if len(self._obs) >= 16 and len(self._obs) % 8 == 0:
-            data = np.asarray(self._obs, np.float64)
-            coef, *_ = np.linalg.lstsq(data[:, :4], data[:, 4], rcond=None)
+    def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
+        return float(self.features(mode, merged, rows) @ self.coef[mode])
+
+    def observe(self, mode: str, features: np.ndarray, seconds: float) -> None:
+        obs = self._obs[mode]
+        obs.append((*features, seconds))
+        if len(obs) >= 16 and len(obs) % 8 == 0:
+            data = np.asarray(obs, np.float64)
+            x, y = data[:, :4], data[:, 4]
+            coef = np.linalg.lstsq(x, y, rcond=None)[0]
+            resid = np.abs(y - x @ coef)
+            keep = resid <= 3 * np.median(resid) + 1e-9           # drop outliers (compiles, hiccups)
+            if keep.sum() >= 8:
+                coef = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
             if np.all(np.isfinite(coef)):
-                self.fixed, self.per_token, self.per_lora_token, self.per_adapter = np.maximum(coef, 0.0)
+                self.coef[mode] = np.maximum(coef, 0.0)
 
     def observe_switch(self, seconds: float) -> None:
         self.switch = 0.5 * self.switch + 0.5 * seconds
@@ -198,9 +209,16 @@ class MergedOnlyPolicy(Policy):
 
 
 class VLoRAPolicy(Policy):
-    """Cheapest time per scheduled request among unmerged, mixture(a), merged(a) for the top
-    adapter and the currently merged one; merge switches are amortised over `horizon` steps;
-    merged(a) is ruled out while any other request has waited longer than `starvation_bound`."""
+    """Per step, the candidate that adds the least total latency, relative to running every
+    packable row unmerged (time t_u, rows R_u):
+
+        dL(c) = N_live * (t_c - t_u) + (|R_u| - |R_c|) * t_u
+
+    every live request waits through the step (first term), and each row a candidate leaves
+    out waits about one more step (second term). Candidates: unmerged, mixture(a) and merged(a)
+    for the top adapter and the currently merged one; times come from the cost model, with a
+    merge switch amortised over `horizon` steps; merged(a) is ruled out while any other request
+    has waited longer than `starvation_bound` seconds."""
 
     name = "ours"
 
@@ -210,25 +228,25 @@ class VLoRAPolicy(Policy):
 
     def decide(self, state):
         adapter_of = {s.id: s.adapter for s in state.seqs}
-        candidates = [("unmerged", None, pack(state))]
-        for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
-            candidates.append(("mixture", a, pack(state, reserved=[a])))
-            starving = any(state.now - s.last_progress > self.starvation_bound
-                           for s in state.seqs if s.adapter != a)
-            if not starving:
-                candidates.append(("merged", a, pack(state, eligible=lambda s, a=a: s.adapter == a)))
 
-        def score(c):
-            mode, a, rows = c
-            if not rows:
-                return float("inf")
+        def step_time(mode, a, rows):
             t = self.cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows])
-            if mode != "unmerged" and a != state.merged_adapter:
-                t += self.cost.switch / self.horizon
-            return t / len(rows)
+            return t + (self.cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
 
-        mode, a, rows = min(candidates, key=score)
-        return Decision(mode, a, rows)
+        unmerged = pack(state)
+        t_u = step_time("unmerged", None, unmerged)
+        best, best_dl = Decision("unmerged", None, unmerged), 0.0
+        for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
+            candidates = [("mixture", pack(state, reserved=[a]))]
+            if not any(state.now - s.last_progress > self.starvation_bound for s in state.seqs if s.adapter != a):
+                candidates.append(("merged", pack(state, eligible=lambda s, a=a: s.adapter == a)))
+            for mode, rows in candidates:
+                if not rows:
+                    continue
+                dl = len(state.seqs) * (step_time(mode, a, rows) - t_u) + (len(unmerged) - len(rows)) * t_u
+                if dl < best_dl:
+                    best, best_dl = Decision(mode, a, rows), dl
+        return best
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {

@@ -109,16 +109,21 @@ def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
     assert served > 300 and max(waits) <= 0.05 + 2 * cost.step_time("unmerged", None, [("a", 16)] * 8)
 
 
-def test_cost_model_fits_observed_steps():
-    truth = CostModel(fixed=3e-3, per_token=1e-5, per_lora_token=2e-5, per_adapter=4e-4)
+def test_cost_model_learns_each_mode_and_ignores_outliers():
+    truth = {"unmerged": np.array([3e-3, 1e-5, 2e-5, 4e-4]), "mixture": np.array([4e-3, 1e-5, 6e-5, 4e-4])}
     model = CostModel()
     rng = np.random.default_rng(1)
-    for _ in range(64):
-        tokens, lora, adapters = int(rng.integers(1, 512)), float(rng.integers(0, 512)), int(rng.integers(0, 8))
-        seconds = truth.fixed + truth.per_token * tokens + truth.per_lora_token * lora + truth.per_adapter * adapters
-        model.observe(tokens, lora, adapters, seconds)
-    for name in ("fixed", "per_token", "per_lora_token", "per_adapter"):
-        assert getattr(model, name) == pytest.approx(getattr(truth, name), rel=1e-3)
+    for i in range(64):
+        for mode, coef in truth.items():
+            x = np.array([1.0, rng.integers(1, 512), rng.integers(0, 512), rng.integers(0, 8)])
+            seconds = float(x @ coef) + (5.0 if i % 16 == 3 else 0.0)        # a few compile stalls
+            model.observe(mode, x, seconds)
+    for mode, coef in truth.items():
+        np.testing.assert_allclose(model.coef[mode], coef, rtol=1e-3)
+    np.testing.assert_allclose(model.coef["merged"], CostModel().coef["merged"])   # never observed: the prior
+    rows = [("a", 30), ("b", 2)]
+    assert model.step_time("mixture", "a", rows) == pytest.approx(CostModel.features("mixture", "a", rows)
+                                                                   @ truth["mixture"])
 
 
 def test_lora_units_per_mode():
