@@ -134,8 +134,8 @@ def main(argv=None):
     results = []
     grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
                              [float(r) for r in args.rates.split(",")])
-    for kind, arrival, popularity, rate in grid:
-        w = Workload(kind, rate, arrival, popularity, args.requests, seed=hash((kind, arrival, popularity, rate)) % 2**31)
+    for seed, (kind, arrival, popularity, rate) in enumerate(grid):
+        w = Workload(kind, rate, arrival, popularity, args.requests, seed=seed)
         trace = make_trace(w, names, size, headed)
         for policy in args.policies.split(","):
             r = run_one(*serving[backends[policy]], policy, trace, engine_config, names[0])

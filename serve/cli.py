@@ -112,22 +112,12 @@ def _with_max_loras(model, max_loras: int):
     weights: adapters made for the model still fit, base_id is unchanged)."""
     import dataclasses
 
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    from valora_jax.model import with_lora
 
-    from valora_jax.model import LMM, split_model
-
-    if max_loras == model.config.lora.max_loras:
-        return model
     try:
-        config = dataclasses.replace(model.config, lora=dataclasses.replace(model.config.lora, max_loras=max_loras))
+        return with_lora(model, dataclasses.replace(model.config.lora, max_loras=max_loras))
     except ValueError as e:
         raise SystemExit(f"error: --max-loras {max_loras}: {e}")
-    params = split_model(model)[1]
-    graphdef, _, lora, merged = split_model(nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0))))
-    zeros = lambda state: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
-    return nnx.merge(graphdef, params, zeros(lora), zeros(merged))
 
 
 def _serve_adapters(args) -> list[tuple[str, Path, bool]]:

@@ -383,7 +383,7 @@ class Engine:
         for seq, i in done_prefill:
             if seq.id in heads:
                 head = heads[seq.id]
-                seq.state.label = head.labels[int(np.argmax(hidden_np[i] @ head.kernel + head.bias))]
+                seq.state.label = head.answer(hidden_np[i])
                 seq.state.finish = "stop"
         for (seq, _), token in zip(sampling, tokens):
             seq.state.append(int(token), self.tokenizer)

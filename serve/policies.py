@@ -13,6 +13,7 @@ The engine owns the packing limits (rows, token budget, chunk, adapter slots); `
 batch within them, oldest requests first, decodes before prefills.
 """
 
+import abc
 import collections
 import dataclasses
 from typing import Callable, Sequence
@@ -133,7 +134,7 @@ class CostModel:
         self.switch = 0.5 * self.switch + 0.5 * seconds
 
 
-class Policy:
+class Policy(abc.ABC):
     """decide(state) -> Decision. `static_tiles`: runs the ATMM kernel with one fixed tile;
     `per_layer_switch`: merges layer by layer (dLoRA) instead of in one call."""
 
@@ -141,8 +142,9 @@ class Policy:
     static_tiles = False
     per_layer_switch = False
 
+    @abc.abstractmethod
     def decide(self, state: SchedulerState) -> Decision:
-        raise NotImplementedError
+        """The mode and rows of the next step."""
 
 
 def _top_adapter(seqs: Sequence[SeqView]) -> str | None:

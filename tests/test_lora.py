@@ -124,3 +124,17 @@ def test_unmerge_is_bit_exact_after_100_cycles(dtype):
     # the merged mode reads weights that differ from the base ones
     linears = targeted_linears(runner.model())
     assert all(not np.array_equal(lin.merged[...], lin.kernel[...]) for _, lin in linears)
+
+
+def test_slots_are_allocated_at_kernel_widths_and_padding_is_never_read():
+    from valora_jax import LoraConfig
+    assert [LoraConfig(max_rank=r).slot_rank for r in (1, 8, 16, 24, 64, 100)] == [16, 16, 16, 32, 64, 128]
+    outputs = []
+    for max_rank in (24, 32):                        # the same rank-24 adapter in 32-wide slots both times
+        cfg = micro_config(max_rank=max_rank)
+        runner = ModelRunner(init_model(cfg, seed=4))
+        assert {lin.lora_a.shape[-1] for _, lin in targeted_linears(runner.model())} == {32}
+        runner.write_slot(1, random_adapter(cfg, runner.module_shapes, "r24", 24, seed=8))
+        runner.merge(1)
+        outputs.append([np.asarray(x) for x in jax.tree.leaves(runner.merged)])
+    assert all(np.array_equal(a, b) for a, b in zip(*outputs))

@@ -26,7 +26,7 @@ from flax import nnx
 
 from valora_jax.decoder import Block
 from valora_jax.lora import LoraContext, module_path
-from valora_jax.model import LMM, split_model
+from valora_jax.model import LMM, split_model, with_lora
 from valora_jax.tokenizer import ByteTokenizer
 
 
@@ -41,12 +41,7 @@ class Parts(NamedTuple):
 
 def split_for_training(model: LMM) -> Parts:
     """The model's pieces; a model built without merged weights is rebuilt with them (same params)."""
-    cfg = model.config
-    if not cfg.lora.mergeable:
-        mergeable = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, mergeable=True))
-        graphdef, _, lora, merged = split_model(nnx.eval_shape(lambda: LMM(mergeable, rngs=nnx.Rngs(0))))
-        zeros = lambda s: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), s)
-        return Parts(graphdef, nnx.state(model, nnx.Param), (zeros(lora), zeros(merged)))
+    model = with_lora(model, dataclasses.replace(model.config.lora, mergeable=True))
     graphdef, params, lora, merged = split_model(model)
     return Parts(graphdef, params, (lora, merged))
 

@@ -37,6 +37,10 @@ class TaskHead:
     bias: np.ndarray
     labels: tuple[str, ...]
 
+    def answer(self, hidden: np.ndarray) -> str:
+        """The label of the highest logit for one hidden state [D]."""
+        return self.labels[int(np.argmax(np.asarray(hidden, np.float32) @ self.kernel + self.bias))]
+
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:

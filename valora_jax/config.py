@@ -112,6 +112,13 @@ class LoraConfig:
     Costs one extra copy of every targeted weight; the base weights are never written,
     so unmerging is exact by construction."""
 
+    @property
+    def slot_rank(self) -> int:
+        """R of the slot buffers: max_rank rounded up to a power of two >= 16, the widths the ATMM
+        kernel reads without re-padding the pool on every call (ranks beyond an adapter's own
+        are never read)."""
+        return max(16, 1 << (self.max_rank - 1).bit_length())
+
     def __post_init__(self):
         unknown = sorted(set(self.targets) - set(ALL_TARGETS))
         if unknown:

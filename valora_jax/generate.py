@@ -115,5 +115,4 @@ class Generator:
             adapter = r.state.request.adapter
             head = self.pool.store[adapter].head if adapter else None
             if head is not None:
-                scores = hidden[i] @ head.kernel + head.bias
-                r.state.label, r.state.finish = head.labels[int(np.argmax(scores))], "stop"
+                r.state.label, r.state.finish = head.answer(hidden[i]), "stop"

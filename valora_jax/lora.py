@@ -92,7 +92,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
         self.targeted = lora is not None
         if self.targeted:
-            s, r = lora.max_loras, lora.max_rank
+            s, r = lora.max_loras, lora.slot_rank
             self.lora_a = LoraSlot(jnp.zeros((s, d_in, r), dtype))
             self.lora_b = LoraSlot(jnp.zeros((s, r, d_out), dtype))
             self.lora_scale = LoraSlot(jnp.zeros((s,), jnp.float32))

@@ -5,13 +5,14 @@ entry names the row of `image_features [F, D]` that replaces its embedding (-1 =
 token), so any number of images per request fits one static shape.
 """
 
+import dataclasses
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from valora_jax.config import LMMConfig
+from valora_jax.config import LMMConfig, LoraConfig
 from valora_jax.decoder import Block, Decoder
 from valora_jax.lora import LoraContext, MergedWeight, LoraSlot
 from valora_jax.vision import Projector, VisionTower
@@ -73,6 +74,17 @@ def count_params(config: LMMConfig) -> int:
     """Base-model parameters (nnx.Param leaves), computed abstractly: no memory is allocated."""
     abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def with_lora(model: LMM, lora: LoraConfig) -> LMM:
+    """The same base weights under another adapter-pool config (slots, rank, mergeability; not
+    targets' shapes: the base model and its base_id are unchanged), with empty slots."""
+    if lora == model.config.lora:
+        return model
+    config = dataclasses.replace(model.config, lora=lora)
+    graphdef, _, slots, merged = split_model(nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0))))
+    zeros = lambda state: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state)
+    return nnx.merge(graphdef, nnx.state(model, nnx.Param), zeros(slots), zeros(merged))
 
 
 def split_model(model: LMM):

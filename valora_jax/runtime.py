@@ -101,12 +101,11 @@ class ModelRunner:
 
     def _write_impl(self, params, lora, merged, slot, payload):
         model = nnx.merge(self.graphdef, params, lora, merged)
-        r_max = self.config.lora.max_rank
         for path, lin in targeted_linears(model):
             a, b, scale = payload.get(module_path(path), (None, None, None))
             if a is None:   # module the adapter does not touch: an all-zero, rank-0 slot
                 a, b, scale = jnp.zeros((lin.d_in, 0)), jnp.zeros((0, lin.d_out)), jnp.float32(0)
-            r = a.shape[1]
+            r, r_max = a.shape[1], lin.lora_a.shape[-1]
             dt = lin.lora_a.dtype
             lin.lora_a[...] = lin.lora_a[...].at[slot].set(jnp.pad(a.astype(dt), ((0, 0), (0, r_max - r))))
             lin.lora_b[...] = lin.lora_b[...].at[slot].set(jnp.pad(b.astype(dt), ((0, r_max - r), (0, 0))))

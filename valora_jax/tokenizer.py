@@ -12,6 +12,7 @@ expands each placeholder to its number of patch tokens (`expand_image_tokens`).
 
 from __future__ import annotations
 
+import abc
 import codecs
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,13 +58,14 @@ class StreamDecoder:
         return text
 
 
-class ChatTokenizer:
+class ChatTokenizer(abc.ABC):
     """What the generator needs beyond `chat_prompt` and `image_id`, shared by every tokenizer."""
 
     image_id: int
 
+    @abc.abstractmethod
     def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-        raise NotImplementedError
+        """Ids of a conversation, one image placeholder per image part."""
 
     def prompt_ids(self, text: str, num_images: int = 0) -> list[int]:
         """`chat_prompt` of one user message: `num_images` image parts, then `text`."""
