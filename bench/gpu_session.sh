@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison)
 # Each stage's log goes to $OUT/<stage>.log; results land in bench/results/ and the tile table
-# in pallas_kernels/configs/, and both are packed into $OUT/results.tgz to bring back.
+# in pallas_kernels/configs/, and both are packed into $OUT/results.tgz (after each stage) to bring back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,5 +23,5 @@ for stage in "$@"; do
         e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e ${E2E_ARGS:-} ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"
+    tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs     # after every stage: a later one may time out
 done
-tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs

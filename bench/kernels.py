@@ -13,6 +13,7 @@ true rank, the outputs) over the measured device copy bandwidth. Writes kernels_
 """
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -26,7 +27,7 @@ import numpy as np
 from pallas_kernels import lora_delta
 from pallas_kernels.problems import Shape, floor_bytes, make_inputs
 from pallas_kernels.tiling import STATIC_TILE
-from pallas_kernels.timing import copy_bandwidth, harness_overhead, time_op
+from pallas_kernels.timing import BulkTimer, compile_all, copy_bandwidth, harness_overhead, time_op
 
 L2_BYTES = 50 << 20
 UNROLL = 8              # chained calls per timing-loop iteration
@@ -88,28 +89,56 @@ def _gather_bytes(s: Shape) -> int:
     return 2 * s.tokens * s.max_rank * (s.d_in + s.d_out) * s.n_weights
 
 
-def bench_shape(shape: Shape, bandwidth: float, static) -> dict:
-    x, weights, slot = make_inputs(shape)
-    set_bytes = x.nbytes + sum(w.a.nbytes + w.b.nbytes for w in weights) + \
-        2 * shape.tokens * shape.d_out * shape.n_weights
-    sets = [(x, weights, slot)] + [make_inputs(shape, seed=i) for i in
-                                   range(1, int(min(8, math.ceil(3 * L2_BYTES / set_bytes))))]
-    n_bytes = floor_bytes(shape)
-    rec = {"shape": shape.label(), "tokens": shape.tokens, "d_in": shape.d_in, "d_out": shape.d_out,
-           "rank": shape.rank, "adapters": shape.adapters, "dist": shape.dist,
-           "requests": shape.n_requests, "n_weights": shape.n_weights, "rotations": len(sets),
-           "floor_bytes": n_bytes, "floor_us": n_bytes / bandwidth * 1e6, "us": {}}
-    variants = {"atmm": lambda x, w, s: lora_delta(x, w, s),
-                "atmm_static": lambda x, w, s: lora_delta(x, w, s, tile=static),
-                "ragged_dot": ragged_dot_delta, "gather_einsum": gather_delta,
-                "dense_loop": dense_loop_delta}
-    for name, fn in variants.items():
-        if name == "gather_einsum" and _gather_bytes(shape) > (2 << 30):
-            continue                               # the gathered adapters alone exceed 2 GB
-        if name == "dense_loop" and shape.adapters > 8 and shape.tokens > 256:
-            continue
-        rec["us"][name] = time_op(fn, sets, unroll=UNROLL) * 1e6
-    return rec
+def _variants(shape: Shape, static) -> dict:
+    """name -> fn(x, weights, slot) of the variants that fit this shape."""
+    out = {"atmm": lambda x, w, s: lora_delta(x, w, s),
+           "atmm_static": lambda x, w, s: lora_delta(x, w, s, tile=static),
+           "ragged_dot": ragged_dot_delta, "gather_einsum": gather_delta, "dense_loop": dense_loop_delta}
+    if _gather_bytes(shape) > (2 << 30):
+        del out["gather_einsum"]                   # the gathered adapters alone exceed 2 GB
+    if shape.adapters > 8 and shape.tokens > 256:
+        del out["dense_loop"]
+    return out
+
+
+def _rotations(shape: Shape) -> int:
+    """Distinct input sets to time over: enough to exceed 3x the L2 cache, at most 8."""
+    set_bytes = 2 * (shape.tokens * shape.d_in + shape.n_weights * (
+        shape.adapters * shape.max_rank * (shape.d_in + shape.d_out) + shape.tokens * shape.d_out))
+    return int(min(8, math.ceil(3 * L2_BYTES / set_bytes)))
+
+
+@functools.lru_cache(maxsize=8)
+def _input_sets(shape: Shape) -> list:
+    return [make_inputs(shape, seed=i) for i in range(_rotations(shape))]
+
+
+def bench_shapes(shapes: list[Shape], bandwidth: float, static, deadline: float):
+    """Yield one record per shape (every variant timed on the same input sets), compiling the
+    variants of the shapes ahead on worker threads; shapes after `deadline` (perf_counter) are
+    skipped."""
+    def jobs():
+        for shape in shapes:
+            if time.perf_counter() > deadline:
+                print(f"budget spent; skipping from {shape.label()}", flush=True)
+                return
+            for name, fn in _variants(shape, static).items():
+                yield (shape, name), lambda fn=fn, shape=shape: BulkTimer(fn, _input_sets(shape), unroll=UNROLL)
+
+    rec = None
+    for (shape, name), timer in compile_all(jobs()):
+        if rec is None or rec["shape"] != shape.label():
+            if rec is not None:
+                yield rec
+            n_bytes = floor_bytes(shape)
+            rec = {"shape": shape.label(), "tokens": shape.tokens, "d_in": shape.d_in, "d_out": shape.d_out,
+                   "rank": shape.rank, "adapters": shape.adapters, "dist": shape.dist,
+                   "requests": shape.n_requests, "n_weights": shape.n_weights,
+                   "rotations": _rotations(shape), "floor_bytes": n_bytes,
+                   "floor_us": n_bytes / bandwidth * 1e6, "us": {}}
+        rec["us"][name] = timer.seconds() * 1e6
+    if rec is not None:
+        yield rec
 
 
 def _rmsnorm(x):
@@ -285,11 +314,7 @@ def main(argv=None) -> None:
               "records": [], "layers": []}
     print(f"{device}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s, harness "
           f"{overhead * 1e6:.2f} us/call, static {static}", flush=True)
-    for shape in shapes(args.quick):
-        if time.perf_counter() - start > args.budget_s:
-            print(f"budget spent; skipping from {shape.label()}", flush=True)
-            break
-        rec = bench_shape(shape, bandwidth, static)
+    for rec in bench_shapes(shapes(args.quick), bandwidth, static, start + args.budget_s):
         result["records"].append(rec)
         print(f"{rec['shape']:48s} floor {rec['floor_us']:8.1f} " +
               " ".join(f"{k} {v:8.1f}" for k, v in rec["us"].items()), flush=True)

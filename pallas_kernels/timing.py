@@ -11,6 +11,8 @@ is unused, merge calls, nor hoist one out of the loop. That costs one tiny extra
 call: `harness_overhead` measures it. Reports the median over repeats of (wall time / calls).
 """
 
+import collections
+import concurrent.futures
 import time
 
 import jax
@@ -42,29 +44,65 @@ def bulk_loop(fn, sets):
     return jax.jit(run)
 
 
-def time_op(fn, arg_sets, *, target_s: float = 0.01, repeats: int = 3, unroll: int = 16) -> float:
-    """Median seconds per fn(*args) call.
+class BulkTimer:
+    """fn's bulk loop over arg_sets (see the module docstring), compiled once, timed on demand.
 
     Each loop iteration makes max(unroll, len(arg_sets)) chained calls, on arg_sets topped up
     with device copies of them; the loop's own cost, a few us per iteration, is spread over
-    them. The trip count is calibrated so that one timed run lasts about target_s. fn must use
-    its last input array (the one _chain perturbs; best a small one, e.g. the slot ids).
+    them. fn must use its last input array (the one _chain perturbs; best a small one, e.g.
+    the slot ids). compile() is safe to call from worker threads (see compile_all).
     """
-    copy = lambda args: jax.tree.map(lambda a: jnp.array(a, copy=True), args)
-    sets = [arg_sets[i] if i < len(arg_sets) else copy(arg_sets[i % len(arg_sets)])
-            for i in range(max(unroll, len(arg_sets)))]
 
-    f = bulk_loop(fn, sets)
+    def __init__(self, fn, arg_sets, *, unroll: int = 16):
+        copy = lambda args: jax.tree.map(lambda a: jnp.array(a, copy=True), args)
+        self.sets = [arg_sets[i] if i < len(arg_sets) else copy(arg_sets[i % len(arg_sets)])
+                     for i in range(max(unroll, len(arg_sets)))]
+        self._lowered = bulk_loop(fn, self.sets).lower(jnp.int32(1), self.sets)
+        self._compiled = None
 
-    def wall(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(jnp.int32(n), sets))
-        return time.perf_counter() - t0
+    def compile(self) -> "BulkTimer":
+        if self._compiled is None:
+            self._compiled = self._lowered.compile()
+        return self
 
-    wall(1)                                               # compile and warm up
-    n = max(1, min(100_000, int(target_s / wall(1))))
-    n = max(1, min(100_000, int(n * target_s / wall(n))))
-    return float(np.median([wall(n) for _ in range(repeats)])) / (n * len(sets))
+    def seconds(self, *, target_s: float = 0.01, repeats: int = 3) -> float:
+        """Median seconds per fn(*args) call; the trip count makes one timed run ~target_s."""
+        f = self.compile()._compiled
+
+        def wall(n):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(jnp.int32(n), self.sets))
+            return time.perf_counter() - t0
+
+        wall(1)                                           # warm up
+        n = max(1, min(100_000, int(target_s / wall(1))))
+        n = max(1, min(100_000, int(n * target_s / wall(n))))
+        return float(np.median([wall(n) for _ in range(repeats)])) / (n * len(self.sets))
+
+
+def compile_all(jobs, threads: int = 16):
+    """Yield (key, compiled BulkTimer) for (key, make_timer) jobs in order, compiling ahead.
+
+    jobs is consumed lazily: make_timer() (tracing and lowering) runs on the caller's thread
+    while XLA/Triton compilation, the slow part, runs on `threads` workers, overlapping the
+    caller's timing of the timers already yielded. At most `threads` timers (and their input
+    sets) are alive ahead of the caller.
+    """
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pending = collections.deque()
+        for key, make in jobs:
+            pending.append((key, pool.submit(make().compile)))
+            if len(pending) >= threads:
+                key, done = pending.popleft()
+                yield key, done.result()
+        while pending:
+            key, done = pending.popleft()
+            yield key, done.result()
+
+
+def time_op(fn, arg_sets, *, target_s: float = 0.01, repeats: int = 3, unroll: int = 16) -> float:
+    """Median seconds per fn(*args) call (BulkTimer, compiled and timed at once)."""
+    return BulkTimer(fn, arg_sets, unroll=unroll).seconds(target_s=target_s, repeats=repeats)
 
 
 def harness_overhead(unroll: int = 16) -> float:

@@ -10,6 +10,7 @@ token buckets and keeps the table's other entries, so a sweep can be split over 
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import pathlib
@@ -23,7 +24,7 @@ import numpy as np
 from pallas_kernels import atmm
 from pallas_kernels.problems import Shape, make_inputs
 from pallas_kernels.tiling import CONFIG_DIR, TileConfig, device_table_name
-from pallas_kernels.timing import time_op
+from pallas_kernels.timing import BulkTimer, compile_all
 
 TOKENS = (1, 16, 64, 256, 1024, 4096)
 RANKS = (16, 128)                 # pool R; R = 128 pools hold mixed ranks 16..128
@@ -53,23 +54,40 @@ def _rotations(n_bytes: int) -> int:
     return int(min(4, max(1, math.ceil(3 * L2_BYTES / n_bytes))))
 
 
-def _time_shrink(shape: Shape, cand, sets) -> float:
+def _shrink_timer(cand, sets) -> BulkTimer:
     bt, bk, split, warps = cand
     tile = TileConfig(shrink_block_t=bt, block_k=bk, split_k=split, shrink_warps=warps)
-    t_pad = -(-shape.tokens // 128) * 128
+    t_pad = -(-sets[0][0].shape[0] // 128) * 128
     merged = jnp.full((1,), -1, jnp.int32)
-    return time_op(lambda x, ws, slot: atmm._shrink(
+    return BulkTimer(lambda x, ws, slot: atmm._shrink(
         x, ws, slot, merged, tile=tile, t_pad=t_pad, mixture=False, interpret=False,
-        poison=False), sets, target_s=0.005, unroll=4)
+        poison=False), sets, unroll=4)
 
 
-def _time_expand(shape: Shape, cand, sets) -> float:
+def _expand_timer(tokens: int, cand, sets) -> BulkTimer:
     bt, bn, warps = cand
     tile = TileConfig(expand_block_t=bt, block_n=bn, expand_warps=warps)
     merged = jnp.full((1,), -1, jnp.int32)
-    return time_op(lambda hs, ws, slot: atmm._expand(
-        hs, ws, slot, merged, shape.tokens, jnp.bfloat16, tile=tile, mixture=False,
-        interpret=False, poison=False), sets, target_s=0.005, unroll=4)
+    return BulkTimer(lambda hs, ws, slot: atmm._expand(
+        hs, ws, slot, merged, tokens, jnp.bfloat16, tile=tile, mixture=False,
+        interpret=False, poison=False), sets, unroll=4)
+
+
+def _shrink_sets(tokens: int, rank: int) -> list:
+    shape = _shape(tokens, rank, D_OUTS[0])
+    first = make_inputs(shape)
+    k = _rotations(first[0].nbytes + first[1][0].a.nbytes)
+    return [first] + [make_inputs(shape, seed=i) for i in range(1, k)]
+
+
+def _expand_sets(tokens: int, rank: int, d_out: int, split: int) -> list:
+    """(partial sums h [1, split, T_pad, RB], weights, slot) sets for the expand kernel."""
+    shape = _shape(tokens, rank, d_out)
+    rb = atmm._padded_rank(shape.max_rank)
+    h = jnp.asarray(np.random.default_rng(0).standard_normal(
+        (1, split, -(-tokens // 128) * 128, rb), np.float32))
+    k = _rotations(ADAPTERS * rb * d_out * 2 + tokens * d_out * 2)
+    return [((h,),) + make_inputs(shape, seed=i)[1:] for i in range(k)]
 
 
 def _progress(total: int):
@@ -92,42 +110,46 @@ def _progress(total: int):
         return _Bar()
 
 
+def _time_all(jobs, make_timer, bar) -> dict:
+    """{job: seconds} for (key, cand) jobs; compiles overlap on threads, timing is serial."""
+    times = {}
+    for job, timer in compile_all((job, functools.partial(make_timer, *job)) for job in jobs):
+        times[job] = timer.seconds(target_s=0.005)
+        bar.update()
+    return times
+
+
 def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
-    """{'shrink': {(T, R): {cand: s}}, 'expand': {(T, R, D_out): {cand: s}}} measured on the GPU."""
+    """{'shrink': {(T, R): {cand: s}}, 'expand': {(T, R, D_out): {cand: s}}} measured on the GPU.
+
+    Per token bucket: every shrink candidate of both ranks (compiled concurrently), then every
+    expand candidate on the shrink winner's partial sums. Buckets start while within budget_s.
+    """
     start = time.perf_counter()
     bar = _progress(len(tokens_list) * len(RANKS) * (len(SHRINK) + len(D_OUTS) * len(EXPAND)))
     out = {"shrink": {}, "expand": {}}
     for tokens in tokens_list:
+        if time.perf_counter() - start > budget_s:
+            print(f"budget of {budget_s:.0f}s spent; buckets from T={tokens} on skipped")
+            break
+        sets = {rank: _shrink_sets(tokens, rank) for rank in RANKS}
+        jobs = [(rank, cand) for rank in RANKS for cand in SHRINK
+                if _fits(cand[0], tokens) and cand[2] * cand[1] <= D_IN]
+        bar.update(len(RANKS) * len(SHRINK) - len(jobs))
+        times = _time_all(jobs, lambda rank, cand: _shrink_timer(cand, sets[rank]), bar)
+        del sets
+        best = {}
         for rank in RANKS:
-            if time.perf_counter() - start > budget_s:
-                bar.close()
-                print(f"budget of {budget_s:.0f}s spent; buckets from T={tokens} R={rank} on skipped")
-                return out
-            shape = _shape(tokens, rank, D_OUTS[0])
-            x, ws, slot = make_inputs(shape)
-            k = _rotations(x.nbytes + ws[0].a.nbytes)
-            sets = [(x, ws, slot)] + [make_inputs(shape, seed=i) for i in range(1, k)]
-            times = {}
-            for cand in SHRINK:
-                if _fits(cand[0], tokens) and cand[2] * cand[1] <= D_IN:
-                    times[cand] = _time_shrink(shape, cand, sets)
-                bar.update()
-            out["shrink"][(tokens, rank)] = times
-            best = min(times, key=times.get)
-            bar.set_postfix_str(f"T={tokens} R={rank} shrink {best} {times[best] * 1e6:.1f}us")
-            for d_out in D_OUTS:
-                shape = _shape(tokens, rank, d_out)
-                rb = atmm._padded_rank(shape.max_rank)
-                h = jnp.asarray(np.random.default_rng(0).standard_normal(
-                    (1, best[2], -(-tokens // 128) * 128, rb), np.float32))
-                k = _rotations(ADAPTERS * rb * d_out * 2 + tokens * d_out * 2)
-                sets = [((h,),) + make_inputs(shape, seed=i)[1:] for i in range(k)]
-                times = {}
-                for cand in EXPAND:
-                    if _fits(cand[0], tokens):
-                        times[cand] = _time_expand(shape, cand, sets)
-                    bar.update()
-                out["expand"][(tokens, rank, d_out)] = times
+            out["shrink"][(tokens, rank)] = {c: t for (r, c), t in times.items() if r == rank}
+            best[rank] = min(out["shrink"][(tokens, rank)], key=out["shrink"][(tokens, rank)].get)
+        sets = {(rank, d_out): _expand_sets(tokens, rank, d_out, best[rank][2])
+                for rank in RANKS for d_out in D_OUTS}
+        jobs = [(key, cand) for key in sets for cand in EXPAND if _fits(cand[0], tokens)]
+        bar.update(len(sets) * len(EXPAND) - len(jobs))
+        times = _time_all(jobs, lambda key, cand: _expand_timer(tokens, cand, sets[key]), bar)
+        for rank, d_out in sets:
+            out["expand"][(tokens, rank, d_out)] = {c: t for (k, c), t in times.items() if k == (rank, d_out)}
+        bar.set_postfix_str(f"T={tokens} shrink {best}")
     bar.close()
     return out
 

@@ -127,3 +127,20 @@ def test_timing_loop_keeps_every_call():
     fn = lambda x, w, s: (x @ w + s[0],)
     hlo = bulk_loop(fn, sets).lower(jnp.int32(2), sets).compile().as_text()
     assert hlo.count(" dot(") == len(sets)
+
+
+def test_compile_all_yields_in_order_and_lazily():
+    from pallas_kernels.timing import BulkTimer, compile_all
+    made = []
+
+    def job(n):
+        def make():
+            made.append(n)
+            return BulkTimer(lambda x, s: (x * n + s[0],), [(jnp.ones((8, 8)), jnp.zeros((1,)))], unroll=2)
+        return n, make
+
+    timers = compile_all((job(n) for n in range(5)), threads=2)
+    key, first = next(timers)
+    assert key == 0 and made == [0, 1]             # no more than `threads` made ahead
+    assert first.seconds(target_s=1e-4, repeats=1) > 0
+    assert [k for k, _ in timers] == [1, 2, 3, 4]
