@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison)
+#   bash bench/gpu_session.sh train   (carry .whl; train.run_default, resumable: carry checkpoints back in)
 # Each stage's log goes to $OUT/<stage>.log; results land in bench/results/ and the tile table
 # in pallas_kernels/configs/, and both are packed into $OUT/results.tgz (after each stage) to bring back.
 set -uo pipefail
@@ -15,11 +16,15 @@ python3 -c 'import jax; print(jax.__version__, jax.devices())'
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
     case $stage in
-        smoke)   python3 bench/gpu_smoke.py ;;
+        smoke)   python3 -m bench.gpu_smoke ;;
         model)   python3 bench/model_smoke.py --out bench/results/model_smoke ;;
         switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         kernels) python3 -m bench.kernels --out-dir bench/results --budget-s "${KERNELS_BUDGET_S:-480}" ;;
+        train)   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+                 PYTHONPATH=/tmp/site:$PWD python3 -m train.run_default --digits .whl/digits.npz \
+                     --deadline-s "${TRAIN_DEADLINE_S:-540}"
+                 tar cf - checkpoints bench/results/adapter_generation.* 2>/dev/null | split -b 15M - "$OUT/checkpoints.tar." ;;
         e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e ${E2E_ARGS:-} ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"

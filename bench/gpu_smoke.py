@@ -2,7 +2,7 @@
 
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
-several tiles on the device. Usage: python3 bench/gpu_smoke.py  (exit status 1 on any failure)
+several tiles on the device. Usage: python3 -m bench.gpu_smoke  (exit status 1 on any failure)
 """
 
 import sys

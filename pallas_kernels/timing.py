@@ -11,8 +11,8 @@ is unused, merge calls, nor hoist one out of the loop. That costs one tiny extra
 call: `harness_overhead` measures it. Reports the median over repeats of (wall time / calls).
 """
 
-import collections
 import concurrent.futures
+import itertools
 import time
 
 import jax
@@ -30,6 +30,8 @@ def _chain(args, out):
 
 def bulk_loop(fn, sets):
     """jit(run)(n, sets): n iterations of `for args in sets: out = fn(*_chain(args, out))`."""
+    fn = jax.jit(fn)                     # traced and lowered once, called len(sets) times
+
     def run(n, sets):
         out = jax.eval_shape(fn, *sets[0])
         carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
@@ -81,23 +83,21 @@ class BulkTimer:
 
 
 def compile_all(jobs, threads: int = 16):
-    """Yield (key, compiled BulkTimer) for (key, make_timer) jobs in order, compiling ahead.
+    """Yield (key, compiled BulkTimer) for (key, make_timer) jobs in order, compiled in batches.
 
-    jobs is consumed lazily: make_timer() (tracing and lowering) runs on the caller's thread
-    while XLA/Triton compilation, the slow part, runs on `threads` workers, overlapping the
-    caller's timing of the timers already yielded. At most `threads` timers (and their input
-    sets) are alive ahead of the caller.
+    jobs is consumed lazily, `threads` at a time: make_timer() (tracing and lowering) runs on
+    the caller's thread, then the batch compiles on `threads` workers (XLA/Triton compilation
+    is the slow part), then its timers are yielded. Nothing compiles while the caller times
+    (host contention would slow the timing loop's per-iteration launches).
     """
+    jobs = iter(jobs)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        pending = collections.deque()
-        for key, make in jobs:
-            pending.append((key, pool.submit(make().compile)))
-            if len(pending) >= threads:
-                key, done = pending.popleft()
-                yield key, done.result()
-        while pending:
-            key, done = pending.popleft()
-            yield key, done.result()
+        while batch := [(key, make()) for key, make in itertools.islice(jobs, threads)]:
+            futures = [(key, pool.submit(timer.compile)) for key, timer in batch]
+            done = [(key, f.result()) for key, f in futures]
+            del batch, futures
+            while done:
+                yield done.pop(0)
 
 
 def time_op(fn, arg_sets, *, target_s: float = 0.01, repeats: int = 3, unroll: int = 16) -> float:

@@ -17,6 +17,7 @@ being trained: resuming with other tasks, model or settings is refused.
 import dataclasses
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -244,7 +245,7 @@ def _fit(parts: fwd.Parts, trainable, scales, mode: str, cfg: TrainConfig, tasks
         desc = "+".join(t.name for t in tasks)
         bar = _progress(cfg.steps, start, progress, desc)
         batches = iter(train_dataset(tasks, layout, cfg.batch_size, cfg.seed, cfg.examples_per_task)[start:]
-                       .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+                       .to_iter_dataset(grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1), prefetch_buffer_size=32)))
         params = None if mode == "base" else parts.params
         tic = time.perf_counter()
         for step in range(start + 1, cfg.steps + 1):
