@@ -24,7 +24,9 @@ for stage in "$@"; do
         train)   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
                  PYTHONPATH=/tmp/site:$PWD python3 -m train.run_default --digits .whl/digits.npz \
                      --deadline-s "${TRAIN_DEADLINE_S:-540}"
-                 tar cf - checkpoints bench/results/adapter_generation.* 2>/dev/null | split -b 15M - "$OUT/checkpoints.tar." ;;
+                 skip=$([ -e checkpoints/.work/pretrain_done.json ] && echo checkpoints/.work/pretrain)  # done: not needed to resume
+                 tar cf - ${skip:+--exclude=$skip} checkpoints bench/results/adapter_generation.* 2>/dev/null |
+                     split -b 15M - "$OUT/checkpoints.tar." ;;
         e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e ${E2E_ARGS:-} ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"
