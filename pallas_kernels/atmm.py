@@ -147,19 +147,20 @@ def _shrink_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bt: int, bk: i
 
 
 def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
-                   tile_offsets: tuple, n_tokens: int, mixture: bool):
-    """One (token block i, output tile): y[w][block, tile] for the weight w owning the tile."""
+                   tile_offsets: tuple, n_tokens: int, mixture: bool, has_base: bool):
+    """One (token block i, output tile): y[w][block, tile] (+ base) for the weight owning the tile."""
     h_refs, b_refs = refs[:n_weights], refs[n_weights:2 * n_weights]
     scale_refs, rank_refs = refs[2 * n_weights:3 * n_weights], refs[3 * n_weights:4 * n_weights]
-    y_refs = refs[4 * n_weights:]
+    base_refs = refs[4 * n_weights:5 * n_weights] if has_base else (None,) * n_weights
+    y_refs = refs[-n_weights:]
     n_slots = b_refs[0].shape[0]
     i, tile = pl.program_id(0), pl.program_id(1)
     t0 = i * bt
     live, token_sets = _load_block_slots(slot_ref, m_ref, t0, bt, n_tokens, n_slots, mixture)
 
     for w in range(n_weights):
-        h_ref, b_ref, scale_ref, rank_ref, y_ref = (
-            h_refs[w], b_refs[w], scale_refs[w], rank_refs[w], y_refs[w])
+        h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref = (
+            h_refs[w], b_refs[w], scale_refs[w], rank_refs[w], base_refs[w], y_refs[w])
         first, last = tile_offsets[w], tile_offsets[w + 1]
 
         @pl.when((tile >= first) & (tile < last))
@@ -168,7 +169,12 @@ def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
             d_out, rb = y_ref.shape[1], h_ref.shape[-1]
             full_n = d_out % bn == 0
             n_ok = n0 + jnp.arange(bn) < d_out                          # [BN]
+            full = full_n and n_tokens % bt == 0
+            mask = _mask(full, live[:, None] & n_ok[None, :])
             y = jnp.zeros((bt, bn), jnp.float32)
+            if base_ref is not None:
+                y = plt.load(base_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], mask=mask,
+                             other=_mask(full, 0)).astype(jnp.float32)
             for j, (slots, sign) in enumerate(token_sets):
                 def visit(u, rows, y):
                     rank = jnp.minimum(rank_ref[u], b_ref.shape[1])
@@ -187,13 +193,79 @@ def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
                     return _switch_on_rank(rank, rb, branch, y)
 
                 y = _for_each_adapter(slots, visit, y)
-            full = full_n and n_tokens % bt == 0
-            plt.store(y_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], y.astype(y_ref.dtype),
-                      mask=_mask(full, live[:, None] & n_ok[None, :]))
+            plt.store(y_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=mask)
+
+
+def _shrink_token_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bk: int, k_steps: int,
+                         split_k: int, mixture: bool):
+    """One (token t, D_in share p), vector math (no M >= 16 dot constraint):
+    h[w][j, p, t] = x[t, K_p] @ A_w[u_j(t)][K_p, :rank_w] for every set j with u_j(t) >= 0."""
+    a_refs, rank_refs, h_refs = refs[:n_weights], refs[n_weights:2 * n_weights], refs[2 * n_weights:]
+    d_in = x_ref.shape[1]
+    t, p = pl.program_id(0), pl.program_id(1)
+    full_k = d_in == bk * k_steps * split_k
+    for j, (u, _) in enumerate(_token_sets(slot_ref[t], True, m_ref[0], a_refs[0].shape[0], mixture)):
+        @pl.when(u >= 0)
+        def _():
+            ranks = [jnp.minimum(r[u], a.shape[-1]) for r, a in zip(rank_refs, a_refs)]
+
+            def step(s, accs):
+                k0 = pl.multiple_of((p * k_steps + s) * bk, bk)
+                k_ok = k0 + jnp.arange(bk) < d_in                           # [BK]
+                xk = plt.load(x_ref.at[t, pl.ds(k0, bk)], mask=_mask(full_k, k_ok),
+                              other=_mask(full_k, 0)).astype(jnp.float32)   # [BK]
+                out = []
+                for a_ref, rank, acc in zip(a_refs, ranks, accs):
+                    rb = a_ref.shape[-1]
+                    a = plt.load(a_ref.at[u, pl.ds(k0, bk), pl.ds(0, rb)],
+                                 mask=k_ok[:, None] & (jnp.arange(rb) < rank)[None, :], other=0)
+                    out.append(acc + jnp.sum(xk[:, None] * a.astype(jnp.float32), axis=0))
+                return out
+
+            accs = jax.lax.fori_loop(0, k_steps, step, [jnp.zeros((a.shape[-1],), jnp.float32) for a in a_refs])
+            for h_ref, acc in zip(h_refs, accs):
+                plt.store(h_ref.at[jnp.int32(j), p, t, pl.ds(0, acc.shape[0])], acc)
+
+
+def _expand_token_kernel(slot_ref, m_ref, *refs, n_weights: int, bn: int, tile_offsets: tuple,
+                         mixture: bool, has_base: bool):
+    """One (token t, output tile), vector math: y[w][t, tile] (+ base) for the weight owning it."""
+    h_refs, b_refs = refs[:n_weights], refs[n_weights:2 * n_weights]
+    scale_refs, rank_refs = refs[2 * n_weights:3 * n_weights], refs[3 * n_weights:4 * n_weights]
+    base_refs = refs[4 * n_weights:5 * n_weights] if has_base else (None,) * n_weights
+    y_refs = refs[-n_weights:]
+    t, tile = pl.program_id(0), pl.program_id(1)
+    token_sets = _token_sets(slot_ref[t], True, m_ref[0], b_refs[0].shape[0], mixture)
+
+    for w in range(n_weights):
+        h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref = (
+            h_refs[w], b_refs[w], scale_refs[w], rank_refs[w], base_refs[w], y_refs[w])
+        first, last = tile_offsets[w], tile_offsets[w + 1]
+
+        @pl.when((tile >= first) & (tile < last))
+        def _():
+            n0 = pl.multiple_of((tile - first) * bn, bn)
+            d_out, rb = y_ref.shape[1], h_ref.shape[-1]
+            full_n = d_out % bn == 0
+            n_ok = n0 + jnp.arange(bn) < d_out                              # [BN]
+            y = jnp.zeros((bn,), jnp.float32)
+            for j, (u, sign) in enumerate(token_sets):
+                uc = jnp.maximum(u, 0)
+                rows = jnp.arange(rb) < jnp.where(u >= 0, jnp.minimum(rank_ref[uc], b_ref.shape[1]), 0)
+                h = sum(plt.load(h_ref.at[jnp.int32(j), jnp.int32(p), t, pl.ds(0, rb)], mask=rows, other=0)
+                        for p in range(h_ref.shape[1]))                     # [RB]; 0 where u < 0
+                b = plt.load(b_ref.at[uc, pl.ds(0, rb), pl.ds(n0, bn)],
+                             mask=rows[:, None] & n_ok[None, :], other=0)   # [RB, BN]
+                y = y + (sign * scale_ref[uc]) * jnp.sum(h[:, None] * b.astype(jnp.float32), axis=0)
+            if base_ref is not None:
+                y = y + plt.load(base_ref.at[t, pl.ds(n0, bn)], mask=_mask(full_n, n_ok),
+                                 other=_mask(full_n, 0)).astype(jnp.float32)
+            plt.store(y_ref.at[t, pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=_mask(full_n, n_ok))
 
 
 def _shrink(x, weights, slot, merged, *, tile: TileConfig, t_pad: int, mixture: bool,
             interpret: bool, poison: bool):
+    """Partial sums h[w]: [J, split_k, t_pad, RB] float32 (rows without an adapter unwritten)."""
     n_tokens, d_in = x.shape
     bt, bk = tile.shrink_block_t, tile.block_k
     k_steps = _cdiv(_cdiv(d_in, bk), tile.split_k)
@@ -201,51 +273,55 @@ def _shrink(x, weights, slot, merged, *, tile: TileConfig, t_pad: int, mixture: 
     shapes = [jax.ShapeDtypeStruct((n_sets, tile.split_k, t_pad, _padded_rank(w.a.shape[-1])),
                                    jnp.float32) for w in weights]
     args = [slot, merged, x, *[w.a for w in weights], *[w.rank for w in weights]]
-    aliases = {}
-    if poison:
-        aliases = {len(args) + k: k for k in range(len(weights))}
-        args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
-    kernel = functools.partial(_shrink_kernel, n_weights=len(weights), bt=bt, bk=bk,
-                               k_steps=k_steps, split_k=tile.split_k, mixture=mixture)
-    if poison:
-        kernel = _ignore_aliased_inputs(kernel, len(args) - len(weights), len(weights))
-    return pl.pallas_call(
-        kernel,
-        out_shape=shapes,
-        grid=(_cdiv(n_tokens, bt), tile.split_k),
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=tile.shrink_warps,
-                                           num_stages=tile.shrink_stages),
-        interpret=interpret,
-        name="atmm_shrink",
-    )(*args)
+    if bt == 1:
+        kernel = functools.partial(_shrink_token_kernel, n_weights=len(weights), bk=bk, k_steps=k_steps,
+                                   split_k=tile.split_k, mixture=mixture)
+    else:
+        kernel = functools.partial(_shrink_kernel, n_weights=len(weights), bt=bt, bk=bk,
+                                   k_steps=k_steps, split_k=tile.split_k, mixture=mixture)
+    return _call(kernel, args, shapes, poison=poison, grid=(_cdiv(n_tokens, bt), tile.split_k),
+                 warps=tile.shrink_warps, stages=tile.shrink_stages, interpret=interpret, name="atmm_shrink")
 
 
 def _expand(hs, weights, slot, merged, n_tokens: int, dtype, *, tile: TileConfig,
-            mixture: bool, interpret: bool, poison: bool):
+            mixture: bool, interpret: bool, poison: bool, base=None):
+    """y[w] = delta_w [T, D_out_w] in dtype, or base[w] + delta_w written over base[w]."""
     bt, bn = tile.expand_block_t, tile.block_n
     tiles = np.cumsum([0] + [_cdiv(w.b.shape[-1], bn) for w in weights])
     shapes = [jax.ShapeDtypeStruct((n_tokens, w.b.shape[-1]), dtype) for w in weights]
     args = [slot, merged, *hs, *[w.b for w in weights], *[w.scale.astype(jnp.float32) for w in weights],
             *[w.rank for w in weights]]
+    common = dict(n_weights=len(weights), bn=bn, tile_offsets=tuple(int(t) for t in tiles), mixture=mixture,
+                  has_base=base is not None)
+    if bt == 1:
+        kernel = functools.partial(_expand_token_kernel, **common)
+    else:
+        kernel = functools.partial(_expand_kernel, bt=bt, n_tokens=n_tokens, **common)
+    return _call(kernel, args, shapes, poison=poison, grid=(_cdiv(n_tokens, bt), int(tiles[-1])),
+                 warps=tile.expand_warps, stages=tile.expand_stages, interpret=interpret, name="atmm_expand",
+                 base=base)
+
+
+def _call(kernel, args, shapes, *, poison: bool, grid, warps: int, stages: int, interpret: bool, name: str,
+          base=None):
+    """pallas_call of kernel(*input refs, *output refs). Outputs are written over `base` (aliased
+    inputs the kernel reads), or, with poison, over NaN-filled buffers the kernel never sees."""
     aliases = {}
-    if poison:
-        aliases = {len(args) + k: k for k in range(len(weights))}
-        args += [jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]
-    kernel = functools.partial(_expand_kernel, n_weights=len(weights), bt=bt, bn=bn,
-                               tile_offsets=tuple(int(t) for t in tiles), n_tokens=n_tokens,
-                               mixture=mixture)
-    if poison:
-        kernel = _ignore_aliased_inputs(kernel, len(args) - len(weights), len(weights))
+    if base is not None:
+        aliases = {len(args) + k: k for k in range(len(shapes))}
+        args = [*args, *base]
+    elif poison:
+        aliases = {len(args) + k: k for k in range(len(shapes))}
+        kernel = _ignore_aliased_inputs(kernel, len(args), len(shapes))
+        args = [*args, *[jnp.full(s.shape, jnp.nan, s.dtype) for s in shapes]]
     return pl.pallas_call(
         kernel,
         out_shape=shapes,
-        grid=(_cdiv(n_tokens, bt), int(tiles[-1])),
+        grid=grid,
         input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=tile.expand_warps,
-                                           num_stages=tile.expand_stages),
+        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
-        name="atmm_expand",
+        name=name,
     )(*args)
 
 
@@ -267,7 +343,7 @@ def _ignore_aliased_inputs(kernel, n_inputs: int, n_aliased: int):
 
 
 @functools.partial(jax.jit, static_argnames=("mixture", "tile", "interpret", "poison"))
-def _lora_delta(x, weights, slot, merged_slot, *, mixture: bool, tile: TileConfig,
+def _lora_delta(x, weights, slot, merged_slot, base=None, *, mixture: bool, tile: TileConfig,
                 interpret: bool, poison: bool = False):
     n_tokens = x.shape[0]
     bt = max(tile.shrink_block_t, tile.expand_block_t)
@@ -276,7 +352,7 @@ def _lora_delta(x, weights, slot, merged_slot, *, mixture: bool, tile: TileConfi
     weights = [_pad_rank(w._replace(rank=w.rank.astype(jnp.int32))) for w in weights]
     common = dict(tile=tile, mixture=mixture, interpret=interpret, poison=poison)
     hs = _shrink(x, weights, slot, merged, t_pad=t_pad, **common)
-    return tuple(_expand(hs, weights, slot, merged, n_tokens, x.dtype, **common))
+    return tuple(_expand(hs, weights, slot, merged, n_tokens, x.dtype, base=base, **common))
 
 
 def lora_delta(
@@ -288,6 +364,7 @@ def lora_delta(
     mixture: bool = False,
     tile: TileConfig | None = None,
     interpret: bool = False,
+    base: Sequence[jax.Array] | None = None,
 ) -> tuple[jax.Array, ...]:
     """LoRA deltas of several weights sharing the input x, by the ATMM kernels.
 
@@ -304,19 +381,28 @@ def lora_delta(
       mixture: whether the step runs in mixture (deLoRA) mode.
       tile: the tile shapes; None = pick from the device's tuned table by shape bucket.
       interpret: run the kernels in the Pallas interpreter (CPU tests).
+      base: optional [T, D_out_w] arrays in x.dtype (the base projections): then the result is
+        base[w] + y[w], accumulated in float32 and written over base[w]'s buffer (inside a jit
+        where base[w] is not used afterwards, no extra pass over the outputs).
     Returns: one [T, D_out_w] array per weight, in x.dtype.
     Raises: ValueError for inconsistent shapes or dtypes, and, where slot / merged_slot / rank
       are host values, for slot ids outside [-1, S) and ranks outside [0, R].
     """
     weights = tuple(weights)
     _validate(x, weights, slot, merged_slot)
+    if base is not None:
+        base = tuple(base)
+        want = [(x.shape[0], w.b.shape[-1]) for w in weights]
+        got = [(getattr(b, "shape", None), getattr(b, "dtype", None)) for b in base]
+        if [g[0] for g in got] != want or any(g[1] != x.dtype for g in got):
+            raise ValueError(f"base must be {len(want)} arrays of shapes {want} in {x.dtype}, got {got}")
     if tile is None:
         n_tokens, d_in = x.shape
         n_slots = weights[0].a.shape[0]
         tile = pick_tile(n_tokens, d_in, sum(w.b.shape[-1] for w in weights),
                          max(w.a.shape[-1] for w in weights), min(n_slots, n_tokens),
                          device_kind="interpret" if interpret else None)
-    return _lora_delta(x, weights, jnp.asarray(slot), merged_slot, mixture=mixture, tile=tile,
+    return _lora_delta(x, weights, jnp.asarray(slot), merged_slot, base, mixture=mixture, tile=tile,
                        interpret=interpret)
 
 

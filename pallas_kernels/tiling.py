@@ -30,7 +30,8 @@ class TileConfig:
     """Block shapes and launch parameters of the two ATMM kernels (shrink, expand)."""
 
     shrink_block_t: int = 32
-    """Tokens per shrink program (power of 2, >= 16: Triton dots need M >= 16)."""
+    """Tokens per shrink program: a power of 2 >= 16 (tensor-core dots need M >= 16), or 1: one
+    token per program in vector math (decode batches: a program per token keeps the GPU busy)."""
     block_k: int = 128
     """D_in columns per step of the shrink loop (power of 2, >= 16)."""
     split_k: int = 1
@@ -40,7 +41,7 @@ class TileConfig:
     shrink_stages: int = 3
     """Software-pipelining depth of the shrink loop."""
     expand_block_t: int = 32
-    """Tokens per expand program (power of 2, >= 16)."""
+    """Tokens per expand program (like shrink_block_t: a power of 2 >= 16, or 1)."""
     block_n: int = 128
     """D_out columns per expand program (power of 2, >= 16)."""
     expand_warps: int = 4
@@ -49,10 +50,14 @@ class TileConfig:
     """Pipelining depth of the expand kernel (it has no long loop)."""
 
     def __post_init__(self):
-        for name in ("shrink_block_t", "block_k", "expand_block_t", "block_n"):
+        for name in ("block_k", "block_n"):
             v = getattr(self, name)
             if not (_is_pow2(v) and v >= 16):
                 raise ValueError(f"TileConfig.{name}={v} must be a power of 2 >= 16")
+        for name in ("shrink_block_t", "expand_block_t"):
+            v = getattr(self, name)
+            if not (v == 1 or (_is_pow2(v) and v >= 16)):
+                raise ValueError(f"TileConfig.{name}={v} must be 1 or a power of 2 >= 16")
         for name in ("split_k", "shrink_warps", "expand_warps"):
             v = getattr(self, name)
             if not _is_pow2(v):
@@ -81,15 +86,16 @@ def _pow2_floor(n: int) -> int:
 def heuristic_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int) -> TileConfig:
     """A tile from first principles, for shapes the table does not cover.
 
-    Decode (T <= 256): 16-token blocks (each block loops over its distinct adapters, so small
-    blocks keep that loop short), D_in split 16 ways in 256-column steps, 64-column expand
-    tiles. Prefill: 32-token blocks (64 when R >= 64: fewer re-reads of the adapters), D_in
+    Decode (T <= 256): one token per program (each reads its own adapter, from L2 when shared),
+    D_in split until about two programs per SM, [BK, R] and [R, BN] adapter tiles of ~4K
+    elements. Prefill: 32-token blocks (64 when R >= 64: fewer re-reads of the adapters), D_in
     split until the shrink launches about two programs per SM.
     """
     del d_out, adapters
     if tokens <= 256:
-        split = max(1, min(16, d_in // 256))
-        return TileConfig(shrink_block_t=16, block_k=256, split_k=split, expand_block_t=16, block_n=64)
+        width = max(32, min(256, 4096 // rank))
+        split = max(1, min(_pow2_floor(max(1, 2 * _NUM_SMS // tokens)), _pow2_floor(max(1, d_in // width))))
+        return TileConfig(shrink_block_t=1, block_k=width, split_k=split, expand_block_t=1, block_n=width)
     big = rank >= 64
     bt = 64 if big else 32
     blocks = -(-tokens // bt)

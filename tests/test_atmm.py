@@ -13,6 +13,7 @@ from pallas_kernels import TileConfig, lora_delta, lora_delta_reference, tiling
 from pallas_kernels.testing import CASES, Case, check, make_problem
 
 SMALL = TileConfig(shrink_block_t=16, block_k=32, split_k=2, expand_block_t=16, block_n=32)
+PER_TOKEN = TileConfig(shrink_block_t=1, block_k=32, split_k=2, expand_block_t=1, block_n=32)
 
 
 
@@ -22,14 +23,17 @@ def _id(c: Case) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_matches_reference(case):
-    check(case, seed=hash(_id(case)) % 2**31, tile=SMALL, interpret=True)
+@pytest.mark.parametrize("tile", [SMALL, PER_TOKEN], ids=["blocked", "per-token"])
+def test_matches_reference(case, tile):
+    check(case, seed=hash(_id(case)) % 2**31, tile=tile, interpret=True)
 
 
 @pytest.mark.parametrize("tile", [
     TileConfig(shrink_block_t=16, block_k=16, split_k=1, expand_block_t=32, block_n=16),
     TileConfig(shrink_block_t=64, block_k=64, split_k=4, expand_block_t=16, block_n=64),
     TileConfig(shrink_block_t=32, block_k=128, split_k=1, expand_block_t=64, block_n=128),
+    TileConfig(shrink_block_t=1, block_k=16, split_k=4, expand_block_t=32, block_n=16),   # per-token shrink
+    TileConfig(shrink_block_t=32, block_k=64, split_k=2, expand_block_t=1, block_n=64),   # per-token expand
 ], ids=lambda t: f"bt{t.shrink_block_t}-k{t.block_k}x{t.split_k}-et{t.expand_block_t}-n{t.block_n}")
 def test_tiles_agree(tile):
     # D_in and D_out not multiples of the blocks; T not a multiple of the token blocks.
@@ -46,6 +50,25 @@ def test_public_op_picks_a_tile_and_matches_weights():
     assert all(g.dtype == x.dtype for g in got)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("tile", [SMALL, PER_TOKEN], ids=["blocked", "per-token"])
+@pytest.mark.parametrize("mixture", [False, True])
+def test_base_is_accumulated_in_place(tile, mixture):
+    case = Case(37, 64, (48, 80), 32, 5, layout="segments", dtype="bfloat16", mixture=mixture)
+    x, weights, slot, merged = make_problem(case, seed=11)
+    rng = np.random.default_rng(12)
+    base = tuple(jnp.asarray(rng.normal(size=(37, d)), jnp.bfloat16) for d in case.d_outs)
+    got = lora_delta(x, weights, slot, merged, mixture=mixture, tile=tile, interpret=True, base=base)
+    want = lora_delta_reference(x, weights, slot, merged, mixture=mixture)
+    for g, b, w in zip(got, base, want):
+        w = np.asarray(b, np.float32) + np.asarray(w, np.float32)
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=3e-2 * np.abs(w).max(), rtol=2e-2)
+    with pytest.raises(ValueError, match="base must be 2 arrays"):
+        lora_delta(x, weights, slot, base=base[:1], interpret=True)
+    with pytest.raises(ValueError, match="base must be"):
+        lora_delta(x, weights, slot, base=(base[0].astype(jnp.float32), base[1]), interpret=True)
 
 
 def _good():
@@ -83,6 +106,8 @@ def test_empty_weights_and_bad_tiles_raise():
         TileConfig(block_n=96)
     with pytest.raises(ValueError, match="shrink_block_t=8"):
         TileConfig(shrink_block_t=8)
+    with pytest.raises(ValueError, match="expand_block_t=2"):
+        TileConfig(expand_block_t=2)
 
 
 def _write_table(tmp_path, monkeypatch, entries):

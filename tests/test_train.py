@@ -236,6 +236,7 @@ class StubTrainer:
             t: self.union(tuple(tasks)).get(t, self.alone[t]) for t in tasks}
         out.mkdir(parents=True)
         (out / "adapter.json").write_text(json.dumps({"name": name, "tasks": list(tasks), "acc": acc}))
+        workdir.mkdir(parents=True, exist_ok=True)          # stands for the training checkpoints
         return acc
 
     def accuracy(self, adapter, task, split):
@@ -262,6 +263,7 @@ def test_fusion_packs_and_rolls_back(tmp_path):
     assert rows["video"]["adapter"] == "adapter1" and rows["video"]["base_accuracy"] == 0.1
     assert [e["action"] for e in report["log"]] == ["new", "packed", "rollback", "new", "packed"]
     assert (tmp_path / "adapters" / "adapter1" / "adapter.json").exists()
+    assert not list((tmp_path / "work").glob("*/train"))       # finished trials keep only their adapter
     assert "2 adapters for 4 tasks" in (tmp_path / "report.md").read_text()
 
 

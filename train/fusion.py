@@ -179,7 +179,11 @@ def generate_adapters(spec: FusionSpec, out, trainer: Trainer, log=print) -> dic
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out, spec)
     req = spec.requirement
-    save = lambda: _write_json(out / "state.json", state)
+    def save(finished_run: Path | None = None):
+        _write_json(out / "state.json", state)
+        if finished_run is not None:            # its training checkpoints only served resuming it
+            shutil.rmtree(finished_run / "train", ignore_errors=True)
+
     save()
     log(f"fusion order: {state['order']}")
     while state["position"] < len(state["order"]):
@@ -195,13 +199,13 @@ def generate_adapters(spec: FusionSpec, out, trainer: Trainer, log=print) -> dic
                 state["current"] = {"name": name, "tasks": tasks, "val": acc, "dir": str(run.relative_to(out) / "adapter")}
                 state["log"].append({"task": task, "action": "packed", "adapter": name, "val": acc})
                 state["position"] += 1
-                save()
+                save(run)
                 log(f"packed {task} into {name}: {acc}")
                 continue
             state["log"].append({"task": task, "action": "rollback", "adapter": name, "below": failing})
             log(f"rollback: adding {task} to {name} drops {failing} below requirement")
             _close(out, state)
-            save()
+            save(run)
             continue
         run = out / "work" / f"{i:02d}-{name}-alone"
         acc = trainer.train([task], None, run / "adapter", name, run / "train")
@@ -218,7 +222,7 @@ def generate_adapters(spec: FusionSpec, out, trainer: Trainer, log=print) -> dic
         else:
             state["log"].append({"task": task, "action": "new", "adapter": name, "val": acc})
             state["position"] += 1
-        save()
+        save(run)
         log(f"new adapter {name} for {task}: {acc}")
     if state["current"] is not None:
         _close(out, state)

@@ -67,15 +67,13 @@ class LoraContext:
         return dataclasses.replace(self, slot=slot)
 
 
-def _lora_delta(x: jax.Array, weights: Sequence[LoraWeight], ctx: LoraContext) -> tuple[jax.Array, ...]:
-    mixture = ctx.mode == "mixture"
-    if ctx.backend == "reference":
-        return lora_delta_reference(x, weights, ctx.slot, ctx.merged_slot, mixture=mixture)
+def _kernel_lora(x: jax.Array, weights: Sequence[LoraWeight], ctx: LoraContext, base) -> tuple[jax.Array, ...]:
+    """base[w] + LoRA delta of weights[w] by the ATMM kernels (accumulated over base's buffers)."""
     from pallas_kernels import STATIC_TILE, lora_delta  # needed only for the kernel backends
 
-    return lora_delta(x, weights, ctx.slot, ctx.merged_slot, mixture=mixture,
+    return lora_delta(x, weights, ctx.slot, ctx.merged_slot, mixture=ctx.mode == "mixture",
                       tile=STATIC_TILE if ctx.backend == "pallas-static" else None,
-                      interpret=ctx.backend == "pallas-interpret")
+                      interpret=ctx.backend == "pallas-interpret", base=base)
 
 
 class Linear(nnx.Module):
@@ -129,9 +127,15 @@ def project(x: jax.Array, linears: Sequence[Linear], ctx: LoraContext) -> list[j
         ys.append(y)
     targeted = [i for i, lin in enumerate(linears) if lin.targeted]
     if targeted and ctx.mode != "merged":
-        deltas = _lora_delta(x2, [linears[i].lora_weight() for i in targeted], ctx)
-        for i, d in zip(targeted, deltas):
-            ys[i] = ys[i] + d.astype(jnp.float32)
+        weights = [linears[i].lora_weight() for i in targeted]
+        if ctx.backend == "reference":
+            deltas = lora_delta_reference(x2, weights, ctx.slot, ctx.merged_slot, mixture=ctx.mode == "mixture")
+            for i, d in zip(targeted, deltas):
+                ys[i] = ys[i] + d.astype(jnp.float32)
+        else:                               # the kernel adds the delta to the rounded base output
+            outs = _kernel_lora(x2, weights, ctx, [ys[i].astype(x.dtype) for i in targeted])
+            for i, y in zip(targeted, outs):
+                ys[i] = y
     return [y.astype(x.dtype).reshape(*lead, y.shape[-1]) for y in ys]
 
 
