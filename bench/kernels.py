@@ -135,8 +135,12 @@ def bench_shapes(shapes: list[Shape], bandwidth: float, static, deadline: float)
                    "rank": shape.rank, "adapters": shape.adapters, "dist": shape.dist,
                    "requests": shape.n_requests, "n_weights": shape.n_weights,
                    "rotations": _rotations(shape), "floor_bytes": n_bytes,
-                   "floor_us": n_bytes / bandwidth * 1e6, "us": {}}
-        rec["us"][name] = timer.seconds() * 1e6
+                   "floor_us": n_bytes / bandwidth * 1e6, "us": {}, "errors": {}}
+        if isinstance(timer, Exception):
+            rec["errors"][name] = f"{type(timer).__name__}: {str(timer)[:300]}"
+            print(f"{rec['shape']}: {name} does not compile: {rec['errors'][name]}", flush=True)
+        else:
+            rec["us"][name] = timer.seconds() * 1e6
     if rec is not None:
         yield rec
 
@@ -156,9 +160,8 @@ def decoder_layer(p, x, kv, slot, gain, lora: bool, attention: str | None = "cud
 
     def proj(h, names):
         ys = [h @ p[n] for n in names]
-        if lora:
-            ds = lora_delta(h, [p["lora_" + n] for n in names], slot)
-            ys = [y + d for y, d in zip(ys, ds)]
+        if lora:                                   # as the model does: deltas added over the base outputs
+            ys = list(lora_delta(h, [p["lora_" + n] for n in names], slot, base=ys))
         return ys
 
     t = x.shape[0]
@@ -214,6 +217,9 @@ def summarize(records: list[dict], layers: list[dict]) -> dict:
     def ratio(r, other):
         return r["us"][other] / r["us"]["atmm"] if other in r["us"] else None
 
+    failed = [r["shape"] for r in records if "atmm" not in r["us"]]
+    records = [r for r in records if "atmm" in r["us"]]
+
     prefill = [r for r in records if r["tokens"] >= 1024]
     decode = [r for r in records if r["tokens"] <= 64]
     vs_static = [ratio(r, "atmm_static") for r in records]
@@ -225,6 +231,7 @@ def summarize(records: list[dict], layers: list[dict]) -> dict:
         "atmm_vs_dense_loop_geomean": _geomean([ratio(r, "dense_loop") for r in records]),
         "prefill_floor_fraction_min": min((r["floor_us"] / r["us"]["atmm"] for r in prefill), default=None),
         "prefill_floor_fraction_geomean": _geomean([r["floor_us"] / r["us"]["atmm"] for r in prefill]),
+        "atmm_failed": failed,
         "decode_misses": [r["shape"] for r in decode
                           if r["us"]["atmm"] > max(2 * r["floor_us"], 10.0)],
     }
@@ -251,10 +258,10 @@ def write_report(result: dict, out_dir: pathlib.Path, stem: str) -> None:
              "|---" * (len(names) + 5) + "|"]
     for r in result["records"]:
         cells = [f"{r['us'][n]:.1f}" if n in r["us"] else "–" for n in names]
-        a = r["us"]["atmm"]
+        a = r["us"].get("atmm", math.nan)
+        over = lambda n, digits: f"{r['us'][n] / a:.{digits}f}" if n in r["us"] else "–"
         lines.append(f"| {r['shape']} | {r['floor_us']:.1f} | " + " | ".join(cells) +
-                     f" | {r['floor_us'] / a:.2f} | {r['us']['ragged_dot'] / a:.1f} | "
-                     f"{r['us']['atmm_static'] / a:.2f} |")
+                     f" | {r['floor_us'] / a:.2f} | {over('ragged_dot', 1)} | {over('atmm_static', 2)} |")
     lines += ["", "## Decoder layer (LLaVA-1.5-7B, LoRA rank 16 on all 7 projections, 8 adapters)", "",
               "| tokens | KV context | base us | with LoRA us | ratio |", "|---|---|---|---|---|"]
     for lay in result["layers"]:

@@ -93,19 +93,26 @@ def make_problem(case: Case, seed: int):
     return x, weights, jnp.asarray(slot), merged
 
 
-def check(case: Case, seed: int = 0, tile: TileConfig | None = None, interpret: bool = False) -> float:
-    """Runs the kernel (outputs poisoned) and the reference; returns the worst relative error.
+def check(case: Case, seed: int = 0, tile: TileConfig | None = None, interpret: bool = False,
+          with_base: bool = False) -> float:
+    """Runs the kernel (outputs poisoned, or with_base: accumulated over random base outputs)
+    and the reference; returns the worst relative error of the deltas.
 
-    Raises AssertionError when an output holds NaN, exceeds TOLERANCE[dtype], or is nonzero on
-    a token that must get no delta.
+    Raises AssertionError when an output holds NaN, exceeds TOLERANCE[dtype], or has a delta on
+    a token that must get none.
     """
     x, weights, slot, merged = make_problem(case, seed)
+    rng = np.random.default_rng(seed + 1)
+    base = tuple(jnp.asarray(rng.normal(size=(case.tokens, d)), case.dtype) for d in case.d_outs) \
+        if with_base else None
     if tile is None:
         tile = pick_tile(case.tokens, case.d_in, sum(case.d_outs), case.max_rank,
                          min(case.slots, case.tokens),
                          device_kind="interpret" if interpret else None)
-    got = _lora_delta(x, weights, slot, jnp.int32(merged), mixture=case.mixture, tile=tile,
+    got = _lora_delta(x, weights, slot, jnp.int32(merged), base, mixture=case.mixture, tile=tile,
                       interpret=interpret, poison=True)
+    if with_base:                                     # the rounded sums, as deltas
+        got = [np.asarray(g, np.float32) - np.asarray(b, np.float32) for g, b in zip(got, base)]
     with jax.default_matmul_precision("highest"):
         want = lora_delta_reference(x, weights, slot, merged, mixture=case.mixture)
     slot = np.asarray(slot)

@@ -83,7 +83,8 @@ class BulkTimer:
 
 
 def compile_all(jobs, threads: int = 16):
-    """Yield (key, compiled BulkTimer) for (key, make_timer) jobs in order, compiled in batches.
+    """Yield (key, compiled BulkTimer, or the exception compiling it raised) for (key, make_timer)
+    jobs in order, compiled in batches.
 
     jobs is consumed lazily, `threads` at a time: make_timer() (tracing and lowering) runs on
     the caller's thread, then the batch compiles on `threads` workers (XLA/Triton compilation
@@ -94,7 +95,7 @@ def compile_all(jobs, threads: int = 16):
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         while batch := [(key, make()) for key, make in itertools.islice(jobs, threads)]:
             futures = [(key, pool.submit(timer.compile)) for key, timer in batch]
-            done = [(key, f.result()) for key, f in futures]
+            done = [(key, f.exception() or f.result()) for key, f in futures]
             del batch, futures
             while done:
                 yield done.pop(0)

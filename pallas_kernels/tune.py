@@ -34,15 +34,21 @@ ADAPTERS = 64
 L2_BYTES = 50 << 20
 
 # (block_t, block_k, split_k, warps) and (block_t, block_n, warps)
-SHRINK = [(16, 128, s, 4) for s in (4, 8, 16, 32)] + [(16, 256, s, 4) for s in (8, 16)] + \
+SHRINK = [(1, 128, s, 4) for s in (1, 2, 4, 8, 16, 32)] + [(1, 256, s, 4) for s in (2, 4, 8, 16)] + \
+         [(1, 64, s, 2) for s in (4, 8, 16, 32)] + \
+         [(16, 128, s, 4) for s in (4, 8, 16, 32)] + [(16, 256, s, 4) for s in (8, 16)] + \
          [(32, 128, s, 4) for s in (2, 4, 8)] + [(64, 128, s, 4) for s in (1, 2, 4)] + \
          [(64, 64, 1, 4), (64, 64, 2, 4), (128, 64, 1, 8), (128, 64, 2, 8), (128, 128, 1, 8)]
-EXPAND = [(16, n, 4) for n in (32, 64, 128, 256)] + [(32, n, 4) for n in (64, 128, 256)] + \
+EXPAND = [(1, n, 4) for n in (32, 64, 128, 256, 512)] + [(1, 128, 2), (1, 256, 8)] + \
+         [(16, n, 4) for n in (32, 64, 128, 256)] + [(32, n, 4) for n in (64, 128, 256)] + \
          [(64, 64, 4), (64, 128, 4), (64, 256, 8), (128, 64, 4), (128, 128, 8)]
 
 
 def _fits(block_t: int, tokens: int) -> bool:
-    """Token blocks beyond max(32, T) only waste work; 16 and 32 are timed on every bucket."""
+    """Token blocks beyond max(32, T) only waste work (16 and 32 are timed on every bucket);
+    one token per program only suits decode-sized batches."""
+    if block_t == 1:
+        return tokens <= 256
     return block_t <= max(32, 1 << max(0, (tokens - 1).bit_length()))
 
 
@@ -114,7 +120,10 @@ def _time_all(jobs, make_timer, bar) -> dict:
     """{job: seconds} for (key, cand) jobs; compiles overlap on threads, timing is serial."""
     times = {}
     for job, timer in compile_all((job, functools.partial(make_timer, *job)) for job in jobs):
-        times[job] = timer.seconds(target_s=0.005)
+        if isinstance(timer, Exception):            # e.g. a tile needing more registers than exist
+            print(f"\ncandidate {job} does not compile: {type(timer).__name__}: {str(timer)[:160]}")
+        else:
+            times[job] = timer.seconds(target_s=0.005)
         bar.update()
     return times
 
