@@ -1,0 +1,42 @@
+"""The ATMM kernels lower to Triton for an H200 (lowering only: no GPU here, nothing runs).
+
+Interpret mode does not apply the Triton lowering's rules (block shapes, supported primitives,
+scalar indexing); this catches what breaks them before a GPU run. PTX compilation and results
+are bench/gpu_smoke.py's job.
+"""
+
+import functools
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.atmm import _lora_delta
+from pallas_kernels.testing import Case, make_problem
+from pallas_kernels.tiling import TileConfig, heuristic_tile
+
+gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+
+
+@pytest.fixture(autouse=True)
+def _pretend_h200(monkeypatch):
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H200))
+
+
+@pytest.mark.parametrize("case, tile", [
+    (Case(16, 4096, (4096, 1024), 16, 8, dtype="bfloat16"), heuristic_tile(16, 4096, 5120, 16, 8)),
+    (Case(64, 4096, (11008,), 128, 8, dtype="bfloat16", mixture=True), heuristic_tile(64, 4096, 11008, 128, 8)),
+    (Case(300, 4096, (4096,), 64, 8, dtype="bfloat16"), heuristic_tile(300, 4096, 4096, 64, 8)),
+    (Case(40, 96, (80,), 32, 4, dtype="float32", mixture=True),
+     TileConfig(shrink_block_t=1, block_k=64, split_k=2, expand_block_t=16, block_n=32)),
+], ids=["decode-qkv", "decode-r128-mixture", "prefill", "ragged-mixed-tiles"])
+@pytest.mark.parametrize("with_base", [False, True], ids=["delta", "base"])
+def test_kernels_lower_to_triton(case, tile, with_base):
+    x, weights, slot, merged = make_problem(case, seed=0)
+    base = tuple(jnp.zeros((case.tokens, d), x.dtype) for d in case.d_outs) if with_base else None
+    fn = jax.jit(functools.partial(_lora_delta, mixture=case.mixture, tile=tile, interpret=False))
+    text = fn.trace(x, weights, slot, jnp.int32(merged), base).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2            # one shrink and one expand launch
