@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison)
-#   bash bench/gpu_session.sh train   (carry .whl; train.run_default, resumable: carry checkpoints back in)
+#   bash bench/gpu_session.sh train   (carry .whl; resumable: unpack $OUT/checkpoints.tar.* here, carry checkpoints/.work)
 # Each stage's log goes to $OUT/<stage>.log; results land in bench/results/ and the tile table
 # in pallas_kernels/configs/, and both are packed into $OUT/results.tgz (after each stage) to bring back.
 set -uo pipefail
@@ -21,7 +21,7 @@ for stage in "$@"; do
         switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         kernels) python3 -m bench.kernels --out-dir bench/results --budget-s "${KERNELS_BUDGET_S:-480}" ;;
-        train)   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+        train)   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
                  PYTHONPATH=/tmp/site:$PWD python3 -m train.run_default --digits .whl/digits.npz \
                      --deadline-s "${TRAIN_DEADLINE_S:-540}"
                  skip=$([ -e checkpoints/.work/pretrain_done.json ] && echo checkpoints/.work/pretrain)  # done: not needed to resume
