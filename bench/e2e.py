@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.policies import POLICIES  # noqa: E402
-from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, make_adapter  # noqa: E402
+from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, bucket, init_model, init_pages, make_adapter  # noqa: E402
 
 
 def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
@@ -51,7 +51,7 @@ def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.0
 
 def _twin(runner: ModelRunner, backend: str) -> ModelRunner:
     """A runner on the same base weights with its own adapter slots and merged weights."""
-    twin = ModelRunner(runner.model(), backend=backend)
+    twin = ModelRunner(runner.model(), backend=backend, attention=runner.attention)
     twin.lora, twin.merged = jax.tree.map(jnp.copy, (twin.lora, twin.merged))
     return twin
 
@@ -61,6 +61,19 @@ def _with_adapters(runner: ModelRunner, adapters) -> tuple[ModelRunner, AdapterP
     for a in adapters:
         pool.register(a)
     return runner, pool
+
+
+def step_shapes(cfg: EngineConfig, modes, max_prefill_rows: int = 4):
+    """The step variants an engine with config `cfg` meets when its minimums cover every row
+    (decode rows, prefill tokens, pages, image features): (blocks, n_features, mode) tuples with
+    blocks = (decode,), (prefill,) or (decode, prefill), each (rows, tokens, pages)."""
+    pages = bucket(cfg.min_pages)
+    decode = (bucket(cfg.max_rows, cfg.min_rows), 1, pages)
+    prefills = [(rows, tokens, pages)
+                for rows in sorted({bucket(r) for r in range(1, min(cfg.max_rows, max_prefill_rows) + 1)})
+                for tokens in sorted({bucket(t, cfg.min_prefill_tokens) for t in range(1, cfg.prefill_chunk + 1)})]
+    blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
+    return [(b, bucket(0, cfg.min_features) if cfg.min_features else 0, mode) for b in blocks for mode in modes]
 
 
 def _p99(values):
@@ -83,6 +96,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llava-1.5-7b", choices=sorted(PRESETS))
     ap.add_argument("--backend", default="pallas")
+    ap.add_argument("--attention", default="pallas", help="decode attention backend (decoder.ATTENTION_BACKENDS)")
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--ranks", default="16,32,64")
     ap.add_argument("--max-loras", type=int, default=16)
@@ -96,14 +110,17 @@ def main(argv=None):
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
     ap.add_argument("--num-pages", type=int, default=4096)
-    ap.add_argument("--min-rows", type=int, default=8, help="pad blocks to >= this many rows (fewer compiles)")
-    ap.add_argument("--min-pages", type=int, default=16, help="pad page tables to >= this many pages")
+    ap.add_argument("--min-rows", type=int, default=32, help="pad decode blocks to >= this many rows (fewer compiles)")
+    ap.add_argument("--min-prefill-tokens", type=int, default=512, help="pad prefill rows to >= this many tokens")
+    ap.add_argument("--min-pages", type=int, default=256, help="pad page tables to >= this many pages")
+    ap.add_argument("--min-features", type=int, default=4096, help="pad a step's image features to >= this many rows")
+    ap.add_argument("--compile-threads", type=int, default=12)
     ap.add_argument("--out", default="bench/results/e2e")
     args = ap.parse_args(argv)
 
     ranks = [int(r) for r in args.ranks.split(",")]
     config = PRESETS[args.preset](max_loras=args.max_loras, max_rank=max(ranks))
-    runner = ModelRunner(init_model(config, seed=0), backend=args.backend)
+    runner = ModelRunner(init_model(config, seed=0), backend=args.backend, attention=args.attention)
     adapters = fast_adapters(config, runner.module_shapes, args.adapters, ranks, seed=1)
     rng = np.random.default_rng(2)
     headed = set()
@@ -121,10 +138,18 @@ def main(argv=None):
                for b in set(backends.values())}
     engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
                                  prefill_chunk=args.prefill_chunk, num_pages=args.num_pages, max_queue=10_000,
-                                 min_rows=args.min_rows, min_pages=args.min_pages)
+                                 min_rows=args.min_rows, min_prefill_tokens=args.min_prefill_tokens,
+                                 min_pages=args.min_pages, min_features=args.min_features)
 
     size = config.vision.image_size
-    # warm-up: compile the step shapes every policy meets, outside the measurements
+    # warm-up, outside the measurements: compile the likely step shapes concurrently, then run a
+    # short trace per policy and workload kind (compiling whatever else they meet)
+    cache = jax.eval_shape(lambda: init_pages(config.text, args.num_pages, config.page_size, jnp.dtype(config.dtype)))
+    for backend, (runner_b, _) in serving.items():
+        modes = ("unmerged",) if backend == "pallas-static" else ("unmerged", "merged", "mixture")
+        tic = time.perf_counter()
+        n = runner_b.precompile(cache, step_shapes(engine_config, modes), threads=args.compile_threads)
+        print(f"{backend}: {n} step variants compiled in {time.perf_counter() - tic:.0f} s", flush=True)
     for policy in args.policies.split(","):
         for kind in args.kinds.split(","):
             warm = make_trace(Workload(kind, 50.0, "poisson", "hot80", 2 * args.max_rows, seed=99), names, size,

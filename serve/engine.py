@@ -50,9 +50,13 @@ class EngineConfig:
     image_cache_size: int = 256
     """Image embeddings kept, least recently used evicted."""
     min_rows: int = 1
-    """Blocks are padded to at least this many rows (fewer step shapes to compile)."""
+    """Decode blocks are padded to at least this many rows (fewer step shapes to compile)."""
+    min_prefill_tokens: int = 16
+    """Prefill blocks are padded to at least this many tokens per row (likewise)."""
     min_pages: int = 1
     """Page tables are padded to at least this many columns (likewise)."""
+    min_features: int = 0
+    """Image-feature rows passed to a step are padded to at least this many (likewise)."""
 
     def __post_init__(self):
         for name in ("max_rows", "token_budget", "prefill_chunk", "max_queue"):
@@ -352,12 +356,13 @@ class Engine:
             (decode if n == 1 else prefill).append((seq, spec))
         d = self.runner.config.text.hidden_size
         feats = jnp.concatenate(features) if features else jnp.zeros((0, d), jnp.dtype(self.runner.config.dtype))
-        if features:
-            feats = jnp.pad(feats, ((0, bucket(feats.shape[0]) - feats.shape[0]), (0, 0)))
+        if features or self.config.min_features:
+            feats = jnp.pad(feats, ((0, bucket(feats.shape[0], self.config.min_features) - feats.shape[0]), (0, 0)))
         ordered = decode + prefill
         groups = [g for g in (decode, prefill) if g]
-        blocks = [pack_block([sp for _, sp in g], min_tokens=16 if g is prefill else 1,
-                             min_rows=self.config.min_rows, min_pages=self.config.min_pages) for g in groups]
+        cfg = self.config
+        blocks = [pack_block([sp for _, sp in g], min_pages=cfg.min_pages, min_rows=1 if g is prefill else cfg.min_rows,
+                             min_tokens=cfg.min_prefill_tokens if g is prefill else 1) for g in groups]
         hidden, logits, self.cache = self.runner.step(self.cache, blocks, feats, mode)
         # rows of each block start at that block's first row; padding rows follow each block
         row_index, first = [], 0
@@ -377,7 +382,7 @@ class Engine:
                  if seq.adapter is not None and not seq.state.out and self.pool.get(seq.adapter).head is not None}
         hidden_np = np.asarray(hidden, np.float32) if heads else None
         sampling = [(seq, i) for seq, i in done_prefill if seq.id not in heads]
-        tokens = self._sample(logits[np.asarray([i for _, i in sampling], np.int32)], [s.state for s, _ in sampling]) \
+        tokens = self._sample(logits, [s.state for s, _ in sampling], rows=[i for _, i in sampling]) \
             if sampling else []
         now = self.clock()
         for seq, i in done_prefill:

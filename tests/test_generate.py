@@ -135,3 +135,20 @@ def test_conversations_place_images_where_their_parts_stand(generator):
         generator.generate([Request("text", messages=convo, images=[img])])
     with pytest.raises(ValueError, match="role"):
         generator.generate([Request(messages=[{"role": "robot", "content": "hi"}])])
+
+
+def test_precompiled_step_variants_are_not_compiled_again(generator, caplog):
+    import jax
+    import jax.numpy as jnp
+
+    from valora_jax import RowSpec, pack_block
+
+    runner, cache = generator.runner, generator.cache
+    blocks = [pack_block([RowSpec([5], 3, None, -1, [1])], min_rows=4, min_pages=8),
+              pack_block([RowSpec(list(range(1, 21)), 0, None, 0, [2, 3])], min_tokens=32, min_pages=8)]
+    features = jnp.zeros((16, runner.config.text.hidden_size), jnp.dtype(runner.config.dtype))
+    shape = (tuple((*b.tokens.shape, b.page_table.shape[1]) for b in blocks), 16, "unmerged")
+    assert runner.precompile(cache, [shape], threads=2) == 1
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        *_, generator.cache = runner.step(cache, blocks, features)
+    assert "_step_impl" not in caplog.text

@@ -9,6 +9,7 @@ Shapes are padded to power-of-two buckets (`bucket`) so a long run compiles a bo
 of times.
 """
 
+import concurrent.futures
 from typing import NamedTuple, Sequence
 
 import jax
@@ -132,6 +133,30 @@ class ModelRunner:
         merged_slot = jnp.int32(self.merged_slot if mode != "unmerged" else -1)
         return self._step(self.params, self.lora, self.merged, cache, tuple(blocks), image_features,
                           merged_slot, mode=mode)
+
+    def precompile(self, cache, shapes, feature_dim: int | None = None, threads: int = 8) -> int:
+        """Compile step variants ahead of their first use, several at a time.
+
+        shapes: (blocks, n_features, mode) per variant, blocks a tuple of (rows, tokens, pages) per
+        block, as pack_block makes them; cache: the cache the steps will run on (only its shapes
+        are used). Tracing and lowering run here, compilation on `threads` workers; the first
+        real step of each variant then finds its executable in the jit's caches. Returns the
+        number of variants compiled.
+        """
+        spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+        cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
+        d = feature_dim or self.config.text.hidden_size
+        lowered = []
+        for blocks, n_features, mode in shapes:
+            blocks = tuple(Block(spec((b, q), jnp.int32), spec((b, q), jnp.int32), spec((b, q), jnp.bool_),
+                                 spec((b, q), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
+                           for b, q, w in blocks)
+            lowered.append(self._step.lower(self.params, self.lora, self.merged, cache, blocks,
+                                            spec((n_features, d), jnp.dtype(self.config.dtype)),
+                                            spec((), jnp.int32), mode=mode))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda low: low.compile(), lowered))
+        return len(lowered)
 
     def encode_images(self, pixels, slot, mode: str = "unmerged") -> jax.Array:
         """pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
