@@ -96,7 +96,7 @@ def compile_all(jobs, threads: int = 16):
         while batch := [(key, make()) for key, make in itertools.islice(jobs, threads)]:
             futures = [(key, pool.submit(timer.compile)) for key, timer in batch]
             done = [(key, f.exception() or f.result()) for key, f in futures]
-            del batch, futures
+            del batch, futures                    # each timer (and its inputs) lives until yielded
             while done:
                 yield done.pop(0)
 

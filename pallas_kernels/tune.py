@@ -117,7 +117,7 @@ def _progress(total: int):
 
 
 def _time_all(jobs, make_timer, bar) -> dict:
-    """{job: seconds} for (key, cand) jobs; compiles overlap on threads, timing is serial."""
+    """{job: seconds} for (key, cand) jobs: compiled in batches on threads, then timed one by one."""
     times = {}
     for job, timer in compile_all((job, functools.partial(make_timer, *job)) for job in jobs):
         if isinstance(timer, Exception):            # e.g. a tile needing more registers than exist
