@@ -8,9 +8,13 @@
     expand:  y[w][t]       = sum_j sign_j * scale_w[u_j(t)]
                                * (sum_p h[w][j, p, t]) @ B_w[u_j(t)][:rank_w, :]    # [T, D_out]
 
-Tokens stay in their order (no sort, no gather): each program takes a block of consecutive
-tokens and loops over the distinct adapters in it (a serving batch keeps each request's tokens
-together, so a prefill block holds one or two adapters, a decode block up to one per token).
+Tokens stay in their order (no sort, no gather). Blocked kernels (prefill): each program takes
+a block of consecutive tokens and loops over the distinct adapters in it (a serving batch keeps
+each request's tokens together, so a prefill block holds one or two adapters) on tensor cores.
+Per-token kernels (decode, tile block_t = 1): each program takes one token and its own adapter
+in vector math, so a batch of T decode rows launches T x split programs. The two kinds can be
+mixed (the partial sums h have the same layout). Given `base`, the expand adds the deltas over
+the base projections in place (one pass over the outputs instead of three).
 Adapter weights are read only up to each slot's true rank (masked loads), and each
 (block, adapter) dot runs at the smallest width 16, 32, ... >= that rank, up to
 RB = max(16, next_pow2(R)) (never under 16: bf16 dots with contraction < 16 are wrong on GPU).
