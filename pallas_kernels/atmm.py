@@ -150,54 +150,59 @@ def _shrink_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bt: int, bk: i
         _for_each_adapter(slots, visit, ())
 
 
-def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
-                   tile_offsets: tuple, n_tokens: int, mixture: bool, has_base: bool):
-    """One (token block i, output tile): y[w][block, tile] (+ base) for the weight owning the tile."""
-    h_refs, b_refs = refs[:n_weights], refs[n_weights:2 * n_weights]
-    scale_refs, rank_refs = refs[2 * n_weights:3 * n_weights], refs[3 * n_weights:4 * n_weights]
-    base_refs = refs[4 * n_weights:5 * n_weights] if has_base else (None,) * n_weights
-    y_refs = refs[-n_weights:]
-    n_slots = b_refs[0].shape[0]
-    i, tile = pl.program_id(0), pl.program_id(1)
-    t0 = i * bt
-    live, token_sets = _load_block_slots(slot_ref, m_ref, t0, bt, n_tokens, n_slots, mixture)
+def _on_weight_tiles(refs, n_weights: int, has_base: bool, tile, tile_offsets: tuple, bn: int, body):
+    """The expand kernels' dispatch: body(n0, h, b, scale, rank, base or None, y refs) for the
+    weight w whose output columns [n0, n0 + bn) this program's tile covers.
 
-    for w in range(n_weights):
-        h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref = (
-            h_refs[w], b_refs[w], scale_refs[w], rank_refs[w], base_refs[w], y_refs[w])
+    refs: (h, b, scale, rank[, base]) input refs and y output refs, n_weights of each."""
+    groups = [refs[k * n_weights:(k + 1) * n_weights] for k in range(4)]
+    base = refs[4 * n_weights:5 * n_weights] if has_base else (None,) * n_weights
+    for w, weight_refs in enumerate(zip(*groups, base, refs[-n_weights:])):
         first, last = tile_offsets[w], tile_offsets[w + 1]
 
         @pl.when((tile >= first) & (tile < last))
         def _():
-            n0 = pl.multiple_of((tile - first) * bn, bn)
-            d_out, rb = y_ref.shape[1], h_ref.shape[-1]
-            full_n = d_out % bn == 0
-            n_ok = n0 + jnp.arange(bn) < d_out                          # [BN]
-            full = full_n and n_tokens % bt == 0
-            mask = _mask(full, live[:, None] & n_ok[None, :])
-            y = jnp.zeros((bt, bn), jnp.float32)
-            if base_ref is not None:
-                y = plt.load(base_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], mask=mask,
-                             other=_mask(full, 0)).astype(jnp.float32)
-            for j, (slots, sign) in enumerate(token_sets):
-                def visit(u, rows, y):
-                    rank = jnp.minimum(rank_ref[u], b_ref.shape[1])
+            body(pl.multiple_of((tile - first) * bn, bn), *weight_refs)
 
-                    def branch(c):
-                        def run(y):
-                            h = sum(h_ref[j, p, pl.ds(t0, bt), pl.ds(0, c)]
-                                    for p in range(h_ref.shape[1]))    # [BT, c]
-                            b = plt.load(b_ref.at[u, pl.ds(0, c), pl.ds(n0, bn)],
-                                         mask=(jnp.arange(c) < rank)[:, None] & n_ok[None, :],
-                                         other=0)                       # [c, BN]
-                            yu = jnp.dot(h.astype(b.dtype), b, preferred_element_type=jnp.float32)
-                            return y + jnp.where(rows[:, None], (sign * scale_ref[u]) * yu, 0.0)
-                        return run
 
-                    return _switch_on_rank(rank, rb, branch, y)
+def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
+                   tile_offsets: tuple, n_tokens: int, mixture: bool, has_base: bool):
+    """One (token block i, output tile): y[w][block, tile] (+ base) for the weight owning the tile."""
+    n_slots = refs[n_weights].shape[0]
+    i, tile = pl.program_id(0), pl.program_id(1)
+    t0 = i * bt
+    live, token_sets = _load_block_slots(slot_ref, m_ref, t0, bt, n_tokens, n_slots, mixture)
 
-                y = _for_each_adapter(slots, visit, y)
-            plt.store(y_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=mask)
+    def body(n0, h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref):
+        d_out, rb = y_ref.shape[1], h_ref.shape[-1]
+        n_ok = n0 + jnp.arange(bn) < d_out                                  # [BN]
+        full = d_out % bn == 0 and n_tokens % bt == 0
+        mask = _mask(full, live[:, None] & n_ok[None, :])
+        y = jnp.zeros((bt, bn), jnp.float32)
+        if base_ref is not None:
+            y = plt.load(base_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], mask=mask,
+                         other=_mask(full, 0)).astype(jnp.float32)
+        for j, (slots, sign) in enumerate(token_sets):
+            def visit(u, rows, y):
+                rank = jnp.minimum(rank_ref[u], b_ref.shape[1])
+
+                def branch(c):
+                    def run(y):
+                        h = sum(h_ref[j, p, pl.ds(t0, bt), pl.ds(0, c)]
+                                for p in range(h_ref.shape[1]))            # [BT, c]
+                        b = plt.load(b_ref.at[u, pl.ds(0, c), pl.ds(n0, bn)],
+                                     mask=(jnp.arange(c) < rank)[:, None] & n_ok[None, :],
+                                     other=0)                               # [c, BN]
+                        yu = jnp.dot(h.astype(b.dtype), b, preferred_element_type=jnp.float32)
+                        return y + jnp.where(rows[:, None], (sign * scale_ref[u]) * yu, 0.0)
+                    return run
+
+                return _switch_on_rank(rank, rb, branch, y)
+
+            y = _for_each_adapter(slots, visit, y)
+        plt.store(y_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=mask)
+
+    _on_weight_tiles(refs, n_weights, has_base, tile, tile_offsets, bn, body)
 
 
 def _shrink_token_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bk: int, k_steps: int,
@@ -234,37 +239,28 @@ def _shrink_token_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bk: int,
 def _expand_token_kernel(slot_ref, m_ref, *refs, n_weights: int, bn: int, tile_offsets: tuple,
                          mixture: bool, has_base: bool):
     """One (token t, output tile), vector math: y[w][t, tile] (+ base) for the weight owning it."""
-    h_refs, b_refs = refs[:n_weights], refs[n_weights:2 * n_weights]
-    scale_refs, rank_refs = refs[2 * n_weights:3 * n_weights], refs[3 * n_weights:4 * n_weights]
-    base_refs = refs[4 * n_weights:5 * n_weights] if has_base else (None,) * n_weights
-    y_refs = refs[-n_weights:]
     t, tile = pl.program_id(0), pl.program_id(1)
-    token_sets = _token_sets(slot_ref[t], True, m_ref[0], b_refs[0].shape[0], mixture)
+    token_sets = _token_sets(slot_ref[t], True, m_ref[0], refs[n_weights].shape[0], mixture)
 
-    for w in range(n_weights):
-        h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref = (
-            h_refs[w], b_refs[w], scale_refs[w], rank_refs[w], base_refs[w], y_refs[w])
-        first, last = tile_offsets[w], tile_offsets[w + 1]
+    def body(n0, h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref):
+        d_out, rb = y_ref.shape[1], h_ref.shape[-1]
+        full_n = d_out % bn == 0
+        n_ok = n0 + jnp.arange(bn) < d_out                                  # [BN]
+        y = jnp.zeros((bn,), jnp.float32)
+        for j, (u, sign) in enumerate(token_sets):
+            uc = jnp.maximum(u, 0)
+            rows = jnp.arange(rb) < jnp.where(u >= 0, jnp.minimum(rank_ref[uc], b_ref.shape[1]), 0)
+            h = sum(plt.load(h_ref.at[jnp.int32(j), jnp.int32(p), t, pl.ds(0, rb)], mask=rows, other=0)
+                    for p in range(h_ref.shape[1]))                         # [RB]; 0 where u < 0
+            b = plt.load(b_ref.at[uc, pl.ds(0, rb), pl.ds(n0, bn)],
+                         mask=rows[:, None] & n_ok[None, :], other=0)       # [RB, BN]
+            y = y + (sign * scale_ref[uc]) * jnp.sum(h[:, None] * b.astype(jnp.float32), axis=0)
+        if base_ref is not None:
+            y = y + plt.load(base_ref.at[t, pl.ds(n0, bn)], mask=_mask(full_n, n_ok),
+                             other=_mask(full_n, 0)).astype(jnp.float32)
+        plt.store(y_ref.at[t, pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=_mask(full_n, n_ok))
 
-        @pl.when((tile >= first) & (tile < last))
-        def _():
-            n0 = pl.multiple_of((tile - first) * bn, bn)
-            d_out, rb = y_ref.shape[1], h_ref.shape[-1]
-            full_n = d_out % bn == 0
-            n_ok = n0 + jnp.arange(bn) < d_out                              # [BN]
-            y = jnp.zeros((bn,), jnp.float32)
-            for j, (u, sign) in enumerate(token_sets):
-                uc = jnp.maximum(u, 0)
-                rows = jnp.arange(rb) < jnp.where(u >= 0, jnp.minimum(rank_ref[uc], b_ref.shape[1]), 0)
-                h = sum(plt.load(h_ref.at[jnp.int32(j), jnp.int32(p), t, pl.ds(0, rb)], mask=rows, other=0)
-                        for p in range(h_ref.shape[1]))                     # [RB]; 0 where u < 0
-                b = plt.load(b_ref.at[uc, pl.ds(0, rb), pl.ds(n0, bn)],
-                             mask=rows[:, None] & n_ok[None, :], other=0)   # [RB, BN]
-                y = y + (sign * scale_ref[uc]) * jnp.sum(h[:, None] * b.astype(jnp.float32), axis=0)
-            if base_ref is not None:
-                y = y + plt.load(base_ref.at[t, pl.ds(n0, bn)], mask=_mask(full_n, n_ok),
-                                 other=_mask(full_n, 0)).astype(jnp.float32)
-            plt.store(y_ref.at[t, pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=_mask(full_n, n_ok))
+    _on_weight_tiles(refs, n_weights, has_base, tile, tile_offsets, bn, body)
 
 
 def _shrink(x, weights, slot, merged, *, tile: TileConfig, t_pad: int, mixture: bool,
