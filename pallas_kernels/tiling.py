@@ -93,7 +93,7 @@ def heuristic_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int)
     """
     del d_out, adapters
     if tokens <= 256:
-        width = max(32, min(256, 4096 // rank))
+        width = max(32, min(256, _pow2_floor(4096 // rank)))
         split = max(1, min(_pow2_floor(max(1, 2 * _NUM_SMS // tokens)), _pow2_floor(max(1, d_in // width))))
         return TileConfig(shrink_block_t=1, block_k=width, split_k=split, expand_block_t=1, block_n=width)
     big = rank >= 64

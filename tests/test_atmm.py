@@ -126,9 +126,10 @@ def test_tile_lookup_nearest_bucket_then_heuristic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300, 4096, 100000])
 @pytest.mark.parametrize("adapters", [1, 64])
-def test_heuristic_tiles_are_valid(tokens, adapters):
-    t = tiling.pick_tile(tokens, 4096, 11008, 64, min(adapters, tokens), device_kind="no such device")
-    assert isinstance(t, TileConfig) and t.split_k * t.block_k <= 4096
+@pytest.mark.parametrize("d_in, rank", [(4096, 64), (4096, 24), (48, 24), (5120, 128), (1024, 8)])
+def test_heuristic_tiles_are_valid(tokens, adapters, d_in, rank):
+    t = tiling.pick_tile(tokens, d_in, 11008, rank, min(adapters, tokens), device_kind="no such device")
+    assert isinstance(t, TileConfig) and t.split_k * t.block_k <= max(d_in, t.block_k)
 
 
 def test_committed_tables_parse():
