@@ -7,6 +7,9 @@ request latency, TTFT, throughput, and p99 latency of requests to cold (non-hot)
 Ratios of ours to each baseline are computed per workload and as geometric means.
 
   python bench/e2e.py --preset llava-1.5-7b --backend pallas --adapters 32 --out bench/results/e2e
+
+Results are rewritten after every workload; `--append` keeps the runs already in OUT.json and
+runs only the missing workloads, so a grid can be measured over several calls (`--deadline-s`).
 """
 
 import argparse
@@ -17,6 +20,7 @@ import math
 import platform
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -116,8 +120,13 @@ def main(argv=None):
     ap.add_argument("--min-features", type=int, default=4096, help="pad a step's image features to >= this many rows")
     ap.add_argument("--compile-threads", type=int, default=12)
     ap.add_argument("--out", default="bench/results/e2e")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs already in OUT.json and run only the workloads it lacks")
+    ap.add_argument("--deadline-s", type=float, default=float("inf"),
+                    help="start no new workload after this many seconds (results so far are written)")
     args = ap.parse_args(argv)
 
+    start = time.perf_counter()
     ranks = [int(r) for r in args.ranks.split(",")]
     config = PRESETS[args.preset](max_loras=args.max_loras, max_rank=max(ranks))
     runner = ModelRunner(init_model(config, seed=0), backend=args.backend, attention=args.attention)
@@ -152,15 +161,26 @@ def main(argv=None):
         print(f"{backend}: {n} step variants compiled in {time.perf_counter() - tic:.0f} s", flush=True)
     for policy in args.policies.split(","):
         for kind in args.kinds.split(","):
-            warm = make_trace(Workload(kind, 50.0, "poisson", "hot80", 2 * args.max_rows, seed=99), names, size,
+            warm = make_trace(Workload(kind, 50.0, "poisson", "hot80", args.max_rows // 2, seed=99), names, size,
                               headed)
             run_one(*serving[backends[policy]], policy, warm, engine_config, names[0])
+    print(f"warm after {time.perf_counter() - start:.0f} s", flush=True)
 
-    results = []
+    out = Path(args.out).with_suffix(".json")
+    previous = json.loads(out.read_text()) if args.append and out.exists() else {"meta": {}, "runs": []}
+    results = previous["runs"]
+    commands = previous["meta"].get("commands", []) + ["python " + " ".join(sys.argv)]
+    done = {_workload_key(r) for r in results}
     grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
                              [float(r) for r in args.rates.split(",")])
-    for seed, (kind, arrival, popularity, rate) in enumerate(grid):
+    for kind, arrival, popularity, rate in grid:
+        seed = zlib.crc32(f"{kind}/{arrival}/{popularity}/{rate}".encode())    # the same trace in every call
         w = Workload(kind, rate, arrival, popularity, args.requests, seed=seed)
+        if _workload_key(dataclasses.asdict(w)) in done:
+            continue
+        if time.perf_counter() - start > args.deadline_s:
+            print(f"deadline: workloads from {w} on not run (rerun with --append to continue)", flush=True)
+            break
         trace = make_trace(w, names, size, headed)
         for policy in args.policies.split(","):
             r = run_one(*serving[backends[policy]], policy, trace, engine_config, names[0])
@@ -168,20 +188,25 @@ def main(argv=None):
             results.append(r)
             print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                   f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
-                  f"modes {r['mode_steps']}", flush=True)
+                  f"modes {r['mode_steps']}  ({r['wall_s']:.0f} s)", flush=True)
+        _write(out, results, commands, args)            # after every workload: a later one may be cut off
 
-    report = _report(results, args)
-    out = Path(args.out)
+
+def _workload_key(run: dict) -> tuple:
+    return tuple(run[k] for k in ("kind", "arrival", "popularity", "rate", "num_requests", "seed"))
+
+
+def _write(out: Path, results: list, commands: list, args) -> None:
+    report = _report(results, commands, args)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": report["meta"], "ratios": report["ratios"],
-                                                    "runs": results}, indent=2))
+    out.write_text(json.dumps({"meta": report["meta"], "ratios": report["ratios"], "runs": results}, indent=2))
     out.with_suffix(".md").write_text(report["table"])
     _plot(results, out.with_suffix(".png"))
-    print(report["table"])
+    print(report["table"], flush=True)
 
 
-def _report(results, args) -> dict:
-    meta = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
+def _report(results, commands, args) -> dict:
+    meta = {"commands": commands, "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "python": platform.python_version()}
     key = lambda r: (r["kind"], r["arrival"], r["popularity"], r["rate"])
     by = {}
@@ -199,7 +224,7 @@ def _report(results, args) -> dict:
             if "ours" in g and "slora" in g and g["ours"]["cold_p99"] and g["slora"]["cold_p99"]]
     ratios["cold_p99_ours_over_slora_max"] = max(cold) if cold else None
     lines = [f"# End-to-end serving, {args.preset}, {meta['device']}, jax {meta['jax']}", "",
-             f"`{meta['command']}`", "",
+             *[f"`{c}`  " for c in meta["commands"]], "",
              "| ours vs | geomean token-latency ratio | reduction | worst ratio |", "| --- | --- | --- | --- |"]
     for base, v in ratios.items():
         if isinstance(v, dict) and v["geomean_ours_over_base"] is not None:

@@ -164,3 +164,12 @@ def test_compile_all_yields_in_order_and_lazily():
     assert key == 0 and made == [0, 1]             # no more than `threads` made ahead
     assert first.seconds(target_s=1e-4, repeats=1) > 0
     assert [k for k, _ in timers] == [1, 2, 3, 4]
+
+
+def test_tuner_candidates_are_valid_tiles():
+    from pallas_kernels import tune
+    for bt, bk, split, warps in tune.SHRINK:
+        TileConfig(shrink_block_t=bt, block_k=bk, split_k=split, shrink_warps=warps)
+    for bt, bn, warps in tune.EXPAND:
+        TileConfig(expand_block_t=bt, block_n=bn, expand_warps=warps)
+    assert len(set(tune.SHRINK)) == len(tune.SHRINK) and len(set(tune.EXPAND)) == len(tune.EXPAND)

@@ -5,10 +5,16 @@ import pytest
 from serve.cli import main
 
 
-def test_info_reports_model_and_parameters(capsys):
+def test_info_reports_the_embedded_default_or_says_it_is_random(capsys, monkeypatch, tmp_path):
+    import serve.cli as cli
     main(["info"])
     out = capsys.readouterr().out
-    assert "valora-tiny" in out and "parameters: " in out and "RANDOMLY INITIALISED" in out
+    trained = (cli.CHECKPOINTS / "default" / "config.json").exists()
+    assert "valora-tiny" in out and "parameters: " in out
+    assert ("embedded default" in out) == trained and ("RANDOMLY INITIALISED" in out) != trained
+    monkeypatch.setattr(cli, "CHECKPOINTS", tmp_path)            # no trained checkpoint there
+    main(["info"])
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().out
 
 
 def test_generate_with_an_image(capsys, tmp_path):
