@@ -30,7 +30,7 @@ from serve.policies import POLICIES, BatchLimits, CostModel, Policy, SchedulerSt
 from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.request import Completion, Request, RequestState
-from valora_jax.runtime import ModelRunner, RowSpec, bucket, pack_block
+from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_seconds, pack_block
 from valora_jax.sampling import make_sampler
 from valora_jax.tokenizer import ByteTokenizer
 
@@ -231,7 +231,7 @@ class Engine:
     # the step -----------------------------------------------------------------------------------
     def step(self) -> StepMetrics | None:
         """Run one scheduling step; None when there was nothing to run."""
-        start = self.clock()
+        start, compiled_before = self.clock(), compile_seconds()
         for seq in [s for s in self._seqs.values() if s.cancelled]:
             self._finish(seq, "cancelled")
         if not self._seqs:
@@ -255,12 +255,13 @@ class Engine:
         finally:
             for name in slots:
                 self.pool.unpin(name)
-        duration = self.clock() - start
+        duration, compiled = self.clock() - start, compile_seconds() - compiled_before
         features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows])
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
-                           float(features[2]), len({s.adapter for s, _ in rows} - {None}))
-        self.cost.observe(mode, features, duration - switch)
+                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled)
+        if not compiled:                         # a compiling step says nothing about what the mode costs
+            self.cost.observe(mode, features, duration - switch)
         self.step_metrics.append(step)
         return step
 
@@ -286,7 +287,7 @@ class Engine:
             return 0.0
         if merged == self._merged_key and self.runner.merged_slot == slots[merged]:
             return 0.0
-        t0 = self.clock()
+        t0, compiled_before = self.clock(), compile_seconds()
         if getattr(self.policy, "per_layer_switch", False):
             self.runner.merge_per_layer(slots[merged])
         else:
@@ -294,7 +295,8 @@ class Engine:
         jax.block_until_ready(self.runner.merged)
         self._merged_key = merged
         seconds = self.clock() - t0
-        self.cost.observe_switch(seconds)
+        if compile_seconds() == compiled_before:
+            self.cost.observe_switch(seconds)
         return seconds
 
     def _allocate_pages(self, rows):

@@ -60,6 +60,7 @@ class StepMetrics:
     tokens: int                # valid tokens computed
     lora_tokens: float         # token-deltas the LoRA branch computed (CostModel units)
     adapters: int              # distinct adapters in the step
+    compile_time: float = 0.0  # XLA compilation inside the step (a shape met for the first time)
 
 
 def _stats(values) -> dict:
@@ -86,5 +87,7 @@ def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
         "mode_steps": {m: sum(s.mode == m for s in steps) for m in ("unmerged", "merged", "mixture")},
         "switches": sum(s.switch_time > 0 for s in steps),
         "switch_time": sum(s.switch_time for s in steps),
+        "compile_steps": sum(s.compile_time > 0 for s in steps),
+        "compile_time": sum(s.compile_time for s in steps),
         "preemptions": sum(r.preemptions for r in requests),
     }

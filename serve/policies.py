@@ -84,16 +84,23 @@ class CostModel:
     """Step time per mode = fixed + per_token * tokens + per_lora_token * lora_units
     + per_adapter * adapters (adapters the LoRA branch reads; none in merged mode).
 
-    Each mode has its own coefficients, starting from the same prior and refitted online from
-    that mode's observed steps (least squares over the last `window`, refitted without outliers
-    such as steps that compiled), so what a mode really costs on this backend is learnt."""
+    Refitted online (every 8 steps) in two levels, each a least-squares fit pulled towards a
+    prior by `prior_weight` pseudo-steps and refitted without outliers (steps that compiled):
+    shared coefficients over the steps of every mode, towards the initial prior; then each
+    mode's own, over its last `window` steps, towards the shared ones. A mode seen rarely or
+    only at one step shape (collinear features) thus borrows what the others measured, instead
+    of extrapolating from a degenerate fit or trusting an untested prior."""
+
+    MODES = ("unmerged", "merged", "mixture")
 
     def __init__(self, fixed: float = 2e-3, per_token: float = 2e-5, per_lora_token: float = 5e-6,
-                 per_adapter: float = 5e-5, switch: float = 5e-3, window: int = 256):
-        prior = np.array([fixed, per_token, per_lora_token, per_adapter])
-        self.coef = {mode: prior.copy() for mode in ("unmerged", "merged", "mixture")}
-        self.switch = switch
-        self._obs = {mode: collections.deque(maxlen=window) for mode in self.coef}
+                 per_adapter: float = 5e-5, switch: float = 5e-3, window: int = 256, prior_weight: float = 0.25):
+        self.prior = np.array([fixed, per_token, per_lora_token, per_adapter])
+        self.shared = self.prior.copy()
+        self.coef = {mode: self.prior.copy() for mode in self.MODES}
+        self.switch, self.prior_weight = switch, prior_weight
+        self._obs = {mode: collections.deque(maxlen=window) for mode in self.MODES}
+        self._seen = 0
 
     @staticmethod
     def lora_units(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
@@ -117,18 +124,29 @@ class CostModel:
         return float(self.features(mode, merged, rows) @ self.coef[mode])
 
     def observe(self, mode: str, features: np.ndarray, seconds: float) -> None:
-        obs = self._obs[mode]
-        obs.append((*features, seconds))
-        if len(obs) >= 16 and len(obs) % 8 == 0:
-            data = np.asarray(obs, np.float64)
-            x, y = data[:, :4], data[:, 4]
-            coef = np.linalg.lstsq(x, y, rcond=None)[0]
-            resid = np.abs(y - x @ coef)
-            keep = resid <= 3 * np.median(resid) + 1e-9           # drop outliers (compiles, hiccups)
-            if keep.sum() >= 8:
-                coef = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
-            if np.all(np.isfinite(coef)):
-                self.coef[mode] = np.maximum(coef, 0.0)
+        self._obs[mode].append((*features, seconds))
+        self._seen += 1
+        if self._seen % 8:
+            return
+        every = [o for obs in self._obs.values() for o in obs]
+        self.shared = self._fit(np.asarray(every, np.float64), self.prior)
+        for m, obs in self._obs.items():
+            self.coef[m] = self._fit(np.asarray(obs, np.float64), self.shared) if len(obs) >= 8 else self.shared
+
+    def _fit(self, data: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """Coefficients for rows [features..., seconds]: least squares plus `prior_weight` rows
+        pulling each coefficient to `prior` (scaled by its feature's typical size), refitted
+        without residuals over 3x the median; clipped at 0."""
+        x, y = data[:, :4], data[:, 4]
+        scale = np.maximum(np.median(np.abs(x), axis=0), 1.0) * np.sqrt(self.prior_weight)
+        solve = lambda keep: np.linalg.lstsq(np.vstack([x[keep], np.diag(scale)]),
+                                             np.concatenate([y[keep], scale * prior]), rcond=None)[0]
+        coef = solve(np.ones(len(y), bool))
+        resid = np.abs(y - x @ coef)
+        keep = resid <= 3 * np.median(resid) + 1e-9              # drop outliers (compiles, hiccups)
+        if keep.sum() >= 4:
+            coef = solve(keep)
+        return np.maximum(coef, 0.0) if np.all(np.isfinite(coef)) else prior
 
     def observe_switch(self, seconds: float) -> None:
         self.switch = 0.5 * self.switch + 0.5 * seconds

@@ -213,3 +213,15 @@ def test_no_page_leaks_after_1000_requests(generator):
         engine.step()
     assert engine.allocator.num_free == 95
     assert sum(engine.result(i) is not None for i in ids) == 1000
+
+
+def test_compiling_steps_are_flagged_and_not_learnt_from(generator):
+    """Rows padded to a size no other test uses: the first steps compile; they are flagged and
+    the cost model learns only from the others."""
+    engine = _engine(generator, "ours", dataclasses.replace(SMALL, min_rows=8, min_pages=24))
+    engine.generate([dataclasses.replace(r, max_tokens=12) for r in _requests(6)])
+    steps = engine.step_metrics
+    compiled = [s for s in steps if s.compile_time > 0]
+    assert compiled and len(compiled) < len(steps)
+    assert sum(len(obs) for obs in engine.cost._obs.values()) == len(steps) - len(compiled)
+    assert engine.summary()["compile_steps"] == len(compiled)

@@ -24,6 +24,24 @@ from valora_jax.lora import (BACKENDS, MODES, LoraContext, LoraSlot, MergedWeigh
 from valora_jax.model import LMM, split_model
 
 
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compile_seconds = [0.0]
+
+
+def _count_compile(event: str, seconds: float, **_) -> None:
+    if event == _COMPILE_EVENT:
+        _compile_seconds[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in XLA compilation so far (every thread): the difference
+    over a step tells whether it compiled."""
+    return _compile_seconds[0]
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum, 1)
