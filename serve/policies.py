@@ -230,15 +230,19 @@ class MergedOnlyPolicy(Policy):
 
 class VLoRAPolicy(Policy):
     """Per step, the candidate that adds the least total latency, relative to running every
-    packable row unmerged (time t_u, rows R_u):
+    packable row R_u unmerged (time t_u):
 
-        dL(c) = N_live * (t_c - t_u) + (|R_u| - |R_c|) * t_u
+        dL(c) = N_live * (t_c + t_E - t_u) + |E| * t_c
 
-    every live request waits through the step (first term), and each row a candidate leaves
-    out waits about one more step (second term). Candidates: unmerged, mixture(a) and merged(a)
-    for the top adapter and the currently merged one; times come from the cost model, with a
-    merge switch amortised over `horizon` steps; merged(a) is ruled out while any other request
-    has waited longer than `starvation_bound` seconds."""
+    with E = the rows of R_u that candidate c leaves out and t_E the time of a step of those
+    rows alone: work left out is not saved but done in a step of its own later, so every live
+    request waits for that step's extra cost (first term, about one fixed step cost unless c is
+    much cheaper per token), and the rows left out wait through this step as well (second
+    term). So merged(a) wins when (nearly) every request is a's, mixture(a) when a dominates,
+    unmerged otherwise. Candidates: unmerged, mixture(a) and merged(a) for the top adapter and
+    the currently merged one; times come from the cost model, with a merge switch amortised
+    over `horizon` steps; merged(a) is ruled out while any other request has waited longer than
+    `starvation_bound` seconds."""
 
     name = "ours"
 
@@ -263,7 +267,11 @@ class VLoRAPolicy(Policy):
             for mode, rows in candidates:
                 if not rows:
                     continue
-                dl = len(state.seqs) * (step_time(mode, a, rows) - t_u) + (len(unmerged) - len(rows)) * t_u
+                chosen = {i for i, _ in rows}
+                left_out = [(i, n) for i, n in unmerged if i not in chosen]
+                t_c = step_time(mode, a, rows)
+                t_e = step_time("unmerged", None, left_out) if left_out else 0.0
+                dl = len(state.seqs) * (t_c + t_e - t_u) + len(left_out) * t_c
                 if dl < best_dl:
                     best, best_dl = Decision(mode, a, rows), dl
         return best
