@@ -33,6 +33,7 @@ from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.policies import POLICIES  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, bucket, init_model, init_pages, make_adapter  # noqa: E402
+from valora_jax.runtime import compile_seconds  # noqa: E402
 
 
 def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
@@ -159,7 +160,8 @@ def main(argv=None):
         modes = ("unmerged",) if backend == "pallas-static" else ("unmerged", "merged", "mixture")
         tic = time.perf_counter()
         n = runner_b.precompile(cache, step_shapes(engine_config, modes), threads=args.compile_threads)
-        print(f"{backend}: {n} step variants compiled in {time.perf_counter() - tic:.0f} s", flush=True)
+        print(f"{backend}: {n} step variants compiled in {time.perf_counter() - tic:.0f} s "
+              f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)
     for policy in args.policies.split(","):
         for kind, popularity in itertools.product(args.kinds.split(","), ("hot80", "uniform")):
             warm = make_trace(Workload(kind, 50.0, "poisson", popularity, 2 * args.max_rows, seed=99), names, size,

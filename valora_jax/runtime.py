@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import monitoring
 
 from valora_jax.adapters import Adapter
 from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
@@ -33,7 +34,7 @@ def _count_compile(event: str, seconds: float, **_) -> None:
         _compile_seconds[0] += seconds
 
 
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
+monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def compile_seconds() -> float:
