@@ -91,3 +91,10 @@ def floor_bytes(shape: Shape, seed: int = 0, itemsize: int = 2) -> int:
     rank_sum = int(shape.ranks()[used].sum())
     per_weight = rank_sum * (shape.d_in + shape.d_out) + shape.tokens * shape.d_out
     return itemsize * (shape.tokens * shape.d_in + shape.n_weights * per_weight) + 4 * shape.tokens
+
+
+def flops(shape: Shape, seed: int = 0) -> int:
+    """Useful floating-point work: 2 * r(t) * (D_in + D_out) per token t and weight, r(t) the true
+    rank of the token's adapter."""
+    per_token_rank = int(shape.ranks()[shape.slot(seed)].sum())
+    return 2 * per_token_rank * (shape.d_in + shape.d_out) * shape.n_weights
