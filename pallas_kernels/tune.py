@@ -2,9 +2,9 @@
 
     python -m pallas_kernels.tune [--tokens 1 16 ...] [--budget-s 600] [--out F] [--sweep-out F]
 
-Per (T, R) it times the shrink kernel under every shrink candidate; then, on the winner's
-partial sums, the expand kernel for each D_out under every expand candidate. The entry for
-bucket (T, D_in, D_out, R, adapters) pairs the two winners. `--tokens` sweeps a subset of the
+Per (T, R) it times the shrink kernel under every shrink candidate; then the expand kernel for
+each D_out on the partial sums of the few fastest shrinks' split factors. The entry for bucket
+(T, D_in, D_out, R, adapters) is the pair with the least total time. `--tokens` sweeps a subset of the
 token buckets and keeps the table's other entries, so a sweep can be split over several runs.
 """
 
@@ -32,6 +32,8 @@ D_IN = 4096
 D_OUTS = (4096, 11008)
 ADAPTERS = 64
 L2_BYTES = 50 << 20
+SPLITS_TRIED = 3         # shrink split factors whose partial sums the expand is timed on
+EXPANDS_RETRIED = 4      # expand candidates re-timed on the other splits
 
 # (block_t, block_k, split_k, warps) and (block_t, block_n, warps)
 SHRINK = [(1, 128, s, 4) for s in (1, 2, 4, 8, 16, 32)] + [(1, 256, s, 4) for s in (2, 4, 8, 16)] + \
@@ -129,52 +131,87 @@ def _time_all(jobs, make_timer, bar) -> dict:
     return times
 
 
-def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
-    """{'shrink': {(T, R): {cand: s}}, 'expand': {(T, R, D_out): {cand: s}}} measured on the GPU.
+def _split_finalists(shrink_times: dict) -> list[int]:
+    """The split factors of the SPLITS_TRIED fastest shrinks with distinct splits, fastest first."""
+    by_split = {}
+    for cand, _ in sorted(shrink_times.items(), key=lambda kv: kv[1]):
+        by_split.setdefault(cand[2], cand)
+    return list(by_split)[:SPLITS_TRIED]
 
-    Per token bucket: every shrink candidate of both ranks (compiled concurrently), then every
-    expand candidate on the shrink winner's partial sums. Buckets start while within budget_s.
+
+def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
+    """{'shrink': {(T, R): {cand: s}}, 'expand': {(T, R, D_out, split): {cand: s}}} measured on the GPU.
+
+    Per token bucket: every shrink candidate of both ranks (compiled concurrently); then every
+    expand candidate on the partial sums of the fastest shrink's split, and the EXPANDS_RETRIED
+    fastest of those on the splits of the next-fastest shrinks: the expand re-reads the partial
+    sums once per split, so the fastest pair need not hold the fastest shrink. Buckets start
+    while within budget_s.
     """
     start = time.perf_counter()
-    bar = _progress(len(tokens_list) * len(RANKS) * (len(SHRINK) + len(D_OUTS) * len(EXPAND)))
+    per_bucket = len(RANKS) * (len(SHRINK) + len(D_OUTS) * (len(EXPAND) + (SPLITS_TRIED - 1) * EXPANDS_RETRIED))
+    bar = _progress(len(tokens_list) * per_bucket)
     out = {"shrink": {}, "expand": {}}
     for tokens in tokens_list:
         if time.perf_counter() - start > budget_s:
             print(f"budget of {budget_s:.0f}s spent; buckets from T={tokens} on skipped")
             break
+        done = bar.n
         sets = {rank: _shrink_sets(tokens, rank) for rank in RANKS}
         jobs = [(rank, cand) for rank in RANKS for cand in SHRINK
                 if _fits(cand[0], tokens) and cand[2] * cand[1] <= D_IN]
-        bar.update(len(RANKS) * len(SHRINK) - len(jobs))
         times = _time_all(jobs, lambda rank, cand: _shrink_timer(cand, sets[rank]), bar)
         del sets
-        best = {}
+        splits = {}
         for rank in RANKS:
             out["shrink"][(tokens, rank)] = {c: t for (r, c), t in times.items() if r == rank}
-            best[rank] = min(out["shrink"][(tokens, rank)], key=out["shrink"][(tokens, rank)].get)
-        sets = {(rank, d_out): _expand_sets(tokens, rank, d_out, best[rank][2])
-                for rank in RANKS for d_out in D_OUTS}
-        jobs = [(key, cand) for key in sets for cand in EXPAND if _fits(cand[0], tokens)]
-        bar.update(len(sets) * len(EXPAND) - len(jobs))
-        times = _time_all(jobs, lambda key, cand: _expand_timer(tokens, cand, sets[key]), bar)
-        for rank, d_out in sets:
-            out["expand"][(tokens, rank, d_out)] = {c: t for (k, c), t in times.items() if k == (rank, d_out)}
-        bar.set_postfix_str(f"T={tokens} shrink {best}")
+            splits[rank] = _split_finalists(out["shrink"][(tokens, rank)])
+        first = {(rank, d_out, splits[rank][0]): list(EXPAND) for rank in RANKS for d_out in D_OUTS}
+        _sweep_expand(tokens, first, out, bar)
+        retry = {(rank, d_out, split): sorted(out["expand"][(tokens, rank, d_out, splits[rank][0])],
+                                              key=out["expand"][(tokens, rank, d_out, splits[rank][0])].get
+                                              )[:EXPANDS_RETRIED]
+                 for rank in RANKS for d_out in D_OUTS for split in splits[rank][1:]}
+        _sweep_expand(tokens, retry, out, bar)
+        bar.update(max(0, done + per_bucket - bar.n))
+        bar.set_postfix_str(f"T={tokens} splits {splits}")
     bar.close()
     return out
 
 
+def _sweep_expand(tokens: int, candidates: dict, out: dict, bar) -> None:
+    """Time {(R, D_out, split): [expand candidates]} into out['expand'][(T, R, D_out, split)]."""
+    sets = {key: _expand_sets(tokens, *key) for key in candidates}
+    jobs = [(key, cand) for key, cands in candidates.items() for cand in cands if _fits(cand[0], tokens)]
+    times = _time_all(jobs, lambda key, cand: _expand_timer(tokens, cand, sets[key]), bar)
+    for key in candidates:
+        out["expand"][(tokens, *key)] = {c: t for (k, c), t in times.items() if k == key}
+
+
+def best_pairs(result: dict) -> dict:
+    """{(T, R, D_out): (shrink cand, shrink s, expand cand, expand s)}: per bucket, the pair with
+    the least total time over the splits whose expand was timed."""
+    best = {}
+    for (tokens, rank, d_out, split), times in result["expand"].items():
+        shrink = {c: t for c, t in result["shrink"][(tokens, rank)].items() if c[2] == split}
+        if not times or not shrink:
+            continue
+        s, e = min(shrink, key=shrink.get), min(times, key=times.get)
+        key = (tokens, rank, d_out)
+        if key not in best or shrink[s] + times[e] < best[key][1] + best[key][3]:
+            best[key] = (s, shrink[s], e, times[e])
+    return best
+
+
 def build_table(result: dict, command: str) -> dict:
     entries = []
-    for (tokens, rank, d_out), times in result["expand"].items():
-        shrink = result["shrink"][(tokens, rank)]
-        s, e = min(shrink, key=shrink.get), min(times, key=times.get)
+    for (tokens, rank, d_out), (s, s_time, e, e_time) in sorted(best_pairs(result).items()):
         tile = TileConfig(shrink_block_t=s[0], block_k=s[1], split_k=s[2], shrink_warps=s[3],
                           expand_block_t=e[0], block_n=e[1], expand_warps=e[2])
         key = {"tokens": tokens, "d_in": D_IN, "d_out": d_out, "rank": rank,
                "adapters": min(tokens, ADAPTERS)}
         entries.append({"key": key, "tile": tile.to_dict(),
-                        "shrink_us": round(shrink[s] * 1e6, 2), "expand_us": round(times[e] * 1e6, 2)})
+                        "shrink_us": round(s_time * 1e6, 2), "expand_us": round(e_time * 1e6, 2)})
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": command,
             "date": datetime.date.today().isoformat(), "entries": entries}
 

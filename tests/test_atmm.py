@@ -173,3 +173,38 @@ def test_tuner_candidates_are_valid_tiles():
     for bt, bn, warps in tune.EXPAND:
         TileConfig(expand_block_t=bt, block_n=bn, expand_warps=warps)
     assert len(set(tune.SHRINK)) == len(tune.SHRINK) and len(set(tune.EXPAND)) == len(tune.EXPAND)
+
+
+def test_tuner_pairs_shrink_and_expand_by_total_time():
+    from pallas_kernels import tune
+    fast_shrink, slower_shrink = (1, 128, 32, 4), (1, 128, 8, 4)
+    shrink = {fast_shrink: 10e-6, slower_shrink: 12e-6, (1, 256, 8, 4): 15e-6, (16, 128, 4, 4): 20e-6}
+    assert tune._split_finalists(shrink) == [32, 8, 4]
+    result = {"shrink": {(64, 128): shrink},
+              "expand": {(64, 128, 4096, 32): {(1, 128, 4): 30e-6, (1, 256, 4): 35e-6},   # re-reads 32 partial sums
+                         (64, 128, 4096, 8): {(1, 128, 4): 14e-6},
+                         (64, 128, 4096, 4): {(1, 128, 4): 13e-6}}}
+    assert tune.best_pairs(result) == {(64, 128, 4096): (slower_shrink, 12e-6, (1, 128, 4), 14e-6)}
+    table = tune.build_table(result, "test")
+    (entry,) = table["entries"]
+    assert entry["tile"]["split_k"] == 8 and entry["shrink_us"] == 12.0 and entry["expand_us"] == 14.0
+
+
+def test_tuner_sweep_orchestration_with_stub_timings(monkeypatch):
+    """The sweep's bookkeeping on made-up times (no GPU): every bucket gets an entry, tiles fit."""
+    from pallas_kernels import tune
+
+    def fake_time_all(jobs, make_timer, bar):
+        bar.update(len(jobs))
+        return {(key, cand): 1e-6 * (1 + sum(cand) % 7) for key, cand in jobs}
+
+    monkeypatch.setattr(tune, "_time_all", fake_time_all)
+    monkeypatch.setattr(tune, "_shrink_sets", lambda tokens, rank: None)
+    monkeypatch.setattr(tune, "_expand_sets", lambda tokens, rank, d_out, split: None)
+    result = tune.sweep(budget_s=1e9, tokens_list=(1, 64, 1024))
+    table = tune.build_table(result, "test")
+    keys = {(e["key"]["tokens"], e["key"]["rank"], e["key"]["d_out"]) for e in table["entries"]}
+    assert keys == {(t, r, o) for t in (1, 64, 1024) for r in tune.RANKS for o in tune.D_OUTS}
+    for e in table["entries"]:
+        tile = TileConfig.from_dict(e["tile"])
+        assert tune._fits(tile.shrink_block_t, e["key"]["tokens"]) and tune._fits(tile.expand_block_t, e["key"]["tokens"])
