@@ -5,7 +5,8 @@
    logits agree within the bf16/f32 tolerance;
 2. llava-1.5-7b shapes (random bf16 weights, 8 adapters of rank 16): compile time and run time
    of one decode step (64 rows) and one prefill step (4 x 576+64 tokens), so the engine's
-   shape buckets can be sized against compile cost.
+   shape buckets can be sized against compile cost; and the decode step's time split into the
+   LoRA branch (unmerged - merged), attention over 640 keys (640 - 16 keys, merged) and the rest.
 
   python bench/model_smoke.py --out bench/results/model_smoke
 """
@@ -48,16 +49,16 @@ def _tiny_agreement() -> dict:
     return {"same_greedy_tokens": same}
 
 
-def _time_step(runner, cache, blocks, features):
+def _time_step(runner, cache, blocks, features, mode="unmerged"):
     t0 = time.perf_counter()
-    out = runner.step(cache, blocks, features)
+    out = runner.step(cache, blocks, features, mode=mode)
     jax.block_until_ready(out)
     compile_s = time.perf_counter() - t0
     cache = out[2]
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        out = runner.step(cache, blocks, features)
+        out = runner.step(cache, blocks, features, mode=mode)
         jax.block_until_ready(out)
         cache = out[2]
         times.append(time.perf_counter() - t0)
@@ -80,10 +81,22 @@ def _llava_steps() -> dict:
                                  list(range(1 + 48 * i, 1 + 48 * i + 41))) for i in range(64)])
     prefill = pack_block([RowSpec(rng.integers(0, 32000, 640).tolist(), 0, None, i % 8,
                                   list(range(3200 + 48 * i, 3200 + 48 * i + 40))) for i in range(4)], min_tokens=16)
+    short = pack_block([RowSpec([int(rng.integers(0, 32000))], 15, None, i % 8, [1 + i])
+                        for i in range(64)], min_pages=64)              # same page-table width, 16 keys
     cache, dec = _time_step(runner, cache, [decode], empty)
+    cache, dec_short = _time_step(runner, cache, [short], empty)
     cache, pre = _time_step(runner, cache, [prefill], empty)
     cache, both = _time_step(runner, cache, [decode, prefill], empty)
-    return {"init_s": init_s, "decode_64": dec, "prefill_4x640": pre, "decode_64_plus_prefill": both}
+    runner.merge(0)
+    cache, dec_merged = _time_step(runner, cache, [decode], empty, mode="merged")
+    cache, dec_merged_short = _time_step(runner, cache, [short], empty, mode="merged")
+    ms = lambda r: r["step_ms"]
+    return {"init_s": init_s, "decode_64": dec, "decode_64_context_16": dec_short, "decode_64_merged": dec_merged,
+            "decode_64_merged_context_16": dec_merged_short, "prefill_4x640": pre, "decode_64_plus_prefill": both,
+            # where a 64-row decode step's time goes (differences of the runs above)
+            "decode_64_breakdown_ms": {"lora_branch": ms(dec) - ms(dec_merged),
+                                       "attention_over_640_keys": ms(dec_merged) - ms(dec_merged_short),
+                                       "rest_of_step": ms(dec_merged_short)}}
 
 
 def main(argv=None):
