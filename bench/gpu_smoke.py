@@ -1,4 +1,5 @@
-"""ATMM on the GPU vs the reference: the checks of tests/test_atmm.py, compiled for real.
+"""ATMM and the swift merge on the GPU vs the references: the checks of tests/test_atmm.py and
+tests/test_merge.py, compiled for real.
 
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
@@ -13,7 +14,7 @@ import jax
 
 from pallas_kernels import TileConfig
 from pallas_kernels.testing import CASES as BASE_CASES
-from pallas_kernels.testing import Case, check
+from pallas_kernels.testing import MERGE_CASES, Case, MergeCase, check, check_merge
 
 CASES = BASE_CASES + [
     # LLaVA-sized
@@ -36,21 +37,28 @@ TILES = [
 ]
 
 
+MERGES = MERGE_CASES + [MergeCase(4096, 11008, 64, 2, dtype="bfloat16"), MergeCase(5120, 13824, 128, 2, dtype="bfloat16"),
+                        MergeCase(4096, 4096, 16, 2, dtype="bfloat16", block_m=128, block_n=128)]
+
+
+def _run(label: str, fn) -> bool:
+    t0 = time.perf_counter()
+    try:
+        status, ok = f"ok   err {fn():.2e}", True
+    except Exception as e:                                              # report every failure
+        status, ok = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}", False
+        if not isinstance(e, AssertionError):
+            traceback.print_exc()
+    print(f"{status:60s} {time.perf_counter() - t0:5.1f}s  {label}", flush=True)
+    return ok
+
+
 def main() -> int:
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    failures = 0
-    for case in CASES:
-        for tile in TILES:
-            t0 = time.perf_counter()
-            try:
-                err = check(case, seed=case.tokens + 7, tile=tile, with_base=tile is None)
-                status = f"ok   err {err:.2e}"
-            except Exception as e:                                      # report every failure
-                failures += 1
-                status = f"FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                if not isinstance(e, AssertionError):
-                    traceback.print_exc()
-            print(f"{status:60s} {time.perf_counter() - t0:5.1f}s  {case}  tile={tile}", flush=True)
+    results = [_run(f"{case}  tile={tile}", lambda case=case, tile=tile: check(
+        case, seed=case.tokens + 7, tile=tile, with_base=tile is None)) for case in CASES for tile in TILES]
+    results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
+    failures = results.count(False)
     print(f"{failures} failures", flush=True)
     return 1 if failures else 0
 

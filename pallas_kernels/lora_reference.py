@@ -67,3 +67,18 @@ def lora_delta_reference(
             y = jnp.where((slot == merged_slot)[:, None], 0.0, y)
         outputs.append(y.astype(x.dtype))
     return tuple(outputs)
+
+
+def merge_weight_reference(kernel: jax.Array, w: LoraWeight, slot: jax.Array) -> jax.Array:
+    """One adapter slot folded into a weight:
+
+        W_m = kernel + scale[s] * A[s][:, :rank[s]] @ B[s][:rank[s], :]      (s = slot)
+    accumulated in float32 and rounded once to kernel's dtype.
+
+    Args: kernel [D_in, D_out]; w: LoraWeight with a [S, D_in, R], b [S, R, D_out]; slot: int32 scalar.
+    Returns: [D_in, D_out] in kernel.dtype.
+    """
+    keep = (jnp.arange(w.a.shape[-1]) < w.rank[slot]).astype(jnp.float32)   # [R]
+    a = w.a[slot].astype(jnp.float32) * keep                                  # [D_in, R]
+    delta = w.scale[slot] * (a @ w.b[slot].astype(jnp.float32))               # [D_in, D_out]
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)

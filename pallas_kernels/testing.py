@@ -1,4 +1,5 @@
-"""Random ATMM problems and the kernel-vs-reference check (shared by tests/ and bench/gpu_smoke.py).
+"""Random ATMM and merge problems and the kernel-vs-reference checks (shared by tests/ and
+bench/gpu_smoke.py).
 
 Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
 (a kernel that reads it fails), slot 0 of every pool may be empty (rank 0), token layouts mimic
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.atmm import _lora_delta
-from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference
+from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
+from pallas_kernels.merge import _merge
 from pallas_kernels.tiling import TileConfig, pick_tile
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3}
@@ -146,4 +148,50 @@ CASES = [
     Case(31, 64, (64,), 16, 6, layout="uniform", mixture=True, merged="absent", dtype="bfloat16"),
     Case(16, 32, (32,), 16, 4, layout="distinct", mixture=True, merged="none"),
     Case(1, 64, (64,), 64, 3, layout="uniform", mixture=True, merged="absent"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeCase:
+    """One merge problem: a [D_in, D_out] weight and a pool of `slots` adapters of pool rank R."""
+
+    d_in: int
+    d_out: int
+    max_rank: int = 16
+    slots: int = 4
+    dtype: str = "float32"
+    block_m: int = 64
+    block_n: int = 256
+
+
+def check_merge(case: MergeCase, seed: int = 0, interpret: bool = False) -> float:
+    """Merges every slot by the kernel (output poisoned) and the reference; returns the worst
+    relative error of the merged delta (W_m - W). Raises AssertionError on NaN or beyond
+    TOLERANCE[dtype]; the empty slot 0 must give W back bit for bit."""
+    rng = np.random.default_rng(seed)
+    kernel = jnp.asarray(rng.normal(size=(case.d_in, case.d_out)) * 0.05, case.dtype)
+    w = _weight(Case(1, case.d_in, (case.d_out,), case.max_rank, case.slots, dtype=case.dtype), case.d_out, rng)
+    worst = 0.0
+    for s in range(case.slots):
+        got = np.asarray(_merge(kernel, w, jnp.int32(s), block_m=case.block_m, block_n=case.block_n,
+                                interpret=interpret, poison=True), np.float32)
+        with jax.default_matmul_precision("highest"):
+            want = np.asarray(merge_weight_reference(kernel, w, jnp.int32(s)), np.float32)
+        base = np.asarray(kernel, np.float32)
+        assert not np.isnan(got).any(), f"slot {s}: {np.isnan(got).sum()} NaN (unwritten or garbage read)"
+        if int(w.rank[s]) == 0:
+            assert np.array_equal(got, base), f"slot {s} is empty: the weight must come back unchanged"
+            continue
+        err = float(np.linalg.norm((got - base) - (want - base)) / max(np.linalg.norm(want - base), 1e-30))
+        assert err <= TOLERANCE[case.dtype], f"slot {s}: relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+        worst = max(worst, err)
+    return worst
+
+
+MERGE_CASES = [
+    MergeCase(64, 256, 16, 3),
+    MergeCase(100, 300, 32, 4, block_m=32, block_n=64),              # ragged edges, mixed ranks
+    MergeCase(48, 80, 8, 2, dtype="bfloat16", block_m=16, block_n=32),  # R < 16
+    MergeCase(128, 128, 128, 5, dtype="bfloat16"),
+    MergeCase(96, 64, 24, 3, dtype="float16", block_m=32, block_n=32),  # R not a power of 2
 ]

@@ -40,3 +40,14 @@ def test_kernels_lower_to_triton(case, tile, with_base):
     fn = jax.jit(functools.partial(_lora_delta, mixture=case.mixture, tile=tile, interpret=False))
     text = fn.trace(x, weights, slot, jnp.int32(merged), base).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 2            # one shrink and one expand launch
+
+
+@pytest.mark.parametrize("dtype, d_in, d_out, r", [("bfloat16", 4096, 11008, 64), ("float32", 100, 300, 24)])
+def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r):
+    from pallas_kernels.lora_reference import LoraWeight
+    from pallas_kernels.merge import BLOCK_M, BLOCK_N, _merge
+    kernel = jnp.zeros((d_in, d_out), dtype)
+    w = LoraWeight(jnp.zeros((4, d_in, r), dtype), jnp.zeros((4, r, d_out), dtype), jnp.ones(4), jnp.full(4, r))
+    fn = jax.jit(functools.partial(_merge, block_m=BLOCK_M, block_n=BLOCK_N, interpret=False))
+    text = fn.trace(kernel, w, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference
+from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
 
 MODES = ("unmerged", "merged", "mixture")
 BACKENDS = ("reference", "pallas", "pallas-static", "pallas-interpret")
@@ -139,17 +139,19 @@ def project(x: jax.Array, linears: Sequence[Linear], ctx: LoraContext) -> list[j
     return [y.astype(x.dtype).reshape(*lead, y.shape[-1]) for y in ys]
 
 
-def merge_weight(kernel: jax.Array, w: LoraWeight, slot: jax.Array) -> jax.Array:
-    """kernel + scale[slot] * A[slot][:, :rank] @ B[slot][:rank], rounded once to the kernel dtype."""
-    keep = (jnp.arange(w.a.shape[-1]) < w.rank[slot]).astype(jnp.float32)   # [R]
-    a = w.a[slot].astype(jnp.float32) * keep                                  # [D_in, R]
-    delta = w.scale[slot] * (a @ w.b[slot].astype(jnp.float32))               # [D_in, D_out]
-    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+def merge_weight(kernel: jax.Array, w: LoraWeight, slot: jax.Array, backend: str = "reference") -> jax.Array:
+    """kernel + scale[slot] * A[slot][:, :rank] @ B[slot][:rank], rounded once to the kernel dtype:
+    plain jnp (backend "reference") or the swift-merge kernel (the pallas backends)."""
+    if backend == "reference":
+        return merge_weight_reference(kernel, w, slot)
+    from pallas_kernels import merge_weight as merge_kernel   # needed only for the kernel backends
+
+    return merge_kernel(kernel, w, slot, interpret=backend == "pallas-interpret")
 
 
-def merged_kernel(lin: Linear, slot: jax.Array) -> jax.Array:
+def merged_kernel(lin: Linear, slot: jax.Array, backend: str = "reference") -> jax.Array:
     """The linear's kernel with the adapter in `slot` folded in."""
-    return merge_weight(lin.kernel[...], lin.lora_weight(), slot)
+    return merge_weight(lin.kernel[...], lin.lora_weight(), slot, backend)
 
 
 def targeted_linears(model: nnx.Module) -> list[tuple[tuple, Linear]]:

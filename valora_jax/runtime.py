@@ -10,6 +10,7 @@ of times.
 """
 
 import concurrent.futures
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -100,7 +101,7 @@ class ModelRunner:
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged")
-        self._merge_one = jax.jit(merge_weight)
+        self._merge_one = jax.jit(functools.partial(merge_weight, backend=backend))
 
     def model(self) -> LMM:
         """A module view of the current state (for eager use in tests and tools)."""
@@ -136,7 +137,7 @@ class ModelRunner:
     def _merge_impl(self, params, lora, merged, slot):
         model = nnx.merge(self.graphdef, params, lora, merged)
         for _, lin in targeted_linears(model):
-            lin.merged[...] = merged_kernel(lin, slot)
+            lin.merged[...] = merged_kernel(lin, slot, self.backend)
         return nnx.state(model, MergedWeight)
 
     # public API ------------------------------------------------------------------------------
