@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
-#   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison)
+#   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison; each call
+#                                                          adds the workloads bench/results/e2e.json lacks)
 #   bash bench/gpu_session.sh train   (carry .whl; resumable: unpack $OUT/checkpoints.tar.* here, carry checkpoints/.work)
 # Each stage's log goes to $OUT/<stage>.log; results land in bench/results/ and the tile table
 # in pallas_kernels/configs/, and both are packed into $OUT/results.tgz (after each stage) to bring back.
@@ -31,7 +32,8 @@ for stage in "$@"; do
                  skip=$([ -e checkpoints/.work/pretrain_done.json ] && echo checkpoints/.work/pretrain)  # done: not needed to resume
                  tar cf - ${skip:+--exclude=$skip} checkpoints bench/results/adapter_generation.* 2>/dev/null |
                      split -b 15M - "$OUT/checkpoints.tar." ;;
-        e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e ${E2E_ARGS:-} ;;
+        e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e \
+                     --append --deadline-s "${E2E_DEADLINE_S:-480}" ${E2E_ARGS:-} ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"
     tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs     # after every stage: a later one may time out
