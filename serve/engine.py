@@ -50,7 +50,8 @@ class EngineConfig:
     image_cache_size: int = 256
     """Image embeddings kept, least recently used evicted."""
     min_rows: int = 1
-    """Decode blocks are padded to at least this many rows (fewer step shapes to compile)."""
+    """Decode blocks, and the rows sampled per step, are padded to at least this many rows
+    (fewer step shapes to compile)."""
     min_prefill_tokens: int = 16
     """Prefill blocks are padded to at least this many tokens per row (likewise)."""
     min_pages: int = 1
@@ -132,7 +133,7 @@ class Engine:
         self.cache = init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype))
         self.images = ImageCache(config.image_cache_size)
         self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras)
-        self._sample = make_sampler(self.tokenizer.vocab_size)
+        self._sample = make_sampler(self.tokenizer.vocab_size, config.min_rows)
         self._seqs: dict[str, _Seq] = {}                  # live, in arrival order
         self._results: dict[str, Completion] = {}
         self._ids = itertools.count()

@@ -46,17 +46,17 @@ def _sample_rows(logits, rows, temperature, top_p, seed, step, *, vocab_size: in
     return sample(logits[rows].at[:, vocab_size:].set(-jnp.inf), temperature, top_p, seed, step)
 
 
-def make_sampler(vocab_size: int):
+def make_sampler(vocab_size: int, min_rows: int = 1):
     """sampler(logits [R, V], states, rows=None) -> np.ndarray [len(states)] of next tokens for
     logits[rows] (default: the first len(states) rows), drawing with each RequestState's own
     temperature, top_p, seed and step (= tokens generated so far); logits of ids >= vocab_size
     (padding rows of the embedding table) are never drawn. The row count is padded to a power
-    of two, so a server compiles one sampler per bucket, shared by every sampler."""
+    of two >= min_rows, so a server compiles one sampler per bucket, shared by every sampler."""
 
     def sampler(logits: jax.Array, states, rows=None) -> np.ndarray:
         n = len(states)
         rows = np.arange(n) if rows is None else np.asarray(rows)
-        pad = bucket(n) - n
+        pad = bucket(n, min_rows) - n
         reqs = [st.request for st in states]
         rows = np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32)
         temperature = np.array([r.temperature for r in reqs] + [0.0] * pad, np.float32)
