@@ -118,7 +118,8 @@ def main(argv=None):
     ap.add_argument("--min-rows", type=int, default=32, help="pad decode blocks to >= this many rows (fewer compiles)")
     ap.add_argument("--min-prefill-tokens", type=int, default=512, help="pad prefill rows to >= this many tokens")
     ap.add_argument("--min-pages", type=int, default=256, help="pad page tables to >= this many pages")
-    ap.add_argument("--min-features", type=int, default=4096, help="pad a step's image features to >= this many rows")
+    ap.add_argument("--min-features", type=int, default=8192,
+                    help="pad a step's image features to >= this many rows (two 6-frame clips: 6912)")
     ap.add_argument("--compile-threads", type=int, default=12)
     ap.add_argument("--out", default="bench/results/e2e")
     ap.add_argument("--append", action="store_true",
