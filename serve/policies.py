@@ -4,7 +4,9 @@ Every policy answers `decide(state) -> Decision` from a snapshot of the live req
   ours    (V-LoRA)   per step the one of unmerged, mixture(a) and merged(a) that adds the
                      least total latency under a cost model of measured step times, amortising
                      merge switches, with a starvation bound on how long any request waits;
-  slora              always unmerged, chunked prefill mixed with decodes, static-tile kernel;
+  unmerged           always unmerged, chunked prefill mixed with decodes, adaptive tiles (the
+                     schedule of S-LoRA on our kernel: what ours gains by orchestration alone);
+  slora              the same schedule on the static-tile kernel;
   punica             always unmerged, static-tile kernel, prefill steps separate from decodes;
   dlora              merge the top adapter when its requests >= alpha * batch, unmerge when
                      <= beta * batch; no mixture; layer-by-layer switch;
@@ -170,12 +172,16 @@ def _top_adapter(seqs: Sequence[SeqView]) -> str | None:
     return counts.most_common(1)[0][0] if counts else None
 
 
-class SLoRAPolicy(Policy):
-    name = "slora"
-    static_tiles = True
+class UnmergedPolicy(Policy):
+    name = "unmerged"
 
     def decide(self, state):
         return Decision("unmerged", None, pack(state))
+
+
+class SLoRAPolicy(UnmergedPolicy):
+    name = "slora"
+    static_tiles = True
 
 
 class PunicaPolicy(Policy):
@@ -278,6 +284,6 @@ class VLoRAPolicy(Policy):
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {
-    "ours": VLoRAPolicy, "slora": SLoRAPolicy, "punica": PunicaPolicy, "dlora": DLoRAPolicy,
+    "ours": VLoRAPolicy, "unmerged": UnmergedPolicy, "slora": SLoRAPolicy, "punica": PunicaPolicy, "dlora": DLoRAPolicy,
     "merged": MergedOnlyPolicy,
 }
