@@ -94,6 +94,7 @@ def run_one(runner, pool, policy: str, trace, engine_config: EngineConfig, hot: 
     cold = [m.latency for m in engine.request_metrics if m.adapter != hot and m.latency is not None]
     summary.update(policy=policy, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
                    completed=sum(engine.result(i) is not None for i in ids))
+    engine.cache = None                  # the KV pages (34 GB at 7B) go now, not at garbage collection
     return summary
 
 
