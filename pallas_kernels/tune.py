@@ -4,8 +4,8 @@
 
 Per (T, R) it times the shrink kernel under every shrink candidate; then the expand kernel for
 each D_out on the partial sums of the few fastest shrinks' split factors. The entry for bucket
-(T, D_in, D_out, R, adapters) is the pair with the least total time. `--tokens` sweeps a subset of the
-token buckets and keeps the table's other entries, so a sweep can be split over several runs.
+(T, D_in, D_out, R, adapters) is the pair with the least total time. `--tokens` sweeps a subset
+of the token buckets and keeps the table's other entries, so a sweep can be split over runs.
 """
 
 import argparse
@@ -133,10 +133,8 @@ def _time_all(jobs, make_timer, bar) -> dict:
 
 def _split_finalists(shrink_times: dict) -> list[int]:
     """The split factors of the SPLITS_TRIED fastest shrinks with distinct splits, fastest first."""
-    by_split = {}
-    for cand, _ in sorted(shrink_times.items(), key=lambda kv: kv[1]):
-        by_split.setdefault(cand[2], cand)
-    return list(by_split)[:SPLITS_TRIED]
+    fastest_first = sorted(shrink_times, key=shrink_times.get)
+    return list(dict.fromkeys(cand[2] for cand in fastest_first))[:SPLITS_TRIED]
 
 
 def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
@@ -168,10 +166,12 @@ def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
             splits[rank] = _split_finalists(out["shrink"][(tokens, rank)])
         first = {(rank, d_out, splits[rank][0]): list(EXPAND) for rank in RANKS for d_out in D_OUTS}
         _sweep_expand(tokens, first, out, bar)
-        retry = {(rank, d_out, split): sorted(out["expand"][(tokens, rank, d_out, splits[rank][0])],
-                                              key=out["expand"][(tokens, rank, d_out, splits[rank][0])].get
-                                              )[:EXPANDS_RETRIED]
-                 for rank in RANKS for d_out in D_OUTS for split in splits[rank][1:]}
+        retry = {}
+        for rank in RANKS:
+            for d_out in D_OUTS:
+                timed = out["expand"][(tokens, rank, d_out, splits[rank][0])]
+                for split in splits[rank][1:]:
+                    retry[(rank, d_out, split)] = sorted(timed, key=timed.get)[:EXPANDS_RETRIED]
         _sweep_expand(tokens, retry, out, bar)
         bar.update(max(0, done + per_bucket - bar.n))
         bar.set_postfix_str(f"T={tokens} splits {splits}")
