@@ -267,7 +267,8 @@ def write_report(result: dict, out_dir: pathlib.Path, stem: str) -> None:
         a = max(0.1, r["us"]["atmm"] - h) if "atmm" in r["us"] else math.nan
         over = lambda n, digits: f"{max(0.1, r['us'][n] - h) / a:.{digits}f}" if n in r["us"] else "–"
         lines.append(f"| {r['shape']} | {r['floor_us']:.1f} | " + " | ".join(cells) +
-                     f" | {r['floor_us'] / a:.2f} | {_tflops(r, a)} | {over('ragged_dot', 1)} | {over('atmm_static', 2)} |")
+                     f" | {r['floor_us'] / a:.2f} | {_tflops(r, a)} | {over('ragged_dot', 1)} | "
+                     f"{over('atmm_static', 2)} |")
     lines += ["", "## Decoder layer (LLaVA-1.5-7B, LoRA rank 16 on all 7 projections, 8 adapters)", "",
               "| tokens | KV context | base us | with LoRA us | ratio |", "|---|---|---|---|---|"]
     for lay in result["layers"]:
