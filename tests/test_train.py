@@ -267,6 +267,21 @@ def test_fusion_packs_and_rolls_back(tmp_path):
     assert "2 adapters for 4 tasks" in (tmp_path / "report.md").read_text()
 
 
+def test_suite_targets_in_the_report(tmp_path):
+    """The default run's target check on a stub fusion: gains per domain task, digits >= 0.95,
+    adapters <= half the tasks; a task that misses shows as NO."""
+    from train.run_default import _targets
+    stub = StubTrainer({"digits": 0.95, "counting": 0.95, "color": 0.9, "video": 0.9}, _union)
+    report = generate_adapters(parse_spec(SPEC), tmp_path, stub, log=lambda *_: None)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| digits | adapter0 | " in markdown and "| +83.0 |" in markdown
+    targets = {t["target"]: t for t in _targets(report)}
+    assert not targets["digits test accuracy >= 0.95"]["met"]          # packed with counting at 0.93
+    assert targets["domain tasks: adapted - base >= 24 points"]["measured"] == {"digits": 83.0, "counting": 82.0,
+                                                                                "video": 80.0}
+    assert targets["adapters <= half of one per task (4 tasks)"]["met"] and targets["every requirement met"]["met"]
+
+
 def test_grouped_order_puts_similar_tasks_together(tmp_path):
     names = ["caption", "video", "digits", "shape", "grounding", "counting", "color"]
     assert order_tasks(names) == ["digits", "counting", "shape", "color", "video", "grounding", "caption"]

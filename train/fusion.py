@@ -275,11 +275,13 @@ def report_markdown(report: dict) -> str:
              f"{report['one_per_task']}); every requirement met: {'yes' if report['all_met'] else 'NO'}.",
              f"Order ({report['order_rule']}): {', '.join(report['order'])}. Accuracies on the test split; "
              "requirements were checked on the val split while packing.", "",
-             "| task | adapter | head | base acc. | adapted acc. | requirement | met |",
-             "|---|---|---|---|---|---|---|"]
+             "| task | adapter | head | base acc. | adapted acc. | gain (points) | requirement | met |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["tasks"]:
+        gain = 100 * (r["adapted_accuracy"] - r["base_accuracy"])
         lines.append(f"| {r['task']} | {r['adapter']} | {'yes' if r['head'] else 'no'} | {r['base_accuracy']:.3f} "
-                     f"| {r['adapted_accuracy']:.3f} | {r['requirement']:.3f} | {'yes' if r['met'] else 'NO'} |")
+                     f"| {r['adapted_accuracy']:.3f} | {gain:+.1f} | {r['requirement']:.3f} | "
+                     f"{'yes' if r['met'] else 'NO'} |")
     lines += ["", "Packing log:", ""]
     for e in report["log"]:
         detail = e.get("below") or e.get("val")

@@ -142,17 +142,39 @@ def _run(args) -> None:
     # 3. the report
     results.mkdir(parents=True, exist_ok=True)
     command = "python -m train.run_default" + (" --quick" if args.quick else "")
-    full = {**report, "command": command, "timings": timings, "pretrain": pretrain,
+    targets = _targets(report)
+    full = {**report, "command": command, "timings": timings, "pretrain": pretrain, "targets": targets,
             "base_model": {"name": model.config.name, "base_id": model.config.base_id,
                            "lora_targets": list(model.config.lora.targets)}}
     (results / "adapter_generation.json").write_text(json.dumps(full, indent=2))
     md = (work / "fusion" / "report.md").read_text()
+    md += "\n## Targets\n\n| target | measured | met |\n|---|---|---|\n" + "".join(
+        f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |\n" for t in targets)
     md += (f"\nBase model pretrained for {pretrain['config']['steps']} steps "
            f"({pretrain['seconds']:.0f} s); val accuracy on the pretraining corpus: "
            + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["val_accuracy"].items())
            + f". Adapter generation took {timings['fusion_s']:.0f} s on {timings['device']}.\n\nCommand: `{command}`\n")
     (results / "adapter_generation.md").write_text(md)
     print(md)
+
+
+def _targets(report: dict) -> list[dict]:
+    """The suite's targets: every requirement met; each domain task >= 24 points over the base;
+    digits >= 95% on test; at most half as many adapters as tasks."""
+    from train.tasks import get_task
+
+    rows = {r["task"]: r for r in report["tasks"]}
+    gains = {t: 100 * (r["adapted_accuracy"] - r["base_accuracy"]) for t, r in rows.items() if get_task(t).domain}
+    out = [{"target": "every requirement met", "measured": sum(r["met"] for r in rows.values()),
+            "met": report["all_met"]},
+           {"target": "domain tasks: adapted - base >= 24 points",
+            "measured": {t: round(g, 1) for t, g in gains.items()}, "met": all(g >= 24 for g in gains.values())},
+           {"target": f"adapters <= half of one per task ({report['one_per_task']} tasks)",
+            "measured": report["num_adapters"], "met": 2 * report["num_adapters"] <= report["one_per_task"]}]
+    if "digits" in rows:
+        out.insert(2, {"target": "digits test accuracy >= 0.95", "measured": round(rows["digits"]["adapted_accuracy"], 3),
+                       "met": rows["digits"]["adapted_accuracy"] >= 0.95})
+    return out
 
 
 if __name__ == "__main__":
