@@ -214,3 +214,13 @@ def test_paged_attention_kernel_decode_equals_reference(config, loaded):
     np.testing.assert_allclose(results[1], results[0], **tol(jnp.float32))
     with pytest.raises(ValueError, match="'flash'"):
         ModelRunner(loaded.model(), attention="flash")
+
+
+def test_runner_states_round_trip_and_keep_their_structure(loaded):
+    """params / lora / merged are stored flat for the jitted calls and read back as nnx states;
+    assigning a state of another structure is refused."""
+    before = [np.asarray(a) for a in jax.tree.leaves(loaded.lora)]
+    loaded.lora = loaded.lora                                        # a round trip changes nothing
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(loaded.lora)))
+    with pytest.raises(ValueError, match="lora must keep the structure"):
+        loaded.lora = loaded.merged

@@ -80,11 +80,30 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
     return Block(tokens, positions, valid, image_rows, slot, page_table)
 
 
+def _flat_state(name: str, doc: str) -> property:
+    """A runner attribute kept as flat leaves (what the jitted functions take: passing nnx states
+    would flatten thousands of leaves in Python on every call) and seen as an nnx state."""
+    def get(self):
+        return jax.tree.unflatten(self._defs[name], self._leaves[name])
+
+    def set(self, state):
+        leaves, treedef = jax.tree.flatten(state)
+        if name in self._defs and treedef != self._defs[name]:
+            raise ValueError(f"{name} must keep the structure of the runner's model")
+        self._defs[name], self._leaves[name] = treedef, tuple(leaves)
+
+    return property(get, set, doc=doc)
+
+
 class ModelRunner:
     """Owns the device state of one model and the jitted functions over it.
 
     Slot writes and merges donate the previous LoRA-slot and merged-weight buffers, so two
     runners must not share those arrays: build each runner from its own model (or copy them)."""
+
+    params = _flat_state("params", "The base weights (an nnx state).")
+    lora = _flat_state("lora", "The adapter slots of every targeted linear (an nnx state).")
+    merged = _flat_state("merged", "The merged copies of the targeted weights (an nnx state).")
 
     def __init__(self, model: LMM, *, backend: str = "reference", attention: str = "reference"):
         """backend: the LoRA branch's (lora.BACKENDS); attention: decode attention's
@@ -95,6 +114,7 @@ class ModelRunner:
             raise ValueError(f"unknown attention backend {attention!r}; expected one of {ATTENTION_BACKENDS}")
         self.config, self.backend, self.attention = model.config, backend, attention
         self.module_shapes = module_shapes(model)
+        self._defs, self._leaves = {}, {}
         self.graphdef, self.params, self.lora, self.merged = split_model(model)
         self.merged_slot = -1          # slot whose adapter the merged weights hold (-1: none yet)
         self._step = jax.jit(self._step_impl, static_argnames="mode", donate_argnames="cache")
@@ -105,23 +125,32 @@ class ModelRunner:
 
     def model(self) -> LMM:
         """A module view of the current state (for eager use in tests and tools)."""
-        return nnx.merge(self.graphdef, self.params, self.lora, self.merged)
+        return self._model(*self._state_leaves())
+
+    def _state_leaves(self) -> tuple:
+        return self._leaves["params"], self._leaves["lora"], self._leaves["merged"]
 
     # jitted bodies ---------------------------------------------------------------------------
     def _ctx(self, slot, merged_slot, mode) -> LoraContext:
         return LoraContext(slot, merged_slot, mode, self.backend)
 
+    def _model(self, params, lora, merged) -> LMM:
+        """The module from flat leaves (inside the jitted bodies: unflattened at trace time)."""
+        states = [jax.tree.unflatten(self._defs[n], leaves)
+                  for n, leaves in (("params", params), ("lora", lora), ("merged", merged))]
+        return nnx.merge(self.graphdef, *states)
+
     def _step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, mode: str):
-        model = nnx.merge(self.graphdef, params, lora, merged)
+        model = self._model(params, lora, merged)
         slot = jnp.concatenate([jnp.repeat(blk.slot, blk.tokens.shape[1]) for blk in blocks])
         return model.step(cache, blocks, image_features, self._ctx(slot, merged_slot, mode), self.attention)
 
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
-        model = nnx.merge(self.graphdef, params, lora, merged)
+        model = self._model(params, lora, merged)
         return model.encode_images(pixels, self._ctx(slot, merged_slot, mode))
 
     def _write_impl(self, params, lora, merged, slot, payload):
-        model = nnx.merge(self.graphdef, params, lora, merged)
+        model = self._model(params, lora, merged)
         for path, lin in targeted_linears(model):
             a, b, scale = payload.get(module_path(path), (None, None, None))
             if a is None:   # module the adapter does not touch: an all-zero, rank-0 slot
@@ -132,13 +161,13 @@ class ModelRunner:
             lin.lora_b[...] = lin.lora_b[...].at[slot].set(jnp.pad(b.astype(dt), ((0, r_max - r), (0, 0))))
             lin.lora_scale[...] = lin.lora_scale[...].at[slot].set(scale)
             lin.lora_rank[...] = lin.lora_rank[...].at[slot].set(r)
-        return nnx.state(model, LoraSlot)
+        return tuple(jax.tree.leaves(nnx.state(model, LoraSlot)))
 
     def _merge_impl(self, params, lora, merged, slot):
-        model = nnx.merge(self.graphdef, params, lora, merged)
+        model = self._model(params, lora, merged)
         for _, lin in targeted_linears(model):
             lin.merged[...] = merged_kernel(lin, slot, self.backend)
-        return nnx.state(model, MergedWeight)
+        return tuple(jax.tree.leaves(nnx.state(model, MergedWeight)))
 
     # public API ------------------------------------------------------------------------------
     def step(self, cache, blocks: Sequence[Block], image_features, mode: str = "unmerged"):
@@ -151,8 +180,7 @@ class ModelRunner:
         if mode != "unmerged" and self.merged_slot < 0:
             raise ValueError(f"mode {mode!r} needs a merged adapter; call merge(slot) first")
         merged_slot = jnp.int32(self.merged_slot if mode != "unmerged" else -1)
-        return self._step(self.params, self.lora, self.merged, cache, tuple(blocks), image_features,
-                          merged_slot, mode=mode)
+        return self._step(*self._state_leaves(), cache, tuple(blocks), image_features, merged_slot, mode=mode)
 
     def precompile(self, cache, shapes, feature_dim: int | None = None, threads: int = 8) -> int:
         """Compile step variants ahead of their first use, several at a time.
@@ -171,7 +199,7 @@ class ModelRunner:
             blocks = tuple(Block(spec((b, q), jnp.int32), spec((b, q), jnp.int32), spec((b, q), jnp.bool_),
                                  spec((b, q), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
                            for b, q, w in blocks)
-            lowered.append(self._step.lower(self.params, self.lora, self.merged, cache, blocks,
+            lowered.append(self._step.lower(*self._state_leaves(), cache, blocks,
                                             spec((n_features, d), jnp.dtype(self.config.dtype)),
                                             spec((), jnp.int32), mode=mode))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -180,7 +208,7 @@ class ModelRunner:
 
     def encode_images(self, pixels, slot, mode: str = "unmerged") -> jax.Array:
         """pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
-        return self._encode(self.params, self.lora, self.merged, pixels, jnp.asarray(slot, jnp.int32),
+        return self._encode(*self._state_leaves(), pixels, jnp.asarray(slot, jnp.int32),
                             jnp.int32(self.merged_slot), mode=mode)
 
     def write_slot(self, slot: int, adapter: Adapter | None) -> None:
@@ -189,7 +217,7 @@ class ModelRunner:
             raise ValueError(f"slot {slot} outside 0..{self.config.lora.max_loras - 1}")
         payload = {} if adapter is None else {
             p: (jnp.asarray(a), jnp.asarray(b), jnp.float32(adapter.scales[p])) for p, (a, b) in adapter.weights.items()}
-        self.lora = self._write(self.params, self.lora, self.merged, jnp.int32(slot), payload)
+        self._leaves["lora"] = self._write(*self._state_leaves(), jnp.int32(slot), payload)
         if slot == self.merged_slot:
             self.merged_slot = -1     # the merged weights no longer match that slot
 
@@ -205,7 +233,7 @@ class ModelRunner:
         The base weights are only read: unmerging is switching back to mode "unmerged"."""
         self._check_mergeable(slot)
         if slot != self.merged_slot:
-            self.merged = self._merge(self.params, self.lora, self.merged, jnp.int32(slot))
+            self._leaves["merged"] = self._merge(*self._state_leaves(), jnp.int32(slot))
             self.merged_slot = slot
 
     def merge_per_layer(self, slot: int) -> None:
