@@ -44,6 +44,14 @@ def compile_seconds() -> float:
     return _compile_seconds[0]
 
 
+def compile_all(lowered, threads: int = 8) -> int:
+    """Compile jax Lowered objects on `threads` workers (XLA compiles in parallel); their count."""
+    lowered = list(lowered)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda low: low.compile(), lowered))
+    return len(lowered)
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum, 1)
@@ -183,14 +191,17 @@ class ModelRunner:
         return self._step(*self._state_leaves(), cache, tuple(blocks), image_features, merged_slot, mode=mode)
 
     def precompile(self, cache, shapes, feature_dim: int | None = None, threads: int = 8) -> int:
-        """Compile step variants ahead of their first use, several at a time.
+        """Compile step variants ahead of their first use, several at a time: `compile_all` of
+        `lower_steps`. Returns the number of variants compiled."""
+        return compile_all(self.lower_steps(cache, shapes, feature_dim), threads)
+
+    def lower_steps(self, cache, shapes, feature_dim: int | None = None) -> list:
+        """The step variants `shapes`, traced and lowered (not compiled).
 
         shapes: (blocks, n_features, mode) per variant, blocks a tuple of (rows, tokens, pages) per
         block, as pack_block makes them; cache: the cache the steps will run on (only its shapes
-        are used). Tracing and lowering run here, compilation on `threads` workers; the first
-        real step of each variant then finds its executable in the jit's caches. Returns the
-        number of variants compiled.
-        """
+        are used). Once compiled, the first real step of each variant finds its executable in
+        the jit's caches."""
         spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
         cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
         d = feature_dim or self.config.text.hidden_size
@@ -202,9 +213,7 @@ class ModelRunner:
             lowered.append(self._step.lower(*self._state_leaves(), cache, blocks,
                                             spec((n_features, d), jnp.dtype(self.config.dtype)),
                                             spec((), jnp.int32), mode=mode))
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda low: low.compile(), lowered))
-        return len(lowered)
+        return lowered
 
     def encode_images(self, pixels, slot, mode: str = "unmerged") -> jax.Array:
         """pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
