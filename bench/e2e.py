@@ -54,13 +54,6 @@ def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.0
     return adapters
 
 
-def _twin(runner: ModelRunner, backend: str) -> ModelRunner:
-    """A runner on the same base weights with its own adapter slots and merged weights."""
-    twin = ModelRunner(runner.model(), backend=backend, attention=runner.attention)
-    twin.lora, twin.merged = jax.tree.map(jnp.copy, (twin.lora, twin.merged))
-    return twin
-
-
 def _with_adapters(runner: ModelRunner, adapters) -> tuple[ModelRunner, AdapterPool]:
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     for a in adapters:
@@ -146,7 +139,7 @@ def main(argv=None):
     # static-tiling baselines run the same kernel with one fixed tile, on a twin of the runner
     backends = {p: ("pallas-static" if POLICIES[p].static_tiles and args.backend == "pallas" else args.backend)
                 for p in args.policies.split(",")}
-    serving = {b: _with_adapters(runner if b == args.backend else _twin(runner, b), adapters)
+    serving = {b: _with_adapters(runner if b == args.backend else runner.twin(b), adapters)
                for b in set(backends.values())}
     engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
                                  prefill_chunk=args.prefill_chunk, num_pages=args.num_pages, max_queue=10_000,

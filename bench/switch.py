@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -41,13 +40,6 @@ def _timed(fn, runner, slots, repeats):
     return times
 
 
-def _twin(runner: ModelRunner, backend: str) -> ModelRunner:
-    """A runner on the same base weights and adapters with its own slot and merged buffers."""
-    twin = ModelRunner(runner.model(), backend=backend)
-    twin.lora, twin.merged = jax.tree.map(jnp.copy, (twin.lora, twin.merged))
-    return twin
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llava-1.5-7b", choices=sorted(PRESETS))
@@ -63,7 +55,7 @@ def main(argv=None):
     first = ModelRunner(init_model(cfg, seed=0), backend=backends[0])
     for s in range(2):
         first.write_slot(s, random_adapter(cfg, first.module_shapes, f"a{s}", args.rank, seed=s, std=0.01))
-    runners = {b: first if b == backends[0] else _twin(first, b) for b in backends}
+    runners = {b: first if b == backends[0] else first.twin(b) for b in backends}
     base = [np.asarray(x).copy() for x in jax.tree.leaves(first.params)[:4]]  # a sample, checked at the end
 
     rows, merged = {}, {}

@@ -224,3 +224,12 @@ def test_runner_states_round_trip_and_keep_their_structure(loaded):
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(loaded.lora)))
     with pytest.raises(ValueError, match="lora must keep the structure"):
         loaded.lora = loaded.merged
+
+
+def test_twin_shares_the_base_and_owns_its_slots(loaded):
+    twin = loaded.twin(backend="pallas-interpret")
+    assert twin.backend == "pallas-interpret" and twin.attention == loaded.attention
+    assert all(a is b for a, b in zip(jax.tree.leaves(twin.params), jax.tree.leaves(loaded.params)))
+    assert not any(a is b for a, b in zip(jax.tree.leaves(twin.lora), jax.tree.leaves(loaded.lora)))
+    twin.write_slot(0, None)                    # donates only the twin's slot buffers
+    assert all(not a.is_deleted() for a in jax.tree.leaves(loaded.lora))

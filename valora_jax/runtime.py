@@ -135,6 +135,14 @@ class ModelRunner:
         """A module view of the current state (for eager use in tests and tools)."""
         return self._model(*self._state_leaves())
 
+    def twin(self, backend: str | None = None, attention: str | None = None) -> "ModelRunner":
+        """A runner on the same base weights (shared, never written) with its own copies of the
+        adapter slots and merged weights, optionally on other backends."""
+        twin = ModelRunner(self.model(), backend=backend or self.backend, attention=attention or self.attention)
+        twin.lora, twin.merged = jax.tree.map(jnp.copy, (twin.lora, twin.merged))
+        twin.merged_slot = self.merged_slot
+        return twin
+
     def _state_leaves(self) -> tuple:
         return self._leaves["params"], self._leaves["lora"], self._leaves["merged"]
 
