@@ -33,7 +33,8 @@ from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.policies import POLICIES  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, bucket, init_model, init_pages, make_adapter  # noqa: E402
-from valora_jax.runtime import compile_all, compile_seconds  # noqa: E402
+from valora_jax.lora import MODES  # noqa: E402
+from valora_jax.runtime import compile_lowered, compile_seconds  # noqa: E402
 
 
 def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
@@ -153,9 +154,9 @@ def main(argv=None):
     cache = jax.eval_shape(lambda: init_pages(config.text, args.num_pages, config.page_size, jnp.dtype(config.dtype)))
     tic, lowered = time.perf_counter(), []
     for backend, (runner_b, _) in serving.items():
-        modes = ("unmerged",) if backend == "pallas-static" else ("unmerged", "merged", "mixture")
+        modes = ("unmerged",) if backend == "pallas-static" else MODES
         lowered += runner_b.lower_steps(cache, step_shapes(engine_config, modes))
-    n = compile_all(lowered, threads=args.compile_threads)
+    n = compile_lowered(lowered, threads=args.compile_threads)
     print(f"{n} step variants of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
           f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)
     for policy in args.policies.split(","):

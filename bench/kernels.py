@@ -255,6 +255,8 @@ def write_report(result: dict, out_dir: pathlib.Path, stem: str) -> None:
     lines = [f"# ATMM kernel benchmark on {result['device']}", "",
              f"`{result['command']}` · jax {result['jax']} · {result['date']} · copy bandwidth "
              f"{result['copy_bandwidth_TBps']:.2f} TB/s · static tile `{result['static_tile']}`", "",
+             *([f"Report rewritten from the measured records by `{result['report_command']}`.", ""]
+               if "report_command" in result else []),
              "Times in us per call (median, bulk-timed; each includes the harness's "
              f"{result['harness_overhead_us']:.2f} us per call). floor = bytes that must move / "
              "copy bandwidth. The ratios and targets use net times (less the harness's cost); "
@@ -315,13 +317,31 @@ def _plot(result: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _rewrite_report(path: pathlib.Path, argv) -> None:
+    """The report of an earlier run, from its measured records (derived fields recomputed)."""
+    result = json.loads(path.read_text())
+    for rec in result["records"]:
+        shape = Shape(rec["tokens"], rec["d_in"], rec["d_out"],
+                      rec["rank"] if rec["rank"] == "mixed" else int(rec["rank"]), rec["adapters"], rec["dist"],
+                      rec["requests"], rec["n_weights"])
+        assert shape.label() == rec["shape"], (shape.label(), rec["shape"])
+        rec["flops"] = flops(shape)
+    result["summary"] = summarize(result["records"], result["layers"], result["harness_overhead_us"])
+    result["report_command"] = "python3 -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_report(result, path.parent, path.stem)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a quarter of the grid")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting new shapes after this")
     p.add_argument("--no-layer", action="store_true", help="skip the decoder-layer benchmark")
+    p.add_argument("--report", metavar="JSON", help="measure nothing: rewrite this result's summary, table and "
+                                                    "plot from its records with the current report code")
     args = p.parse_args(argv)
+    if args.report:
+        return _rewrite_report(pathlib.Path(args.report), argv)
     start = time.perf_counter()
     device = jax.devices()[0].device_kind
     bandwidth = copy_bandwidth()

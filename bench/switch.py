@@ -35,7 +35,7 @@ def _timed(fn, runner, slots, repeats):
     for i in range(repeats):
         t0 = time.perf_counter()
         fn(slots[i % 2])
-        jax.block_until_ready(runner.merged)
+        runner.wait_merged()
         times.append(time.perf_counter() - t0)
     return times
 

@@ -293,7 +293,7 @@ class Engine:
             self.runner.merge_per_layer(slots[merged])
         else:
             self.runner.merge(slots[merged])
-        jax.block_until_ready(self.runner.merged)
+        self.runner.wait_merged()
         self._merged_key = merged
         seconds = self.clock() - t0
         if compile_seconds() == compiled_before:

@@ -8,6 +8,8 @@ import dataclasses
 
 import numpy as np
 
+from valora_jax.lora import MODES
+
 
 @dataclasses.dataclass
 class RequestMetrics:
@@ -84,7 +86,7 @@ def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
         "throughput_rps": len(done) / span if span > 0 else None,
         "output_tokens_per_s": sum(r.output_tokens for r in done) / span if span > 0 else None,
         "steps": len(steps),
-        "mode_steps": {m: sum(s.mode == m for s in steps) for m in ("unmerged", "merged", "mixture")},
+        "mode_steps": {m: sum(s.mode == m for s in steps) for m in MODES},
         "switches": sum(s.switch_time > 0 for s in steps),
         "switch_time": sum(s.switch_time for s in steps),
         "compile_steps": sum(s.compile_time > 0 for s in steps),

@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from valora_jax.lora import MODES
+
 
 @dataclasses.dataclass(frozen=True)
 class SeqView:
@@ -93,15 +95,13 @@ class CostModel:
     only at one step shape (collinear features) thus borrows what the others measured, instead
     of extrapolating from a degenerate fit or trusting an untested prior."""
 
-    MODES = ("unmerged", "merged", "mixture")
-
     def __init__(self, fixed: float = 2e-3, per_token: float = 2e-5, per_lora_token: float = 5e-6,
                  per_adapter: float = 5e-5, switch: float = 5e-3, window: int = 256, prior_weight: float = 0.25):
         self.prior = np.array([fixed, per_token, per_lora_token, per_adapter])
         self.shared = self.prior.copy()
-        self.coef = {mode: self.prior.copy() for mode in self.MODES}
+        self.coef = {mode: self.prior.copy() for mode in MODES}
         self.switch, self.prior_weight = switch, prior_weight
-        self._obs = {mode: collections.deque(maxlen=window) for mode in self.MODES}
+        self._obs = {mode: collections.deque(maxlen=window) for mode in MODES}
         self._seen = 0
 
     @staticmethod

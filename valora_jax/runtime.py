@@ -44,7 +44,7 @@ def compile_seconds() -> float:
     return _compile_seconds[0]
 
 
-def compile_all(lowered, threads: int = 8) -> int:
+def compile_lowered(lowered, threads: int = 8) -> int:
     """Compile jax Lowered objects on `threads` workers (XLA compiles in parallel); their count."""
     lowered = list(lowered)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -143,6 +143,10 @@ class ModelRunner:
         twin.merged_slot = self.merged_slot
         return twin
 
+    def wait_merged(self) -> None:
+        """Block until the last merge has finished (what a timed switch waits for)."""
+        jax.block_until_ready(self._leaves["merged"])
+
     def _state_leaves(self) -> tuple:
         return self._leaves["params"], self._leaves["lora"], self._leaves["merged"]
 
@@ -199,9 +203,9 @@ class ModelRunner:
         return self._step(*self._state_leaves(), cache, tuple(blocks), image_features, merged_slot, mode=mode)
 
     def precompile(self, cache, shapes, feature_dim: int | None = None, threads: int = 8) -> int:
-        """Compile step variants ahead of their first use, several at a time: `compile_all` of
-        `lower_steps`. Returns the number of variants compiled."""
-        return compile_all(self.lower_steps(cache, shapes, feature_dim), threads)
+        """Compile step variants ahead of their first use, several at a time: `compile_lowered`
+        of `lower_steps`. Returns the number of variants compiled."""
+        return compile_lowered(self.lower_steps(cache, shapes, feature_dim), threads)
 
     def lower_steps(self, cache, shapes, feature_dim: int | None = None) -> list:
         """The step variants `shapes`, traced and lowered (not compiled).
