@@ -204,16 +204,17 @@ def best_pairs(result: dict) -> dict:
 
 
 def build_table(result: dict, command: str) -> dict:
-    entries = []
+    """The table of one sweep; each entry names the command and date that measured it."""
+    entries, date = [], datetime.date.today().isoformat()
     for (tokens, rank, d_out), (s, s_time, e, e_time) in sorted(best_pairs(result).items()):
         tile = TileConfig(shrink_block_t=s[0], block_k=s[1], split_k=s[2], shrink_warps=s[3],
                           expand_block_t=e[0], block_n=e[1], expand_warps=e[2])
         key = {"tokens": tokens, "d_in": D_IN, "d_out": d_out, "rank": rank,
                "adapters": min(tokens, ADAPTERS)}
         entries.append({"key": key, "tile": tile.to_dict(),
-                        "shrink_us": round(s_time * 1e6, 2), "expand_us": round(e_time * 1e6, 2)})
-    return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": command,
-            "date": datetime.date.today().isoformat(), "entries": entries}
+                        "shrink_us": round(s_time * 1e6, 2), "expand_us": round(e_time * 1e6, 2),
+                        "command": command, "date": date})
+    return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "entries": entries}
 
 
 def main(argv=None) -> None:

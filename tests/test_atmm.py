@@ -188,6 +188,7 @@ def test_tuner_pairs_shrink_and_expand_by_total_time():
     table = tune.build_table(result, "test")
     (entry,) = table["entries"]
     assert entry["tile"]["split_k"] == 8 and entry["shrink_us"] == 12.0 and entry["expand_us"] == 14.0
+    assert entry["command"] == "test"
 
 
 def test_tuner_sweep_orchestration_with_stub_timings(monkeypatch):

@@ -223,13 +223,14 @@ class StubTrainer:
     """Accuracies from a table: alone[task] for an adapter of one task, union(tasks) otherwise."""
 
     def __init__(self, alone, union=lambda tasks: {}, crash_at=None):
-        self.alone, self.union, self.crash_at, self.calls = alone, union, crash_at, []
+        self.alone, self.union, self.crash_at, self.calls, self.steps = alone, union, crash_at, [], []
 
     def base_accuracy(self, task, split):
         return 0.1
 
-    def train(self, tasks, init, out, name, workdir):
+    def train(self, tasks, init, out, name, workdir, steps):
         self.calls.append((tuple(tasks), init is not None))
+        self.steps.append(steps)
         if self.crash_at is not None and len(self.calls) == self.crash_at:
             raise _Crash
         acc = {t: self.alone[t] for t in tasks} if len(tasks) == 1 else {
@@ -265,6 +266,16 @@ def test_fusion_packs_and_rolls_back(tmp_path):
     assert (tmp_path / "adapters" / "adapter1" / "adapter.json").exists()
     assert not list((tmp_path / "work").glob("*/train"))       # finished trials keep only their adapter
     assert "2 adapters for 4 tasks" in (tmp_path / "report.md").read_text()
+
+
+def test_a_run_trains_for_the_most_steps_its_tasks_ask_for(tmp_path):
+    tasks = [{"task": "digits", "requirement": 0.9}, {"task": "counting", "requirement": 0.9, "steps": 300},
+             {"task": "color", "requirement": 0.8, "steps": 50}, {"task": "video", "requirement": 0.8}]
+    spec = parse_spec({**SPEC, "tasks": tasks, "train": {"steps": 100}})
+    assert parse_spec(spec.to_dict()) == spec
+    stub = StubTrainer({"digits": 0.95, "counting": 0.95, "color": 0.9, "video": 0.9}, _union)
+    generate_adapters(spec, tmp_path, stub, log=lambda *_: None)
+    assert stub.steps == [100, 300, 300, 50, 100]   # digits; +counting; +color (rolled back); color; +video
 
 
 def test_suite_targets_in_the_report(tmp_path):
@@ -313,6 +324,8 @@ def test_unreachable_requirement_names_task_and_accuracy(tmp_path):
     ({"tasks": {"digits": 0.5}, "order": "random"}, "'random'"),
     ({"tasks": [{"task": "digits"}]}, "requirement"),
     ({"tasks": {}}, "no tasks"),
+    ({"tasks": [{"task": "digits", "requirement": 0.5, "steps": 0}]}, "steps 0"),
+    ({"tasks": [{"task": "digits", "requirement": 0.5, "steps": 2.5}]}, "steps 2.5"),
 ])
 def test_bad_specs_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):

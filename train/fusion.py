@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -57,6 +58,9 @@ class FusionSpec:
     prefix: str = "adapter"
     """Adapters are named prefix0, prefix1, ..."""
     train: TrainConfig = TrainConfig()
+    steps: tuple[tuple[str, int], ...] = ()
+    """(task name, training steps) for tasks that need other than train.steps; a training run
+    trains for the most steps any of its tasks asks for."""
 
     def __post_init__(self):
         names = [t for t, _ in self.requirements]
@@ -71,19 +75,32 @@ class FusionSpec:
             raise ValueError(f"tasks listed twice in spec: {names}")
         if self.order not in ORDERS:
             raise ValueError(f"unknown order {self.order!r}; expected one of {ORDERS}")
+        for name, steps in self.steps:
+            if name not in names:
+                raise ValueError(f"steps given for {name!r}, which the spec does not list")
+            if not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"task {name!r}: steps {steps!r} must be a positive integer")
 
     @property
     def requirement(self) -> dict[str, float]:
         return dict(self.requirements)
 
+    def steps_for(self, tasks: Sequence[str]) -> int:
+        """Training steps of a run on `tasks`."""
+        steps = dict(self.steps)
+        return max(steps.get(t, self.train.steps) for t in tasks)
+
     def to_dict(self) -> dict:
-        return {"tasks": [{"task": t, "requirement": r} for t, r in self.requirements], "order": self.order,
+        steps = dict(self.steps)
+        tasks = [{"task": t, "requirement": r, **({"steps": steps[t]} if t in steps else {})}
+                 for t, r in self.requirements]
+        return {"tasks": tasks, "order": self.order,
                 "strict": self.strict, "prefix": self.prefix, "train": dataclasses.asdict(self.train)}
 
 
 def parse_spec(data: dict) -> FusionSpec:
     """A spec from JSON data:
-    {"tasks": [{"task": "digits", "requirement": 0.95}, ...] (or {"digits": 0.95, ...}),
+    {"tasks": [{"task": "digits", "requirement": 0.95, "steps": 4000 (optional)}, ...] (or {"digits": 0.95, ...}),
      "order": "grouped", "strict": true, "prefix": "adapter", "train": {TrainConfig fields}}."""
     if not isinstance(data, dict) or "tasks" not in data:
         raise ValueError(f"spec must be an object with a 'tasks' entry, got {data!r}")
@@ -93,9 +110,10 @@ def parse_spec(data: dict) -> FusionSpec:
     tasks = data["tasks"]
     try:
         if isinstance(tasks, dict):
-            reqs = tuple((str(k), float(v)) for k, v in tasks.items())
+            reqs, steps = tuple((str(k), float(v)) for k, v in tasks.items()), ()
         else:
             reqs = tuple((str(t["task"]), float(t["requirement"])) for t in tasks)
+            steps = tuple((str(t["task"]), t["steps"]) for t in tasks if "steps" in t)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"spec 'tasks' must map task names to requirements, got {tasks!r} ({e})") from e
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -104,7 +122,7 @@ def parse_spec(data: dict) -> FusionSpec:
     if bad:
         raise ValueError(f"unknown training settings {bad} in spec; known: {sorted(fields)}")
     return FusionSpec(reqs, data.get("order", "grouped"), bool(data.get("strict", True)),
-                      str(data.get("prefix", "adapter")), TrainConfig(**train))
+                      str(data.get("prefix", "adapter")), TrainConfig(**train), steps)
 
 
 def load_spec(path) -> FusionSpec:
@@ -140,10 +158,11 @@ class Trainer(Protocol):
     def base_accuracy(self, task: str, split: str) -> float:
         """Accuracy of the base model (no adapter)."""
 
-    def train(self, tasks: Sequence[str], init: Path | None, out: Path, name: str, workdir: Path) -> dict[str, float]:
-        """Train an adapter named `name` on the union of `tasks` (starting from the adapter saved at
-        `init`, or fresh), save it at `out`, return its val accuracy per task. A call with the
-        workdir of an interrupted call resumes it."""
+    def train(self, tasks: Sequence[str], init: Path | None, out: Path, name: str, workdir: Path,
+              steps: int) -> dict[str, float]:
+        """Train an adapter named `name` on the union of `tasks` for `steps` steps (starting from the
+        adapter saved at `init`, or fresh), save it at `out`, return its val accuracy per task. A
+        call with the workdir of an interrupted call resumes it."""
 
     def accuracy(self, adapter: Path, task: str, split: str) -> float:
         """Accuracy of the adapter saved at `adapter`."""
@@ -179,7 +198,10 @@ def generate_adapters(spec: FusionSpec, out, trainer: Trainer, log=print) -> dic
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out, spec)
     req = spec.requirement
+    seconds, start = state.get("seconds", 0.0), time.monotonic()
+
     def save(finished_run: Path | None = None):
+        state["seconds"] = seconds + time.monotonic() - start      # over every resumed run
         _write_json(out / "state.json", state)
         if finished_run is not None:            # its training checkpoints only served resuming it
             shutil.rmtree(finished_run / "train", ignore_errors=True)
@@ -193,7 +215,7 @@ def generate_adapters(spec: FusionSpec, out, trainer: Trainer, log=print) -> dic
         if cur is not None:
             tasks = cur["tasks"] + [task]
             run = out / "work" / f"{i:02d}-{name}-union"
-            acc = trainer.train(tasks, out / cur["dir"], run / "adapter", name, run / "train")
+            acc = trainer.train(tasks, out / cur["dir"], run / "adapter", name, run / "train", spec.steps_for(tasks))
             failing = {t: acc[t] for t in tasks if acc[t] < req[t]}
             if not failing:
                 state["current"] = {"name": name, "tasks": tasks, "val": acc, "dir": str(run.relative_to(out) / "adapter")}
@@ -208,14 +230,14 @@ def generate_adapters(spec: FusionSpec, out, trainer: Trainer, log=print) -> dic
             save(run)
             continue
         run = out / "work" / f"{i:02d}-{name}-alone"
-        acc = trainer.train([task], None, run / "adapter", name, run / "train")
+        acc = trainer.train([task], None, run / "adapter", name, run / "train", spec.steps_for([task]))
         state["current"] = {"name": name, "tasks": [task], "val": acc, "dir": str(run.relative_to(out) / "adapter")}
         if acc[task] < req[task]:
             if spec.strict:
                 state["current"] = None
                 save()
                 raise ValueError(f"task {task!r}: requirement {req[task]:.3f} unreachable, reached {acc[task]:.3f} "
-                                 f"(val) with an adapter of its own after {spec.train.steps} steps")
+                                 f"(val) with an adapter of its own after {spec.steps_for([task])} steps")
             state["log"].append({"task": task, "action": "unmet", "adapter": name, "val": acc})
             state["position"] += 1
             _close(out, state)
@@ -265,6 +287,7 @@ def _report(out: Path, spec: FusionSpec, state: dict, trainer: Trainer) -> dict:
                                         for a in state["adapters"]],
             "num_adapters": len(state["adapters"]), "one_per_task": len(rows), "order": state["order"],
             "order_rule": spec.order, "log": state["log"], "all_met": all(r["met"] for r in rows),
+            "seconds": state.get("seconds", 0.0),
             "split": "test (requirements checked on val while packing)", "train": spec.to_dict()["train"]}
 
 
@@ -301,10 +324,11 @@ class ModelTrainer:
         return evaluate(self.parts, self.model.config, get_task(task), split=split, n=self.cfg.eval_examples,
                         seed=self.cfg.seed, batch_size=self.cfg.eval_batch_size)
 
-    def train(self, tasks, init, out, name, workdir):
+    def train(self, tasks, init, out, name, workdir, steps):
         config = self.model.config
         start = None if init is None else load_adapter(init, config, module_shapes(self.model))
-        result = train_adapter(self.model, tasks, self.cfg, workdir=workdir, init=start, progress=self.progress,
+        cfg = dataclasses.replace(self.cfg, steps=steps)
+        result = train_adapter(self.model, tasks, cfg, workdir=workdir, init=start, progress=self.progress,
                                callback=self.callback)
         save_adapter(out, result.to_adapter(name, config.base_id))
         return result.accuracy
