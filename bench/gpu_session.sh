@@ -2,6 +2,7 @@
 # The GPU checks and benchmarks, stage by stage, in as few device calls as possible:
 #   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
+#   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison; each call
 #                                                          adds the workloads bench/results/e2e.json lacks)
@@ -25,6 +26,7 @@ for stage in "$@"; do
         model)   python3 bench/model_smoke.py --out bench/results/model_smoke ;;
         switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
+        tune-merge) python3 -m pallas_kernels.tune --merge ;;
         kernels) python3 -m bench.kernels --out-dir bench/results --budget-s "${KERNELS_BUDGET_S:-480}" ;;
         train)   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
                  PYTHONPATH=/tmp/site:$PWD python3 -m train.run_default --digits .whl/digits.npz \

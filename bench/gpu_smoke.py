@@ -12,7 +12,7 @@ import traceback
 
 import jax
 
-from pallas_kernels import TileConfig
+from pallas_kernels import MergeTile, TileConfig
 from pallas_kernels.testing import CASES as BASE_CASES
 from pallas_kernels.testing import MERGE_CASES, Case, MergeCase, check, check_merge
 
@@ -38,7 +38,7 @@ TILES = [
 
 
 MERGES = MERGE_CASES + [MergeCase(4096, 11008, 64, 2, dtype="bfloat16"), MergeCase(5120, 13824, 128, 2, dtype="bfloat16"),
-                        MergeCase(4096, 4096, 16, 2, dtype="bfloat16", block_m=128, block_n=128)]
+                        MergeCase(4096, 4096, 16, 2, dtype="bfloat16", tile=MergeTile(128, 128, 8))]
 
 
 def _run(label: str, fn) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth  # noqa: E402
 from valora_jax import PRESETS, ModelRunner, init_model, random_adapter  # noqa: E402
 from valora_jax.lora import targeted_linears  # noqa: E402
@@ -76,10 +77,11 @@ def main(argv=None):
                          "fused_equals_per_layer": identical}
 
     itemsize = np.dtype(cfg.dtype).itemsize
-    moved = 0
+    moved, tiles = 0, {}
     for _, lin in targeted_linears(first.model()):
         moved += 2 * lin.d_in * lin.d_out * itemsize                 # read W, write W_m
         moved += args.rank * (lin.d_in + lin.d_out) * itemsize       # read A, B of the slot
+        tiles[f"{lin.d_in}x{lin.d_out}"] = pick_merge_tile(lin.d_in, lin.d_out, args.rank).to_dict()
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * moved / bandwidth
     base_exact = all(np.array_equal(a, np.asarray(b)) for a, b in zip(base, jax.tree.leaves(first.params)[:4]))
@@ -95,6 +97,7 @@ def main(argv=None):
         "preset": args.preset, "rank": args.rank, "targeted_weights": len(first.module_shapes),
         "bytes_moved": moved, "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms, "unmerge_ms": 0.0,
         "backends": rows, f"max_abs_diff_vs_{backends[0]}": agree, "base_bit_identical": base_exact,
+        "merge_tiles": tiles,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,9 @@ def main(argv=None):
     lines += ["| unmerge | - | 0 (base never written) | - |", "",
               "fused == per-layer bit for bit: " + ", ".join(f"{b} {r['fused_equals_per_layer']}" for b, r in rows.items())
               + f"; merged weights, max |difference| vs {backends[0]}: {agree}; base bit-identical after all "
-              f"switches: {base_exact}"]
+              f"switches: {base_exact}", "",
+              "swift-merge tiles (block_m, block_n, warps) by weight shape: "
+              + ", ".join(f"{k} {tuple(t.values())}" for k, t in tiles.items())]
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)

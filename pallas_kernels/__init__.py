@@ -4,7 +4,7 @@ swift merge of an adapter into a weight."""
 from pallas_kernels.atmm import lora_delta
 from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
 from pallas_kernels.merge import merge_weight
-from pallas_kernels.tiling import STATIC_TILE, TileConfig, pick_tile
+from pallas_kernels.tiling import STATIC_TILE, MergeTile, TileConfig, pick_merge_tile, pick_tile
 
-__all__ = ["STATIC_TILE", "LoraWeight", "TileConfig", "lora_delta", "lora_delta_reference", "merge_weight",
-           "merge_weight_reference", "pick_tile"]
+__all__ = ["STATIC_TILE", "LoraWeight", "MergeTile", "TileConfig", "lora_delta", "lora_delta_reference",
+           "merge_weight", "merge_weight_reference", "pick_merge_tile", "pick_tile"]

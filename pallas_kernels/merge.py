@@ -20,8 +20,7 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.atmm import _FLOAT_DTYPES, _cdiv, _ignore_aliased_inputs, _pad_rank
 from pallas_kernels.lora_reference import LoraWeight
-
-BLOCK_M, BLOCK_N = 64, 256
+from pallas_kernels.tiling import MergeTile, pick_merge_tile
 
 
 def _merge_kernel(slot_ref, kernel_ref, a_ref, b_ref, scale_ref, rank_ref, out_ref, *, bm: int, bn: int):
@@ -43,11 +42,11 @@ def _merge_kernel(slot_ref, kernel_ref, a_ref, b_ref, scale_ref, rank_ref, out_r
     plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out.astype(out_ref.dtype), mask=tile_ok)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "interpret", "poison"))
-def _merge(kernel, w, slot, *, block_m: int, block_n: int, interpret: bool, poison: bool = False):
+@functools.partial(jax.jit, static_argnames=("tile", "interpret", "poison"))
+def _merge(kernel, w, slot, *, tile: MergeTile, interpret: bool, poison: bool = False):
     w = _pad_rank(w._replace(scale=w.scale.astype(jnp.float32), rank=w.rank.astype(jnp.int32)))
     args = [jnp.asarray(slot, jnp.int32).reshape(1), kernel, w.a, w.b, w.scale, w.rank]
-    body = functools.partial(_merge_kernel, bm=block_m, bn=block_n)
+    body = functools.partial(_merge_kernel, bm=tile.block_m, bn=tile.block_n)
     aliases = {}
     if poison:                                  # tests: unwritten outputs stay NaN
         aliases = {len(args): 0}
@@ -57,15 +56,15 @@ def _merge(kernel, w, slot, *, block_m: int, block_n: int, interpret: bool, pois
     return pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
-        grid=(_cdiv(d_in, block_m), _cdiv(d_out, block_n)),
+        grid=(_cdiv(d_in, tile.block_m), _cdiv(d_out, tile.block_n)),
         input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=8 if block_m * block_n >= 16384 else 4, num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=tile.warps, num_stages=1),
         interpret=interpret,
         name="lora_merge",
     )(*args)
 
 
-def merge_weight(kernel: jax.Array, w: LoraWeight, slot, *, block_m: int = BLOCK_M, block_n: int = BLOCK_N,
+def merge_weight(kernel: jax.Array, w: LoraWeight, slot, *, tile: MergeTile | None = None,
                  interpret: bool = False) -> jax.Array:
     """`merge_weight_reference` by one Pallas kernel (see the module docstring):
 
@@ -76,10 +75,10 @@ def merge_weight(kernel: jax.Array, w: LoraWeight, slot, *, block_m: int = BLOCK
       kernel: [D_in, D_out] float32 / bfloat16 / float16 base weight.
       w: LoraWeight with a [S, D_in, R] and b [S, R, D_out] in kernel's dtype, scale [S], rank [S].
       slot: int32 scalar, the slot to fold in (a host int is checked against [0, S)).
-      block_m, block_n: the tile (powers of two; block_m >= 16).
+      tile: the launch; None: `pick_merge_tile` for this shape (the device's tuned table).
       interpret: run in the Pallas interpreter (CPU tests).
     Returns: [D_in, D_out] in kernel.dtype.
-    Raises: ValueError for inconsistent shapes or dtypes, a bad tile, or a host slot outside [0, S).
+    Raises: ValueError for inconsistent shapes or dtypes, or a host slot outside [0, S).
     """
     if getattr(kernel, "ndim", None) != 2 or kernel.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"kernel must be a float [D_in, D_out] array, got "
@@ -94,9 +93,8 @@ def merge_weight(kernel: jax.Array, w: LoraWeight, slot, *, block_m: int = BLOCK
         raise ValueError(f"adapter dtypes {w.a.dtype}/{w.b.dtype} != kernel dtype {kernel.dtype}")
     if w.scale.shape != (n_slots,) or w.rank.shape != (n_slots,):
         raise ValueError(f"w.scale and w.rank must be [S={n_slots}], got {w.scale.shape} and {w.rank.shape}")
-    for name, v in (("block_m", block_m), ("block_n", block_n)):
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"{name}={v} must be a power of 2 >= 16")
     if isinstance(slot, (int, np.integer)) and not 0 <= slot < n_slots:
         raise ValueError(f"slot {slot} outside [0, S={n_slots})")
-    return _merge(kernel, w, slot, block_m=block_m, block_n=block_n, interpret=interpret)
+    if tile is None:
+        tile = pick_merge_tile(d_in, d_out, r, "interpret" if interpret else None)
+    return _merge(kernel, w, slot, tile=tile, interpret=interpret)

@@ -15,7 +15,7 @@ import numpy as np
 from pallas_kernels.atmm import _lora_delta
 from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
 from pallas_kernels.merge import _merge
-from pallas_kernels.tiling import TileConfig, pick_tile
+from pallas_kernels.tiling import MergeTile, TileConfig, pick_tile
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3}
 """Max relative Frobenius error per output, by dtype (float32 dots run as TF32 on GPU)."""
@@ -160,8 +160,7 @@ class MergeCase:
     max_rank: int = 16
     slots: int = 4
     dtype: str = "float32"
-    block_m: int = 64
-    block_n: int = 256
+    tile: MergeTile = MergeTile()
 
 
 def check_merge(case: MergeCase, seed: int = 0, interpret: bool = False) -> float:
@@ -173,8 +172,8 @@ def check_merge(case: MergeCase, seed: int = 0, interpret: bool = False) -> floa
     w = _weight(Case(1, case.d_in, (case.d_out,), case.max_rank, case.slots, dtype=case.dtype), case.d_out, rng)
     worst = 0.0
     for s in range(case.slots):
-        got = np.asarray(_merge(kernel, w, jnp.int32(s), block_m=case.block_m, block_n=case.block_n,
-                                interpret=interpret, poison=True), np.float32)
+        got = np.asarray(_merge(kernel, w, jnp.int32(s), tile=case.tile, interpret=interpret, poison=True),
+                         np.float32)
         with jax.default_matmul_precision("highest"):
             want = np.asarray(merge_weight_reference(kernel, w, jnp.int32(s)), np.float32)
         base = np.asarray(kernel, np.float32)
@@ -190,8 +189,8 @@ def check_merge(case: MergeCase, seed: int = 0, interpret: bool = False) -> floa
 
 MERGE_CASES = [
     MergeCase(64, 256, 16, 3),
-    MergeCase(100, 300, 32, 4, block_m=32, block_n=64),              # ragged edges, mixed ranks
-    MergeCase(48, 80, 8, 2, dtype="bfloat16", block_m=16, block_n=32),  # R < 16
+    MergeCase(100, 300, 32, 4, tile=MergeTile(32, 64, 4)),                    # ragged edges, mixed ranks
+    MergeCase(48, 80, 8, 2, dtype="bfloat16", tile=MergeTile(16, 32, 4)),      # R < 16
     MergeCase(128, 128, 128, 5, dtype="bfloat16"),
-    MergeCase(96, 64, 24, 3, dtype="float16", block_m=32, block_n=32),  # R not a power of 2
+    MergeCase(96, 64, 24, 3, dtype="float16", tile=MergeTile(32, 32, 2)),      # R not a power of 2
 ]

@@ -1,4 +1,5 @@
-"""ATMM tile shapes: the frozen TileConfig, the per-device tuned table, and the run-time lookup.
+"""Kernel tile shapes: the frozen TileConfig (ATMM) and MergeTile (swift merge), the per-device
+tuned table, and the run-time lookups.
 
 The table (`configs/<device kind>.json`, written by `python -m pallas_kernels.tune`) maps shape
 buckets to the fastest measured tile. Lookup is pure Python on static shapes (no device sync):
@@ -6,6 +7,7 @@ buckets to the fastest measured tile. Lookup is pure Python on static shapes (no
     bucket(T, D_in, D_out, R, n) = the table entry nearest in log2 space, tokens weighing most
     pick_tile(...)                = that entry's tile, or heuristic_tile(...) when the table has
                                     no entry within one octave of T (or none for this device)
+    pick_merge_tile(D_in, D_out, R) = the nearest merge entry's tile, or MergeTile() without one
 """
 
 import dataclasses
@@ -79,6 +81,29 @@ STATIC_TILE = TileConfig()
 the baseline adaptive tiling is measured against."""
 
 
+@dataclasses.dataclass(frozen=True)
+class MergeTile:
+    """The swift-merge kernel's launch: one [block_m, block_n] tile of the weight per program."""
+
+    block_m: int = 64
+    """Weight rows (D_in) per program: a power of 2 >= 16 (the [BM, R] @ [R, BN] dot's M)."""
+    block_n: int = 256
+    """Weight columns (D_out) per program: a power of 2 >= 16."""
+    warps: int = 8
+    """Warps per program (power of 2)."""
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if not (_is_pow2(v) and v >= 16):
+                raise ValueError(f"MergeTile.{name}={v} must be a power of 2 >= 16")
+        if not _is_pow2(self.warps):
+            raise ValueError(f"MergeTile.warps={self.warps} must be a power of 2")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
@@ -110,13 +135,19 @@ def device_table_name(device_kind: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_table(device_kind: str) -> tuple:
-    """The tuned entries for a device kind: ((key dict, TileConfig), ...); () when none."""
+def _table_file(device_kind: str) -> dict:
     path = CONFIG_DIR / f"{device_table_name(device_kind)}.json"
-    if not path.exists():
-        return ()
-    data = json.loads(path.read_text())
-    return tuple((e["key"], TileConfig.from_dict(e["tile"])) for e in data["entries"])
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_table(device_kind: str) -> tuple:
+    """The tuned ATMM entries for a device kind: ((key dict, TileConfig), ...); () when none."""
+    return tuple((e["key"], TileConfig.from_dict(e["tile"])) for e in _table_file(device_kind).get("entries", ()))
+
+
+def load_merge_table(device_kind: str) -> tuple:
+    """The tuned merge entries for a device kind: ((key dict, MergeTile), ...); () when none."""
+    return tuple((e["key"], MergeTile(**e["tile"])) for e in _table_file(device_kind).get("merge", ()))
 
 
 def _distance(key: dict, query: dict) -> float:
@@ -139,3 +170,15 @@ def pick_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int,
         if abs(math.log2(max(1, key["tokens"])) - math.log2(max(1, tokens))) <= 1.0:
             return tile
     return heuristic_tile(tokens, d_in, d_out, rank, adapters)
+
+
+def pick_merge_tile(d_in: int, d_out: int, rank: int, device_kind: str | None = None) -> MergeTile:
+    """The swift-merge tile for a [d_in, d_out] weight with pool rank `rank`: the tuned entry
+    nearest in log2 space, or MergeTile() when the device has none (pure Python)."""
+    kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
+    table = load_merge_table(kind)
+    if not table:
+        return MergeTile()
+    query = {"d_in": d_in, "d_out": d_out, "rank": rank}
+    return min(table, key=lambda e: sum(abs(math.log2(max(1, e[0][k])) - math.log2(max(1, v)))
+                                        for k, v in query.items()))[1]

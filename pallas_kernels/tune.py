@@ -1,11 +1,14 @@
 """Tile profiler: times candidate ATMM tiles per shape bucket on the GPU and writes the table.
 
     python -m pallas_kernels.tune [--tokens 1 16 ...] [--budget-s 600] [--out F] [--sweep-out F]
+    python -m pallas_kernels.tune --merge          # the swift-merge tiles instead
 
 Per (T, R) it times the shrink kernel under every shrink candidate; then the expand kernel for
 each D_out on the partial sums of the few fastest shrinks' split factors. The entry for bucket
 (T, D_in, D_out, R, adapters) is the pair with the least total time. `--tokens` sweeps a subset
 of the token buckets and keeps the table's other entries, so a sweep can be split over runs.
+`--merge` times every MergeTile candidate on the LLaVA-1.5 weight shapes and keeps the fastest
+per (D_in, D_out, R) in the table's "merge" section (the ATMM entries stay).
 """
 
 import argparse
@@ -21,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import atmm
+from pallas_kernels import atmm, merge
+from pallas_kernels.lora_reference import LoraWeight
 from pallas_kernels.problems import Shape, make_inputs
-from pallas_kernels.tiling import CONFIG_DIR, TileConfig, device_table_name
+from pallas_kernels.tiling import CONFIG_DIR, MergeTile, TileConfig, device_table_name
 from pallas_kernels.timing import BulkTimer, compile_all
 
 TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -45,6 +49,12 @@ SHRINK = [(1, 128, s, 4) for s in (1, 2, 4, 8, 16, 32)] + [(1, 256, s, 4) for s 
 EXPAND = [(1, n, 4) for n in (32, 64, 128, 256, 512)] + [(1, 128, 2), (1, 256, 8)] + \
          [(16, n, 4) for n in (32, 64, 128, 256)] + [(32, n, 4) for n in (64, 128, 256)] + \
          [(64, 64, 4), (64, 128, 4), (64, 256, 8), (64, 512, 8), (128, 64, 4), (128, 128, 8), (128, 256, 8)]
+
+MERGE_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120))
+MERGE_RANKS = (16, 64)
+# (block_m, block_n, warps): 2K-32K elements per program, at most 128 float32 accumulators per thread
+MERGE = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (64, 128, 256, 512, 1024) for w in (4, 8)
+         if 2048 <= bm * bn <= 4096 * w]
 
 
 def _fits(block_t: int, tokens: int) -> bool:
@@ -188,6 +198,51 @@ def _sweep_expand(tokens: int, candidates: dict, out: dict, bar) -> None:
         out["expand"][(tokens, *key)] = {c: t for (k, c), t in times.items() if k == key}
 
 
+def _merge_sets(d_in: int, d_out: int, rank: int) -> list:
+    """(kernel [D_in, D_out], a 2-slot pool of rank `rank`, slot) sets, bfloat16, beyond L2 together."""
+    def one(seed):
+        rng = np.random.default_rng(seed)
+        normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02, jnp.bfloat16)
+        w = LoraWeight(normal(2, d_in, rank), normal(2, rank, d_out), jnp.ones((2,), jnp.float32),
+                       jnp.full((2,), rank, jnp.int32))
+        return normal(d_in, d_out), w, jnp.int32(seed % 2)
+    return [one(i) for i in range(_rotations(2 * d_in * d_out))]
+
+
+def merge_bytes(d_in: int, d_out: int, rank: int) -> int:
+    """Bytes a bfloat16 merge must move: read W and the slot's A and B, write W_m."""
+    return 2 * (2 * d_in * d_out + rank * (d_in + d_out))
+
+
+def sweep_merge() -> dict:
+    """{(D_in, D_out, R): {(block_m, block_n, warps): seconds}} for every MERGE candidate."""
+    shapes = [(d_in, d_out, r) for d_in, d_out in MERGE_SHAPES for r in MERGE_RANKS]
+    bar = _progress(len(shapes) * len(MERGE))
+    out = {}
+    for shape in shapes:
+        sets = _merge_sets(*shape)
+        timer = lambda shape, cand: BulkTimer(functools.partial(merge._merge, tile=MergeTile(*cand), interpret=False),
+                                              sets, unroll=4)
+        out[shape] = {c: t for (_, c), t in _time_all([(shape, c) for c in MERGE], timer, bar).items()}
+        del sets
+    bar.close()
+    return out
+
+
+def merge_entries(result: dict, command: str) -> list[dict]:
+    """The fastest tile per merge shape, with its time and achieved bandwidth."""
+    date, entries = datetime.date.today().isoformat(), []
+    for (d_in, d_out, rank), times in sorted(result.items()):
+        if not times:
+            continue
+        best = min(times, key=times.get)
+        entries.append({"key": {"d_in": d_in, "d_out": d_out, "rank": rank}, "tile": MergeTile(*best).to_dict(),
+                        "us": round(times[best] * 1e6, 2),
+                        "tb_per_s": round(merge_bytes(d_in, d_out, rank) / times[best] / 1e12, 3),
+                        "command": command, "date": date})
+    return entries
+
+
 def best_pairs(result: dict) -> dict:
     """{(T, R, D_out): (shrink cand, shrink s, expand cand, expand s)}: per bucket, the pair with
     the least total time over the splits whose expand was timed."""
@@ -222,21 +277,27 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token buckets to sweep")
     p.add_argument("--budget-s", type=float, default=600.0, help="stop sweeping new buckets after this")
     p.add_argument("--out", help="table path (default: pallas_kernels/configs/<device>.json)")
+    p.add_argument("--merge", action="store_true", help="sweep the swift-merge tiles (not ATMM's)")
     p.add_argument("--sweep-out", help="also write every measured time here (JSON)")
     args = p.parse_args(argv)
-    command = "python -m pallas_kernels.tune " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = sweep(args.budget_s, args.tokens)
-    table = build_table(result, command.strip())
-    out = pathlib.Path(args.out or CONFIG_DIR / f"{device_table_name(table['device'])}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():                               # keep the buckets this run did not sweep
-        swept = {e["key"]["tokens"] for e in table["entries"]}
-        old = json.loads(out.read_text())["entries"]
-        table["entries"] = [e for e in old if e["key"]["tokens"] not in swept] + table["entries"]
+    command = ("python -m pallas_kernels.tune " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    out = pathlib.Path(args.out or CONFIG_DIR / f"{device_table_name(jax.devices()[0].device_kind)}.json")
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if args.merge:
+        result = {"merge": sweep_merge()}
+        table = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                 "entries": old.get("entries", []), "merge": merge_entries(result["merge"], command)}
+    else:
+        result = sweep(args.budget_s, args.tokens)
+        table = build_table(result, command)
+        swept = {e["key"]["tokens"] for e in table["entries"]}       # keep the buckets this run did not sweep
+        table["entries"] = [e for e in old.get("entries", []) if e["key"]["tokens"] not in swept] + table["entries"]
         table["entries"].sort(key=lambda e: tuple(e["key"].values()))
+        table["merge"] = old.get("merge", [])
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump(table, f, indent=1)
-    print(f"wrote {len(table['entries'])} entries to {out}")
+    print(f"wrote {len(table['entries'])} ATMM and {len(table['merge'])} merge entries to {out}")
     if args.sweep_out:
         flat = {kind: [{"bucket": list(b), "cand": list(c), "us": round(t * 1e6, 2)}
                        for b, times in d.items() for c, t in times.items()]

@@ -104,11 +104,12 @@ def test_empty_weights_and_bad_tiles_raise():
         TileConfig(expand_block_t=2)
 
 
-def _write_table(tmp_path, monkeypatch, entries):
-    table = {"device": "Test GPU", "entries": [{"key": k, "tile": t.to_dict()} for k, t in entries]}
+def _write_table(tmp_path, monkeypatch, entries, merge=()):
+    table = {"device": "Test GPU", "entries": [{"key": k, "tile": t.to_dict()} for k, t in entries],
+             "merge": [{"key": k, "tile": t.to_dict()} for k, t in merge]}
     (tmp_path / "Test_GPU.json").write_text(json.dumps(table))
     monkeypatch.setattr(tiling, "CONFIG_DIR", tmp_path)
-    tiling.load_table.cache_clear()
+    tiling._table_file.cache_clear()
 
 
 def test_tile_lookup_nearest_bucket_then_heuristic(tmp_path, monkeypatch):
@@ -121,7 +122,21 @@ def test_tile_lookup_nearest_bucket_then_heuristic(tmp_path, monkeypatch):
     assert tiling.pick_tile(3000, 4096, 4096, 128, 64, device_kind="Test GPU") == prefill
     far = tiling.pick_tile(256, 4096, 4096, 16, 16, device_kind="Test GPU")     # no bucket near T
     assert far == tiling.heuristic_tile(256, 4096, 4096, 16, 16)
-    tiling.load_table.cache_clear()
+    tiling._table_file.cache_clear()
+
+
+def test_merge_tile_lookup_nearest_shape_then_default(tmp_path, monkeypatch):
+    square, wide = tiling.MergeTile(32, 512, 4), tiling.MergeTile(128, 256, 8)
+    _write_table(tmp_path, monkeypatch, [], merge=[({"d_in": 4096, "d_out": 4096, "rank": 64}, square),
+                                                   ({"d_in": 4096, "d_out": 11008, "rank": 64}, wide)])
+    assert tiling.pick_merge_tile(4096, 4096, 16, device_kind="Test GPU") == square
+    assert tiling.pick_merge_tile(5120, 13824, 128, device_kind="Test GPU") == wide
+    assert tiling.pick_merge_tile(4096, 4096, 64, device_kind="No table GPU") == tiling.MergeTile()
+    with pytest.raises(ValueError, match="block_n=96"):
+        tiling.MergeTile(block_n=96)
+    with pytest.raises(ValueError, match="warps=3"):
+        tiling.MergeTile(warps=3)
+    tiling._table_file.cache_clear()
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300, 4096, 100000])
@@ -209,3 +224,37 @@ def test_tuner_sweep_orchestration_with_stub_timings(monkeypatch):
     for e in table["entries"]:
         tile = TileConfig.from_dict(e["tile"])
         assert tune._fits(tile.shrink_block_t, e["key"]["tokens"]) and tune._fits(tile.expand_block_t, e["key"]["tokens"])
+
+
+def test_merge_sweep_writes_the_fastest_tile_and_keeps_the_atmm_entries(tmp_path, monkeypatch):
+    """`tune --merge` on made-up times (no GPU): one entry per weight shape and rank, the fastest
+    candidate with its bandwidth; the table's ATMM entries stay, and an ATMM sweep keeps the merge ones."""
+    from pallas_kernels import tune
+
+    def fake_time_all(jobs, make_timer, bar):
+        bar.update(len(jobs))
+        return {(key, cand): 1e-6 * (10 + cand[0] % 7 + cand[1] % 5 + cand[2]) for key, cand in jobs}
+
+    monkeypatch.setattr(tune, "_time_all", fake_time_all)
+    monkeypatch.setattr(tune, "_merge_sets", lambda *shape: None)
+    out = tmp_path / "table.json"
+    atmm_entry = {"key": {"tokens": 1, "d_in": 4096, "d_out": 4096, "rank": 16, "adapters": 1},
+                  "tile": TileConfig().to_dict()}
+    out.write_text(json.dumps({"device": "cpu", "entries": [atmm_entry]}))
+    tune.main(["--merge", "--out", str(out)])
+    table = json.loads(out.read_text())
+    assert table["entries"] == [atmm_entry]
+    assert {(e["key"]["d_in"], e["key"]["d_out"], e["key"]["rank"]) for e in table["merge"]} == {
+        (i, o, r) for i, o in tune.MERGE_SHAPES for r in tune.MERGE_RANKS}
+    fastest = min(tune.MERGE, key=lambda c: c[0] % 7 + c[1] % 5 + c[2])
+    entry = table["merge"][0]
+    assert tiling.MergeTile(**entry["tile"]) == tiling.MergeTile(*fastest) and entry["command"].endswith("--merge --out "
+                                                                                                         + str(out))
+    key = entry["key"]
+    assert entry["tb_per_s"] == round(tune.merge_bytes(key["d_in"], key["d_out"], key["rank"]) / (entry["us"] * 1e-6)
+                                      / 1e12, 3)
+    monkeypatch.setattr(tune, "_shrink_sets", lambda tokens, rank: None)
+    monkeypatch.setattr(tune, "_expand_sets", lambda tokens, rank, d_out, split: None)
+    tune.main(["--tokens", "16", "--out", str(out)])
+    again = json.loads(out.read_text())
+    assert again["merge"] == table["merge"] and atmm_entry in again["entries"] and len(again["entries"]) > 1

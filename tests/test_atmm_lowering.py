@@ -45,9 +45,10 @@ def test_kernels_lower_to_triton(case, tile, with_base):
 @pytest.mark.parametrize("dtype, d_in, d_out, r", [("bfloat16", 4096, 11008, 64), ("float32", 100, 300, 24)])
 def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r):
     from pallas_kernels.lora_reference import LoraWeight
-    from pallas_kernels.merge import BLOCK_M, BLOCK_N, _merge
+    from pallas_kernels.merge import _merge
+    from pallas_kernels.tiling import MergeTile
     kernel = jnp.zeros((d_in, d_out), dtype)
     w = LoraWeight(jnp.zeros((4, d_in, r), dtype), jnp.zeros((4, r, d_out), dtype), jnp.ones(4), jnp.full(4, r))
-    fn = jax.jit(functools.partial(_merge, block_m=BLOCK_M, block_n=BLOCK_N, interpret=False))
+    fn = jax.jit(functools.partial(_merge, tile=MergeTile(), interpret=False))
     text = fn.trace(kernel, w, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import LoraWeight, merge_weight, merge_weight_reference
+from pallas_kernels import LoraWeight, MergeTile, merge_weight, merge_weight_reference
 from pallas_kernels.testing import MERGE_CASES, check_merge
 
 
@@ -21,7 +21,7 @@ def test_public_merge_uses_the_given_slot_on_the_device():
                    jnp.asarray(rng.normal(size=(2, 16, 48)), jnp.float32),
                    jnp.asarray([0.5, 2.0], jnp.float32), jnp.asarray([16, 4], jnp.int32))
     for s in (0, 1):
-        got = merge_weight(kernel, w, jnp.int32(s), block_m=16, block_n=16, interpret=True)
+        got = merge_weight(kernel, w, jnp.int32(s), tile=MergeTile(16, 16, 4), interpret=True)
         np.testing.assert_allclose(got, merge_weight_reference(kernel, w, jnp.int32(s)), rtol=1e-5, atol=1e-5)
 
 
@@ -37,4 +37,4 @@ def test_merge_rejects_bad_input():
     with pytest.raises(ValueError, match="dtypes"):
         merge_weight(kernel.astype(jnp.bfloat16), w, 0, interpret=True)
     with pytest.raises(ValueError, match="block_n=24"):
-        merge_weight(kernel, w, 0, block_n=24, interpret=True)
+        merge_weight(kernel, w, 0, tile=MergeTile(block_n=24), interpret=True)
