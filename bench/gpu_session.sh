@@ -6,7 +6,10 @@
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison; each call
 #                                                          adds the workloads bench/results/e2e.json lacks)
-#   bash bench/gpu_session.sh train   (carry .whl; resumable: unpack $OUT/checkpoints.tar.* here, carry checkpoints/.work)
+#   bash bench/gpu_session.sh train   (resumable: unpack $OUT/checkpoints.tar.* here, carry checkpoints/.work)
+# Packages the GPU machine lacks come as wheels in the git-ignored .whl/ (carry it): grain and its
+# needs in .whl/ (installed into /tmp/site first), tokamax and its needs in .whl/tokamax/ (installed
+# into /tmp/site-tokamax for the kernels stage alone); `bash bench/fetch_wheels.sh` fills it.
 # Each stage's log goes to $OUT/<stage>.log; results land in bench/results/ and the tile table
 # in pallas_kernels/configs/, and both are packed into $OUT/results.tgz (after each stage) to bring back.
 set -uo pipefail
@@ -18,6 +21,10 @@ export JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache VALORA_XLA_CACHE=$PWD/.jax_cach
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
 OUT=${OUT:-/tmp/valora-gpu}
 mkdir -p "$OUT" bench/results
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit
+fi
 python3 -c 'import jax; print(jax.__version__, jax.devices())'
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
@@ -27,9 +34,13 @@ for stage in "$@"; do
         switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         tune-merge) python3 -m pallas_kernels.tune --merge ;;
-        kernels) python3 -m bench.kernels --out-dir bench/results --budget-s "${KERNELS_BUDGET_S:-480}" ;;
-        train)   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
-                 PYTHONPATH=/tmp/site:$PWD python3 -m train.run_default --digits .whl/digits.npz \
+        kernels) if ls .whl/tokamax/*.whl >/dev/null 2>&1; then
+                     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-tokamax \
+                         .whl/tokamax/*.whl
+                 fi
+                 PYTHONPATH=/tmp/site-tokamax:${PYTHONPATH:-} python3 -m bench.kernels --out-dir bench/results \
+                     --budget-s "${KERNELS_BUDGET_S:-480}" ;;
+        train)   python3 -m train.run_default --digits .whl/digits.npz \
                      --deadline-s "${TRAIN_DEADLINE_S:-540}"
                  skip=$([ -e checkpoints/.work/pretrain_done.json ] && echo checkpoints/.work/pretrain)  # done: not needed to resume
                  tar cf - ${skip:+--exclude=$skip} checkpoints bench/results/adapter_generation.* 2>/dev/null |

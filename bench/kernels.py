@@ -1,6 +1,7 @@
 """Side-by-side GPU benchmark of the LoRA delta: ATMM (tuned table) against a static tile,
-jax.lax.ragged_dot, a gather-einsum, a per-adapter dense loop, and the bandwidth floor; then a
-whole LLaVA-1.5-7B decoder layer with and without LoRA.
+jax.lax.ragged_dot, tokamax.ragged_dot (its Mosaic GPU and Triton kernels, when tokamax is
+installed), a gather-einsum, a per-adapter dense loop, and the bandwidth floor; then a whole
+LLaVA-1.5-7B decoder layer with and without LoRA.
 
     python3 -m bench.kernels [--quick] [--out-dir bench/results] [--budget-s 400]
 
@@ -29,12 +30,22 @@ from pallas_kernels.problems import Shape, flops, floor_bytes, make_inputs
 from pallas_kernels.tiling import STATIC_TILE
 from pallas_kernels.timing import BulkTimer, compile_all, copy_bandwidth, harness_overhead, time_op
 
+try:
+    import tokamax
+    TOKAMAX = f"tokamax {tokamax.__version__}" if hasattr(tokamax, "__version__") else "tokamax"
+except ImportError as e:              # said in the report, not silently skipped
+    tokamax, TOKAMAX = None, f"not installed ({e})"
+
 L2_BYTES = 50 << 20
 UNROLL = 8              # chained calls per timing-loop iteration
+TOKAMAX_IMPLEMENTATIONS = ("mosaic", "triton")
+VARIANTS = ["atmm", "atmm_static", "ragged_dot", *(f"tokamax_{i}" for i in TOKAMAX_IMPLEMENTATIONS),
+            "gather_einsum", "dense_loop"]
+"""Every variant a run may time, in report order (a column shows '–' where a shape lacks one)."""
 PROJ = ((4096, 4096), (4096, 11008), (5120, 13824))
 
 
-def ragged_dot_delta(x, weights, slot):
+def ragged_dot_delta(x, weights, slot, ragged_dot=jax.lax.ragged_dot):
     """Sort tokens by slot, ragged_dot shrink and expand at the padded rank, unsort."""
     s = weights[0].a.shape[0]
     order = jnp.argsort(jnp.where(slot < 0, s, slot))                   # [T]; slot -1 last
@@ -42,10 +53,17 @@ def ragged_dot_delta(x, weights, slot):
     sorted_slot, xs, inverse = slot[order], x[order], jnp.argsort(order)
     out = []
     for w in weights:
-        h = jax.lax.ragged_dot(xs, w.a, sizes, preferred_element_type=jnp.float32)   # [T, R]
+        h = ragged_dot(xs, w.a, sizes, preferred_element_type=jnp.float32)          # [T, R]
         h = h * jnp.where(sorted_slot >= 0, w.scale[jnp.clip(sorted_slot, 0)], 0.0)[:, None]
-        out.append(jax.lax.ragged_dot(h.astype(x.dtype), w.b, sizes)[inverse])     # [T, D_out]
+        out.append(ragged_dot(h.astype(x.dtype), w.b, sizes, preferred_element_type=x.dtype)[inverse])  # [T, D_out]
     return tuple(out)
+
+
+def tokamax_delta(implementation: str):
+    """ragged_dot_delta on tokamax.ragged_dot with one named implementation (never its automatic
+    choice, which may fall back to XLA)."""
+    dot = functools.partial(tokamax.ragged_dot, implementation=implementation)
+    return lambda x, weights, slot: ragged_dot_delta(x, weights, slot, dot)
 
 
 def gather_delta(x, weights, slot):
@@ -94,6 +112,8 @@ def _variants(shape: Shape, static) -> dict:
     out = {"atmm": lambda x, w, s: lora_delta(x, w, s),
            "atmm_static": lambda x, w, s: lora_delta(x, w, s, tile=static),
            "ragged_dot": ragged_dot_delta, "gather_einsum": gather_delta, "dense_loop": dense_loop_delta}
+    if tokamax is not None:
+        out.update({f"tokamax_{impl}": tokamax_delta(impl) for impl in TOKAMAX_IMPLEMENTATIONS})
     if _gather_bytes(shape) > (2 << 30):
         del out["gather_einsum"]                   # the gathered adapters alone exceed 2 GB
     if shape.adapters > 8 and shape.tokens > 256:
@@ -230,6 +250,8 @@ def summarize(records: list[dict], layers: list[dict], harness_us: float) -> dic
     vs_static = [ratio(r, "atmm_static") for r in records]
     s = {
         "atmm_vs_ragged_dot_geomean": _geomean([ratio(r, "ragged_dot") for r in records]),
+        **{f"atmm_vs_tokamax_{i}_geomean": _geomean([ratio(r, f"tokamax_{i}") for r in records])
+           for i in TOKAMAX_IMPLEMENTATIONS},
         "atmm_vs_static_geomean": _geomean(vs_static),
         "atmm_vs_static_worst": min(vs_static),
         "atmm_vs_gather_einsum_geomean": _geomean([ratio(r, "gather_einsum") for r in records]),
@@ -251,10 +273,11 @@ TARGETS = [("atmm_vs_ragged_dot_geomean", ">=", 20.0), ("atmm_vs_static_geomean"
 
 def write_report(result: dict, out_dir: pathlib.Path, stem: str) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    names = ["atmm", "atmm_static", "ragged_dot", "gather_einsum", "dense_loop"]
+    names = [n for n in VARIANTS if any(n in r["us"] or n in r.get("errors", {}) for r in result["records"])]
     lines = [f"# ATMM kernel benchmark on {result['device']}", "",
              f"`{result['command']}` · jax {result['jax']} · {result['date']} · copy bandwidth "
-             f"{result['copy_bandwidth_TBps']:.2f} TB/s · static tile `{result['static_tile']}`", "",
+             f"{result['copy_bandwidth_TBps']:.2f} TB/s · static tile `{result['static_tile']}` · "
+             f"tokamax: {result.get('tokamax', 'not part of this run')}", "",
              *([f"Report rewritten from the measured records by `{result['report_command']}`.", ""]
                if "report_command" in result else []),
              "Times in us per call (median, bulk-timed; each includes the harness's "
@@ -271,6 +294,13 @@ def write_report(result: dict, out_dir: pathlib.Path, stem: str) -> None:
         lines.append(f"| {r['shape']} | {r['floor_us']:.1f} | " + " | ".join(cells) +
                      f" | {r['floor_us'] / a:.2f} | {_tflops(r, a)} | {over('ragged_dot', 1)} | "
                      f"{over('atmm_static', 2)} |")
+    failed = {}
+    for r in result["records"]:
+        for name, error in r.get("errors", {}).items():
+            failed.setdefault(name, []).append((r["shape"], error))
+    if failed:
+        lines += ["", "Variants that did not run on some shapes ('–' above):", ""]
+        lines += [f"- {name} on {len(errs)} shapes, e.g. {errs[0][0]}: {errs[0][1][:200]}" for name, errs in failed.items()]
     lines += ["", "## Decoder layer (LLaVA-1.5-7B, LoRA rank 16 on all 7 projections, 8 adapters)", "",
               "| tokens | KV context | base us | with LoRA us | ratio |", "|---|---|---|---|---|"]
     for lay in result["layers"]:
@@ -304,9 +334,10 @@ def _plot(result: dict, path: pathlib.Path) -> None:
     recs = result["records"]
     fig, ax = plt.subplots(figsize=(max(10, 0.42 * len(recs)), 6))
     xs = np.arange(len(recs))
-    for k, name in enumerate(["atmm", "atmm_static", "ragged_dot", "gather_einsum", "dense_loop"]):
+    for k, name in enumerate(VARIANTS):
         ys = [r["us"].get(name, np.nan) for r in recs]
-        ax.scatter(xs, ys, label=name, marker="o^sDv"[k], s=28)
+        if not np.isnan(ys).all():
+            ax.scatter(xs, ys, label=name, marker="o^sDvPX"[k], s=28)
     ax.plot(xs, [r["floor_us"] for r in recs], "k_", markersize=14, label="bandwidth floor")
     ax.set_yscale("log")
     ax.set_ylabel("us per call")
@@ -350,7 +381,7 @@ def main(argv=None) -> None:
     result = {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": "python3 -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
               "copy_bandwidth_TBps": bandwidth / 1e12, "harness_overhead_us": overhead * 1e6,
-              "static_tile": static.to_dict(),
+              "static_tile": static.to_dict(), "tokamax": TOKAMAX,
               "records": [], "layers": []}
     print(f"{device}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s, harness "
           f"{overhead * 1e6:.2f} us/call, static {static}", flush=True)

@@ -83,19 +83,26 @@ class BulkTimer:
 
 
 def compile_all(jobs, threads: int = 16):
-    """Yield (key, compiled BulkTimer, or the exception compiling it raised) for (key, make_timer)
-    jobs in order, compiled in batches.
+    """Yield (key, compiled BulkTimer, or the exception making or compiling it raised) for
+    (key, make_timer) jobs in order, compiled in batches.
 
     jobs is consumed lazily, `threads` at a time: make_timer() (tracing and lowering) runs on
     the caller's thread, then the batch compiles on `threads` workers (XLA/Triton compilation
     is the slow part), then its timers are yielded. Nothing compiles while the caller times
     (host contention would slow the timing loop's per-iteration launches).
     """
+    def make_or_error(make):
+        try:
+            return make()
+        except Exception as e:                    # e.g. an op refusing the shape while tracing
+            return e
+
     jobs = iter(jobs)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        while batch := [(key, make()) for key, make in itertools.islice(jobs, threads)]:
-            futures = [(key, pool.submit(timer.compile)) for key, timer in batch]
-            done = [(key, f.exception() or f.result()) for key, f in futures]
+        while batch := [(key, make_or_error(make)) for key, make in itertools.islice(jobs, threads)]:
+            futures = [(key, timer if isinstance(timer, Exception) else pool.submit(timer.compile))
+                       for key, timer in batch]
+            done = [(key, f if isinstance(f, Exception) else f.exception() or f.result()) for key, f in futures]
             del batch, futures                    # each timer (and its inputs) lives until yielded
             while done:
                 yield done.pop(0)

@@ -181,6 +181,19 @@ def test_compile_all_yields_in_order_and_lazily():
     assert [k for k, _ in timers] == [1, 2, 3, 4]
 
 
+def test_compile_all_reports_a_job_that_fails_to_trace_and_goes_on():
+    from pallas_kernels.timing import BulkTimer, compile_all
+
+    def make(n):
+        if n == 1:
+            raise NotImplementedError("shape not supported")
+        return BulkTimer(lambda x, s: (x * n + s[0],), [(jnp.ones((8, 8)), jnp.zeros((1,)))], unroll=2)
+
+    out = dict(compile_all(((n, lambda n=n: make(n)) for n in range(3)), threads=2))
+    assert isinstance(out[1], NotImplementedError) and "not supported" in str(out[1])
+    assert out[0].seconds(target_s=1e-4, repeats=1) > 0 and out[2].seconds(target_s=1e-4, repeats=1) > 0
+
+
 def test_tuner_candidates_are_valid_tiles():
     from pallas_kernels import tune
     for bt, bk, split, warps in tune.SHRINK:

@@ -15,7 +15,7 @@ Work files (training checkpoints) go to OUT/.work, which ignores itself in git; 
 same command again resumes where a crashed run stopped.
 
 On the GPU machine (no scikit-learn, no grain), with the wheels of grain, array-record and
-portpicker and the digits (`train.tasks.export_digits`) in the git-ignored .whl/ (carried):
+portpicker and the digits in the git-ignored .whl/ (`bash bench/fetch_wheels.sh`; carried):
 
     TRAIN_DEADLINE_S=480 bash bench/gpu_session.sh train     # installs them, runs this, packs the outputs
 
