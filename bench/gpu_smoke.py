@@ -38,7 +38,8 @@ TILES = [
 
 
 MERGES = MERGE_CASES + [MergeCase(4096, 11008, 64, 2, dtype="bfloat16"), MergeCase(5120, 13824, 128, 2, dtype="bfloat16"),
-                        MergeCase(4096, 4096, 16, 2, dtype="bfloat16", tile=MergeTile(128, 128, 8))]
+                        MergeCase(4096, 4096, 16, 2, dtype="bfloat16", tile=MergeTile(128, 128, 8)),
+                        MergeCase(4096, 11008, 64, 2, dtype="bfloat16", tile=MergeTile(64, 256, 8, row_tiles=4, stages=3))]
 
 
 def _run(label: str, fn) -> bool:

@@ -2,12 +2,14 @@
 
     merge_weight(kernel, w, slot) = kernel + scale[s] * A[s][:, :rank[s]] @ B[s][:rank[s], :]
 
-One program per [BM, BN] tile of the weight reads that tile of W, the adapter's [BM, RB] rows
-of A and [RB, BN] columns of B (RB = the slots' rank padded to a power of two >= 16; columns
-beyond rank[s] masked to zero), makes one dot with float32 accumulation and writes the tile of
-W_m rounded once: W is read once and W_m written once, the bytes a merge has to move, where
-XLA's `W + A @ B` may write and re-read the product. The slot is read on the device, so one
-compiled merge serves every slot.
+A program takes `row_tiles` [BM, BN] tiles of the weight down one column block: it loads the
+adapter's [RB, BN] columns of B once (RB = the slots' rank padded to a power of two >= 16;
+rows beyond rank[s] masked to zero), then per tile reads that tile of W and the [BM, RB] rows
+of A, makes one dot with float32 accumulation and writes the tile of W_m rounded once: W is
+read once and W_m written once, the bytes a merge has to move, where XLA's `W + A @ B` may
+write and re-read the product. The tile shape comes from the device's tuned table
+(`MergeTile`, `pick_merge_tile`). The slot is read on the device, so one compiled merge serves
+every slot.
 """
 
 import functools
@@ -23,30 +25,43 @@ from pallas_kernels.lora_reference import LoraWeight
 from pallas_kernels.tiling import MergeTile, pick_merge_tile
 
 
-def _merge_kernel(slot_ref, kernel_ref, a_ref, b_ref, scale_ref, rank_ref, out_ref, *, bm: int, bn: int):
-    """One [BM, BN] tile: out = kernel + scale[s] * A[s][rows, :rank] @ B[s][:rank, cols]."""
+def _merge_kernel(slot_ref, kernel_ref, a_ref, b_ref, scale_ref, rank_ref, out_ref, *, bm: int, bn: int,
+                  row_tiles: int):
+    """Row tiles i = program_id(0) * row_tiles + k, k < row_tiles, of column block j:
+    out[rows_i, cols_j] = kernel + scale[s] * A[s][rows_i, :rank] @ B[s][:rank, cols_j]."""
     d_in, d_out = kernel_ref.shape
     rb = a_ref.shape[-1]
-    i, j = pl.program_id(0), pl.program_id(1)
+    first, j = pl.program_id(0) * row_tiles, pl.program_id(1)
     s = slot_ref[0]
-    rows, cols = i * bm + jnp.arange(bm), j * bn + jnp.arange(bn)
+    cols = j * bn + jnp.arange(bn)
     inner = jnp.arange(rb) < jnp.minimum(rank_ref[s], rb)                      # [RB]
-    tile_ok = (rows < d_in)[:, None] & (cols < d_out)[None, :]                 # [BM, BN]
-    a = plt.load(a_ref.at[s, pl.ds(i * bm, bm), :], mask=(rows < d_in)[:, None] & inner[None, :],
-                 other=0)                                                      # [BM, RB]
     b = plt.load(b_ref.at[s, :, pl.ds(j * bn, bn)], mask=inner[:, None] & (cols < d_out)[None, :],
-                 other=0)                                                      # [RB, BN]
-    delta = jnp.dot(a, b, preferred_element_type=jnp.float32)                 # [BM, BN]
-    w = plt.load(kernel_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], mask=tile_ok, other=0)
-    out = w.astype(jnp.float32) + scale_ref[s] * delta
-    plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out.astype(out_ref.dtype), mask=tile_ok)
+                 other=0)                                                      # [RB, BN], once
+    scale = scale_ref[s]
+
+    def tile(k, carry):
+        i = first + k
+        rows = i * bm + jnp.arange(bm)
+        tile_ok = (rows < d_in)[:, None] & (cols < d_out)[None, :]             # [BM, BN]
+        a = plt.load(a_ref.at[s, pl.ds(i * bm, bm), :], mask=(rows < d_in)[:, None] & inner[None, :],
+                     other=0)                                                  # [BM, RB]
+        delta = jnp.dot(a, b, preferred_element_type=jnp.float32)             # [BM, BN]
+        w = plt.load(kernel_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], mask=tile_ok, other=0)
+        out = w.astype(jnp.float32) + scale * delta
+        plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out.astype(out_ref.dtype), mask=tile_ok)
+        return carry
+
+    if row_tiles == 1:
+        tile(0, 0)
+    else:
+        jax.lax.fori_loop(0, row_tiles, tile, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "interpret", "poison"))
 def _merge(kernel, w, slot, *, tile: MergeTile, interpret: bool, poison: bool = False):
     w = _pad_rank(w._replace(scale=w.scale.astype(jnp.float32), rank=w.rank.astype(jnp.int32)))
     args = [jnp.asarray(slot, jnp.int32).reshape(1), kernel, w.a, w.b, w.scale, w.rank]
-    body = functools.partial(_merge_kernel, bm=tile.block_m, bn=tile.block_n)
+    body = functools.partial(_merge_kernel, bm=tile.block_m, bn=tile.block_n, row_tiles=tile.row_tiles)
     aliases = {}
     if poison:                                  # tests: unwritten outputs stay NaN
         aliases = {len(args): 0}
@@ -56,9 +71,9 @@ def _merge(kernel, w, slot, *, tile: MergeTile, interpret: bool, poison: bool = 
     return pl.pallas_call(
         body,
         out_shape=jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
-        grid=(_cdiv(d_in, tile.block_m), _cdiv(d_out, tile.block_n)),
+        grid=(_cdiv(d_in, tile.block_m * tile.row_tiles), _cdiv(d_out, tile.block_n)),
         input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=tile.warps, num_stages=1),
+        compiler_params=plt.CompilerParams(num_warps=tile.warps, num_stages=tile.stages),
         interpret=interpret,
         name="lora_merge",
     )(*args)

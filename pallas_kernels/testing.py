@@ -193,4 +193,5 @@ MERGE_CASES = [
     MergeCase(48, 80, 8, 2, dtype="bfloat16", tile=MergeTile(16, 32, 4)),      # R < 16
     MergeCase(128, 128, 128, 5, dtype="bfloat16"),
     MergeCase(96, 64, 24, 3, dtype="float16", tile=MergeTile(32, 32, 2)),      # R not a power of 2
+    MergeCase(100, 80, 16, 2, tile=MergeTile(16, 32, 4, row_tiles=3, stages=2)),  # loop over rows, ragged tail
 ]

@@ -91,6 +91,11 @@ class MergeTile:
     """Weight columns (D_out) per program: a power of 2 >= 16."""
     warps: int = 8
     """Warps per program (power of 2)."""
+    row_tiles: int = 1
+    """[BM, BN] tiles per program, down the rows: the B tile is loaded once for all of them, and
+    with stages > 1 the next tile's loads overlap the current one's dot and store."""
+    stages: int = 1
+    """Software-pipelining depth of the loop over row tiles."""
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -99,6 +104,9 @@ class MergeTile:
                 raise ValueError(f"MergeTile.{name}={v} must be a power of 2 >= 16")
         if not _is_pow2(self.warps):
             raise ValueError(f"MergeTile.warps={self.warps} must be a power of 2")
+        for name in ("row_tiles", "stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MergeTile.{name}={getattr(self, name)} must be >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -51,10 +51,12 @@ EXPAND = [(1, n, 4) for n in (32, 64, 128, 256, 512)] + [(1, 128, 2), (1, 256, 8
          [(64, 64, 4), (64, 128, 4), (64, 256, 8), (64, 512, 8), (128, 64, 4), (128, 128, 8), (128, 256, 8)]
 
 MERGE_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120))
-MERGE_RANKS = (16, 64)
-# (block_m, block_n, warps): 2K-32K elements per program, at most 128 float32 accumulators per thread
-MERGE = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (64, 128, 256, 512, 1024) for w in (4, 8)
-         if 2048 <= bm * bn <= 4096 * w]
+MERGE_RANKS = (64,)       # the rank barely matters to a pass that streams W; lookups take the nearest
+# (block_m, block_n, warps, row_tiles, stages): 2K-32K elements per tile, at most 128 float32
+# accumulators per thread; one tile per program, or 4 down the rows with the loop pipelined
+_MERGE_TILES = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (64, 128, 256, 512, 1024) for w in (4, 8)
+                if 2048 <= bm * bn <= 4096 * w]
+MERGE = [(*t, 1, 1) for t in _MERGE_TILES] + [(*t, 4, 3) for t in _MERGE_TILES if t[0] <= 64]
 
 
 def _fits(block_t: int, tokens: int) -> bool:
@@ -215,7 +217,7 @@ def merge_bytes(d_in: int, d_out: int, rank: int) -> int:
 
 
 def sweep_merge() -> dict:
-    """{(D_in, D_out, R): {(block_m, block_n, warps): seconds}} for every MERGE candidate."""
+    """{(D_in, D_out, R): {(block_m, block_n, warps, row_tiles, stages): seconds}} for every MERGE candidate."""
     shapes = [(d_in, d_out, r) for d_in, d_out in MERGE_SHAPES for r in MERGE_RANKS]
     bar = _progress(len(shapes) * len(MERGE))
     out = {}

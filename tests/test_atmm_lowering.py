@@ -43,12 +43,14 @@ def test_kernels_lower_to_triton(case, tile, with_base):
 
 
 @pytest.mark.parametrize("dtype, d_in, d_out, r", [("bfloat16", 4096, 11008, 64), ("float32", 100, 300, 24)])
-def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r):
+@pytest.mark.parametrize("row_tiles, stages", [(1, 1), (4, 3)])
+def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r, row_tiles, stages):
     from pallas_kernels.lora_reference import LoraWeight
     from pallas_kernels.merge import _merge
     from pallas_kernels.tiling import MergeTile
     kernel = jnp.zeros((d_in, d_out), dtype)
     w = LoraWeight(jnp.zeros((4, d_in, r), dtype), jnp.zeros((4, r, d_out), dtype), jnp.ones(4), jnp.full(4, r))
-    fn = jax.jit(functools.partial(_merge, tile=MergeTile(), interpret=False))
+    tile = MergeTile(row_tiles=row_tiles, stages=stages)
+    fn = jax.jit(functools.partial(_merge, tile=tile, interpret=False))
     text = fn.trace(kernel, w, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
