@@ -234,14 +234,20 @@ def _report(results, commands, args) -> dict:
     for base, v in ratios.items():
         if isinstance(v, dict) and v["geomean_ours_over_base"] is not None:
             lines.append(f"| {base} | {v['geomean_ours_over_base']:.3f} | {100 * v['reduction']:.1f}% | {v['worst']:.3f} |")
+    compiled = [r for r in results if r["compile_steps"]]
     lines += ["", "cold-adapter p99 latency, ours / always-unmerged, worst workload: "
               f"{ratios['cold_p99_ours_over_unmerged_max']}", "",
-              "| kind | arrival | popularity | rate | policy | token latency ms | avg latency s | p99 s | TTFT s | req/s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              f"runs that compiled a step in each of their attempts (their latencies include the compilation): "
+              f"{len(compiled)} of {len(results)}", "",
+              "| kind | arrival | popularity | rate | policy | token latency ms | avg latency s | p99 s | TTFT s | req/s "
+              "| steps merged/mixture/unmerged | switches | compiling steps |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
+        m = r["mode_steps"]
         lines.append(f"| {r['kind']} | {r['arrival']} | {r['popularity']} | {r['rate']} | {r['policy']} | "
                      f"{1e3 * r['token_latency']['mean']:.2f} | {r['latency']['mean']:.3f} | {r['latency']['p99']:.3f} | "
-                     f"{r['ttft']['mean']:.3f} | {r['throughput_rps'] or 0:.2f} |")
+                     f"{r['ttft']['mean']:.3f} | {r['throughput_rps'] or 0:.2f} | "
+                     f"{m['merged']}/{m['mixture']}/{m['unmerged']} | {r['switches']} | {r['compile_steps']} |")
     return {"meta": meta, "ratios": ratios, "table": "\n".join(lines) + "\n"}
 
 
