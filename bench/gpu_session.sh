@@ -29,7 +29,7 @@ python3 -c 'import jax; print(jax.__version__, jax.devices())'
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
     case $stage in
-        smoke)   python3 -m bench.gpu_smoke ;;
+        smoke)   python3 -m bench.gpu_smoke ${SMOKE_KERNELS:+--kernels $SMOKE_KERNELS} ;;
         model)   python3 bench/model_smoke.py --out bench/results/model_smoke ;;
         switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;

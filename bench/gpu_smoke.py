@@ -3,9 +3,11 @@ tests/test_merge.py, compiled for real.
 
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
-several tiles on the device. Usage: python3 -m bench.gpu_smoke  (exit status 1 on any failure)
+several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge]
+(exit status 1 on any failure)
 """
 
+import argparse
 import sys
 import time
 import traceback
@@ -54,11 +56,19 @@ def _run(label: str, fn) -> bool:
     return ok
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default="atmm,merge", help="which checks: atmm, merge or both")
+    kernels = set(p.parse_args(argv).kernels.split(","))
+    if not kernels <= {"atmm", "merge"}:
+        p.error(f"unknown kernels {sorted(kernels - {'atmm', 'merge'})}; choose from atmm, merge")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
-    results = [_run(f"{case}  tile={tile}", lambda case=case, tile=tile: check(
-        case, seed=case.tokens + 7, tile=tile, with_base=tile is None)) for case in CASES for tile in TILES]
-    results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
+    results = []
+    if "atmm" in kernels:
+        results += [_run(f"{case}  tile={tile}", lambda case=case, tile=tile: check(
+            case, seed=case.tokens + 7, tile=tile, with_base=tile is None)) for case in CASES for tile in TILES]
+    if "merge" in kernels:
+        results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
     failures = results.count(False)
     print(f"{failures} failures", flush=True)
     return 1 if failures else 0
