@@ -4,7 +4,8 @@ For each workload (kind, arrival process, rate, adapter popularity) and each pol
 Engine replays the same trace (bench/workloads.py: real-time steps, idle gaps skipped) and
 reports average token latency (latency / output tokens, V-LoRA's metric), average and p99
 request latency, TTFT, throughput, and p99 latency of requests to cold (non-hot) adapters.
-Ratios of ours to each baseline are computed per workload and as geometric means.
+Ratios of ours to each baseline are computed per workload and as geometric means. Ours keeps
+its step-time model from the warm-up (a server's calibration), copied afresh into each run.
 
   python bench/e2e.py --preset llava-1.5-7b --backend pallas --adapters 32 --out bench/results/e2e
 
@@ -13,6 +14,7 @@ runs only the missing workloads, so a grid can be measured over several calls (`
 """
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
-from serve.policies import POLICIES  # noqa: E402
+from serve.policies import POLICIES, CostModel, VLoRAPolicy  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, bucket, init_model, init_pages, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
 from valora_jax.runtime import compile_lowered, compile_seconds  # noqa: E402
@@ -79,9 +81,13 @@ def _p99(values):
     return float(np.percentile(values, 99)) if len(values) else None
 
 
-def run_one(runner, pool, policy: str, trace, engine_config: EngineConfig, hot: str) -> dict:
+def run_one(runner, pool, policy: str, trace, engine_config: EngineConfig, hot: str,
+            cost: CostModel | None = None) -> dict:
+    """Replay `trace` on a fresh engine under `policy`; ours uses `cost` as its step-time model
+    (a server's calibration, kept across requests) when given."""
     clock = SkippingClock()
-    engine = Engine(runner, pool, config=engine_config, policy=policy, clock=clock)
+    chosen = VLoRAPolicy(cost=cost) if policy == "ours" and cost is not None else policy
+    engine = Engine(runner, pool, config=engine_config, policy=chosen, clock=clock)
     start = time.perf_counter()
     ids = replay(engine, trace, clock)
     summary = engine.summary()
@@ -159,12 +165,15 @@ def main(argv=None):
     n = compile_lowered(lowered, threads=args.compile_threads)
     print(f"{n} step variants of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
           f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)
+    # ours' step-time model is fitted through its warm-up runs, as a long-running server's would be, and
+    # every measured run of ours starts from a copy of it
+    calibration = CostModel()
     for policy in args.policies.split(","):
         for kind in args.kinds.split(","):
             warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", 2 * args.max_rows, seed=99), names, size,
                               headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
-            run_one(*serving[backends[policy]], policy, warm, engine_config, names[0])
+            run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], calibration)
     print(f"warm after {time.perf_counter() - start:.0f} s", flush=True)
 
     out = Path(args.out).with_suffix(".json")
@@ -185,7 +194,8 @@ def main(argv=None):
         trace = make_trace(w, names, size, headed)
         for policy in args.policies.split(","):
             for attempt in range(1, 4):      # a shape the warm-up missed compiled: measure again
-                r = run_one(*serving[backends[policy]], policy, trace, engine_config, names[0])
+                r = run_one(*serving[backends[policy]], policy, trace, engine_config, names[0],
+                            copy.deepcopy(calibration))
                 r["attempts"] = attempt
                 if not r["compile_steps"]:
                     break
