@@ -112,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--popularity", default=",".join(POPULARITY))
     ap.add_argument("--arrivals", default=",".join(ARRIVALS))
     ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--warmup-requests", type=int, default=0,
+                    help="requests of each policy's and kind's warm-up trace (default: 2 x --max-rows)")
     ap.add_argument("--max-rows", type=int, default=32)
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
@@ -170,8 +172,8 @@ def main(argv=None):
     calibration = CostModel()
     for policy in args.policies.split(","):
         for kind in args.kinds.split(","):
-            warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", 2 * args.max_rows, seed=99), names, size,
-                              headed)
+            warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", args.warmup_requests or 2 * args.max_rows,
+                                       seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
             run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], calibration)
     print(f"warm after {time.perf_counter() - start:.0f} s", flush=True)
