@@ -338,9 +338,11 @@ def test_crashed_fusion_resumes_without_losing_finished_adapters(tmp_path):
     with pytest.raises(_Crash):
         generate_adapters(parse_spec(SPEC), tmp_path, crashing, log=lambda *_: None)
     assert (tmp_path / "adapters" / "adapter0").exists()
+    crashed_after = json.loads((tmp_path / "state.json").read_text())["seconds"]
     fresh = StubTrainer(alone, _union)
     report = generate_adapters(parse_spec(SPEC), tmp_path, fresh, log=lambda *_: None)
     assert fresh.calls == [(("color", "video"), True)]        # nothing finished is trained again
+    assert report["seconds"] > crashed_after > 0                # time summed over both runs
     assert [a["tasks"] for a in report["adapters"]] == [["digits", "counting"], ["color", "video"]]
     with pytest.raises(ValueError, match="another spec"):
         generate_adapters(parse_spec({**SPEC, "order": "grouped"}), tmp_path, fresh, log=lambda *_: None)
