@@ -115,7 +115,7 @@ def main(argv=None):
               "fused == per-layer bit for bit: " + ", ".join(f"{b} {r['fused_equals_per_layer']}" for b, r in rows.items())
               + f"; merged weights, max |difference| vs {backends[0]}: {agree}; base bit-identical after all "
               f"switches: {base_exact}", "",
-              "swift-merge tiles (block_m, block_n, warps) by weight shape: "
+              "swift-merge tiles (block_m, block_n, warps, row_tiles, stages) by weight shape: "
               + ", ".join(f"{k} {tuple(t.values())}" for k, t in tiles.items())]
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
