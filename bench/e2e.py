@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.policies import POLICIES, CostModel, VLoRAPolicy  # noqa: E402
-from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, bucket, init_model, init_pages, make_adapter  # noqa: E402
+from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, init_pages, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
 from valora_jax.runtime import compile_lowered, compile_seconds  # noqa: E402
 
@@ -62,19 +62,6 @@ def _with_adapters(runner: ModelRunner, adapters) -> tuple[ModelRunner, AdapterP
     for a in adapters:
         pool.register(a)
     return runner, pool
-
-
-def step_shapes(cfg: EngineConfig, modes, max_prefill_rows: int = 4):
-    """The step variants an engine with config `cfg` meets when its minimums cover every row
-    (decode rows, prefill tokens, pages, image features): (blocks, n_features, mode) tuples with
-    blocks = (decode,), (prefill,) or (decode, prefill), each (rows, tokens, pages)."""
-    pages = bucket(cfg.min_pages)
-    decode = (bucket(cfg.max_rows, cfg.min_rows), 1, pages)
-    prefills = [(rows, tokens, pages)
-                for rows in sorted({bucket(r) for r in range(1, min(cfg.max_rows, max_prefill_rows) + 1)})
-                for tokens in sorted({bucket(t, cfg.min_prefill_tokens) for t in range(1, cfg.prefill_chunk + 1)})]
-    blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
-    return [(b, bucket(0, cfg.min_features) if cfg.min_features else 0, mode) for b in blocks for mode in modes]
 
 
 def _p99(values):
@@ -163,7 +150,7 @@ def main(argv=None):
     tic, lowered = time.perf_counter(), []
     for backend, (runner_b, _) in serving.items():
         modes = ("unmerged",) if backend == "pallas-static" else MODES
-        lowered += runner_b.lower_steps(cache, step_shapes(engine_config, modes))
+        lowered += runner_b.lower_steps(cache, engine_config.step_shapes(modes))
     n = compile_lowered(lowered, threads=args.compile_threads)
     print(f"{n} step variants of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
           f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)

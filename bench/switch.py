@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pallas_kernels.merge import merge_bytes  # noqa: E402
 from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth  # noqa: E402
 from valora_jax import PRESETS, ModelRunner, init_model, random_adapter  # noqa: E402
@@ -79,8 +80,7 @@ def main(argv=None):
     itemsize = np.dtype(cfg.dtype).itemsize
     moved, tiles = 0, {}
     for _, lin in targeted_linears(first.model()):
-        moved += 2 * lin.d_in * lin.d_out * itemsize                 # read W, write W_m
-        moved += args.rank * (lin.d_in + lin.d_out) * itemsize       # read A, B of the slot
+        moved += merge_bytes(lin.d_in, lin.d_out, args.rank, itemsize)
         tiles[f"{lin.d_in}x{lin.d_out}"] = pick_merge_tile(lin.d_in, lin.d_out, args.rank).to_dict()
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * moved / bandwidth

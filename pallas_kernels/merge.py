@@ -25,6 +25,12 @@ from pallas_kernels.lora_reference import LoraWeight
 from pallas_kernels.tiling import MergeTile, pick_merge_tile
 
 
+def merge_bytes(d_in: int, d_out: int, rank: int, itemsize: int = 2) -> int:
+    """Bytes a merge must move: read W [D_in, D_out] and the slot's A [D_in, R], B [R, D_out];
+    write W_m."""
+    return itemsize * (2 * d_in * d_out + rank * (d_in + d_out))
+
+
 def _merge_kernel(slot_ref, kernel_ref, a_ref, b_ref, scale_ref, rank_ref, out_ref, *, bm: int, bn: int,
                   row_tiles: int):
     """Row tiles i = program_id(0) * row_tiles + k, k < row_tiles, of column block j:

@@ -211,11 +211,6 @@ def _merge_sets(d_in: int, d_out: int, rank: int) -> list:
     return [one(i) for i in range(_rotations(2 * d_in * d_out))]
 
 
-def merge_bytes(d_in: int, d_out: int, rank: int) -> int:
-    """Bytes a bfloat16 merge must move: read W and the slot's A and B, write W_m."""
-    return 2 * (2 * d_in * d_out + rank * (d_in + d_out))
-
-
 def sweep_merge() -> dict:
     """{(D_in, D_out, R): {(block_m, block_n, warps, row_tiles, stages): seconds}} for every MERGE candidate."""
     shapes = [(d_in, d_out, r) for d_in, d_out in MERGE_SHAPES for r in MERGE_RANKS]
@@ -240,7 +235,7 @@ def merge_entries(result: dict, command: str) -> list[dict]:
         best = min(times, key=times.get)
         entries.append({"key": {"d_in": d_in, "d_out": d_out, "rank": rank}, "tile": MergeTile(*best).to_dict(),
                         "us": round(times[best] * 1e6, 2),
-                        "tb_per_s": round(merge_bytes(d_in, d_out, rank) / times[best] / 1e12, 3),
+                        "tb_per_s": round(merge.merge_bytes(d_in, d_out, rank) / times[best] / 1e12, 3),
                         "command": command, "date": date})
     return entries
 

@@ -192,6 +192,7 @@ def cmd_import_peft(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from serve.policies import POLICIES
     from valora_jax.lora import BACKENDS
 
     parser = argparse.ArgumentParser(prog="valora", description=__doc__.splitlines()[0])
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (or $VALORA_API_KEY)")
-    srv.add_argument("--policy", default="ours", choices=("ours", "unmerged", "slora", "punica", "dlora", "merged"),
+    srv.add_argument("--policy", default="ours", choices=tuple(POLICIES),
                      help="orchestration policy")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
     srv.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",

@@ -64,6 +64,20 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def step_shapes(self, modes, max_prefill_rows: int = 4) -> list:
+        """The step variants (ModelRunner.lower_steps' shapes) an engine of this config meets
+        when its minimums cover every row (decode rows, prefill tokens, pages, image features):
+        (blocks, n_features, mode) with blocks = (decode,), (prefill,) or (decode, prefill), each
+        (rows, tokens, pages) padded as Engine packs them, prefill rows up to max_prefill_rows."""
+        pages = bucket(self.min_pages)
+        decode = (bucket(self.max_rows, self.min_rows), 1, pages)
+        prefills = [(rows, tokens, pages)
+                    for rows in sorted({bucket(r) for r in range(1, min(self.max_rows, max_prefill_rows) + 1)})
+                    for tokens in sorted({bucket(t, self.min_prefill_tokens) for t in range(1, self.prefill_chunk + 1)})]
+        blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
+        features = bucket(0, self.min_features) if self.min_features else 0
+        return [(b, features, mode) for b in blocks for mode in modes]
+
 
 class Overloaded(RuntimeError):
     """The queue is full; the request was not accepted (the server answers 429)."""

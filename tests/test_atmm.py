@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import TileConfig, lora_delta, lora_delta_reference, tiling
+from pallas_kernels.merge import merge_bytes
 from pallas_kernels.testing import CASES, Case, check, make_problem
 
 SMALL = TileConfig(shrink_block_t=16, block_k=32, split_k=2, expand_block_t=16, block_n=32)
@@ -264,7 +265,7 @@ def test_merge_sweep_writes_the_fastest_tile_and_keeps_the_atmm_entries(tmp_path
     assert tiling.MergeTile(**entry["tile"]) == tiling.MergeTile(*fastest) and entry["command"].endswith("--merge --out "
                                                                                                          + str(out))
     key = entry["key"]
-    assert entry["tb_per_s"] == round(tune.merge_bytes(key["d_in"], key["d_out"], key["rank"]) / (entry["us"] * 1e-6)
+    assert entry["tb_per_s"] == round(merge_bytes(key["d_in"], key["d_out"], key["rank"]) / (entry["us"] * 1e-6)
                                       / 1e12, 3)
     monkeypatch.setattr(tune, "_shrink_sets", lambda tokens, rank: None)
     monkeypatch.setattr(tune, "_expand_sets", lambda tokens, rank, d_out, split: None)

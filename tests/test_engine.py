@@ -10,6 +10,7 @@ from conftest import random_image
 from serve.engine import Engine, EngineConfig, Overloaded
 from serve.policies import POLICIES, Decision, Policy, pack
 from valora_jax import Request, TaskHead, random_adapter
+from valora_jax.lora import MODES
 
 SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, num_pages=64)
 ADAPTERS = [None, "task0", "task1", "task2"]
@@ -225,3 +226,19 @@ def test_compiling_steps_are_flagged_and_not_learnt_from(generator):
     assert compiled and len(compiled) < len(steps)
     assert sum(len(obs) for obs in engine.cost._obs.values()) == len(steps) - len(compiled)
     assert engine.summary()["compile_steps"] == len(compiled)
+
+
+def test_step_shapes_cover_every_step_the_engine_runs(generator, monkeypatch):
+    """EngineConfig.step_shapes mirrors how the engine pads blocks: with minimums that cover every
+    row, each step a run makes is one of them (so precompiling them leaves nothing to compile)."""
+    config = dataclasses.replace(SMALL, min_rows=4, min_prefill_tokens=32, min_pages=16, min_features=64)
+    shapes = set(config.step_shapes(MODES))
+    seen, step = [], generator.runner.step
+
+    def recording(cache, blocks, features, mode="unmerged"):
+        seen.append((tuple((*b.tokens.shape, b.page_table.shape[1]) for b in blocks), features.shape[0], mode))
+        return step(cache, blocks, features, mode)
+
+    monkeypatch.setattr(generator.runner, "step", recording)
+    _engine(generator, config=config).generate(_requests(10))
+    assert seen and set(seen) <= shapes, set(seen) - shapes

@@ -202,12 +202,12 @@ class ModelRunner:
         merged_slot = jnp.int32(self.merged_slot if mode != "unmerged" else -1)
         return self._step(*self._state_leaves(), cache, tuple(blocks), image_features, merged_slot, mode=mode)
 
-    def precompile(self, cache, shapes, feature_dim: int | None = None, threads: int = 8) -> int:
+    def precompile(self, cache, shapes, threads: int = 8) -> int:
         """Compile step variants ahead of their first use, several at a time: `compile_lowered`
         of `lower_steps`. Returns the number of variants compiled."""
-        return compile_lowered(self.lower_steps(cache, shapes, feature_dim), threads)
+        return compile_lowered(self.lower_steps(cache, shapes), threads)
 
-    def lower_steps(self, cache, shapes, feature_dim: int | None = None) -> list:
+    def lower_steps(self, cache, shapes) -> list:
         """The step variants `shapes`, traced and lowered (not compiled).
 
         shapes: (blocks, n_features, mode) per variant, blocks a tuple of (rows, tokens, pages) per
@@ -216,7 +216,7 @@ class ModelRunner:
         the jit's caches."""
         spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
         cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
-        d = feature_dim or self.config.text.hidden_size
+        d = self.config.text.hidden_size
         lowered = []
         for blocks, n_features, mode in shapes:
             blocks = tuple(Block(spec((b, q), jnp.int32), spec((b, q), jnp.int32), spec((b, q), jnp.bool_),
