@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
-        _run(args)
+        _run(args, ("python -m train.run_default " + " ".join(argv if argv is not None else sys.argv[1:])).strip())
     except _Deadline as e:
         print(f"stopped at the deadline after a checkpoint ({e}); run the same command again to continue")
         raise SystemExit(3)
@@ -84,7 +85,7 @@ def _deadline_callback(seconds: float, every: int):
     return check
 
 
-def _run(args) -> None:
+def _run(args, command: str) -> None:
     if args.digits:
         os.environ["VALORA_DIGITS"] = str(Path(args.digits).absolute())
 
@@ -99,7 +100,7 @@ def _run(args) -> None:
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     (work / ".gitignore").write_text("*\n")
-    timings = {"device": str(jax.devices()[0])}
+    timings = {}
     start = time.monotonic()
     deadline = lambda: args.deadline_s and max(1e-3, args.deadline_s - (time.monotonic() - start))
 
@@ -141,9 +142,10 @@ def _run(args) -> None:
 
     # 3. the report
     results.mkdir(parents=True, exist_ok=True)
-    command = "python -m train.run_default" + (" --quick" if args.quick else "")
     targets = _targets(report)
-    full = {**report, "command": command, "timings": timings, "pretrain": pretrain, "targets": targets,
+    device = jax.devices()[0].device_kind
+    full = {**report, "command": command, "device": device, "jax": jax.__version__, "timings": timings,
+            "pretrain": pretrain, "targets": targets,
             "base_model": {"name": model.config.name, "base_id": model.config.base_id,
                            "lora_targets": list(model.config.lora.targets)}}
     (results / "adapter_generation.json").write_text(json.dumps(full, indent=2))
@@ -153,7 +155,8 @@ def _run(args) -> None:
     md += (f"\nBase model pretrained for {pretrain['config']['steps']} steps "
            f"({pretrain['seconds']:.0f} s); val accuracy on the pretraining corpus: "
            + ", ".join(f"{k} {v:.3f}" for k, v in pretrain["val_accuracy"].items())
-           + f". Adapter generation took {timings['fusion_s']:.0f} s on {timings['device']}.\n\nCommand: `{command}`\n")
+           + f". Adapter generation took {timings['fusion_s']:.0f} s on {device}, jax {jax.__version__}.\n\n"
+           f"Command: `{command}`\n")
     (results / "adapter_generation.md").write_text(md)
     print(md)
 
