@@ -74,6 +74,7 @@ def run_one(runner, pool, policy: str, trace, engine_config: EngineConfig, hot: 
     (a server's calibration, kept across requests) when given."""
     clock = SkippingClock()
     chosen = VLoRAPolicy(cost=cost) if policy == "ours" and cost is not None else policy
+    pool.evict_all()                     # every run starts with no adapter on the device
     engine = Engine(runner, pool, config=engine_config, policy=chosen, clock=clock)
     start = time.perf_counter()
     ids = replay(engine, trace, clock)
@@ -163,12 +164,16 @@ def main(argv=None):
                                        seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
             run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], calibration)
-    print(f"warm after {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"warm after {time.perf_counter() - start:.0f} s; ours' step-time model: switch {calibration.switch * 1e3:.2f} ms, "
+          + ", ".join(f"{m} {np.round(c * 1e3, 4).tolist()} ms" for m, c in calibration.coef.items()), flush=True)
 
     out = Path(args.out).with_suffix(".json")
     previous = json.loads(out.read_text()) if args.append and out.exists() else {"meta": {}, "runs": []}
     results = previous["runs"]
     commands = previous["meta"].get("commands", []) + ["python " + " ".join(sys.argv)]
+    terms = ("fixed_s", "per_token_s", "per_lora_token_s", "per_adapter_s")
+    calibrations = previous["meta"].get("calibrations", []) + [   # ours' step-time model after this call's warm-up
+        {"switch_s": calibration.switch, **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]
     done = {_workload_key(r) for r in results}
     grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
                              [float(r) for r in args.rates.split(",")])
@@ -193,15 +198,16 @@ def main(argv=None):
             print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                   f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                   f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)", flush=True)
-        _write(out, results, commands, args)            # after every workload: a later one may be cut off
+        _write(out, results, commands, calibrations, args)            # after every workload: a later one may be cut off
 
 
 def _workload_key(run: dict) -> tuple:
     return tuple(run[k] for k in ("kind", "arrival", "popularity", "rate", "num_requests", "seed"))
 
 
-def _write(out: Path, results: list, commands: list, args) -> None:
+def _write(out: Path, results: list, commands: list, calibrations: list, args) -> None:
     report = _report(results, commands, args)
+    report["meta"]["calibrations"] = calibrations
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": report["meta"], "ratios": report["ratios"], "runs": results}, indent=2))
     out.with_suffix(".md").write_text(report["table"])

@@ -19,6 +19,7 @@ export PYTHONUNBUFFERED=1
 # that follows within its idle window skips recompiling the same steps
 export JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache VALORA_XLA_CACHE=$PWD/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}   # the GPU is ours alone
 OUT=${OUT:-/tmp/valora-gpu}
 mkdir -p "$OUT" bench/results
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -72,6 +72,16 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
 
 
+def _step_means(steps: list[StepMetrics]) -> dict | None:
+    """Mean duration (switch excluded), rows, tokens and adapters of some steps; None if none."""
+    if not steps:
+        return None
+    mean = lambda f: float(np.mean([f(s) for s in steps]))
+    return {"ms": 1e3 * mean(lambda s: s.duration - s.switch_time), "decode_rows": mean(lambda s: s.decode_rows),
+            "prefill_rows": mean(lambda s: s.prefill_rows), "tokens": mean(lambda s: s.tokens),
+            "adapters": mean(lambda s: s.adapters)}
+
+
 def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
     """Aggregate metrics: latency statistics, throughput and the mix of step modes."""
     done = [r for r in requests if r.finished is not None]
@@ -87,6 +97,7 @@ def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
         "output_tokens_per_s": sum(r.output_tokens for r in done) / span if span > 0 else None,
         "steps": len(steps),
         "mode_steps": {m: sum(s.mode == m for s in steps) for m in MODES},
+        "mode_step_means": {m: _step_means([s for s in steps if s.mode == m and not s.compile_time]) for m in MODES},
         "switches": sum(s.switch_time > 0 for s in steps),
         "switch_time": sum(s.switch_time for s in steps),
         "compile_steps": sum(s.compile_time > 0 for s in steps),

@@ -140,3 +140,30 @@ def test_staged_adapters_are_written_from_device_copies():
                                   pool.get("a3").weights["decoder.layers.0.q_proj"][0])
     pool.stage("a3")                                     # resident: nothing staged
     assert not pool._staged
+
+
+def test_evict_all_forgets_placements_but_refuses_while_pinned():
+    pool, slots, _ = _pool()
+    pool.acquire(["a0", "a1"])
+    pool.stage("a3")
+    pool.pin("a0")
+    with pytest.raises(ValueError, match="a0"):
+        pool.evict_all()
+    assert pool.resident == {("a0", 1): 0, ("a1", 1): 1} and pool._staged
+    pool.unpin("a0")
+    pool.evict_all()
+    assert pool.resident == {} and not pool._staged
+    writes = slots.writes
+    assert pool.acquire(["a1"]) == {"a1": 0} and slots.writes == writes + 1   # rewritten, not trusted
+
+
+def test_register_stores_weights_in_the_model_dtype():
+    cfg = micro_config(dtype="bfloat16")
+    pool = AdapterPool(cfg, SHAPES, _Slots(2))
+    adapter = random_adapter(cfg, SHAPES, "a", rank=4, seed=0)
+    pool.register(adapter)
+    stored = pool.get("a").weights["decoder.layers.0.q_proj"]
+    assert all(str(w.dtype) == "bfloat16" for w in stored)
+    np.testing.assert_array_equal(np.asarray(stored[0], np.float32),
+                                  np.asarray(adapter.weights["decoder.layers.0.q_proj"][0]).astype(stored[0].dtype)
+                                  .astype(np.float32))

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from valora_jax.config import LMMConfig
@@ -147,8 +148,13 @@ class AdapterPool:
 
     # host store ---------------------------------------------------------------------------
     def register(self, adapter: Adapter) -> int:
-        """Validate and store an adapter as the current version of its name; returns the version."""
+        """Validate and store an adapter as the current version of its name, its weights in the
+        model's dtype (what the device slots hold, so staging moves no more bytes); returns the version."""
         adapter.validate(self.config, self.module_shapes)
+        dtype = jnp.dtype(self.config.dtype)
+        if any(a.dtype != dtype or b.dtype != dtype for a, b in adapter.weights.values()):
+            adapter = dataclasses.replace(adapter, weights={p: (np.asarray(a, dtype), np.asarray(b, dtype))
+                                                           for p, (a, b) in adapter.weights.items()})
         version = self.versions.get(adapter.name, 0) + 1
         self.store[adapter.name], self.versions[adapter.name] = adapter, version
         self._held[(adapter.name, version)] = adapter
@@ -234,6 +240,15 @@ class AdapterPool:
         self._staged[key] = dataclasses.replace(adapter, weights=weights)
         while len(self._staged) > self.max_staged:
             self._staged.popitem(last=False)
+
+    def evict_all(self) -> None:
+        """Forget every slot placement and staged copy, as if the device held no adapter (no
+        device write: a slot is rewritten before its next use). ValueError while any is pinned."""
+        if +self._pinned:
+            raise ValueError(f"adapters {sorted(self._pinned)} are pinned (in use); nothing was evicted")
+        self._slots = [None] * len(self._slots)
+        self._lru.clear()
+        self._staged.clear()
 
     def _free_slots(self, keep: set[tuple[str, int]]) -> list[int]:
         """Slots usable for new adapters: empty ones first, then least recently used victims."""
