@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, stage by stage, in as few device calls as possible:
 #   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
+#   bash bench/gpu_session.sh overhead                    (a 7B decode step's host dispatch, XLA flag variants)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
@@ -32,6 +33,7 @@ for stage in "$@"; do
     case $stage in
         smoke)   python3 -m bench.gpu_smoke ${SMOKE_KERNELS:+--kernels $SMOKE_KERNELS} ;;
         model)   python3 bench/model_smoke.py --out bench/results/model_smoke ;;
+        overhead) python3 bench/step_overhead.py --out bench/results/step_overhead ;;
         switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         tune-merge) python3 -m pallas_kernels.tune --merge ;;

@@ -102,7 +102,7 @@ class CostModel:
         self.coef = {mode: self.prior.copy() for mode in MODES}
         self.switch, self.prior_weight = switch, prior_weight
         self._obs = {mode: collections.deque(maxlen=window) for mode in MODES}
-        self._seen = 0
+        self.observed = 0                 # steps observed so far
 
     @staticmethod
     def lora_units(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
@@ -127,8 +127,8 @@ class CostModel:
 
     def observe(self, mode: str, features: np.ndarray, seconds: float) -> None:
         self._obs[mode].append((*features, seconds))
-        self._seen += 1
-        if self._seen % 8:
+        self.observed += 1
+        if self.observed % 8:
             return
         every = [o for obs in self._obs.values() for o in obs]
         self.shared = self._fit(np.asarray(every, np.float64), self.prior)

@@ -1,0 +1,105 @@
+"""Host dispatch against device time of one LLaVA-1.5-7B decode step, under XLA flag variants.
+
+A decode step launches about a thousand kernels (32 layers of projections, norms, attention and,
+unmerged, eight ATMM launches). When the host takes longer to launch them than the GPU to run
+them, the step costs its dispatch time, whatever the kernels do. Each variant runs in its own
+process with its XLA_FLAGS (the flags are read once per process) and times, for merged and
+unmerged mode, 64 decode rows over 16 keys: the host time until the call returns ("dispatch")
+and until the result is ready ("step"), medians of 10 after a warm-up call.
+
+  python bench/step_overhead.py --out bench/results/step_overhead
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "default": "",
+    "no_command_buffers": "--xla_gpu_enable_command_buffer=",
+    "command_buffers_min_size_1": "--xla_gpu_graph_min_graph_size=1",
+}
+
+
+def measure() -> dict:
+    """{mode: {"dispatch_ms", "step_ms"}} for this process's XLA flags."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from valora_jax import ModelRunner, RowSpec, init_model, init_pages, llava_1_5_7b, pack_block, random_adapter
+
+    cfg = llava_1_5_7b(max_loras=8, max_rank=16)
+    runner = ModelRunner(init_model(cfg, seed=0), backend="pallas", attention="pallas")
+    for s in range(8):
+        runner.write_slot(s, random_adapter(cfg, runner.module_shapes, f"a{s}", 16, seed=s, std=0.01))
+    runner.merge(0)
+    cache = init_pages(cfg.text, 256, cfg.page_size, jnp.bfloat16)
+    empty = jnp.zeros((0, cfg.text.hidden_size), jnp.bfloat16)
+    block = pack_block([RowSpec([5], 15, None, i % 8, [1 + i]) for i in range(64)], min_pages=64)
+    out = {}
+    for mode in ("merged", "unmerged"):
+        result = runner.step(cache, [block], empty, mode)
+        jax.block_until_ready(result)
+        cache = result[2]
+        dispatch, step = [], []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            result = runner.step(cache, [block], empty, mode)
+            t1 = time.perf_counter()
+            jax.block_until_ready(result)
+            cache = result[2]
+            dispatch.append(t1 - t0)
+            step.append(time.perf_counter() - t0)
+        out[mode] = {"dispatch_ms": 1e3 * float(np.median(dispatch)), "step_ms": 1e3 * float(np.median(step))}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {sorted(VARIANTS)}")
+    ap.add_argument("--out", default="bench/results/step_overhead")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure()))
+        return
+    import jax
+
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; expected some of {sorted(VARIANTS)}")
+    results = {}
+    for name in names:
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[name]).strip())
+        proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        else:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(name, results[name], flush=True)
+    report = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
+              "jax": jax.__version__, "xla_flags": {n: VARIANTS[n] for n in names}, "results": results}
+    lines = [f"# Decode step (LLaVA-1.5-7B, 64 rows, 16 keys): host dispatch vs step, {report['device']}, "
+             f"jax {report['jax']}", "", f"`{report['command']}`", "",
+             "| variant | XLA flags | merged dispatch ms | merged step ms | unmerged dispatch ms | unmerged step ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        cells = (["error: " + r["error"]] + [""] * 3 if "error" in r else
+                 [f"{r[m][k]:.2f}" for m in ("merged", "unmerged") for k in ("dispatch_ms", "step_ms")])
+        lines.append(f"| {name} | `{VARIANTS[name]}` | " + " | ".join(cells) + " |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
