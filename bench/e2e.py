@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
+from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import POLICIES, CostModel, VLoRAPolicy  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, init_pages, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
@@ -82,6 +84,8 @@ def run_one(runner, pool, policy: str, trace, engine_config: EngineConfig, hot: 
     cold = [m.latency for m in engine.request_metrics if m.adapter != hot and m.latency is not None]
     summary.update(policy=policy, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
                    completed=sum(engine.result(i) is not None for i in ids))
+    summary["log"] = {"steps": [dataclasses.astuple(s) for s in engine.step_metrics],
+                      "requests": [dataclasses.astuple(m) for m in engine.request_metrics]}
     engine.cache = None                  # the KV pages (34 GB at 7B) go now, not at garbage collection
     return summary
 
@@ -115,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/e2e")
     ap.add_argument("--append", action="store_true",
                     help="keep the runs already in OUT.json and run only the workloads it lacks")
+    ap.add_argument("--step-log", help="also write every run's steps and requests (StepMetrics, RequestMetrics "
+                                       "fields) to this JSON file")
     ap.add_argument("--deadline-s", type=float, default=float("inf"),
                     help="start no new workload after this many seconds (results so far are written)")
     args = ap.parse_args(argv)
@@ -178,6 +184,8 @@ def main(argv=None):
     calibrations = previous["meta"].get("calibrations", []) + [   # ours' step-time model after this call's warm-up
         {"observed_steps": calibration.observed, "switch_s": calibration.switch, **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]
     done = {_workload_key(r) for r in results}
+    logs = json.loads(Path(args.step_log).read_text())["runs"] if args.step_log and args.append \
+        and Path(args.step_log).exists() else []
     grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
                              [float(r) for r in args.rates.split(",")])
     for kind, arrival, popularity, rate in grid:
@@ -197,11 +205,18 @@ def main(argv=None):
                 if not r["compile_steps"]:
                     break
             r.update(dataclasses.asdict(w), backend=backends[policy])
+            log = r.pop("log")
+            if args.step_log:
+                logs.append({**{k: r[k] for k in ("kind", "arrival", "popularity", "rate", "policy")}, **log})
             results.append(r)
             print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                   f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                   f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)", flush=True)
         _write(out, results, commands, calibrations, args)            # after every workload: a later one may be cut off
+        if args.step_log:
+            fields = {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
+                      "requests": [f.name for f in dataclasses.fields(RequestMetrics)]}
+            Path(args.step_log).write_text(json.dumps({"fields": fields, "runs": logs}))
 
 
 def _workload_key(run: dict) -> tuple:
@@ -220,7 +235,8 @@ def _write(out: Path, results: list, commands: list, calibrations: list, args) -
 
 def _report(results, commands, args) -> dict:
     meta = {"commands": commands, "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "python": platform.python_version()}
+            "jax": jax.__version__, "python": platform.python_version(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     key = lambda r: (r["kind"], r["arrival"], r["popularity"], r["rate"])
     by = {}
     for r in results:
@@ -237,7 +253,7 @@ def _report(results, commands, args) -> dict:
             if "ours" in g and "unmerged" in g and g["ours"]["cold_p99"] and g["unmerged"]["cold_p99"]]
     ratios["cold_p99_ours_over_unmerged_max"] = max(cold) if cold else None
     lines = [f"# End-to-end serving, {args.preset}, {meta['device']}, jax {meta['jax']}", "",
-             *[f"`{c}`  " for c in meta["commands"]], "",
+             *[f"`{c}`  " for c in meta["commands"]], *([f"XLA_FLAGS=`{meta['xla_flags']}`"] if meta["xla_flags"] else []), "",
              "| ours vs | geomean token-latency ratio | reduction | worst ratio |", "| --- | --- | --- | --- |"]
     for base, v in ratios.items():
         if isinstance(v, dict) and v["geomean_ours_over_base"] is not None:

@@ -49,7 +49,7 @@ for stage in "$@"; do
                  tar cf - ${skip:+--exclude=$skip} checkpoints bench/results/adapter_generation.* 2>/dev/null |
                      split -b 15M - "$OUT/checkpoints.tar." ;;
         e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e \
-                     --append --deadline-s "${E2E_DEADLINE_S:-480}" ${E2E_ARGS:-} ;;
+                     --append --deadline-s "${E2E_DEADLINE_S:-480}" --step-log "$OUT/e2e_steps.json" ${E2E_ARGS:-} ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"
     tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs     # after every stage: a later one may time out

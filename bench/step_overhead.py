@@ -22,6 +22,8 @@ VARIANTS = {
     "default": "",
     "no_command_buffers": "--xla_gpu_enable_command_buffer=",
     "command_buffers_min_size_1": "--xla_gpu_graph_min_graph_size=1",
+    "command_buffers_every_kind": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
+                                  "WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1",
 }
 
 
