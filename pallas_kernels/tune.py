@@ -30,7 +30,7 @@ from pallas_kernels.problems import Shape, make_inputs
 from pallas_kernels.tiling import CONFIG_DIR, MergeTile, TileConfig, device_table_name
 from pallas_kernels.timing import BulkTimer, compile_all
 
-TOKENS = (1, 16, 64, 256, 1024, 4096)
+TOKENS = (1, 16, 64, 256, 512, 1024, 4096)
 RANKS = (16, 128)                 # pool R; R = 128 pools hold mixed ranks 16..128
 D_IN = 4096
 D_OUTS = (4096, 11008)
