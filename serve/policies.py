@@ -236,19 +236,25 @@ class MergedOnlyPolicy(Policy):
 
 class VLoRAPolicy(Policy):
     """Per step, the candidate that adds the least total latency, relative to running every
-    packable row R_u unmerged (time t_u):
+    packable row R_u unmerged (time t_u). While R_u holds every live request:
 
         dL(c) = N_live * (t_c + t_E - t_u) + |E| * t_c
 
     with E = the rows of R_u that candidate c leaves out and t_E the time of a step of those
     rows alone: work left out is not saved but done in a step of its own later, so every live
-    request waits for that step's extra cost (first term, about one fixed step cost unless c is
-    much cheaper per token), and the rows left out wait through this step as well (second
-    term). So merged(a) wins when (nearly) every request is a's, mixture(a) when a dominates,
-    unmerged otherwise. Candidates: unmerged, mixture(a) and merged(a) for the top adapter and
-    the currently merged one; times come from the cost model, with a merge switch amortised
-    over `horizon` steps; merged(a) is ruled out while any other request has waited longer than
-    `starvation_bound` seconds."""
+    request waits for that step's extra cost, and the rows left out wait through this step as
+    well. So merged(a) wins when (nearly) every request is a's, mixture(a) when a dominates.
+    Under load (requests beyond R_u), steps run back to back whatever is chosen, and what
+    counts is the time per unit of work:
+
+        dL(c) = N_live * (t_c - W(c) * t_u / W(u))
+
+    with W(rows) = their unmerged cost with each row's share of a full step's fixed cost: a
+    merged step of the hot adapter's rows wins when it does the same work in less time, while
+    one of a few rows does not. Candidates: unmerged, mixture(a) and merged(a) for the top
+    adapter and the currently merged one; times come from the cost model, with a merge switch
+    amortised over `horizon` steps; merged(a) is ruled out while any request the unmerged step
+    would serve, of another adapter, has waited longer than `starvation_bound` seconds."""
 
     name = "ours"
 
@@ -265,10 +271,17 @@ class VLoRAPolicy(Policy):
 
         unmerged = pack(state)
         t_u = step_time("unmerged", None, unmerged)
+        in_unmerged = {i for i, _ in unmerged}
+        serves_unmerged = [s for s in state.seqs if s.id in in_unmerged]
+        saturated = len(in_unmerged) < len(state.seqs)          # more steps follow whatever runs now
+        # a batch's work: what its rows would cost unmerged, each with its share of a full step's fixed cost
+        empty = step_time("unmerged", None, [])
+        work = lambda rows: step_time("unmerged", None, rows) - empty + empty * len(rows) / state.limits.max_rows
         best, best_dl = Decision("unmerged", None, unmerged), 0.0
         for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
             candidates = [("mixture", pack(state, reserved=[a]))]
-            if not any(state.now - s.last_progress > self.starvation_bound for s in state.seqs if s.adapter != a):
+            if not any(state.now - s.last_progress > self.starvation_bound for s in serves_unmerged
+                       if s.adapter != a):       # merged(a) would hold back a request that waited too long
                 candidates.append(("merged", pack(state, eligible=lambda s, a=a: s.adapter == a)))
             for mode, rows in candidates:
                 if not rows:
@@ -276,8 +289,11 @@ class VLoRAPolicy(Policy):
                 chosen = {i for i, _ in rows}
                 left_out = [(i, n) for i, n in unmerged if i not in chosen]
                 t_c = step_time(mode, a, rows)
-                t_e = step_time("unmerged", None, left_out) if left_out else 0.0
-                dl = len(state.seqs) * (t_c + t_e - t_u) + len(left_out) * t_c
+                if saturated:    # steps follow back to back: what counts is the time per unit of work
+                    dl = len(state.seqs) * (t_c - work(rows) * t_u / work(unmerged))
+                else:            # left-out rows cost a step of their own later, and wait through this one
+                    t_e = step_time("unmerged", None, left_out) if left_out else 0.0
+                    dl = len(state.seqs) * (t_c + t_e - t_u) + len(left_out) * t_c
                 if dl < best_dl:
                     best, best_dl = Decision(mode, a, rows), dl
         return best

@@ -85,6 +85,20 @@ def test_ours_does_not_defer_a_prefill_to_speed_up_decodes():
     assert only_a.mode == "merged" and len(only_a.rows) == 3
 
 
+def test_ours_under_load_merges_when_the_hot_adapter_fills_the_step():
+    """More requests than rows: the cold rows a merged step leaves out are replaced by queued hot
+    rows, so merged(a) wins on time per unit of work; the same two cold rows with nothing queued
+    behind them would need a step of their own, and a merged step of a few rows never wins."""
+    policy = VLoRAPolicy(_costly_lora())
+    loaded = policy.decide(_state([("b", 1)] * 2 + [("a", 1)] * 12))
+    assert loaded.mode == "merged" and loaded.merged_adapter == "a" and len(loaded.rows) == LIMITS.max_rows
+    light = policy.decide(_state([("b", 1)] * 2 + [("a", 1)] * 6))
+    assert light.mode != "merged" and len(light.rows) == 8
+    wide = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters=16)
+    spread = policy.decide(_state([("a", 1)] * 2 + [(f"c{i}", 1) for i in range(12)], limits=wide))
+    assert spread.mode != "merged" and len(spread.rows) == 8
+
+
 def test_ours_never_merges_out_a_starving_request():
     policy = VLoRAPolicy(_costly_lora(), starvation_bound=0.2)
     adapters = [("a", 1)] * 7 + [("b", 1)]
