@@ -28,27 +28,33 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit
 fi
 python3 -c 'import jax; print(jax.__version__, jax.devices())'
+# SESSION_DEADLINE_S: interrupt a stage this many seconds after the session began (set it below the
+# device call's limit), so that what it saved so far is still packed below
+deadline=$((SECONDS + ${SESSION_DEADLINE_S:-86400}))
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
+    left=$((deadline - SECONDS))
+    if [ "$left" -le 10 ]; then echo "session deadline: stages from $stage on not run"; break; fi
+    limit="timeout -s INT -k 20 $left"
     case $stage in
-        smoke)   python3 -m bench.gpu_smoke ${SMOKE_KERNELS:+--kernels $SMOKE_KERNELS} ;;
-        model)   python3 bench/model_smoke.py --out bench/results/model_smoke ;;
-        overhead) python3 bench/step_overhead.py --out bench/results/step_overhead ;;
-        switch)  python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
-        tune)    python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
-        tune-merge) python3 -m pallas_kernels.tune --merge ;;
+        smoke)   $limit python3 -m bench.gpu_smoke ${SMOKE_KERNELS:+--kernels $SMOKE_KERNELS} ;;
+        model)   $limit python3 bench/model_smoke.py --out bench/results/model_smoke ;;
+        overhead) $limit python3 bench/step_overhead.py --out bench/results/step_overhead ;;
+        switch)  $limit python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
+        tune)    $limit python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
+        tune-merge) $limit python3 -m pallas_kernels.tune --merge ;;
         kernels) if ls .whl/tokamax/*.whl >/dev/null 2>&1; then
                      python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-tokamax \
                          .whl/tokamax/*.whl
                  fi
-                 PYTHONPATH=/tmp/site-tokamax:${PYTHONPATH:-} python3 -m bench.kernels --out-dir bench/results \
+                 PYTHONPATH=/tmp/site-tokamax:${PYTHONPATH:-} $limit python3 -m bench.kernels --out-dir bench/results \
                      --budget-s "${KERNELS_BUDGET_S:-480}" ;;
-        train)   python3 -m train.run_default --digits .whl/digits.npz \
+        train)   $limit python3 -m train.run_default --digits .whl/digits.npz \
                      --deadline-s "${TRAIN_DEADLINE_S:-540}"
                  skip=$([ -e checkpoints/.work/pretrain_done.json ] && echo checkpoints/.work/pretrain)  # done: not needed to resume
                  tar cf - ${skip:+--exclude=$skip} checkpoints bench/results/adapter_generation.* 2>/dev/null |
                      split -b 15M - "$OUT/checkpoints.tar." ;;
-        e2e)     python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e \
+        e2e)     $limit python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e \
                      --append --deadline-s "${E2E_DEADLINE_S:-480}" --step-log "$OUT/e2e_steps.json" ${E2E_ARGS:-} ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"

@@ -149,14 +149,14 @@ def _split_finalists(shrink_times: dict) -> list[int]:
     return list(dict.fromkeys(cand[2] for cand in fastest_first))[:SPLITS_TRIED]
 
 
-def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
+def sweep(budget_s: float, tokens_list=TOKENS, on_bucket=lambda out: None) -> dict:
     """{'shrink': {(T, R): {cand: s}}, 'expand': {(T, R, D_out, split): {cand: s}}} measured on the GPU.
 
     Per token bucket: every shrink candidate of both ranks (compiled concurrently); then every
     expand candidate on the partial sums of the fastest shrink's split, and the EXPANDS_RETRIED
     fastest of those on the splits of the next-fastest shrinks: the expand re-reads the partial
     sums once per split, so the fastest pair need not hold the fastest shrink. Buckets start
-    while within budget_s.
+    while within budget_s; on_bucket(out) follows each one (to save what is measured so far).
     """
     start = time.perf_counter()
     per_bucket = len(RANKS) * (len(SHRINK) + len(D_OUTS) * (len(EXPAND) + (SPLITS_TRIED - 1) * EXPANDS_RETRIED))
@@ -187,6 +187,7 @@ def sweep(budget_s: float, tokens_list=TOKENS) -> dict:
         _sweep_expand(tokens, retry, out, bar)
         bar.update(max(0, done + per_bucket - bar.n))
         bar.set_postfix_str(f"T={tokens} splits {splits}")
+        on_bucket(out)
     bar.close()
     return out
 
@@ -280,21 +281,27 @@ def main(argv=None) -> None:
     command = ("python -m pallas_kernels.tune " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     out = pathlib.Path(args.out or CONFIG_DIR / f"{device_table_name(jax.devices()[0].device_kind)}.json")
     old = json.loads(out.read_text()) if out.exists() else {}
-    if args.merge:
-        result = {"merge": sweep_merge()}
-        table = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                 "entries": old.get("entries", []), "merge": merge_entries(result["merge"], command)}
-    else:
-        result = sweep(args.budget_s, args.tokens)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(table: dict) -> None:
+        with open(out, "w") as f:
+            json.dump(table, f, indent=1)
+        print(f"wrote {len(table['entries'])} ATMM and {len(table['merge'])} merge entries to {out}", flush=True)
+
+    def write_atmm(result: dict) -> None:
         table = build_table(result, command)
         swept = {e["key"]["tokens"] for e in table["entries"]}       # keep the buckets this run did not sweep
         table["entries"] = [e for e in old.get("entries", []) if e["key"]["tokens"] not in swept] + table["entries"]
         table["entries"].sort(key=lambda e: tuple(e["key"].values()))
         table["merge"] = old.get("merge", [])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(table, f, indent=1)
-    print(f"wrote {len(table['entries'])} ATMM and {len(table['merge'])} merge entries to {out}")
+        write(table)
+
+    if args.merge:
+        result = {"merge": sweep_merge()}
+        write({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "entries": old.get("entries", []), "merge": merge_entries(result["merge"], command)})
+    else:
+        result = sweep(args.budget_s, args.tokens, on_bucket=write_atmm)   # saved after every bucket
     if args.sweep_out:
         flat = {kind: [{"bucket": list(b), "cand": list(c), "us": round(t * 1e6, 2)}
                        for b, times in d.items() for c, t in times.items()]

@@ -272,3 +272,33 @@ def test_merge_sweep_writes_the_fastest_tile_and_keeps_the_atmm_entries(tmp_path
     tune.main(["--tokens", "16", "--out", str(out)])
     again = json.loads(out.read_text())
     assert again["merge"] == table["merge"] and atmm_entry in again["entries"] and len(again["entries"]) > 1
+
+
+def test_tuner_saves_each_bucket_as_it_finishes(tmp_path, monkeypatch):
+    """A sweep cut off in its second bucket (a device call's time limit) leaves the first one in
+    the table, beside the buckets it did not sweep."""
+    from pallas_kernels import tune
+
+    buckets_started = []
+
+    def fake_time_all(jobs, make_timer, bar):
+        bar.update(len(jobs))
+        return {(key, cand): 1e-6 * (1 + sum(cand) % 7) for key, cand in jobs}
+
+    def fake_shrink_sets(tokens, rank):
+        buckets_started.append(tokens)
+        if tokens == 64:
+            raise KeyboardInterrupt("time limit")
+
+    monkeypatch.setattr(tune, "_time_all", fake_time_all)
+    monkeypatch.setattr(tune, "_shrink_sets", fake_shrink_sets)
+    monkeypatch.setattr(tune, "_expand_sets", lambda tokens, rank, d_out, split: None)
+    out = tmp_path / "table.json"
+    kept = {"key": {"tokens": 4096, "d_in": 4096, "d_out": 4096, "rank": 16, "adapters": 64},
+            "tile": TileConfig().to_dict()}
+    out.write_text(json.dumps({"device": "cpu", "entries": [kept], "merge": []}))
+    with pytest.raises(KeyboardInterrupt):
+        tune.main(["--tokens", "16", "64", "--out", str(out)])
+    table = json.loads(out.read_text())
+    assert 64 in buckets_started and kept in table["entries"]
+    assert {e["key"]["tokens"] for e in table["entries"]} == {16, 4096}
