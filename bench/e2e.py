@@ -173,7 +173,8 @@ def main(argv=None):
                                        seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
             run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], calibration)
-    print(f"warm after {time.perf_counter() - start:.0f} s; ours' step-time model ({calibration.observed} steps): switch {calibration.switch * 1e3:.2f} ms, "
+    print(f"warm after {time.perf_counter() - start:.0f} s; ours' step-time model ({calibration.observed} steps): "
+          f"switch {calibration.switch * 1e3:.2f} ms, "
           + ", ".join(f"{m} {np.round(c * 1e3, 4).tolist()} ms" for m, c in calibration.coef.items()), flush=True)
 
     out = Path(args.out).with_suffix(".json")
@@ -182,7 +183,8 @@ def main(argv=None):
     commands = previous["meta"].get("commands", []) + ["python " + " ".join(sys.argv)]
     terms = ("fixed_s", "per_token_s", "per_lora_token_s", "per_adapter_s")
     calibrations = previous["meta"].get("calibrations", []) + [   # ours' step-time model after this call's warm-up
-        {"observed_steps": calibration.observed, "switch_s": calibration.switch, **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]
+        {"observed_steps": calibration.observed, "switch_s": calibration.switch,
+         **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]
     done = {_workload_key(r) for r in results}
     logs = json.loads(Path(args.step_log).read_text())["runs"] if args.step_log and args.append \
         and Path(args.step_log).exists() else []
@@ -212,7 +214,7 @@ def main(argv=None):
             print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                   f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                   f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)", flush=True)
-        _write(out, results, commands, calibrations, args)            # after every workload: a later one may be cut off
+        _write(out, results, commands, calibrations, args)      # after every workload: a later one may be cut off
         if args.step_log:
             fields = {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
                       "requests": [f.name for f in dataclasses.fields(RequestMetrics)]}
@@ -253,7 +255,8 @@ def _report(results, commands, args) -> dict:
             if "ours" in g and "unmerged" in g and g["ours"]["cold_p99"] and g["unmerged"]["cold_p99"]]
     ratios["cold_p99_ours_over_unmerged_max"] = max(cold) if cold else None
     lines = [f"# End-to-end serving, {args.preset}, {meta['device']}, jax {meta['jax']}", "",
-             *[f"`{c}`  " for c in meta["commands"]], *([f"XLA_FLAGS=`{meta['xla_flags']}`"] if meta["xla_flags"] else []), "",
+             *[f"`{c}`  " for c in meta["commands"]],
+             *([f"XLA_FLAGS=`{meta['xla_flags']}`"] if meta["xla_flags"] else []), "",
              "| ours vs | geomean token-latency ratio | reduction | worst ratio |", "| --- | --- | --- | --- |"]
     for base, v in ratios.items():
         if isinstance(v, dict) and v["geomean_ours_over_base"] is not None:
