@@ -5,7 +5,8 @@ unmerged, eight ATMM launches). When the host takes longer to launch them than t
 them, the step costs its dispatch time, whatever the kernels do. Each variant runs in its own
 process with its XLA_FLAGS (the flags are read once per process) and times, for merged and
 unmerged mode, 64 decode rows over 16 keys: the host time until the call returns ("dispatch")
-and until the result is ready ("step"), medians of 10 after a warm-up call.
+and until the result is ready ("step"), medians of 10 after a warm-up call; and a jitted no-op
+over the same arguments ("arguments only": what passing ~1500 weight arrays costs).
 
   python bench/step_overhead.py --out bench/results/step_overhead
 """
@@ -27,17 +28,18 @@ VARIANTS = {
 }
 
 
-def measure() -> dict:
-    """{mode: {"dispatch_ms", "step_ms"}} for this process's XLA flags."""
+def measure(preset: str = "llava-1.5-7b") -> dict:
+    """{mode: {"dispatch_ms", "step_ms"}, "arguments_only_ms"} under this process's XLA flags."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from valora_jax import ModelRunner, RowSpec, init_model, init_pages, llava_1_5_7b, pack_block, random_adapter
+    from valora_jax import PRESETS, ModelRunner, RowSpec, init_model, init_pages, pack_block, random_adapter
 
-    cfg = llava_1_5_7b(max_loras=8, max_rank=16)
-    runner = ModelRunner(init_model(cfg, seed=0), backend="pallas", attention="pallas")
+    cfg = PRESETS[preset](max_loras=8, max_rank=16)
+    kernels = "pallas" if jax.default_backend() == "gpu" else "reference"     # reference: CPU tests
+    runner = ModelRunner(init_model(cfg, seed=0), backend=kernels, attention=kernels)
     for s in range(8):
         runner.write_slot(s, random_adapter(cfg, runner.module_shapes, f"a{s}", 16, seed=s, std=0.01))
     runner.merge(0)
@@ -59,6 +61,16 @@ def measure() -> dict:
             dispatch.append(t1 - t0)
             step.append(time.perf_counter() - t0)
         out[mode] = {"dispatch_ms": 1e3 * float(np.median(dispatch)), "step_ms": 1e3 * float(np.median(step))}
+    # the part of dispatch that is passing the step's arguments: a jitted no-op over the same leaves
+    noop = jax.jit(lambda leaves, cache: cache[0][0][0, 0, 0, 0])
+    leaves = runner._state_leaves()
+    jax.block_until_ready(noop(leaves, cache))
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(noop(leaves, cache))
+        times.append(time.perf_counter() - t0)
+    out["arguments_only_ms"] = 1e3 * float(np.median(times))
     return out
 
 
@@ -66,10 +78,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {sorted(VARIANTS)}")
     ap.add_argument("--out", default="bench/results/step_overhead")
+    ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(measure()))
+        print(json.dumps(measure(args.preset)))
         return
     import jax
 
@@ -80,7 +93,8 @@ def main(argv=None):
     results = {}
     for name in names:
         env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + VARIANTS[name]).strip())
-        proc = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", "--preset", args.preset], env=env,
+                              capture_output=True, text=True)
         if proc.returncode:
             results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
         else:
@@ -88,13 +102,15 @@ def main(argv=None):
         print(name, results[name], flush=True)
     report = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
               "jax": jax.__version__, "xla_flags": {n: VARIANTS[n] for n in names}, "results": results}
-    lines = [f"# Decode step (LLaVA-1.5-7B, 64 rows, 16 keys): host dispatch vs step, {report['device']}, "
+    lines = [f"# Decode step ({args.preset}, 64 rows, 16 keys): host dispatch vs step, {report['device']}, "
              f"jax {report['jax']}", "", f"`{report['command']}`", "",
-             "| variant | XLA flags | merged dispatch ms | merged step ms | unmerged dispatch ms | unmerged step ms |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| variant | XLA flags | merged dispatch ms | merged step ms | unmerged dispatch ms | unmerged step ms "
+             "| arguments only ms |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
-        cells = (["error: " + r["error"]] + [""] * 3 if "error" in r else
-                 [f"{r[m][k]:.2f}" for m in ("merged", "unmerged") for k in ("dispatch_ms", "step_ms")])
+        cells = (["error: " + r["error"]] + [""] * 4 if "error" in r else
+                 [f"{r[m][k]:.2f}" for m in ("merged", "unmerged") for k in ("dispatch_ms", "step_ms")]
+                 + [f"{r['arguments_only_ms']:.2f}"])
         lines.append(f"| {name} | `{VARIANTS[name]}` | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
