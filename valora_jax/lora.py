@@ -121,17 +121,18 @@ def project(x: jax.Array, linears: Sequence[Linear], ctx: LoraContext) -> list[j
     x2 = x.reshape(-1, x.shape[-1])                                   # [T, D_in]
     ys = []
     for lin in linears:
-        y = jnp.dot(x2, lin.weight(ctx.mode), preferred_element_type=jnp.float32)
-        if lin.bias is not None:
-            y = y + lin.bias[...].astype(jnp.float32)
-        ys.append(y)
+        if lin.bias is None:            # in x's dtype (accumulated in float32): no separate rounding pass
+            ys.append(jnp.dot(x2, lin.weight(ctx.mode)))
+        else:
+            ys.append(jnp.dot(x2, lin.weight(ctx.mode), preferred_element_type=jnp.float32)
+                      + lin.bias[...].astype(jnp.float32))
     targeted = [i for i, lin in enumerate(linears) if lin.targeted]
     if targeted and ctx.mode != "merged":
         weights = [linears[i].lora_weight() for i in targeted]
         if ctx.backend == "reference":
             deltas = lora_delta_reference(x2, weights, ctx.slot, ctx.merged_slot, mixture=ctx.mode == "mixture")
             for i, d in zip(targeted, deltas):
-                ys[i] = ys[i] + d.astype(jnp.float32)
+                ys[i] = ys[i].astype(jnp.float32) + d.astype(jnp.float32)
         else:                               # the kernel adds the delta to the rounded base output
             outs = _kernel_lora(x2, weights, ctx, [ys[i].astype(x.dtype) for i in targeted])
             for i, y in zip(targeted, outs):
