@@ -20,6 +20,7 @@ import jax
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 _NUM_SMS = 132          # H100/H200; only the heuristic uses it
+DECODE_TOKENS = 256     # up to this many tokens a call is decode-sized: one token per program can pay
 _KEY_WEIGHTS = {"tokens": 4.0, "d_in": 1.0, "d_out": 1.0, "rank": 1.0, "adapters": 1.0}
 
 
@@ -125,7 +126,7 @@ def heuristic_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int)
     split until the shrink launches about two programs per SM.
     """
     del d_out, adapters
-    if tokens <= 256:
+    if tokens <= DECODE_TOKENS:
         width = max(32, min(256, _pow2_floor(4096 // rank)))
         split = max(1, min(_pow2_floor(max(1, 2 * _NUM_SMS // tokens)), _pow2_floor(max(1, d_in // width))))
         return TileConfig(shrink_block_t=1, block_k=width, split_k=split, expand_block_t=1, block_n=width)
@@ -175,7 +176,10 @@ def pick_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int,
     table = load_table(kind)
     if table:
         key, tile = min(table, key=lambda e: _distance(e[0], query))
-        if abs(math.log2(max(1, key["tokens"])) - math.log2(max(1, tokens))) <= 1.0:
+        per_token = tile.shrink_block_t == 1 or tile.expand_block_t == 1
+        # a bucket within one octave of T, and one-token-per-program tiles only at decode sizes
+        if abs(math.log2(max(1, key["tokens"])) - math.log2(max(1, tokens))) <= 1.0 and not (
+                per_token and tokens > DECODE_TOKENS):
             return tile
     return heuristic_tile(tokens, d_in, d_out, rank, adapters)
 

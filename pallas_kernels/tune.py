@@ -27,7 +27,7 @@ import numpy as np
 from pallas_kernels import atmm, merge
 from pallas_kernels.lora_reference import LoraWeight
 from pallas_kernels.problems import Shape, make_inputs
-from pallas_kernels.tiling import CONFIG_DIR, MergeTile, TileConfig, device_table_name
+from pallas_kernels.tiling import CONFIG_DIR, DECODE_TOKENS, MergeTile, TileConfig, device_table_name
 from pallas_kernels.timing import BulkTimer, compile_all
 
 TOKENS = (1, 16, 64, 256, 512, 1024, 4096)
@@ -63,7 +63,7 @@ def _fits(block_t: int, tokens: int) -> bool:
     """Token blocks beyond max(32, T) only waste work (16 and 32 are timed on every bucket);
     one token per program only suits decode-sized batches."""
     if block_t == 1:
-        return tokens <= 256
+        return tokens <= DECODE_TOKENS
     return block_t <= max(32, 1 << max(0, (tokens - 1).bit_length()))
 
 

@@ -123,6 +123,11 @@ def test_tile_lookup_nearest_bucket_then_heuristic(tmp_path, monkeypatch):
     assert tiling.pick_tile(3000, 4096, 4096, 128, 64, device_kind="Test GPU") == prefill
     far = tiling.pick_tile(256, 4096, 4096, 16, 16, device_kind="Test GPU")     # no bucket near T
     assert far == tiling.heuristic_tile(256, 4096, 4096, 16, 16)
+    per_token = TileConfig(shrink_block_t=1, split_k=2, expand_block_t=1, block_n=128)   # a tuned T = 256 tile
+    _write_table(tmp_path, monkeypatch, [({**key, "tokens": 256, "adapters": 64}, per_token)])
+    assert tiling.pick_tile(256, 4096, 4096, 16, 64, device_kind="Test GPU") == per_token
+    blocked = tiling.pick_tile(512, 4096, 4096, 16, 8, device_kind="Test GPU")  # within an octave, but prefill-sized
+    assert blocked == tiling.heuristic_tile(512, 4096, 4096, 16, 8) and blocked.shrink_block_t > 1
     tiling._table_file.cache_clear()
 
 
