@@ -28,6 +28,14 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _require(tile, names: tuple, ok, what: str) -> None:
+    """ValueError naming the first of the tile's fields `names` whose value fails `ok`."""
+    for name in names:
+        value = getattr(tile, name)
+        if not ok(value):
+            raise ValueError(f"{type(tile).__name__}.{name}={value} must be {what}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """Block shapes and launch parameters of the two ATMM kernels (shrink, expand)."""
@@ -53,21 +61,11 @@ class TileConfig:
     """Pipelining depth of the expand kernel (it has no long loop)."""
 
     def __post_init__(self):
-        for name in ("block_k", "block_n"):
-            v = getattr(self, name)
-            if not (_is_pow2(v) and v >= 16):
-                raise ValueError(f"TileConfig.{name}={v} must be a power of 2 >= 16")
-        for name in ("shrink_block_t", "expand_block_t"):
-            v = getattr(self, name)
-            if not (v == 1 or (_is_pow2(v) and v >= 16)):
-                raise ValueError(f"TileConfig.{name}={v} must be 1 or a power of 2 >= 16")
-        for name in ("split_k", "shrink_warps", "expand_warps"):
-            v = getattr(self, name)
-            if not _is_pow2(v):
-                raise ValueError(f"TileConfig.{name}={v} must be a power of 2")
-        for name in ("shrink_stages", "expand_stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TileConfig.{name}={getattr(self, name)} must be >= 1")
+        _require(self, ("block_k", "block_n"), lambda v: _is_pow2(v) and v >= 16, "a power of 2 >= 16")
+        _require(self, ("shrink_block_t", "expand_block_t"), lambda v: v == 1 or (_is_pow2(v) and v >= 16),
+                 "1 or a power of 2 >= 16")
+        _require(self, ("split_k", "shrink_warps", "expand_warps"), _is_pow2, "a power of 2")
+        _require(self, ("shrink_stages", "expand_stages"), lambda v: v >= 1, ">= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,15 +97,9 @@ class MergeTile:
     """Software-pipelining depth of the loop over row tiles."""
 
     def __post_init__(self):
-        for name in ("block_m", "block_n"):
-            v = getattr(self, name)
-            if not (_is_pow2(v) and v >= 16):
-                raise ValueError(f"MergeTile.{name}={v} must be a power of 2 >= 16")
-        if not _is_pow2(self.warps):
-            raise ValueError(f"MergeTile.warps={self.warps} must be a power of 2")
-        for name in ("row_tiles", "stages"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MergeTile.{name}={getattr(self, name)} must be >= 1")
+        _require(self, ("block_m", "block_n"), lambda v: _is_pow2(v) and v >= 16, "a power of 2 >= 16")
+        _require(self, ("warps",), _is_pow2, "a power of 2")
+        _require(self, ("row_tiles", "stages"), lambda v: v >= 1, ">= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

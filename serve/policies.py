@@ -277,6 +277,7 @@ class VLoRAPolicy(Policy):
         # a batch's work: what its rows would cost unmerged, each with its share of a full step's fixed cost
         empty = step_time("unmerged", None, [])
         work = lambda rows: step_time("unmerged", None, rows) - empty + empty * len(rows) / state.limits.max_rows
+        seconds_per_work = t_u / work(unmerged) if unmerged else 0.0
         best, best_dl = Decision("unmerged", None, unmerged), 0.0
         for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
             candidates = [("mixture", pack(state, reserved=[a]))]
@@ -290,7 +291,7 @@ class VLoRAPolicy(Policy):
                 left_out = [(i, n) for i, n in unmerged if i not in chosen]
                 t_c = step_time(mode, a, rows)
                 if saturated:    # steps follow back to back: what counts is the time per unit of work
-                    dl = len(state.seqs) * (t_c - work(rows) * t_u / work(unmerged))
+                    dl = len(state.seqs) * (t_c - work(rows) * seconds_per_work)
                 else:            # left-out rows cost a step of their own later, and wait through this one
                     t_e = step_time("unmerged", None, left_out) if left_out else 0.0
                     dl = len(state.seqs) * (t_c + t_e - t_u) + len(left_out) * t_c
