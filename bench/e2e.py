@@ -38,7 +38,7 @@ from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import POLICIES, CostModel, VLoRAPolicy  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, init_pages, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
-from valora_jax.runtime import compile_lowered, compile_seconds  # noqa: E402
+from valora_jax.runtime import compile_lowered, compile_seconds, use_serving_xla_flags  # noqa: E402
 
 
 def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
@@ -124,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--deadline-s", type=float, default=float("inf"),
                     help="start no new workload after this many seconds (results so far are written)")
     args = ap.parse_args(argv)
+    use_serving_xla_flags()
 
     start = time.perf_counter()
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -172,7 +173,10 @@ def main(argv=None):
             warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", args.warmup_requests or 2 * args.max_rows,
                                        seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
-            run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], calibration)
+            compiled = compile_seconds()
+            r = run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], calibration)
+            print(f"warm-up {policy} {kind}: {r['wall_s']:.1f} s, {r['compile_steps']} of {r['steps']} steps "
+                  f"compiling ({compile_seconds() - compiled:.1f} s of compilation)", flush=True)
     print(f"warm after {time.perf_counter() - start:.0f} s; ours' step-time model ({calibration.observed} steps): "
           f"switch {calibration.switch * 1e3:.2f} ms, "
           + ", ".join(f"{m} {np.round(c * 1e3, 4).tolist()} ms" for m, c in calibration.coef.items()), flush=True)

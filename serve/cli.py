@@ -194,6 +194,7 @@ def cmd_import_peft(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     from serve.policies import POLICIES
     from valora_jax.lora import BACKENDS
+    from valora_jax.runtime import use_serving_xla_flags
 
     parser = argparse.ArgumentParser(prog="valora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
 
     add_training_commands(sub, _load_model)
     args = parser.parse_args(argv)
+    use_serving_xla_flags()
     _enable_compilation_cache()
     args.func(args)
 

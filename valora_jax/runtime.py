@@ -11,6 +11,7 @@ of times.
 
 import concurrent.futures
 import functools
+import os
 from typing import NamedTuple, Sequence
 
 import jax
@@ -50,6 +51,22 @@ def compile_lowered(lowered, threads: int = 8) -> int:
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda low: low.compile(), lowered))
     return len(lowered)
+
+
+# XLA flags the serving entry points run with: CUDA-graph command buffers make a 7B decode step
+# slower (bench/results/step_overhead.md: 15.2 -> 12.1 ms merged, 21.1 -> 16.2 ms unmerged without them)
+SERVING_XLA_FLAGS = {"--xla_gpu_enable_command_buffer": ""}
+
+
+def use_serving_xla_flags() -> str:
+    """Add each of SERVING_XLA_FLAGS that $XLA_FLAGS does not already set (the user's value wins);
+    the resulting $XLA_FLAGS. XLA reads the flags once per process, so call this before the first
+    computation."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    named = {flag.split("=", 1)[0] for flag in flags}
+    flags += [f"{name}={value}" for name, value in SERVING_XLA_FLAGS.items() if name not in named]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    return os.environ["XLA_FLAGS"]
 
 
 def bucket(n: int, minimum: int = 1) -> int:
