@@ -2,6 +2,8 @@
 # The GPU checks and benchmarks, stage by stage, in as few device calls as possible:
 #   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
 #   bash bench/gpu_session.sh overhead                    (a 7B decode step's host dispatch, XLA flag variants)
+#   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
+#   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
@@ -40,6 +42,9 @@ for stage in "$@"; do
         smoke)   $limit python3 -m bench.gpu_smoke ${SMOKE_KERNELS:+--kernels $SMOKE_KERNELS} ;;
         model)   $limit python3 bench/model_smoke.py --out bench/results/model_smoke ;;
         overhead) $limit python3 bench/step_overhead.py --out bench/results/step_overhead ;;
+        copy)    $limit python3 bench/pallas_copy.py --out bench/results/pallas_copy ;;
+        attention) $limit python3 -m bench.gpu_smoke --kernels attention &&
+                     $limit python3 bench/prefill_attention.py --out bench/results/prefill_attention ;;
         switch)  $limit python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    $limit python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         tune-merge) $limit python3 -m pallas_kernels.tune --merge ;;

@@ -1,9 +1,9 @@
-"""ATMM and the swift merge on the GPU vs the references: the checks of tests/test_atmm.py and
-tests/test_merge.py, compiled for real.
+"""ATMM, the swift merge and prefill attention on the GPU vs the references: the checks of
+tests/test_atmm.py, tests/test_merge.py and tests/test_prefill_attention.py, compiled for real.
 
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
-several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge]
+several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge,attention]
 (exit status 1 on any failure)
 """
 
@@ -16,7 +16,8 @@ import jax
 
 from pallas_kernels import MergeTile, TileConfig
 from pallas_kernels.testing import CASES as BASE_CASES
-from pallas_kernels.testing import MERGE_CASES, Case, MergeCase, check, check_merge
+from pallas_kernels.testing import (ATTENTION_CASES, MERGE_CASES, AttentionCase, Case, MergeCase, check,
+                                    check_attention, check_merge)
 
 CASES = BASE_CASES + [
     # LLaVA-sized
@@ -43,6 +44,13 @@ MERGES = MERGE_CASES + [MergeCase(4096, 11008, 64, 2, dtype="bfloat16"), MergeCa
                         MergeCase(4096, 4096, 16, 2, dtype="bfloat16", tile=MergeTile(128, 128, 8)),
                         MergeCase(4096, 11008, 64, 2, dtype="bfloat16", tile=MergeTile(64, 256, 8, row_tiles=4, stages=3))]
 
+ATTENTION = ATTENTION_CASES + [                                         # LLaVA-sized: 32 heads of 128
+    AttentionCase(2, 512, 4096, 32, 32, 128, "bfloat16"),
+    AttentionCase(1, 1024, 1024, 32, 32, 128, "bfloat16", block_q=128, block_k=128),
+    AttentionCase(3, 300, 2000, 32, 8, 128, "bfloat16", block_q=64, block_k=32),
+    AttentionCase(1, 256, 640, 32, 32, 128, "float32"),
+]
+
 
 def _run(label: str, fn) -> bool:
     t0 = time.perf_counter()
@@ -58,10 +66,10 @@ def _run(label: str, fn) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernels", default="atmm,merge", help="which checks: atmm, merge or both")
-    kernels = set(p.parse_args(argv).kernels.split(","))
-    if not kernels <= {"atmm", "merge"}:
-        p.error(f"unknown kernels {sorted(kernels - {'atmm', 'merge'})}; choose from atmm, merge")
+    p.add_argument("--kernels", default="atmm,merge,attention", help="which checks: atmm, merge, attention")
+    kernels, known = set(p.parse_args(argv).kernels.split(",")), {"atmm", "merge", "attention"}
+    if not kernels <= known:
+        p.error(f"unknown kernels {sorted(kernels - known)}; choose from {', '.join(sorted(known))}")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     results = []
     if "atmm" in kernels:
@@ -69,6 +77,8 @@ def main(argv=None) -> int:
             case, seed=case.tokens + 7, tile=tile, with_base=tile is None)) for case in CASES for tile in TILES]
     if "merge" in kernels:
         results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
+    if "attention" in kernels:
+        results += [_run(str(case), lambda case=case: check_attention(case, seed=case.context)) for case in ATTENTION]
     failures = results.count(False)
     print(f"{failures} failures", flush=True)
     return 1 if failures else 0

@@ -6,7 +6,9 @@
 2. llava-1.5-7b shapes (random bf16 weights, 8 adapters of rank 16): compile time and run time
    of one decode step (64 rows) and one prefill step (4 x 576+64 tokens), so the engine's
    shape buckets can be sized against compile cost; and the decode step's time split into the
-   LoRA branch (unmerged - merged), attention over 640 keys (640 - 16 keys, merged) and the rest.
+   LoRA branch (unmerged - merged), attention over 640 keys (640 - 16 keys, merged) and the rest;
+   the prefill step's LoRA branch (unmerged - merged) and what the flash prefill kernel saves
+   over the reference's dense masked attention (a twin runner with attention "reference").
 
   python bench/model_smoke.py --out bench/results/model_smoke
 """
@@ -87,16 +89,21 @@ def _llava_steps() -> dict:
     cache, dec_short = _time_step(runner, cache, [short], empty)
     cache, pre = _time_step(runner, cache, [prefill], empty)
     cache, both = _time_step(runner, cache, [decode, prefill], empty)
+    cache, pre_dense = _time_step(runner.twin(attention="reference"), cache, [prefill], empty)
     runner.merge(0)
     cache, dec_merged = _time_step(runner, cache, [decode], empty, mode="merged")
     cache, dec_merged_short = _time_step(runner, cache, [short], empty, mode="merged")
+    cache, pre_merged = _time_step(runner, cache, [prefill], empty, mode="merged")
     ms = lambda r: r["step_ms"]
     return {"init_s": init_s, "decode_64": dec, "decode_64_context_16": dec_short, "decode_64_merged": dec_merged,
             "decode_64_merged_context_16": dec_merged_short, "prefill_4x640": pre, "decode_64_plus_prefill": both,
-            # where a 64-row decode step's time goes (differences of the runs above)
+            "prefill_4x640_dense_attention": pre_dense, "prefill_4x640_merged": pre_merged,
+            # where a 64-row decode step's and a 4-row prefill step's time goes (differences of the runs above)
             "decode_64_breakdown_ms": {"lora_branch": ms(dec) - ms(dec_merged),
                                        "attention_over_640_keys": ms(dec_merged) - ms(dec_merged_short),
-                                       "rest_of_step": ms(dec_merged_short)}}
+                                       "rest_of_step": ms(dec_merged_short)},
+            "prefill_4x640_breakdown_ms": {"lora_branch": ms(pre) - ms(pre_merged),
+                                           "flash_saves_over_dense_attention": ms(pre_dense) - ms(pre)}}
 
 
 def main(argv=None):

@@ -15,7 +15,6 @@ adapter's. Reports TB/s = bytes read and written / time.
 import argparse
 import functools
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from jax.experimental.pallas import triton as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import save_result  # noqa: E402
 from pallas_kernels import merge  # noqa: E402
 from pallas_kernels.lora_reference import LoraWeight  # noqa: E402
 from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
@@ -125,11 +125,7 @@ def main(argv=None) -> None:
     result = {"command": "python " + " ".join(sys.argv), "device": device, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "shape": list(SHAPE), "dtype": "bfloat16",
               "copy_bandwidth_TBps": copy_bandwidth() / 1e12, "variants": rates}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(report(result))
-    print(report(result))
+    save_result(args.out, result, report(result))
 
 
 def report(result: dict) -> str:

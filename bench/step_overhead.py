@@ -19,12 +19,17 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import save_result  # noqa: E402
+
 VARIANTS = {
     "default": "",
     "no_command_buffers": "--xla_gpu_enable_command_buffer=",
     "command_buffers_min_size_1": "--xla_gpu_graph_min_graph_size=1",
     "command_buffers_every_kind": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,"
                                   "WHILE,CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+    "command_buffers_without_custom_calls": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN",
 }
 
 
@@ -34,7 +39,6 @@ def measure(preset: str = "llava-1.5-7b") -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from valora_jax import PRESETS, ModelRunner, RowSpec, init_model, init_pages, pack_block, random_adapter
 
     cfg = PRESETS[preset](max_loras=8, max_rank=16)
@@ -112,11 +116,7 @@ def main(argv=None):
                  [f"{r[m][k]:.2f}" for m in ("merged", "unmerged") for k in ("dispatch_ms", "step_ms")]
                  + [f"{r['arguments_only_ms']:.2f}"])
         lines.append(f"| {name} | `{VARIANTS[name]}` | " + " | ".join(cells) + " |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_result(args.out, report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

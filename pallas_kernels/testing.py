@@ -1,4 +1,4 @@
-"""Random ATMM and merge problems and the kernel-vs-reference checks (shared by tests/ and
+"""Random ATMM, merge and prefill-attention problems and the kernel-vs-reference checks (shared by tests/ and
 bench/gpu_smoke.py).
 
 Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
@@ -15,6 +15,7 @@ import numpy as np
 from pallas_kernels.atmm import _lora_delta
 from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
 from pallas_kernels.merge import _merge
+from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from pallas_kernels.tiling import MergeTile, TileConfig, pick_tile
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3}
@@ -194,4 +195,62 @@ MERGE_CASES = [
     MergeCase(128, 128, 128, 5, dtype="bfloat16"),
     MergeCase(96, 64, 24, 3, dtype="float16", tile=MergeTile(32, 32, 2)),      # R not a power of 2
     MergeCase(100, 80, 16, 2, tile=MergeTile(16, 32, 4, row_tiles=3, stages=2)),  # loop over rows, ragged tail
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    """One prefill-attention problem: `rows` rows of `queries` padded query slots over a gathered
+    context of `context` keys, H query and H_kv key/value heads of dim Dh."""
+
+    rows: int
+    queries: int
+    context: int
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    dtype: str = "float32"
+    block_q: int = 64
+    block_k: int = 64
+
+
+def _attention_positions(case: AttentionCase, rng) -> np.ndarray:
+    """Per row, a chunk of consecutive positions starting anywhere in the context (earlier
+    chunks already cached), followed by padding (-1); one row may run past the context."""
+    pos = np.full((case.rows, case.queries), -1, np.int32)
+    for r in range(case.rows):
+        n = int(rng.integers(1, case.queries + 1))
+        start = int(rng.integers(0, max(1, case.context - n + 1)))
+        if r == case.rows - 1 and case.rows > 1:
+            start = case.context - 1                                    # positions past the keys
+        pos[r, :n] = start + np.arange(n)
+    return pos
+
+
+def check_attention(case: AttentionCase, seed: int = 0, interpret: bool = False) -> float:
+    """The prefill-attention kernel against its reference on fresh random data; returns the worst
+    relative error over the real (non-padding) queries. Raises AssertionError on NaN anywhere or
+    an error beyond TOLERANCE[dtype]."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), case.dtype)
+    q = normal(case.rows, case.queries, case.heads, case.head_dim)
+    k, v = (normal(case.rows, case.context, case.kv_heads, case.head_dim) for _ in range(2))
+    positions = jnp.asarray(_attention_positions(case, rng))
+    got = np.asarray(prefill_attention(q, k, v, positions, block_q=case.block_q, block_k=case.block_k,
+                                       interpret=interpret), np.float32)
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(prefill_attention_reference(q, k, v, positions), np.float32)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} NaN in the output"
+    real = np.asarray(positions) >= 0
+    err = float(np.linalg.norm(got[real] - want[real]) / max(np.linalg.norm(want[real]), 1e-30))
+    assert err <= TOLERANCE[case.dtype], f"relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+    return err
+
+
+ATTENTION_CASES = [
+    AttentionCase(1, 1, 16),                                            # one query, one key block
+    AttentionCase(3, 5, 48, block_q=16, block_k=16),                     # ragged Q and C, several blocks
+    AttentionCase(2, 64, 200, heads=4, kv_heads=4, block_k=32),          # C not a power of two
+    AttentionCase(2, 100, 256, heads=8, kv_heads=1, head_dim=16, dtype="bfloat16", block_q=32),
+    AttentionCase(4, 32, 128, heads=2, kv_heads=2, head_dim=32, dtype="float16", block_q=16, block_k=128),
 ]

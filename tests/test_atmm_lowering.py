@@ -54,3 +54,26 @@ def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r, row_tiles, stages)
     fn = jax.jit(functools.partial(_merge, tile=tile, interpret=False))
     text = fn.trace(kernel, w, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("shape, blocks", [((2, 512, 32, 32, 128, 4096), (64, 64)), ((3, 300, 8, 2, 64, 2000), (128, 32)),
+                                           ((1, 1, 4, 4, 16, 16), (64, 64))],
+                         ids=["llava-chunks", "gqa-ragged", "one-query"])
+def test_prefill_attention_lowers_to_triton(shape, blocks):
+    from pallas_kernels.prefill_attention import _prefill_attention
+    rows, queries, heads, kv_heads, head_dim, context = shape
+    q = jnp.zeros((rows, queries, heads, head_dim), jnp.bfloat16)
+    k = jnp.zeros((rows, context, kv_heads, head_dim), jnp.bfloat16)
+    fn = jax.jit(functools.partial(_prefill_attention, block_q=blocks[0], block_k=blocks[1], warps=8, stages=2,
+                                   interpret=False))
+    text = fn.trace(q, k, k, jnp.zeros((rows, queries), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_streaming_bench_kernel_lowers_to_triton(masked):
+    from bench.pallas_copy import pallas_add
+    fn = jax.jit(functools.partial(pallas_add, bm=64, bn=256, warps=4, row_tiles=4, stages=3, masked=masked))
+    text = fn.trace(jnp.zeros((4096, 11008), jnp.bfloat16), jnp.zeros((1,), jnp.bfloat16)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1

@@ -197,21 +197,29 @@ def test_swift_merge_kernel_through_the_runner(loaded):
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(base_before, jax.tree.leaves(fused.params)))
 
 
-def test_paged_attention_kernel_decode_equals_reference(config, loaded):
-    """Decode rows attending through the Pallas paged-attention kernel (interpreted) give the
-    logits of the gather-based reference, for rows of different lengths, padding rows included."""
+def test_attention_kernels_equal_reference(config, loaded):
+    """Prefill chunks through the flash prefill kernel and decode rows through the Pallas
+    paged-attention kernel (both interpreted) give the logits of the gather-based reference at
+    every step: rows of different lengths, a second chunk attending to the first through the
+    cache, padding rows included."""
     rng = np.random.default_rng(10)
     kernel = ModelRunner(loaded.model(), attention="pallas-interpret")
     empty = jnp.zeros((0, config.text.hidden_size))
     seqs = [rng.integers(0, 256, n).astype(np.int32) for n in (5, 17, 30)]
-    pages = [[1, 2], [3, 4, 5], [6, 7, 8, 9]]
-    prefill = pack_block([RowSpec(t[:-1], 0, None, s, p) for t, s, p in zip(seqs, (0, -1, 2), pages)])
-    decode = pack_block([RowSpec(t[-1:], len(t) - 1, None, s, p) for t, s, p in zip(seqs, (0, -1, 2), pages)])
+    slots, pages = (0, -1, 2), [[1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    cut = [2, 9, 20]                                        # first chunk: tokens [0, cut)
+    steps = [pack_block([RowSpec(t[:c], 0, None, s, p) for t, c, s, p in zip(seqs, cut, slots, pages)]),
+             pack_block([RowSpec(t[c:-1], c, None, s, p) for t, c, s, p in zip(seqs, cut, slots, pages)]),
+             pack_block([RowSpec(t[-1:], len(t) - 1, None, s, p) for t, s, p in zip(seqs, slots, pages)])]
     results = []
     for runner in (loaded, kernel):
-        cache = runner.step(init_pages(config.text, 12, config.page_size, jnp.float32), [prefill], empty)[2]
-        results.append(np.asarray(runner.step(cache, [decode], empty)[1][:3]))
-    np.testing.assert_allclose(results[1], results[0], **tol(jnp.float32))
+        cache, logits = init_pages(config.text, 12, config.page_size, jnp.float32), []
+        for block in steps:
+            _, out, cache = runner.step(cache, [block], empty)
+            logits.append(np.asarray(out[:3]))
+        results.append(logits)
+    for got, want in zip(results[1], results[0], strict=True):
+        np.testing.assert_allclose(got, want, **tol(jnp.float32))
     with pytest.raises(ValueError, match="'flash'"):
         ModelRunner(loaded.model(), attention="flash")
 

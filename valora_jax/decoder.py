@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.prefill_attention import prefill_attention
 from valora_jax.config import LoraConfig, TextConfig
 from valora_jax.lora import Linear, LoraContext, project
 
@@ -125,8 +126,9 @@ class DecoderLayer(nnx.Module):
                  attention_backend: str = "reference"):
         """x [T, D] (the blocks' tokens, flattened in order) -> (x, cache).
         cache = (k_pages, v_pages) of this layer, or None when every block is dense.
-        attention_backend: how paged blocks of one token per row (decodes) attend: "reference"
-        gathers their pages, "pallas" runs the paged-attention kernel on them."""
+        attention_backend: how paged blocks attend: "reference" gathers their pages and computes
+        dense masked attention; "pallas" runs the paged-attention kernel on blocks of one token
+        per row (decodes) and the flash prefill kernel on the gathered pages of the others."""
         cfg = self.cfg
         h = self.input_layernorm(x)
         q, k, v = project(h, [self.q_proj, self.k_proj, self.v_proj], ctx)
@@ -152,9 +154,13 @@ class DecoderLayer(nnx.Module):
                     out = paged_decode_attention(qb[:, 0], k_pages, v_pages, blk.page_table, lengths,
                                                  interpret=attention_backend == "pallas-interpret")
                 else:
-                    keys, values = gather_pages(k_pages, blk.page_table), gather_pages(v_pages, blk.page_table)
-                    mask = jnp.arange(keys.shape[1])[None, None, :] <= blk.positions[:, :, None]  # [B, Q, C]
-                    out = attention(qb, keys.astype(q.dtype), values.astype(q.dtype), mask)
+                    keys, values = (gather_pages(p, blk.page_table).astype(q.dtype) for p in (k_pages, v_pages))
+                    if attention_backend == "reference":
+                        mask = jnp.arange(keys.shape[1])[None, None, :] <= blk.positions[:, :, None]  # [B, Q, C]
+                        out = attention(qb, keys, values, mask)
+                    else:
+                        out = prefill_attention(qb, keys, values, blk.positions,
+                                                interpret=attention_backend == "pallas-interpret")
             outputs.append(out.reshape(b * nq, -1))
         x = x + self.o_proj(jnp.concatenate(outputs), ctx)
         h = self.post_attention_layernorm(x)

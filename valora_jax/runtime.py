@@ -131,8 +131,9 @@ class ModelRunner:
     merged = _flat_state("merged", "The merged copies of the targeted weights (an nnx state).")
 
     def __init__(self, model: LMM, *, backend: str = "reference", attention: str = "reference"):
-        """backend: the LoRA branch's (lora.BACKENDS); attention: decode attention's
-        (decoder.ATTENTION_BACKENDS: "pallas" = the paged-attention kernel)."""
+        """backend: the LoRA branch's (lora.BACKENDS); attention: paged attention's
+        (decoder.ATTENTION_BACKENDS: "pallas" = the paged-attention kernel for decode rows and
+        the flash prefill kernel for prefill chunks)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown LoRA backend {backend!r}; expected one of {BACKENDS}")
         if attention not in ATTENTION_BACKENDS:
