@@ -65,3 +65,5 @@ for stage in "$@"; do
     esac 2>&1 | tee "$OUT/$stage.log"
     tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs     # after every stage: a later one may time out
 done
+# the compiled executables this machine holds (what a later call on it skips compiling)
+if [ -d .jax_cache ]; then echo "compilation cache: $(du -sh .jax_cache | cut -f1) in $(ls .jax_cache | wc -l) entries"; fi

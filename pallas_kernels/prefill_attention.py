@@ -92,7 +92,8 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
         (H a multiple of H_kv; Dh a power of two >= 16), all of one float dtype.
       positions: [B, Q] int32, each query's position (< 0: padding).
       block_q, block_k: queries per program and keys per loop step (powers of two >= 16; capped
-        at Q and C rounded up to powers of two, Q and C padded to whole blocks); warps (default 4, 8 for Dh > 64), stages: the launch.
+        at Q and C rounded up to powers of two, Q and C padded to whole blocks).
+      warps (default 4, or 8 for Dh > 64), stages: the launch.
       interpret: run in the Pallas interpreter (CPU tests).
     Returns: [B, Q, H * Dh] in q's dtype.
     Raises: ValueError for inconsistent shapes, dtypes or block sizes.

@@ -37,5 +37,6 @@ def test_report_ranks_variants_and_lists_failures():
 
 def test_grid_names_are_distinct_and_cover_masking():
     names = list(pallas_copy.variants())
-    assert len(names) == len(set(names)) == 1 + 2 * len(pallas_copy.TILES) * len(pallas_copy.WARPS) * len(pallas_copy.LOOPS)
+    launches = len(pallas_copy.TILES) * len(pallas_copy.WARPS) * len(pallas_copy.LOOPS)
+    assert len(names) == len(set(names)) == 1 + 2 * launches
     assert sum(name.endswith("masked") for name in names) == (len(names) - 1) // 2
