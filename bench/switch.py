@@ -4,8 +4,9 @@ Compares, on the same model and adapters in one run, for each merge implementati
 swift-merge Pallas kernel of the pallas backends, XLA's `W + A @ B` of the reference backend):
   fused      ModelRunner.merge: every targeted layer in one jitted call, old buffers donated;
   per-layer  ModelRunner.merge_per_layer: one dispatch per weight (the dLoRA-style switch);
-and the floor: bytes that must move (read W and the adapter's A, B; write W_m) / measured copy
-bandwidth.
+the same fused call with each weight merged as one GEMM whose addend is W (`gemm_addend_merge`,
+what a GEMM epilogue with beta = 1 can do in one pass over W); and the floor: bytes that must
+move (read W and the adapter's A, B; write W_m) / measured copy bandwidth.
 Unmerging costs nothing in valora-jax (base weights are never written); the run also checks
 that both switches give bit-identical merged weights and that the base stays bit-identical.
 
@@ -21,10 +22,12 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pallas_kernels.lora_reference import merge_weight_reference  # noqa: E402
 from pallas_kernels.merge import merge_bytes  # noqa: E402
 from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth  # noqa: E402
@@ -40,6 +43,33 @@ def _timed(fn, runner, slots, repeats):
         runner.wait_merged()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def gemm_addend_merge(kernel, w, slot):
+    """W + (scale A)[:, :rank] @ B[:rank] as one GEMM with W as its addend, bf16 out (the GEMM
+    accumulates in float32; scale A is rounded to W's dtype first)."""
+    keep = (jnp.arange(w.a.shape[-1]) < w.rank[slot]).astype(jnp.float32)
+    a = (w.a[slot].astype(jnp.float32) * (w.scale[slot] * keep)).astype(kernel.dtype)
+    return jnp.dot(a, w.b[slot], preferred_element_type=kernel.dtype) + kernel
+
+
+def _time_gemm_addend(linears, repeats: int) -> tuple[list, float]:
+    """Seconds of each fused GEMM-addend merge of every weight (previous outputs donated), and the
+    max |difference| of a sample of its merged weights from the reference merge."""
+    kernels = [lin.kernel[...] for lin in linears]
+    weights = [lin.lora_weight() for lin in linears]
+    merge_all = jax.jit(lambda old, kernels, weights, slot: [gemm_addend_merge(k, w, slot)
+                                                             for k, w in zip(kernels, weights)], donate_argnums=0)
+    merged = jax.block_until_ready(merge_all([jnp.zeros_like(k) for k in kernels], kernels, weights, jnp.int32(1)))
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        merged = jax.block_until_ready(merge_all(merged, kernels, weights, jnp.int32(i % 2)))
+        times.append(time.perf_counter() - t0)
+    slot = jnp.int32((repeats - 1) % 2)
+    diff = max(float(jnp.max(jnp.abs(merged[i].astype(jnp.float32) - merge_weight_reference(
+        kernels[i], weights[i], slot).astype(jnp.float32)))) for i in range(4))
+    return times, diff
 
 
 def main(argv=None):
@@ -77,9 +107,11 @@ def main(argv=None):
         rows[backend] = {"fused_ms": _stats(t_fused), "per_layer_ms": _stats(t_layer),
                          "fused_equals_per_layer": identical}
 
+    linears = [lin for _, lin in targeted_linears(first.model())]
+    t_gemm, gemm_diff = _time_gemm_addend(linears, args.repeats)
     itemsize = np.dtype(cfg.dtype).itemsize
     moved, tiles = 0, {}
-    for _, lin in targeted_linears(first.model()):
+    for lin in linears:
         moved += merge_bytes(lin.d_in, lin.d_out, args.rank, itemsize)
         tiles[f"{lin.d_in}x{lin.d_out}"] = pick_merge_tile(lin.d_in, lin.d_out, args.rank).to_dict()
     bandwidth = copy_bandwidth()
@@ -87,6 +119,8 @@ def main(argv=None):
     base_exact = all(np.array_equal(a, np.asarray(b)) for a, b in zip(base, jax.tree.leaves(first.params)[:4]))
     agree = {b: max(float(np.max(np.abs(x.astype(np.float32) - y.astype(np.float32))))
                     for x, y in zip(merged[backends[0]], merged[b])) for b in backends[1:]}
+    gemm = {"fused_ms": _stats(t_gemm), "max_abs_diff_vs_reference": gemm_diff}
+    gemm["fused_over_floor"] = gemm["fused_ms"]["median"] / floor_ms
     for row in rows.values():
         row["fused_over_floor"] = row["fused_ms"]["median"] / floor_ms
         row["per_layer_over_floor"] = row["per_layer_ms"]["median"] / floor_ms
@@ -97,7 +131,7 @@ def main(argv=None):
         "preset": args.preset, "rank": args.rank, "targeted_weights": len(first.module_shapes),
         "bytes_moved": moved, "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms, "unmerge_ms": 0.0,
         "backends": rows, f"max_abs_diff_vs_{backends[0]}": agree, "base_bit_identical": base_exact,
-        "merge_tiles": tiles,
+        "merge_tiles": tiles, "gemm_addend": gemm,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,10 +145,13 @@ def main(argv=None):
         lines += [f"| fused (one call, donated) | {what} | {row['fused_ms']['median']:.2f} | {row['fused_over_floor']:.2f}x |",
                   f"| per layer (dLoRA-style) | {what} | {row['per_layer_ms']['median']:.2f} | "
                   f"{row['per_layer_over_floor']:.2f}x |"]
-    lines += ["| unmerge | - | 0 (base never written) | - |", "",
+    lines += [f"| fused (one call, donated) | XLA, one GEMM with W as its addend | {gemm['fused_ms']['median']:.2f} | "
+              f"{gemm['fused_over_floor']:.2f}x |",
+              "| unmerge | - | 0 (base never written) | - |", "",
               "fused == per-layer bit for bit: " + ", ".join(f"{b} {r['fused_equals_per_layer']}" for b, r in rows.items())
               + f"; merged weights, max |difference| vs {backends[0]}: {agree}; base bit-identical after all "
-              f"switches: {base_exact}", "",
+              f"switches: {base_exact}; GEMM-addend merge, max |difference| vs the reference merge: "
+              f"{gemm_diff:.3g}", "",
               "swift-merge tiles (block_m, block_n, warps, row_tiles, stages) by weight shape: "
               + ", ".join(f"{k} {tuple(t.values())}" for k, t in tiles.items())]
     table = "\n".join(lines)
