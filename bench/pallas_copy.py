@@ -76,12 +76,10 @@ def pallas_add(x, t, *, bm: int, bn: int, warps: int, row_tiles: int, stages: in
     )(x, t)
 
 
-def variants(masked_too: bool = True) -> dict:
+def variants() -> dict:
     """{name: fn(x, t)}: XLA and every Pallas launch of the grid."""
     out = {"xla": lambda x, t: x + t}
     for (bm, bn), warps, (row_tiles, stages), masked in itertools.product(TILES, WARPS, LOOPS, (False, True)):
-        if masked and not masked_too:
-            continue
         name = f"pallas {bm}x{bn} w{warps} rows{row_tiles} s{stages}{' masked' if masked else ''}"
         out[name] = functools.partial(pallas_add, bm=bm, bn=bn, warps=warps, row_tiles=row_tiles, stages=stages,
                                       masked=masked)

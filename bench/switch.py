@@ -14,7 +14,6 @@ that both switches give bit-identical merged weights and that the base stays bit
 """
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import save_result  # noqa: E402
 from pallas_kernels.lora_reference import merge_weight_reference  # noqa: E402
 from pallas_kernels.merge import merge_bytes  # noqa: E402
 from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
@@ -133,9 +133,6 @@ def main(argv=None):
         "backends": rows, f"max_abs_diff_vs_{backends[0]}": agree, "base_bit_identical": base_exact,
         "merge_tiles": tiles, "gemm_addend": gemm,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = [f"# Mode switch on {args.preset} shapes (rank {args.rank}), {result['device']}, jax {jax.__version__}",
              "", f"`{result['command']}`", "",
              "| switch | merge by | median ms | vs floor |", "| --- | --- | --- | --- |",
@@ -154,9 +151,7 @@ def main(argv=None):
               f"{gemm_diff:.3g}", "",
               "swift-merge tiles (block_m, block_n, warps, row_tiles, stages) by weight shape: "
               + ", ".join(f"{k} {tuple(t.values())}" for k, t in tiles.items())]
-    table = "\n".join(lines)
-    out.with_suffix(".md").write_text(table + "\n")
-    print(table)
+    save_result(args.out, result, "\n".join(lines) + "\n")
 
 
 def _stats(times) -> dict:

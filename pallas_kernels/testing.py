@@ -1,5 +1,5 @@
-"""Random ATMM, merge and prefill-attention problems and the kernel-vs-reference checks (shared by tests/ and
-bench/gpu_smoke.py).
+"""Random ATMM, merge and prefill-attention problems and the kernel-vs-reference checks (shared
+by tests/ and bench/gpu_smoke.py).
 
 Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
 (a kernel that reads it fails), slot 0 of every pool may be empty (rank 0), token layouts mimic

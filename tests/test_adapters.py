@@ -146,8 +146,10 @@ def test_evict_all_forgets_placements_but_refuses_while_pinned():
     pool, slots, _ = _pool()
     pool.acquire(["a0", "a1"])
     pool.stage("a3")
+    pool.pin("a1")
+    pool.unpin("a1")                                   # no longer pinned: not named
     pool.pin("a0")
-    with pytest.raises(ValueError, match="a0"):
+    with pytest.raises(ValueError, match=r"adapters \[\('a0', 1\)\] are pinned"):
         pool.evict_all()
     assert pool.resident == {("a0", 1): 0, ("a1", 1): 1} and pool._staged
     pool.unpin("a0")

@@ -244,8 +244,8 @@ class AdapterPool:
     def evict_all(self) -> None:
         """Forget every slot placement and staged copy, as if the device held no adapter (no
         device write: a slot is rewritten before its next use). ValueError while any is pinned."""
-        if +self._pinned:
-            raise ValueError(f"adapters {sorted(self._pinned)} are pinned (in use); nothing was evicted")
+        if pinned := +self._pinned:                       # keys with a positive pin count
+            raise ValueError(f"adapters {sorted(pinned)} are pinned (in use); nothing was evicted")
         self._slots = [None] * len(self._slots)
         self._lru.clear()
         self._staged.clear()
