@@ -10,12 +10,14 @@ its step-time model from the warm-up (a server's calibration), copied afresh int
   python bench/e2e.py --preset llava-1.5-7b --backend pallas --adapters 32 --out bench/results/e2e
 
 Results are rewritten after every workload; `--append` keeps the runs already in OUT.json and
-runs only the missing workloads, so a grid can be measured over several calls (`--deadline-s`).
+runs only the missing workloads, so a grid can be measured over several calls (`--deadline-s`),
+and lets processes that each serve a share of the grid on their own GPU write the same files.
 """
 
 import argparse
 import copy
 import dataclasses
+import fcntl
 import itertools
 import json
 import math
@@ -183,15 +185,12 @@ def main(argv=None):
 
     out = Path(args.out).with_suffix(".json")
     previous = json.loads(out.read_text()) if args.append and out.exists() else {"meta": {}, "runs": []}
-    results = previous["runs"]
-    commands = previous["meta"].get("commands", []) + ["python " + " ".join(sys.argv)]
+    done = {_workload_key(r) for r in previous["runs"]}
     terms = ("fixed_s", "per_token_s", "per_lora_token_s", "per_adapter_s")
-    calibrations = previous["meta"].get("calibrations", []) + [   # ours' step-time model after this call's warm-up
-        {"observed_steps": calibration.observed, "switch_s": calibration.switch,
-         **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]
-    done = {_workload_key(r) for r in results}
-    logs = json.loads(Path(args.step_log).read_text())["runs"] if args.step_log and args.append \
-        and Path(args.step_log).exists() else []
+    meta = {"commands": ["python " + " ".join(sys.argv)],
+            "calibrations": [{"observed_steps": calibration.observed, "switch_s": calibration.switch,   # ours'
+                              **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]}
+    results, logs = [], []
     grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
                              [float(r) for r in args.rates.split(",")])
     for kind, arrival, popularity, rate in grid:
@@ -211,32 +210,57 @@ def main(argv=None):
                 if not r["compile_steps"]:
                     break
             r.update(dataclasses.asdict(w), backend=backends[policy])
-            log = r.pop("log")
-            if args.step_log:
-                logs.append({**{k: r[k] for k in ("kind", "arrival", "popularity", "rate", "policy")}, **log})
+            logs.append({**{k: r[k] for k in _RUN_KEY}, **r.pop("log")})
             results.append(r)
             print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                   f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                   f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)", flush=True)
-        _write(out, results, commands, calibrations, args)      # after every workload: a later one may be cut off
-        if args.step_log:
-            fields = {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
-                      "requests": [f.name for f in dataclasses.fields(RequestMetrics)]}
-            Path(args.step_log).write_text(json.dumps({"fields": fields, "runs": logs}))
+        _save(out, results, meta, logs, args)      # after every workload: a later one may be cut off
+
+
+_RUN_KEY = ("kind", "arrival", "popularity", "rate", "num_requests", "seed", "policy")
 
 
 def _workload_key(run: dict) -> tuple:
-    return tuple(run[k] for k in ("kind", "arrival", "popularity", "rate", "num_requests", "seed"))
+    return tuple(run[k] for k in _RUN_KEY[:-1])
 
 
-def _write(out: Path, results: list, commands: list, calibrations: list, args) -> None:
-    report = _report(results, commands, args)
-    report["meta"]["calibrations"] = calibrations
+def _merged(saved: list, mine: list) -> list:
+    """`saved` runs with `mine` added (replacing any of the same workload and policy), in grid order."""
+    runs = {tuple(r[k] for k in _RUN_KEY): r for r in saved + mine}
+    order = lambda r: (KINDS.index(r["kind"]), ARRIVALS.index(r["arrival"]), POPULARITY.index(r["popularity"]),
+                       r["rate"], list(POLICIES).index(r["policy"]))
+    return sorted(runs.values(), key=order)
+
+
+def _save(out: Path, results: list, meta: dict, logs: list, args) -> None:
+    """Write this process's runs merged into OUT.json/.md/.png and its steps into the step log. With
+    --append, what the files hold is read again under a lock and kept, so that several processes
+    (one a GPU, each given a share of the grid) can write the same files."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": report["meta"], "ratios": report["ratios"], "runs": results}, indent=2))
-    out.with_suffix(".md").write_text(report["table"])
-    _plot(results, out.with_suffix(".png"))
+    with open(out.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        read = lambda path, empty: json.loads(path.read_text()) if args.append and path.exists() else empty
+        saved = read(out, {"meta": {}, "runs": []})
+        union = lambda key: saved["meta"].get(key, []) + [x for x in meta[key] if x not in saved["meta"].get(key, [])]
+        runs = _merged(saved["runs"], results)
+        report = _report(runs, union("commands"), args)
+        report["meta"]["calibrations"] = union("calibrations")
+        _write_atomic(out, json.dumps({"meta": report["meta"], "ratios": report["ratios"], "runs": runs}, indent=2))
+        _write_atomic(out.with_suffix(".md"), report["table"])
+        _plot(runs, out.with_suffix(".png"))
+        if args.step_log:
+            path = Path(args.step_log)
+            fields = {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
+                      "requests": [f.name for f in dataclasses.fields(RequestMetrics)]}
+            _write_atomic(path, json.dumps({"fields": fields, "runs": _merged(read(path, {"runs": []})["runs"], logs)}))
     print(report["table"], flush=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _report(results, commands, args) -> dict:

@@ -9,6 +9,10 @@
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison; each call
 #                                                          adds the workloads bench/results/e2e.json lacks)
+#   bash bench/gpu_session.sh e2e-start e2e-wait          (the same, one process a GPU in the background, each
+#                                                          adding its share of the grid, E2E_ARGS_<gpu>; it
+#                                                          outlives the call, and calls of e2e-wait that follow
+#                                                          while the machine is warm bring its results back)
 #   bash bench/gpu_session.sh train   (resumable: unpack $OUT/checkpoints.tar.* here, carry checkpoints/.work)
 # Packages the GPU machine lacks come as wheels in the git-ignored .whl/ (carry it): grain and its
 # needs in .whl/ (installed into /tmp/site first), tokamax and its needs in .whl/tokamax/ (installed
@@ -25,10 +29,13 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}   # the GPU is ours alone
 OUT=${OUT:-/tmp/valora-gpu}
 mkdir -p "$OUT" bench/results
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
-        export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit
+if ls .whl/*.whl >/dev/null 2>&1; then            # once a machine: sessions may run side by side, one a GPU
+    [ -e /tmp/site/.installed ] ||
+        { python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
+              touch /tmp/site/.installed; } || exit
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+E2E_DIR=/tmp/valora-e2e     # the background e2e's results, outside the repo (each call's copy of it replaces tracked files)
 python3 -c 'import jax; print(jax.__version__, jax.devices())'
 # SESSION_DEADLINE_S: interrupt a stage this many seconds after the session began (set it below the
 # device call's limit), so that what it saved so far is still packed below
@@ -61,6 +68,20 @@ for stage in "$@"; do
                      split -b 15M - "$OUT/checkpoints.tar." ;;
         e2e)     $limit python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e \
                      --append --deadline-s "${E2E_DEADLINE_S:-480}" --step-log "$OUT/e2e_steps.json" ${E2E_ARGS:-} ;;
+        e2e-start) mkdir -p $E2E_DIR
+                 [ -e $E2E_DIR/e2e.json ] || [ ! -e bench/results/e2e.json ] || cp bench/results/e2e.json $E2E_DIR/
+                 for gpu in $(seq 0 $(($(nvidia-smi -L | wc -l) - 1))); do
+                     share=E2E_ARGS_$gpu
+                     CUDA_VISIBLE_DEVICES=$gpu setsid nohup python3 bench/e2e.py --preset llava-1.5-7b --backend pallas \
+                         --out $E2E_DIR/e2e --append --step-log $E2E_DIR/e2e_steps.json ${E2E_ARGS:-} ${!share:-} \
+                         </dev/null >$E2E_DIR/gpu$gpu.log 2>&1 &
+                     echo "e2e on GPU $gpu: ${E2E_ARGS:-} ${!share:-}"
+                 done ;;
+        e2e-wait) while pgrep -f bench/e2e.py >/dev/null && [ $((deadline - SECONDS)) -gt 20 ]; do sleep 5; done
+                 pgrep -f bench/e2e.py >/dev/null && echo "e2e still running" || echo "e2e ended"
+                 tail -n 12 $E2E_DIR/gpu*.log
+                 cp $E2E_DIR/e2e.json $E2E_DIR/e2e.md $E2E_DIR/e2e.png bench/results/
+                 tar czf "$OUT/e2e_logs.tgz" -C $E2E_DIR $(cd $E2E_DIR && ls gpu*.log e2e_steps.json) ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"
     tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs     # after every stage: a later one may time out

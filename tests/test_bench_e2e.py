@@ -30,7 +30,33 @@ def test_e2e_serves_every_request_and_appends_only_missing_workloads(tmp_path):
 
     e2e.main(ARGS + ["--rates", "16,8", "--out", str(out), "--step-log", str(log), "--append"])
     second = json.loads(out.with_suffix(".json").read_text())
-    assert [(r["policy"], r["rate"]) for r in second["runs"]] == [("ours", 16.0), ("unmerged", 16.0),
-                                                                 ("ours", 8.0), ("unmerged", 8.0)]
-    assert second["runs"][:2] == first["runs"] and len(second["meta"]["commands"]) == 2
+    assert [(r["policy"], r["rate"]) for r in second["runs"]] == [("ours", 8.0), ("unmerged", 8.0),
+                                                                 ("ours", 16.0), ("unmerged", 16.0)]
+    assert second["runs"][2:] == first["runs"] and len(second["meta"]["calibrations"]) == 2
     assert len(json.loads(log.read_text())["runs"]) == 4
+
+
+def _run(policy, rate, kind="vqa"):
+    latency = {"mean": 1.0 if policy == "ours" else 2.0, "p99": 3.0}
+    return {"kind": kind, "arrival": "poisson", "popularity": "hot80", "rate": rate, "num_requests": 3, "seed": 0,
+            "policy": policy, "token_latency": latency, "latency": latency, "ttft": latency, "cold_p99": 1.0,
+            "throughput_rps": 1.0, "mode_steps": {"merged": 0, "mixture": 0, "unmerged": 1}, "switches": 0,
+            "compile_steps": 0}
+
+
+def test_processes_sharing_the_results_keep_each_others_runs(tmp_path):
+    """Two processes (one a GPU) save into one file with --append: each save keeps the other's runs,
+    replaces its own, and the table lists them in grid order."""
+    out = tmp_path / "e2e.json"
+    args = e2e.argparse.Namespace(append=True, step_log=None, preset="tiny", policies="ours,unmerged")
+    video = [_run("ours", 4.0, "video"), _run("unmerged", 4.0, "video")]
+    e2e._save(out, video, {"commands": ["video"], "calibrations": [{"a": 1}]}, [], args)
+    e2e._save(out, [_run("unmerged", 2.0), _run("ours", 2.0)], {"commands": ["vqa"], "calibrations": [{"a": 2}]},
+              [], args)
+    redone = dict(_run("ours", 4.0, "video"), cold_p99=0.5)
+    e2e._save(out, [redone], {"commands": ["video"], "calibrations": [{"a": 1}]}, [], args)
+    saved = json.loads(out.read_text())
+    assert [(r["kind"], r["policy"], r["cold_p99"]) for r in saved["runs"]] == [
+        ("vqa", "ours", 1.0), ("vqa", "unmerged", 1.0), ("video", "ours", 0.5), ("video", "unmerged", 1.0)]
+    assert saved["meta"]["commands"] == ["video", "vqa"] and saved["meta"]["calibrations"] == [{"a": 1}, {"a": 2}]
+    assert saved["ratios"]["unmerged"]["geomean_ours_over_base"] == 0.5
