@@ -4,8 +4,9 @@ For each workload (kind, arrival process, rate, adapter popularity) and each pol
 Engine replays the same trace (bench/workloads.py: real-time steps, idle gaps skipped) and
 reports average token latency (latency / output tokens, V-LoRA's metric), average and p99
 request latency, TTFT, throughput, and p99 latency of requests to cold (non-hot) adapters.
-Ratios of ours to each baseline are computed per workload and as geometric means. Ours keeps
-its step-time model from the warm-up (a server's calibration), copied afresh into each run.
+Ratios of ours to each baseline are computed per workload and as geometric means. Ours starts
+each run from a copy of the step-time model that a probe schedule measured after the warm-up (a
+server's start-up calibration), and refines it online as it serves.
 
   python bench/e2e.py --preset llava-1.5-7b --backend pallas --adapters 32 --out bench/results/e2e
 
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
-from serve.policies import POLICIES, CostModel, VLoRAPolicy  # noqa: E402
+from serve.policies import POLICIES, CostModel, Policy, ProbePolicy, VLoRAPolicy  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, init_pages, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
 from valora_jax.runtime import compile_lowered, compile_seconds, use_serving_xla_flags  # noqa: E402
@@ -72,24 +73,22 @@ def _p99(values):
     return float(np.percentile(values, 99)) if len(values) else None
 
 
-def run_one(runner, pool, policy: str, trace, engine_config: EngineConfig, hot: str,
-            cost: CostModel | None = None) -> dict:
-    """Replay `trace` on a fresh engine under `policy`; ours uses `cost` as its step-time model
-    (a server's calibration, kept across requests) when given."""
+def run_one(runner, pool, policy: Policy, trace, engine_config: EngineConfig, hot: str, cache=None) -> tuple:
+    """Replay `trace` on a fresh engine under `policy`, serving from the KV pages `cache` when given
+    (one allocation for every run: 34 GB at 7B, which freed and allocated again between runs would
+    fragment the device memory). -> (summary, the KV pages)."""
     clock = SkippingClock()
-    chosen = VLoRAPolicy(cost=cost) if policy == "ours" and cost is not None else policy
     pool.evict_all()                     # every run starts with no adapter on the device
-    engine = Engine(runner, pool, config=engine_config, policy=chosen, clock=clock)
+    engine = Engine(runner, pool, config=engine_config, policy=policy, clock=clock, cache=cache)
     start = time.perf_counter()
     ids = replay(engine, trace, clock)
     summary = engine.summary()
     cold = [m.latency for m in engine.request_metrics if m.adapter != hot and m.latency is not None]
-    summary.update(policy=policy, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
+    summary.update(policy=policy.name, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
                    completed=sum(engine.result(i) is not None for i in ids))
     summary["log"] = {"steps": [dataclasses.astuple(s) for s in engine.step_metrics],
                       "requests": [dataclasses.astuple(m) for m in engine.request_metrics]}
-    engine.cache = None                  # the KV pages (34 GB at 7B) go now, not at garbage collection
-    return summary
+    return summary, engine.cache
 
 
 def main(argv=None):
@@ -108,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--warmup-requests", type=int, default=0,
                     help="requests of each policy's and kind's warm-up trace (default: 2 x --max-rows)")
+    ap.add_argument("--probe-requests", type=int, default=48,
+                    help="requests of each kind's probe trace, which measures ours' step-time model")
     ap.add_argument("--max-rows", type=int, default=32)
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
@@ -164,21 +165,29 @@ def main(argv=None):
     n = compile_lowered(lowered, threads=args.compile_threads)
     print(f"{n} step variants of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
           f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)
-    # ours' step-time model is fitted through its warm-up runs, as a long-running server's would be, and
-    # every measured run of ours starts from a copy of it
-    # (a step's first run loads its executable, which counts as compiling and is not observed: ours
-    # replays its warm-up once more, last, to fit its model on steps that ran at full speed)
-    calibration = CostModel()
+    # ours' step-time model is measured as a server measures its own at start-up: a probe schedule
+    # runs every mode over a trace of each kind (after the warm-ups, so that no step it observes
+    # loads an executable), and every measured run of ours starts from a copy of the model
+    calibration, kv = CostModel(), None
     policies = args.policies.split(",")
-    for policy in policies + (["ours"] if "ours" in policies else []):
+    make_policy = lambda name: VLoRAPolicy(cost=copy.deepcopy(calibration)) if name == "ours" else POLICIES[name]()
+    for policy in policies:
         for kind in args.kinds.split(","):
             warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", args.warmup_requests or 2 * args.max_rows,
                                        seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
             compiled = compile_seconds()
-            r = run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], calibration)
+            r, kv = run_one(*serving[backends[policy]], make_policy(policy), warm, engine_config, names[0], kv)
             print(f"warm-up {policy} {kind}: {r['wall_s']:.1f} s, {r['compile_steps']} of {r['steps']} steps "
                   f"compiling ({compile_seconds() - compiled:.1f} s of compilation)", flush=True)
+    if "ours" in policies:
+        for kind in args.kinds.split(","):
+            probe = make_trace(Workload(kind, 16.0, "poisson", "hot50", args.probe_requests, seed=98),
+                               names, size, headed)
+            probe = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 32))) for t, r in probe]
+            r, kv = run_one(*serving[args.backend], ProbePolicy(calibration), probe, engine_config, names[0], kv)
+            print(f"probe {kind}: {r['wall_s']:.1f} s, steps {r['mode_steps']}, {r['compile_steps']} compiling",
+                  flush=True)
     print(f"warm after {time.perf_counter() - start:.0f} s; ours' step-time model ({calibration.observed} steps): "
           f"switch {calibration.switch * 1e3:.2f} ms, "
           + ", ".join(f"{m} {np.round(c * 1e3, 4).tolist()} ms" for m, c in calibration.coef.items()), flush=True)
@@ -204,8 +213,7 @@ def main(argv=None):
         trace = make_trace(w, names, size, headed)
         for policy in args.policies.split(","):
             for attempt in range(1, 4):      # a shape the warm-up missed compiled: measure again
-                r = run_one(*serving[backends[policy]], policy, trace, engine_config, names[0],
-                            copy.deepcopy(calibration))
+                r, kv = run_one(*serving[backends[policy]], make_policy(policy), trace, engine_config, names[0], kv)
                 r["attempts"] = attempt
                 if not r["compile_steps"]:
                     break

@@ -137,14 +137,22 @@ class ImageCache:
 
 class Engine:
     def __init__(self, runner: ModelRunner, pool: AdapterPool, *, config: EngineConfig = EngineConfig(),
-                 policy: Policy | str = "ours", tokenizer=None, clock: Callable[[], float] = time.perf_counter):
+                 policy: Policy | str = "ours", tokenizer=None, clock: Callable[[], float] = time.perf_counter,
+                 cache=None):
+        """`cache`: KV pages to serve from (init_pages of this config's num_pages), such as those of
+        an engine that is done (`engine.cache`), whose contents are never read before written;
+        new pages when None."""
         self.runner, self.pool, self.config, self.clock = runner, pool, config, clock
         self.policy = POLICIES[policy]() if isinstance(policy, str) else policy
         self.cost: CostModel = getattr(self.policy, "cost", None) or CostModel()
         self.tokenizer = tokenizer or ByteTokenizer()
         cfg = runner.config
         self.allocator = PageAllocator(config.num_pages, cfg.page_size)
-        self.cache = init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype))
+        pages = lambda: init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype))
+        shapes = lambda tree: [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
+        if cache is not None and shapes(cache) != shapes(jax.eval_shape(pages)):
+            raise ValueError(f"cache does not match {config.num_pages} pages of this model: {shapes(cache)[:2]}...")
+        self.cache = pages() if cache is None else cache
         self.images = ImageCache(config.image_cache_size)
         self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras)
         self._sample = make_sampler(self.tokenizer.vocab_size, config.min_rows)

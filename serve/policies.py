@@ -7,7 +7,8 @@ Every policy answers `decide(state) -> Decision` from a snapshot of the live req
   unmerged           always unmerged, chunked prefill mixed with decodes, adaptive tiles (the
                      schedule of S-LoRA on our kernel: what ours gains by orchestration alone);
   slora              the same schedule on the static-tile kernel;
-  punica             always unmerged, static-tile kernel, prefill steps separate from decodes;
+  punica             always unmerged, static-tile kernel, prefill steps separate from decodes,
+                     new prompts admitted while the running batch has room;
   dlora              merge the top adapter when its requests >= alpha * batch, unmerge when
                      <= beta * batch; no mixture; layer-by-layer switch;
   merged             one adapter at a time, merged, first come first served by adapter.
@@ -185,13 +186,16 @@ class SLoRAPolicy(UnmergedPolicy):
 
 
 class PunicaPolicy(Policy):
-    """Prefill steps (whole prompts, up to the token budget) run apart from decode steps."""
+    """Prefill steps (whole prompts, up to the token budget) run apart from decode steps; a
+    prefill starts only while fewer than max_rows requests are decoding (the running batch)."""
 
     name = "punica"
     static_tiles = True
 
     def decide(self, state):
-        rows = pack(state, decode=False, chunk=state.limits.token_budget)
+        room = state.limits.max_rows - sum(s.pending == 1 for s in state.seqs)
+        rows = pack(dataclasses.replace(state, limits=dataclasses.replace(state.limits, max_rows=room)),
+                    decode=False, chunk=state.limits.token_budget) if room > 0 else ()
         return Decision("unmerged", None, rows or pack(state, prefill=False))
 
 
@@ -298,6 +302,26 @@ class VLoRAPolicy(Policy):
                 if dl < best_dl:
                     best, best_dl = Decision(mode, a, rows), dl
         return best
+
+
+class ProbePolicy(Policy):
+    """A calibration schedule, not a serving policy: steps cycle through unmerged, merged(a) and
+    mixture(a) for the top adapter, so that `cost` (which the engine feeds every step) measures
+    each mode at the batch shapes of the trace it runs, as a server does at start-up before ours
+    schedules with that model. Switches are merges of the same (top) adapter, so they are rare."""
+
+    name = "probe"
+
+    def __init__(self, cost: CostModel):
+        self.cost, self._steps = cost, 0
+
+    def decide(self, state):
+        mode, self._steps = MODES[self._steps % len(MODES)], self._steps + 1
+        a = _top_adapter(state.seqs)
+        if mode == "unmerged" or a is None:
+            return Decision("unmerged", None, pack(state))
+        rows = pack(state, eligible=lambda s: s.adapter == a) if mode == "merged" else pack(state, reserved=[a])
+        return Decision(mode, a, rows)
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {

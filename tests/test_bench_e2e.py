@@ -12,8 +12,8 @@ from bench import e2e  # noqa: E402
 
 ARGS = ["--preset", "tiny", "--backend", "reference", "--attention", "reference", "--policies", "ours,unmerged",
         "--kinds", "vqa", "--arrivals", "poisson", "--popularity", "hot80", "--requests", "3",
-        "--warmup-requests", "2", "--adapters", "3", "--max-loras", "4", "--ranks", "8,16", "--num-pages", "256",
-        "--max-rows", "2", "--prefill-chunk", "32", "--token-budget", "64", "--min-rows", "2",
+        "--warmup-requests", "2", "--probe-requests", "4", "--adapters", "3", "--max-loras", "4", "--ranks", "8,16",
+        "--num-pages", "256", "--max-rows", "2", "--prefill-chunk", "32", "--token-budget", "64", "--min-rows", "2",
         "--min-prefill-tokens", "32", "--min-pages", "16", "--min-features", "0", "--compile-threads", "2"]
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import random_image
 from serve.engine import Engine, EngineConfig, Overloaded
-from serve.policies import POLICIES, Decision, Policy, pack
+from serve.policies import POLICIES, CostModel, Decision, Policy, ProbePolicy, pack
 from valora_jax import Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
 
@@ -65,6 +65,26 @@ def test_mode_switches_mid_stream_do_not_change_outputs(generator, expected):
         assert got.token_ids == want.token_ids
     modes = engine.summary()["mode_steps"]
     assert modes["merged"] and modes["mixture"] and modes["unmerged"] and engine.summary()["switches"] > 2
+
+
+def test_probe_schedule_measures_every_mode_without_changing_outputs(generator, expected):
+    cost = CostModel()
+    engine = _engine(generator, ProbePolicy(cost))
+    for want, got in zip(expected, engine.generate(_requests(10))):
+        assert got.token_ids == want.token_ids
+    modes = engine.summary()["mode_steps"]
+    assert all(modes[m] for m in MODES) and cost.observed == sum(modes.values()) - engine.summary()["compile_steps"]
+
+
+def test_an_engine_serves_from_the_pages_of_one_that_is_done(generator, expected):
+    """Reused KV pages hold the previous engine's keys and values: never read before written."""
+    first = _engine(generator, "unmerged")
+    first.generate(_requests(10, offset=10))
+    second = Engine(generator.runner, generator.pool, config=SMALL, policy="ours", cache=first.cache)
+    for want, got in zip(expected, second.generate(_requests(10))):
+        assert got.token_ids == want.token_ids
+    with pytest.raises(ValueError, match="cache does not match 32 pages"):
+        Engine(generator.runner, generator.pool, config=dataclasses.replace(SMALL, num_pages=32), cache=second.cache)
 
 
 def test_padded_shapes_change_nothing(generator, expected):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, PunicaPolicy, SchedulerState,
-                            SeqView, SLoRAPolicy, UnmergedPolicy, VLoRAPolicy, pack)
+from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, ProbePolicy, PunicaPolicy,
+                            SchedulerState, SeqView, SLoRAPolicy, UnmergedPolicy, VLoRAPolicy, pack)
 
 LIMITS = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters=3)
 
@@ -32,6 +32,20 @@ def test_slora_and_punica():
     punica = PunicaPolicy().decide(state)
     assert punica.mode == "unmerged" and punica.rows == (("r1", 40),)       # whole prompt, alone
     assert PunicaPolicy().decide(_state([("a", 1), ("c", 1)])).rows == (("r0", 1), ("r1", 1))
+    # with 7 of 8 rows decoding, one prompt starts; with all 8 decoding, none does
+    seven = PunicaPolicy().decide(_state([("a", 1)] * 7 + [("b", 40), ("c", 30)]))
+    assert seven.rows == (("r7", 40),)
+    full = PunicaPolicy().decide(_state([("a", 1)] * 8 + [("b", 40)]))
+    assert full.rows == tuple((f"r{i}", 1) for i in range(8))
+
+
+def test_probe_cycles_through_the_modes_on_the_top_adapter():
+    probe = ProbePolicy(CostModel())
+    state = _state([("a", 1), ("b", 1), ("a", 1), (None, 1)])
+    decisions = [probe.decide(state) for _ in range(4)]
+    assert [(d.mode, d.merged_adapter) for d in decisions] == [
+        ("unmerged", None), ("merged", "a"), ("mixture", "a"), ("unmerged", None)]
+    assert decisions[1].rows == (("r0", 1), ("r2", 1)) and len(decisions[2].rows) == 4
 
 
 def test_dlora_merges_at_alpha_and_unmerges_at_beta():
