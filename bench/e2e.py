@@ -111,7 +111,8 @@ def main(argv=None):
                     help="requests of each kind's probe trace, which measures ours' step-time model")
     ap.add_argument("--max-rows", type=int, default=32)
     ap.add_argument("--token-budget", type=int, default=2048)
-    ap.add_argument("--prefill-chunk", type=int, default=1024)
+    ap.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="longest prefill chunk of one request per step (the token budget: the oldest prompt first)")
     ap.add_argument("--num-pages", type=int, default=4096)
     ap.add_argument("--min-rows", type=int, default=32, help="pad decode blocks to >= this many rows (fewer compiles)")
     ap.add_argument("--min-prefill-tokens", type=int, default=512, help="pad prefill rows to >= this many tokens")
