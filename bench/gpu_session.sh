@@ -35,6 +35,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then            # once a machine: sessions may
               touch /tmp/site/.installed; } || exit
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+E2E="python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --append"
 E2E_DIR=/tmp/valora-e2e     # the background e2e's results, outside the repo (each call's copy of it replaces tracked files)
 python3 -c 'import jax; print(jax.__version__, jax.devices())'
 # SESSION_DEADLINE_S: interrupt a stage this many seconds after the session began (set it below the
@@ -66,22 +67,22 @@ for stage in "$@"; do
                  skip=$([ -e checkpoints/.work/pretrain_done.json ] && echo checkpoints/.work/pretrain)  # done: not needed to resume
                  tar cf - ${skip:+--exclude=$skip} checkpoints bench/results/adapter_generation.* 2>/dev/null |
                      split -b 15M - "$OUT/checkpoints.tar." ;;
-        e2e)     $limit python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --out bench/results/e2e \
-                     --append --deadline-s "${E2E_DEADLINE_S:-480}" --step-log "$OUT/e2e_steps.json" ${E2E_ARGS:-} ;;
+        e2e)     $limit $E2E --out bench/results/e2e --deadline-s "${E2E_DEADLINE_S:-480}" \
+                     --step-log "$OUT/e2e_steps.json" ${E2E_ARGS:-} ;;
         e2e-start) mkdir -p $E2E_DIR
                  [ -e $E2E_DIR/e2e.json ] || [ ! -e bench/results/e2e.json ] || cp bench/results/e2e.json $E2E_DIR/
                  for gpu in $(seq 0 $(($(nvidia-smi -L | wc -l) - 1))); do
                      share=E2E_ARGS_$gpu
-                     CUDA_VISIBLE_DEVICES=$gpu setsid nohup python3 bench/e2e.py --preset llava-1.5-7b --backend pallas \
-                         --out $E2E_DIR/e2e --append --step-log $E2E_DIR/e2e_steps.json ${E2E_ARGS:-} ${!share:-} \
-                         </dev/null >$E2E_DIR/gpu$gpu.log 2>&1 &
+                     CUDA_VISIBLE_DEVICES=$gpu setsid nohup $E2E --out $E2E_DIR/e2e --step-log $E2E_DIR/e2e_steps.json \
+                         ${E2E_ARGS:-} ${!share:-} </dev/null >$E2E_DIR/gpu$gpu.log 2>&1 &
                      echo "e2e on GPU $gpu: ${E2E_ARGS:-} ${!share:-}"
                  done ;;
         e2e-wait) while pgrep -f bench/e2e.py >/dev/null && [ $((deadline - SECONDS)) -gt 20 ]; do sleep 5; done
                  pgrep -f bench/e2e.py >/dev/null && echo "e2e still running" || echo "e2e ended"
                  tail -n 12 $E2E_DIR/gpu*.log
-                 cp $E2E_DIR/e2e.json $E2E_DIR/e2e.md $E2E_DIR/e2e.png bench/results/
-                 tar czf "$OUT/e2e_logs.tgz" -C $E2E_DIR $(cd $E2E_DIR && ls gpu*.log e2e_steps.json) ;;
+                 cp $E2E_DIR/e2e.json $E2E_DIR/e2e.md $E2E_DIR/e2e.png bench/results/ 2>/dev/null ||
+                     echo "no e2e results yet"
+                 tar czf "$OUT/e2e_logs.tgz" -C $E2E_DIR $(cd $E2E_DIR && ls gpu*.log e2e_steps.json 2>/dev/null) ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"
     tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs     # after every stage: a later one may time out
