@@ -129,6 +129,19 @@ def _serve_adapters(args) -> list[tuple[str, Path, bool]]:
     return [(d.name, d, False) for d in found]
 
 
+def _calibration_requests(config, adapters: list[str], n: int) -> list:
+    """n requests of one random image and 32 generated tokens each (through stop tokens): half on
+    the first adapter (merged and mixture steps), half spread over all of them."""
+    import numpy as np
+
+    from valora_jax import Request
+
+    rng, size = np.random.default_rng(0), config.vision.image_size
+    return [Request("Describe the image.", [rng.integers(0, 256, (size, size, 3), np.uint8)],
+                    adapter=adapters[0 if i % 2 == 0 else i % len(adapters)], max_tokens=32, ignore_eos=True)
+            for i in range(n)]
+
+
 def cmd_serve(args) -> None:
     from serve.engine import Engine, EngineConfig
     from serve.server import Server, create_app
@@ -152,6 +165,11 @@ def cmd_serve(args) -> None:
                         tokenizer=_tokenizer_for(args.model))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if args.policy == "ours" and pool.store and args.calibration_requests > 0:
+        tic = time.perf_counter()
+        steps = engine.calibrate(_calibration_requests(runner.config, sorted(pool.store), args.calibration_requests))
+        print(f"ours' step-time model calibrated on {steps} probe steps in {time.perf_counter() - tic:.1f} s",
+              file=sys.stderr)
     app = create_app(EngineService(engine), adapter_root=args.adapter_root,
                      api_key=args.api_key or os.environ.get("VALORA_API_KEY") or None,
                      media_roots=tuple(args.allowed_local_media_path))
@@ -224,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--policy", default="ours", choices=tuple(POLICIES),
                      help="orchestration policy")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    srv.add_argument("--calibration-requests", type=int, default=16, metavar="N",
+                     help="with policy ours: requests of a start-up probe that measures each mode's step time "
+                          "before serving (0: none; ours then learns from the prior)")
     srv.add_argument("--allowed-local-media-path", action="append", default=[], metavar="DIR",
                      help="directory that file:// image URLs may read from (repeatable; default: none)")
     srv.set_defaults(func=cmd_serve)

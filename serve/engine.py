@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from serve.metrics import RequestMetrics, StepMetrics, summarize
-from serve.policies import POLICIES, BatchLimits, CostModel, Policy, SchedulerState, SeqView
+from serve.policies import POLICIES, BatchLimits, CostModel, Policy, ProbePolicy, SchedulerState, SeqView
 from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.request import Completion, Request, RequestState
@@ -217,6 +217,25 @@ class Engine:
         while self.has_work:
             self.step()
         return [self._results.pop(i) for i in ids]
+
+    def calibrate(self, requests: list[Request], passes: int = 2) -> int:
+        """Run `requests` `passes` times on this idle engine under the probe schedule
+        (policies.ProbePolicy), whose steps of every mode feed the engine's step-time model, as a
+        server does before it takes traffic. The first pass mostly compiles the steps those shapes
+        need (compiling steps are not observed); later ones measure. Their results and metrics
+        are dropped; returns the steps observed."""
+        if self._seqs:
+            raise RuntimeError(f"calibrate needs an idle engine; {len(self._seqs)} requests are live")
+        policy, observed = self.policy, self.cost.observed
+        self.policy = ProbePolicy(self.cost)
+        try:
+            for _ in range(passes):
+                self.generate(requests)
+        finally:
+            self.policy = policy
+            self.request_metrics.clear()
+            self.step_metrics.clear()
+        return self.cost.observed - observed
 
     # adapters -----------------------------------------------------------------------------------
     def register_adapter(self, adapter: Adapter) -> int:

@@ -34,3 +34,28 @@ def test_generate_with_an_image(capsys, tmp_path):
 def test_bad_input_exits_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(argv)
+
+
+def test_serve_calibrates_ours_before_taking_traffic(capsys, monkeypatch):
+    """`valora serve` with policy ours measures every mode with a probe over the embedded adapters,
+    then serves from a clean engine (no requests, steps or metrics left from the probe)."""
+    import serve.cli as cli
+    from serve import server
+    if not list((cli.CHECKPOINTS / "adapters").glob("*/adapter.json")):
+        pytest.skip("no embedded adapters")
+    started = {}
+
+    class Recorder:                          # the server, not started
+        def __init__(self, app, host, port):
+            started["app"] = app
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(server, "Server", Recorder)
+    main(["serve", "--calibration-requests", "4", "--port", "0"])
+    engine = started["app"].state.service.engine
+    assert "calibrated on" in capsys.readouterr().err
+    assert engine.cost.observed > 0 and all(len(obs) for obs in engine.cost._obs.values())
+    assert not engine.has_work and not engine.request_metrics and not engine.step_metrics
+    assert engine.allocator.num_free == engine.config.num_pages - 1

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import random_image
 from serve.engine import Engine, EngineConfig, Overloaded
-from serve.policies import POLICIES, CostModel, Decision, Policy, ProbePolicy, pack
+from serve.policies import POLICIES, Decision, Policy, pack
 from valora_jax import Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
 
@@ -67,13 +67,17 @@ def test_mode_switches_mid_stream_do_not_change_outputs(generator, expected):
     assert modes["merged"] and modes["mixture"] and modes["unmerged"] and engine.summary()["switches"] > 2
 
 
-def test_probe_schedule_measures_every_mode_without_changing_outputs(generator, expected):
-    cost = CostModel()
-    engine = _engine(generator, ProbePolicy(cost))
+def test_calibration_measures_every_mode_and_leaves_a_clean_engine(generator, expected):
+    engine = _engine(generator, "ours")
+    observed = engine.calibrate(_requests(10, offset=10))
+    assert observed == engine.cost.observed and all(len(obs) for obs in engine.cost._obs.values())
+    assert not engine.step_metrics and not engine.request_metrics
+    assert engine.allocator.num_free == SMALL.num_pages - 1
     for want, got in zip(expected, engine.generate(_requests(10))):
         assert got.token_ids == want.token_ids
-    modes = engine.summary()["mode_steps"]
-    assert all(modes[m] for m in MODES) and cost.observed == sum(modes.values()) - engine.summary()["compile_steps"]
+    engine.submit(_requests(1)[0])
+    with pytest.raises(RuntimeError, match="1 requests are live"):
+        engine.calibrate(_requests(2))
 
 
 def test_an_engine_serves_from_the_pages_of_one_that_is_done(generator, expected):
