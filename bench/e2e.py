@@ -317,7 +317,8 @@ def _report(results, commands, args) -> dict:
 
 
 def _plot(results, path: Path) -> None:
-    """Average token latency vs request rate, one panel per (kind, popularity), a line per policy."""
+    """Average token latency vs request rate (log scale), a line per policy: a row of panels per
+    (kind, arrival), a column per popularity."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -325,19 +326,28 @@ def _plot(results, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
-    panels = sorted({(r["kind"], r["popularity"], r["arrival"]) for r in results})
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
-    for ax, (kind, pop, arr) in zip(axes[0], panels):
-        for policy in sorted({r["policy"] for r in results}):
+    rows = sorted({(r["kind"], r["arrival"]) for r in results}, key=lambda ka: (KINDS.index(ka[0]), ARRIVALS.index(ka[1])))
+    cols = sorted({r["popularity"] for r in results}, key=POPULARITY.index)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.2 * len(cols), 2.8 * len(rows)), squeeze=False)
+    lines = {}
+    for (i, (kind, arrival)), (j, pop) in itertools.product(enumerate(rows), enumerate(cols)):
+        ax = axes[i][j]
+        for k, policy in enumerate(POLICIES):           # one colour per policy in every panel
             pts = sorted((r["rate"], 1e3 * r["token_latency"]["mean"]) for r in results
-                         if (r["kind"], r["popularity"], r["arrival"], r["policy"]) == (kind, pop, arr, policy))
-            ax.plot(*zip(*pts), marker="o", label=policy)
-        ax.set_title(f"{kind} {pop} {arr}", fontsize=8)
-        ax.set_xlabel("requests/s")
-    axes[0][0].set_ylabel("avg token latency (ms)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+                         if (r["kind"], r["arrival"], r["popularity"], r["policy"]) == (kind, arrival, pop, policy))
+            if pts:
+                lines[policy], = ax.plot(*zip(*pts), marker="o", color=f"C{k}")
+        if not ax.lines:
+            ax.set_visible(False)                       # a workload not measured (yet)
+            continue
+        ax.set_yscale("log")
+        ax.set_title(f"{kind} {arrival} {pop}", fontsize=8)
+        ax.set_xlabel("requests/s", fontsize=8)
+        ax.set_ylabel("avg token latency (ms)", fontsize=8)
+    fig.legend(list(lines.values()), list(lines), loc="upper center", ncol=len(lines), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
