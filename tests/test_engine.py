@@ -11,6 +11,7 @@ from serve.engine import Engine, EngineConfig, Overloaded
 from serve.policies import POLICIES, Decision, Policy, pack
 from valora_jax import Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
+from valora_jax.runtime import compile_seconds_by_function
 
 SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, num_pages=64)
 ADAPTERS = [None, "task0", "task1", "task2"]
@@ -244,10 +245,14 @@ def test_compiling_steps_are_flagged_and_not_learnt_from(generator):
     """Rows padded to a size no other test uses: the first steps compile; they are flagged and
     the cost model learns only from the others."""
     engine = _engine(generator, "ours", dataclasses.replace(SMALL, min_rows=8, min_pages=24))
+    before = compile_seconds_by_function()
     engine.generate([dataclasses.replace(r, max_tokens=12) for r in _requests(6)])
     steps = engine.step_metrics
     compiled = [s for s in steps if s.compile_time > 0]
     assert compiled and len(compiled) < len(steps)
+    by_function = compile_seconds_by_function() - before
+    assert by_function["jit(_step_impl)"] > 0
+    assert sum(by_function.values()) == pytest.approx(sum(s.compile_time for s in compiled))
     assert sum(len(obs) for obs in engine.cost._obs.values()) == len(steps) - len(compiled)
     assert engine.summary()["compile_steps"] == len(compiled)
 

@@ -9,6 +9,7 @@ Shapes are padded to power-of-two buckets (`bucket`) so a long run compiles a bo
 of times.
 """
 
+import collections
 import concurrent.futures
 import functools
 import os
@@ -29,20 +30,28 @@ from valora_jax.model import LMM, split_model
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compile_seconds = [0.0]
+_compile_seconds_by_function: collections.Counter = collections.Counter()
 
 
-def _count_compile(event: str, seconds: float, **_) -> None:
+def _count_compile(event: str, seconds: float, fun_name: str = "?", **_) -> None:
     if event == _COMPILE_EVENT:
         _compile_seconds[0] += seconds
+        _compile_seconds_by_function[fun_name] += seconds
 
 
 monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def compile_seconds() -> float:
-    """Seconds this process has spent in XLA compilation so far (every thread): the difference
-    over a step tells whether it compiled."""
+    """Seconds this process has spent in XLA compilation so far (every thread), loading compiled
+    executables from the persistent cache included: the difference over a step tells whether it
+    compiled."""
     return _compile_seconds[0]
+
+
+def compile_seconds_by_function() -> collections.Counter:
+    """compile_seconds() split by jitted function name (a copy)."""
+    return collections.Counter(_compile_seconds_by_function)
 
 
 def compile_lowered(lowered, threads: int = 8) -> int:
