@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 import zlib
 from pathlib import Path
 
@@ -215,18 +216,28 @@ def main(argv=None):
             print(f"deadline: workloads from {w} on not run (rerun with --append to continue)", flush=True)
             break
         trace = make_trace(w, names, size, headed)
-        for policy in args.policies.split(","):
-            for attempt in range(1, 4):      # a shape the warm-up missed compiled: measure again
-                r, kv = run_one(*serving[backends[policy]], make_policy(policy), trace, engine_config, names[0], kv)
-                r["attempts"] = attempt
-                if not r["compile_steps"]:
-                    break
-            r.update(dataclasses.asdict(w), backend=backends[policy])
-            logs.append({**{k: r[k] for k in _RUN_KEY}, **r.pop("log")})
-            results.append(r)
-            print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
-                  f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
-                  f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)", flush=True)
+        runs = []
+        try:
+            for policy in args.policies.split(","):
+                for attempt in range(1, 4):      # a shape the warm-up missed compiled: measure again
+                    r, kv = run_one(*serving[backends[policy]], make_policy(policy), trace, engine_config,
+                                    names[0], kv)
+                    r["attempts"] = attempt
+                    if not r["compile_steps"]:
+                        break
+                r.update(dataclasses.asdict(w), backend=backends[policy])
+                runs.append(r)
+                print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
+                      f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
+                      f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)",
+                      flush=True)
+        except Exception:                    # e.g. out of device memory: none of this workload is kept
+            traceback.print_exc()
+            print(f"workload {w} failed; the grid goes on (rerun with --append to retry it)", flush=True)
+            kv = None                        # the pages may have been donated to the failed step
+            continue
+        logs += [{**{k: r[k] for k in _RUN_KEY}, **r.pop("log")} for r in runs]
+        results += runs
         _save(out, results, meta, logs, args)      # after every workload: a later one may be cut off
 
 

@@ -1,6 +1,6 @@
 """bench/e2e.py's harness end to end on the tiny preset (CPU, reference backends): every policy
-serves every request of the workload, the report and step log are written, and --append adds
-only the workloads the results lack."""
+serves every request of the workload, the report and step log are written, a workload that fails
+leaves nothing behind, and --append adds only the workloads the results lack."""
 
 import json
 import sys
@@ -17,22 +17,32 @@ ARGS = ["--preset", "tiny", "--backend", "reference", "--attention", "reference"
         "--min-prefill-tokens", "32", "--min-pages", "16", "--min-features", "0", "--compile-threads", "2"]
 
 
-def test_e2e_serves_every_request_and_appends_only_missing_workloads(tmp_path):
+def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missing_ones(tmp_path, monkeypatch):
     out, log = tmp_path / "e2e", tmp_path / "steps.json"
-    e2e.main(ARGS + ["--rates", "16", "--out", str(out), "--step-log", str(log)])
+    run_one, failed = e2e.run_one, []
+
+    def failing_once(runner, pool, policy, trace, *rest):
+        if len(trace) == 3 and not failed and policy.name == "unmerged":     # the first measured workload
+            failed.append(policy.name)
+            raise RuntimeError("out of memory")
+        return run_one(runner, pool, policy, trace, *rest)
+
+    monkeypatch.setattr(e2e, "run_one", failing_once)
+    e2e.main(ARGS + ["--rates", "16,8", "--out", str(out), "--step-log", str(log)])
     first = json.loads(out.with_suffix(".json").read_text())
     runs = [(r["policy"], r["rate"], r["completed"]) for r in first["runs"]]
-    assert runs == [("ours", 16.0, 3), ("unmerged", 16.0, 3)]
+    assert failed and runs == [("ours", 8.0, 3), ("unmerged", 8.0, 3)]         # nothing of rate 16 kept
     assert first["ratios"]["unmerged"]["geomean_ours_over_base"] > 0
-    assert "| vqa | poisson | hot80 | 16.0 | ours |" in out.with_suffix(".md").read_text()
+    assert "| vqa | poisson | hot80 | 8.0 | ours |" in out.with_suffix(".md").read_text()
     steps = json.loads(log.read_text())
     assert len(steps["runs"]) == 2 and all(run["steps"] and len(run["requests"]) == 3 for run in steps["runs"])
 
+    monkeypatch.setattr(e2e, "run_one", run_one)
     e2e.main(ARGS + ["--rates", "16,8", "--out", str(out), "--step-log", str(log), "--append"])
     second = json.loads(out.with_suffix(".json").read_text())
     assert [(r["policy"], r["rate"]) for r in second["runs"]] == [("ours", 8.0), ("unmerged", 8.0),
                                                                  ("ours", 16.0), ("unmerged", 16.0)]
-    assert second["runs"][2:] == first["runs"] and len(second["meta"]["calibrations"]) == 2
+    assert second["runs"][:2] == first["runs"] and len(second["meta"]["calibrations"]) == 2
     assert len(json.loads(log.read_text())["runs"]) == 4
 
 
