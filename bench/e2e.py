@@ -5,8 +5,8 @@ Engine replays the same trace (bench/workloads.py: real-time steps, idle gaps sk
 reports average token latency (latency / output tokens, V-LoRA's metric), average and p99
 request latency, TTFT, throughput, and p99 latency of requests to cold (non-hot) adapters.
 Ratios of ours to each baseline are computed per workload and as geometric means. Ours starts
-each run from a copy of the step-time model that a probe schedule measured after the warm-up (a
-server's start-up calibration), and refines it online as it serves.
+each run from a copy of the step-time model that Engine.calibrate measured after the warm-up (as
+`valora serve` does at start-up), and refines it online as it serves.
 
   python bench/e2e.py --preset llava-1.5-7b --backend pallas --adapters 32 --out bench/results/e2e
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
-from serve.policies import POLICIES, CostModel, Policy, ProbePolicy, VLoRAPolicy  # noqa: E402
+from serve.policies import POLICIES, CostModel, Policy, VLoRAPolicy  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, init_pages, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
 from valora_jax.runtime import (compile_lowered, compile_seconds, compile_seconds_by_function,  # noqa: E402
@@ -110,7 +110,7 @@ def main(argv=None):
     ap.add_argument("--warmup-requests", type=int, default=0,
                     help="requests of each policy's and kind's warm-up trace (default: 2 x --max-rows)")
     ap.add_argument("--probe-requests", type=int, default=48,
-                    help="requests of each kind's probe trace, which measures ours' step-time model")
+                    help="requests of each kind that calibrate ours' step-time model (Engine.calibrate)")
     ap.add_argument("--max-rows", type=int, default=32)
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--prefill-chunk", type=int, default=2048,
@@ -168,9 +168,9 @@ def main(argv=None):
     n = compile_lowered(lowered, threads=args.compile_threads)
     print(f"{n} step variants of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
           f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)
-    # ours' step-time model is measured as a server measures its own at start-up: a probe schedule
-    # runs every mode over a trace of each kind (after the warm-ups, so that no step it observes
-    # loads an executable), and every measured run of ours starts from a copy of the model
+    # ours' step-time model is measured as a server measures its own at start-up (Engine.calibrate:
+    # a probe schedule over every mode) on requests of each kind, after the warm-ups, so that no
+    # step it observes loads an executable; every measured run of ours starts from a copy of it
     calibration, kv = CostModel(), None
     policies = args.policies.split(",")
     make_policy = lambda name: VLoRAPolicy(cost=copy.deepcopy(calibration)) if name == "ours" else POLICIES[name]()
@@ -186,13 +186,17 @@ def main(argv=None):
                   f"compiling ({sum(spent.values()):.1f} s of compilation: "
                   + ", ".join(f"{name} {sec:.1f} s" for name, sec in spent.most_common(5)) + ")", flush=True)
     if "ours" in policies:
+        runner_o, pool_o = serving[args.backend]
         for kind in args.kinds.split(","):
             probe = make_trace(Workload(kind, 16.0, "poisson", "hot50", args.probe_requests, seed=98),
                                names, size, headed)
-            probe = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 32))) for t, r in probe]
-            r, kv = run_one(*serving[args.backend], ProbePolicy(calibration), probe, engine_config, names[0], kv)
-            print(f"probe {kind}: {r['wall_s']:.1f} s, steps {r['mode_steps']}, {r['compile_steps']} compiling",
-                  flush=True)
+            pool_o.evict_all()
+            engine = Engine(runner_o, pool_o, config=engine_config, policy=VLoRAPolicy(cost=calibration), cache=kv)
+            requests = [dataclasses.replace(r, max_tokens=min(r.max_tokens, 32)) for _, r in probe]
+            tic = time.perf_counter()
+            steps = engine.calibrate(requests, passes=1)
+            kv = engine.cache
+            print(f"probe {kind}: {steps} steps observed in {time.perf_counter() - tic:.1f} s", flush=True)
     print(f"warm after {time.perf_counter() - start:.0f} s; ours' step-time model ({calibration.observed} steps): "
           f"switch {calibration.switch * 1e3:.2f} ms, "
           + ", ".join(f"{m} {np.round(c * 1e3, 4).tolist()} ms" for m, c in calibration.coef.items()), flush=True)
@@ -315,8 +319,8 @@ def _report(results, commands, args) -> dict:
              "| workloads where ours is slower |", "| --- | --- | --- | --- | --- | --- |"]
     for base, v in ratios.items():
         if isinstance(v, dict) and v["geomean_ours_over_base"] is not None:
-            target = f"{100 * TARGET_REDUCTION[base]:.0f}% ({'met' if v['reduction'] >= TARGET_REDUCTION[base] else 'missed'})" \
-                if base in TARGET_REDUCTION else "–"
+            goal = TARGET_REDUCTION.get(base)
+            target = "–" if goal is None else f"{100 * goal:.0f}% ({'met' if v['reduction'] >= goal else 'missed'})"
             lines.append(f"| {base} | {v['geomean_ours_over_base']:.3f} | {100 * v['reduction']:.1f}% | {target} | "
                          f"{v['worst']:.3f} | {v['ours_slower_in']} of {v['workloads']} (target 0) |")
     compiled = [r for r in results if r["compile_steps"]]
@@ -347,7 +351,8 @@ def _plot(results, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
-    rows = sorted({(r["kind"], r["arrival"]) for r in results}, key=lambda ka: (KINDS.index(ka[0]), ARRIVALS.index(ka[1])))
+    rows = sorted({(r["kind"], r["arrival"]) for r in results},
+                  key=lambda ka: (KINDS.index(ka[0]), ARRIVALS.index(ka[1])))
     cols = sorted({r["popularity"] for r in results}, key=POPULARITY.index)
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.2 * len(cols), 2.8 * len(rows)), squeeze=False)
     lines = {}
