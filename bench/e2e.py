@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import fcntl
+import gc
 import itertools
 import json
 import math
@@ -69,6 +70,13 @@ def _with_adapters(runner: ModelRunner, adapters) -> tuple[ModelRunner, AdapterP
     for a in adapters:
         pool.register(a)
     return runner, pool
+
+
+def _device_memory() -> str:
+    """'in use / peak / limit GiB' of the first device's allocator ('' where it keeps no stats)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    gib = lambda key: stats.get(key, 0) / 2**30
+    return f"memory {gib('bytes_in_use'):.1f}/{gib('peak_bytes_in_use'):.1f}/{gib('bytes_limit'):.1f} GiB" if stats else ""
 
 
 def _p99(values):
@@ -199,7 +207,8 @@ def main(argv=None):
             print(f"probe {kind}: {steps} steps observed in {time.perf_counter() - tic:.1f} s", flush=True)
     print(f"warm after {time.perf_counter() - start:.0f} s; ours' step-time model ({calibration.observed} steps): "
           f"switch {calibration.switch * 1e3:.2f} ms, "
-          + ", ".join(f"{m} {np.round(c * 1e3, 4).tolist()} ms" for m, c in calibration.coef.items()), flush=True)
+          + ", ".join(f"{m} {np.round(c * 1e3, 4).tolist()} ms" for m, c in calibration.coef.items())
+          + f"; {_device_memory()}", flush=True)
 
     out = Path(args.out).with_suffix(".json")
     previous = json.loads(out.read_text()) if args.append and out.exists() else {"meta": {}, "runs": []}
@@ -233,12 +242,14 @@ def main(argv=None):
                 runs.append(r)
                 print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                       f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
-                      f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)",
+                      f"modes {r['mode_steps']}  compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)  "
+                      f"{_device_memory()}",
                       flush=True)
         except Exception:                    # e.g. out of device memory: none of this workload is kept
             traceback.print_exc()
             print(f"workload {w} failed; the grid goes on (rerun with --append to retry it)", flush=True)
             kv = None                        # the pages may have been donated to the failed step
+            gc.collect()                     # the traceback's frames held the engine and its pages
             continue
         logs += [{**{k: r[k] for k in _RUN_KEY}, **r.pop("log")} for r in runs]
         results += runs

@@ -38,6 +38,12 @@ def test_serving_xla_flags_fill_in_only_what_the_user_left_unset(monkeypatch):
     assert use_serving_xla_flags() == "--xla_gpu_enable_command_buffer=FUSION"
     monkeypatch.delenv("XLA_FLAGS")
     assert use_serving_xla_flags() == "--xla_gpu_enable_command_buffer="
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    use_serving_xla_flags()
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    use_serving_xla_flags()
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
 
 
 def test_serving_xla_flags_are_accepted_by_this_jax(tmp_path):

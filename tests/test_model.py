@@ -190,7 +190,9 @@ def test_swift_merge_kernel_through_the_runner(loaded):
     base_before = [np.asarray(a) for a in jax.tree.leaves(fused.params)]
     fused.merge(2)
     per_layer = ModelRunner(loaded.model(), backend="pallas-interpret")
-    per_layer.merge_per_layer(2)
+    per_layer.merge_per_layer(1)
+    per_layer.merge_per_layer(2)                     # each old weight replaced in place of the last
+    assert per_layer.merged_slot == 2
     for w, f, p in zip(want, jax.tree.leaves(fused.merged), jax.tree.leaves(per_layer.merged)):
         np.testing.assert_allclose(f, w, **tol(jnp.float32))
         assert np.array_equal(np.asarray(f), np.asarray(p))

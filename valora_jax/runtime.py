@@ -65,12 +65,18 @@ def compile_lowered(lowered, threads: int = 8) -> int:
 # XLA flags the serving entry points run with: CUDA-graph command buffers make a 7B decode step
 # slower (bench/results/step_overhead.md: 15.2 -> 12.1 ms merged, 21.1 -> 16.2 ms unmerged without them)
 SERVING_XLA_FLAGS = {"--xla_gpu_enable_command_buffer": ""}
+# A serving process owns its GPU: XLA's allocator may take 90% of its memory instead of 75%. At 7B
+# the weights, their merged copies and 32 GiB of KV pages take 62 GiB, and a switch writes new
+# merged weights before it frees the old ones.
+SERVING_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
 
 
 def use_serving_xla_flags() -> str:
-    """Add each of SERVING_XLA_FLAGS that $XLA_FLAGS does not already set (the user's value wins);
-    the resulting $XLA_FLAGS. XLA reads the flags once per process, so call this before the first
-    computation."""
+    """Add each of SERVING_XLA_FLAGS that $XLA_FLAGS does not already set, and each of SERVING_ENV
+    the environment does not set (the user's value wins); the resulting $XLA_FLAGS. XLA reads them
+    once per process, so call this before the first computation."""
+    for name, value in SERVING_ENV.items():
+        os.environ.setdefault(name, value)
     flags = os.environ.get("XLA_FLAGS", "").split()
     named = {flag.split("=", 1)[0] for flag in flags}
     flags += [f"{name}={value}" for name, value in SERVING_XLA_FLAGS.items() if name not in named]
@@ -289,7 +295,10 @@ class ModelRunner:
         switch, kept as a baseline)."""
         self._check_mergeable(slot)
         model = self.model()
-        for _, lin in targeted_linears(model):
-            lin.merged[...] = self._merge_one(lin.kernel[...], lin.lora_weight(), jnp.int32(slot))
-        self.merged = nnx.state(model, MergedWeight)
-        self.merged_slot = slot
+        self._leaves["merged"], self.merged_slot = (), -1   # each old weight is freed once replaced
+        try:
+            for _, lin in targeted_linears(model):
+                lin.merged[...] = self._merge_one(lin.kernel[...], lin.lora_weight(), jnp.int32(slot))
+            self.merged_slot = slot
+        finally:
+            self.merged = nnx.state(model, MergedWeight)
