@@ -162,7 +162,7 @@ class ModelRunner:
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged")
-        self._merge_one = jax.jit(functools.partial(merge_weight, backend=backend))
+        self._merge_one = jax.jit(self._merge_one_impl, donate_argnames="merged")
 
     def model(self) -> LMM:
         """A module view of the current state (for eager use in tests and tools)."""
@@ -223,6 +223,10 @@ class ModelRunner:
         return tuple(jax.tree.leaves(nnx.state(model, MergedWeight)))
 
     # public API ------------------------------------------------------------------------------
+    def _merge_one_impl(self, merged, kernel, w, slot):
+        del merged                 # donated: its buffer takes the new merged weight
+        return merge_weight(kernel, w, slot, self.backend)
+
     def step(self, cache, blocks: Sequence[Block], image_features, mode: str = "unmerged"):
         """Run the blocks (each with a page table) through the model in one call.
 
@@ -294,11 +298,8 @@ class ModelRunner:
         """The same result as merge(slot), one dispatch per targeted weight (the dLoRA-style
         switch, kept as a baseline)."""
         self._check_mergeable(slot)
-        model = self.model()
-        self._leaves["merged"], self.merged_slot = (), -1   # each old weight is freed once replaced
-        try:
-            for _, lin in targeted_linears(model):
-                lin.merged[...] = self._merge_one(lin.kernel[...], lin.lora_weight(), jnp.int32(slot))
-            self.merged_slot = slot
-        finally:
-            self.merged = nnx.state(model, MergedWeight)
+        model, self.merged_slot = self.model(), -1
+        for _, lin in targeted_linears(model):
+            lin.merged[...] = self._merge_one(lin.merged[...], lin.kernel[...], lin.lora_weight(), jnp.int32(slot))
+        self.merged = nnx.state(model, MergedWeight)
+        self.merged_slot = slot
