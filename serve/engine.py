@@ -101,6 +101,7 @@ class _Seq:
     digests: tuple[str, ...] = ()             # sha256 of each preprocessed image
     stream: object = None                     # incremental detokenizer for on_event
     adapter: tuple[str, int] | None = None    # (name, version) fixed at submission
+    output_tokens: int = 1                    # the most it outputs: 1 for a task head's answer
 
     @property
     def pending(self) -> int:
@@ -179,8 +180,10 @@ class Engine:
         now = self.clock() if arrival is None else arrival
         metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
         digests = tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels)
+        one_pass = key is not None and self.pool.get(key).head is not None
         self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=digests,
-                               stream=self.tokenizer.stream_decoder(), adapter=key)
+                               stream=self.tokenizer.stream_decoder(), adapter=key,
+                               output_tokens=1 if one_pass else request.max_tokens)
         self.request_metrics.append(metrics)
         if key is not None:
             self.pool.stage(key)          # overlap the host-to-device copy with running steps
@@ -278,7 +281,7 @@ class Engine:
             self._finish(seq, "cancelled")
         if not self._seqs:
             return None
-        views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress)
+        views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens)
                       for s in self._seqs.values())
         decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits))
         rows = [(self._seqs[i], n) for i, n in decision.rows]

@@ -13,13 +13,15 @@ Every policy answers `decide(state) -> Decision` from a snapshot of the live req
                      <= beta * batch; no mixture; layer-by-layer switch;
   merged             one adapter at a time, merged, first come first served by adapter.
 The engine owns the packing limits (rows, token budget, chunk, adapter slots); `pack` fills a
-batch within them, oldest requests first, decodes before prefills.
+batch within them, decodes before prefills, oldest requests first (ours orders prefills by
+Smith's rule; the baselines keep their systems' first come, first served).
 """
 
 import abc
 import collections
 import dataclasses
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -29,13 +31,16 @@ from valora_jax.lora import MODES
 @dataclasses.dataclass(frozen=True)
 class SeqView:
     """What a policy sees of a live request: pending = tokens not yet in the KV cache
-    (1 while decoding); last_progress = when it last ran (its arrival before that)."""
+    (1 while decoding); last_progress = when it last ran (its arrival before that);
+    output_tokens = the most tokens it outputs (1 for a task head's one-pass answer, else its
+    max_tokens): its latency counts 1/output_tokens in average token latency."""
 
     id: str
     adapter: str | None
     arrival: float
     pending: int
     last_progress: float
+    output_tokens: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +68,17 @@ class Decision:
 
 def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: True,
          reserved: Sequence[str] = (), prefill: bool = True, decode: bool = True,
-         chunk: int | None = None) -> tuple[tuple[str, int], ...]:
-    """Fill one step: decode rows first, then prefill chunks, each oldest first, within the limits.
-    `reserved` adapters take slots up front (the merged adapter in mixture mode)."""
+         chunk: int | None = None, prefill_order: Callable[[SeqView], Any] | None = None
+         ) -> tuple[tuple[str, int], ...]:
+    """Fill one step: decode rows first, then prefill chunks, each oldest first (prefills in
+    `prefill_order`'s order when given, a stable sort), within the limits. `reserved` adapters
+    take slots up front (the merged adapter in mixture mode)."""
     lim = state.limits
     chunk = chunk or lim.prefill_chunk
     adapters, rows, tokens = set(reserved), [], 0
+    prefills = [s for s in state.seqs if s.pending > 1] if prefill else []
     ordered = ([s for s in state.seqs if s.pending == 1] if decode else []) + \
-              ([s for s in state.seqs if s.pending > 1] if prefill else [])
+              (sorted(prefills, key=prefill_order) if prefill_order else prefills)
     for s in ordered:
         if len(rows) == lim.max_rows or tokens == lim.token_budget:
             break
@@ -239,26 +247,30 @@ class MergedOnlyPolicy(Policy):
 
 
 class VLoRAPolicy(Policy):
-    """Per step, the candidate that adds the least total latency, relative to running every
-    packable row R_u unmerged (time t_u). While R_u holds every live request:
+    """Per step, the candidate that adds the least average token latency (V-LoRA's metric: each
+    request's latency over its output tokens, so a request weighs w = 1/output_tokens), relative
+    to running every packable row R_u unmerged (time t_u). While R_u holds every live request:
 
-        dL(c) = N_live * (t_c + t_E - t_u) + |E| * t_c
+        dL(c) = W_live * (t_c + t_E - t_u) + W_E * t_c
 
-    with E = the rows of R_u that candidate c leaves out and t_E the time of a step of those
-    rows alone: work left out is not saved but done in a step of its own later, so every live
-    request waits for that step's extra cost, and the rows left out wait through this step as
-    well. So merged(a) wins when (nearly) every request is a's, mixture(a) when a dominates.
+    with E = the rows of R_u that candidate c leaves out, t_E the time of a step of those rows
+    alone and W the summed weights: work left out is not saved but done in a step of its own
+    later, so every live request waits for that step's extra cost, and the rows left out wait
+    through this step as well. So merged(a) wins when (nearly) every request is a's, mixture(a)
+    when a dominates, and neither leaves out a one-pass task-head request (w = 1) lightly.
     Under load (requests beyond R_u), steps run back to back whatever is chosen, and what
     counts is the time per unit of work:
 
-        dL(c) = N_live * (t_c - W(c) * t_u / W(u))
+        dL(c) = W_live * (t_c - U(c) * t_u / U(u))
 
-    with W(rows) = their unmerged cost with each row's share of a full step's fixed cost: a
+    with U(rows) = their unmerged cost with each row's share of a full step's fixed cost: a
     merged step of the hot adapter's rows wins when it does the same work in less time, while
     one of a few rows does not. Candidates: unmerged, mixture(a) and merged(a) for the top
     adapter and the currently merged one; times come from the cost model, with a merge switch
-    amortised over `horizon` steps; merged(a) is ruled out while any request the unmerged step
-    would serve, of another adapter, has waited longer than `starvation_bound` seconds."""
+    amortised over `horizon` steps. Prefills are packed by Smith's rule (least prompt left per
+    weight first: task-head requests, which finish in that pass, before long generations), except
+    that requests waiting longer than `starvation_bound` seconds go first, and merged(a) is ruled
+    out while any request the unmerged step would serve, of another adapter, has waited that long."""
 
     name = "ours"
 
@@ -268,37 +280,42 @@ class VLoRAPolicy(Policy):
 
     def decide(self, state):
         adapter_of = {s.id: s.adapter for s in state.seqs}
+        weight = {s.id: 1.0 / s.output_tokens for s in state.seqs}
 
         def step_time(mode, a, rows):
             t = self.cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows])
             return t + (self.cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
 
-        unmerged = pack(state)
+        starving = lambda s: state.now - s.last_progress > self.starvation_bound
+        fill = functools.partial(pack, state, prefill_order=lambda s: (not starving(s), s.pending * s.output_tokens))
+        unmerged = fill()
         t_u = step_time("unmerged", None, unmerged)
         in_unmerged = {i for i, _ in unmerged}
         serves_unmerged = [s for s in state.seqs if s.id in in_unmerged]
         saturated = len(in_unmerged) < len(state.seqs)          # more steps follow whatever runs now
+        live = sum(weight.values())
         # a batch's work: what its rows would cost unmerged, each with its share of a full step's fixed cost
         empty = step_time("unmerged", None, [])
         work = lambda rows: step_time("unmerged", None, rows) - empty + empty * len(rows) / state.limits.max_rows
         seconds_per_work = t_u / work(unmerged) if unmerged else 0.0
         best, best_dl = Decision("unmerged", None, unmerged), 0.0
         for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
-            candidates = [("mixture", pack(state, reserved=[a]))]
-            if not any(state.now - s.last_progress > self.starvation_bound for s in serves_unmerged
-                       if s.adapter != a):       # merged(a) would hold back a request that waited too long
-                candidates.append(("merged", pack(state, eligible=lambda s, a=a: s.adapter == a)))
+            candidates = [("mixture", fill(reserved=[a]))]
+            if not any(starving(s) for s in serves_unmerged if s.adapter != a):
+                candidates.append(("merged", fill(eligible=lambda s, a=a: s.adapter == a)))
             for mode, rows in candidates:
                 if not rows:
                     continue
                 chosen = {i for i, _ in rows}
                 left_out = [(i, n) for i, n in unmerged if i not in chosen]
-                t_c = step_time(mode, a, rows)
-                if saturated:    # steps follow back to back: what counts is the time per unit of work
-                    dl = len(state.seqs) * (t_c - work(rows) * seconds_per_work)
+                t_c, w_e = step_time(mode, a, rows), sum(weight[i] for i, _ in left_out)
+                if saturated:    # steps follow back to back: what counts is the time per unit of work, and
+                    # the rows left out wait through this step while those taken in their place do not
+                    w_i = sum(weight[i] for i in chosen - in_unmerged)
+                    dl = live * (t_c - work(rows) * seconds_per_work) + w_e * t_c - w_i * t_u
                 else:            # left-out rows cost a step of their own later, and wait through this one
                     t_e = step_time("unmerged", None, left_out) if left_out else 0.0
-                    dl = len(state.seqs) * (t_c + t_e - t_u) + len(left_out) * t_c
+                    dl = live * (t_c + t_e - t_u) + w_e * t_c
                 if dl < best_dl:
                     best, best_dl = Decision(mode, a, rows), dl
         return best

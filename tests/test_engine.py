@@ -208,7 +208,11 @@ def test_task_head_requests_finish_after_prefill(generator, config):
     req = Request("how many?", [random_image(2)], adapter="counter")
     rid = engine.submit(req)
     other = engine.submit(Request("chat", adapter="task0", max_tokens=3))
+    seen = []                                          # what the policy is told each request outputs
+    decide = engine.policy.decide
+    engine.policy.decide = lambda state: seen.append({s.id: s.output_tokens for s in state.seqs}) or decide(state)
     engine.step()
+    assert seen == [{rid: 1, other: 3}]
     assert engine.result(rid).label in head.labels and engine.result(other) is None
     assert engine.result(rid).label == generator.generate([req])[0].label
     while engine.has_work:
