@@ -11,7 +11,6 @@ of times.
 
 import collections
 import concurrent.futures
-import functools
 import os
 from typing import NamedTuple, Sequence
 
