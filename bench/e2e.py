@@ -340,16 +340,21 @@ def _report(results, commands, args) -> dict:
               f"{'–' if cold is None else f'{cold:.3f}'} (target <= 2)", "",
               f"runs that compiled a step in each of their attempts (their latencies include the compilation): "
               f"{len(compiled)} of {len(results)}", "",
-              "| kind | arrival | popularity | rate | policy | token latency ms | avg latency s | p99 s | TTFT s | req/s "
-              "| steps merged/mixture/unmerged | switches | compiling steps |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| kind | arrival | popularity | rate | policy | token latency ms | of it task-head answers "
+              "| avg latency s | p99 s | TTFT s | req/s | steps merged/mixture/unmerged | switches | compiling steps |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         m = r["mode_steps"]
         lines.append(f"| {r['kind']} | {r['arrival']} | {r['popularity']} | {r['rate']} | {r['policy']} | "
-                     f"{1e3 * r['token_latency']['mean']:.2f} | {r['latency']['mean']:.3f} | {r['latency']['p99']:.3f} | "
+                     f"{1e3 * r['token_latency']['mean']:.2f} | {_share(r.get('task_head_share'))} | "
+                     f"{r['latency']['mean']:.3f} | {r['latency']['p99']:.3f} | "
                      f"{r['ttft']['mean']:.3f} | {r['throughput_rps'] or 0:.2f} | "
                      f"{m['merged']}/{m['mixture']}/{m['unmerged']} | {r['switches']} | {r['compile_steps']} |")
     return {"meta": meta, "ratios": ratios, "table": "\n".join(lines) + "\n"}
+
+
+def _share(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
 
 
 def _plot(results, path: Path) -> None:

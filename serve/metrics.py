@@ -86,9 +86,13 @@ def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
     """Aggregate metrics: latency statistics, throughput and the mix of step modes."""
     done = [r for r in requests if r.finished is not None]
     span = (max(r.finished for r in done) - min(r.arrival for r in done)) if done else 0.0
+    summed = sum(r.token_latency for r in done)
     return {
         "requests": len(requests), "finished": len(done),
         "token_latency": _stats(r.token_latency for r in done),
+        # task-head answers output no token and count as one: their part of the average token latency
+        "task_head_answers": sum(r.output_tokens == 0 for r in done),
+        "task_head_share": sum(r.token_latency for r in done if r.output_tokens == 0) / summed if summed else None,
         "latency": _stats(r.latency for r in done),
         "ttft": _stats(r.ttft for r in done),
         "tpot": _stats(r.tpot for r in done),

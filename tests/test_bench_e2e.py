@@ -33,7 +33,9 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
     runs = [(r["policy"], r["rate"], r["completed"]) for r in first["runs"]]
     assert failed and runs == [("ours", 8.0, 3), ("unmerged", 8.0, 3)]         # nothing of rate 16 kept
     assert first["ratios"]["unmerged"]["geomean_ours_over_base"] > 0
-    assert "| vqa | poisson | hot80 | 8.0 | ours |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text().splitlines()
+    assert "| vqa | poisson | hot80 | 8.0 | ours |" in "\n".join(table)
+    assert len({row.count("|") for row in table if row.startswith(("| kind |", "| vqa |"))}) == 1   # cells = columns
     steps = json.loads(log.read_text())
     assert len(steps["runs"]) == 2 and all(run["steps"] and len(run["requests"]) == 3 for run in steps["runs"])
 

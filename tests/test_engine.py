@@ -217,6 +217,9 @@ def test_task_head_requests_finish_after_prefill(generator, config):
     assert engine.result(rid).label == generator.generate([req])[0].label
     while engine.has_work:
         engine.step()
+    summary, answer, chat = engine.summary(), engine.request_metrics[0], engine.request_metrics[1]
+    assert summary["task_head_answers"] == 1
+    assert summary["task_head_share"] == pytest.approx(answer.latency / (answer.latency + chat.token_latency))
     generator.pool.unregister("counter")
 
 
