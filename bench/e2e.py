@@ -213,7 +213,7 @@ def main(argv=None):
     out = Path(args.out).with_suffix(".json")
     previous = json.loads(out.read_text()) if args.append and out.exists() else {"meta": {}, "runs": []}
     done = {_workload_key(r) for r in previous["runs"]}
-    terms = ("fixed_s", "per_token_s", "per_lora_token_s", "per_adapter_s")
+    terms = ("fixed_s", "per_token_s", "per_lora_token_s", "per_adapter_s", "per_kv_s")
     meta = {"commands": ["python " + " ".join(sys.argv)],
             "calibrations": [{"observed_steps": calibration.observed, "switch_s": calibration.switch,   # ours'
                               **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]}

@@ -281,8 +281,8 @@ class Engine:
             self._finish(seq, "cancelled")
         if not self._seqs:
             return None
-        views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens)
-                      for s in self._seqs.values())
+        views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens,
+                              s.computed) for s in self._seqs.values())
         decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
@@ -296,12 +296,13 @@ class Engine:
             if not rows:
                 return None
             self._encode_images([s for s, _ in rows], slots)
+            kv = sum(s.computed + n for s, n in rows)          # cache positions the step's attention reads
             self._run(rows, slots, mode)
         finally:
             for name in slots:
                 self.pool.unpin(name)
         duration, compiled = self.clock() - start, compile_seconds() - compiled_before
-        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows])
+        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv)
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
                            float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled)

@@ -33,7 +33,8 @@ class SeqView:
     """What a policy sees of a live request: pending = tokens not yet in the KV cache
     (1 while decoding); last_progress = when it last ran (its arrival before that);
     output_tokens = the most tokens it outputs (1 for a task head's one-pass answer, else its
-    max_tokens): its latency counts 1/output_tokens in average token latency."""
+    max_tokens): its latency counts 1/output_tokens in average token latency; context = tokens
+    already in the KV cache (what its attention reads besides its own new tokens)."""
 
     id: str
     adapter: str | None
@@ -41,6 +42,7 @@ class SeqView:
     pending: int
     last_progress: float
     output_tokens: int = 1
+    context: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,10 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
 
 class CostModel:
     """Step time per mode = fixed + per_token * tokens + per_lora_token * lora_units
-    + per_adapter * adapters (adapters the LoRA branch reads; none in merged mode).
+    + per_adapter * adapters (adapters the LoRA branch reads; none in merged mode)
+    + per_kv * kv (cache positions the rows' attention reads: each row's context plus its new
+    tokens; without this term, long-context decode rows, whose count follows the adapters',
+    would be charged to the LoRA branch).
 
     Refitted online (every 8 steps) in two levels, each a least-squares fit pulled towards a
     prior by `prior_weight` pseudo-steps and refitted without outliers (steps that compiled):
@@ -105,8 +110,9 @@ class CostModel:
     of extrapolating from a degenerate fit or trusting an untested prior."""
 
     def __init__(self, fixed: float = 2e-3, per_token: float = 2e-5, per_lora_token: float = 5e-6,
-                 per_adapter: float = 5e-5, switch: float = 5e-3, window: int = 256, prior_weight: float = 0.25):
-        self.prior = np.array([fixed, per_token, per_lora_token, per_adapter])
+                 per_adapter: float = 5e-5, per_kv: float = 2e-7, switch: float = 5e-3, window: int = 256,
+                 prior_weight: float = 0.25):
+        self.prior = np.array([fixed, per_token, per_lora_token, per_adapter, per_kv])
         self.shared = self.prior.copy()
         self.coef = {mode: self.prior.copy() for mode in MODES}
         self.switch, self.prior_weight = switch, prior_weight
@@ -125,14 +131,14 @@ class CostModel:
         return float(sum(0 if a == merged else (2 * n if a is not None else n) for a, n in rows))
 
     @staticmethod
-    def features(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> np.ndarray:
-        """[1, tokens, lora_units, adapters] of a step."""
+    def features(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]], kv: int = 0) -> np.ndarray:
+        """[1, tokens, lora_units, adapters, kv] of a step."""
         adapters = 0 if mode == "merged" else len({a for a, _ in rows if a is not None}
                                                    | ({merged} if mode == "mixture" else set()))
-        return np.array([1.0, sum(n for _, n in rows), CostModel.lora_units(mode, merged, rows), adapters])
+        return np.array([1.0, sum(n for _, n in rows), CostModel.lora_units(mode, merged, rows), adapters, kv])
 
-    def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]]) -> float:
-        return float(self.features(mode, merged, rows) @ self.coef[mode])
+    def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]], kv: int = 0) -> float:
+        return float(self.features(mode, merged, rows, kv) @ self.coef[mode])
 
     def observe(self, mode: str, features: np.ndarray, seconds: float) -> None:
         self._obs[mode].append((*features, seconds))
@@ -148,7 +154,7 @@ class CostModel:
         """Coefficients for rows [features..., seconds]: least squares plus `prior_weight` rows
         pulling each coefficient to `prior` (scaled by its feature's typical size), refitted
         without residuals over 3x the median; clipped at 0."""
-        x, y = data[:, :4], data[:, 4]
+        x, y = data[:, :-1], data[:, -1]
         scale = np.maximum(np.median(np.abs(x), axis=0), 1.0) * np.sqrt(self.prior_weight)
         solve = lambda keep: np.linalg.lstsq(np.vstack([x[keep], np.diag(scale)]),
                                              np.concatenate([y[keep], scale * prior]), rcond=None)[0]
@@ -281,9 +287,11 @@ class VLoRAPolicy(Policy):
     def decide(self, state):
         adapter_of = {s.id: s.adapter for s in state.seqs}
         weight = {s.id: 1.0 / s.output_tokens for s in state.seqs}
+        context = {s.id: s.context for s in state.seqs}
 
         def step_time(mode, a, rows):
-            t = self.cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows])
+            t = self.cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows],
+                                    kv=sum(context[i] + n for i, n in rows))
             return t + (self.cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
 
         starving = lambda s: state.now - s.last_progress > self.starvation_bound

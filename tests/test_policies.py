@@ -160,40 +160,61 @@ def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
 
 
 def test_cost_model_learns_each_mode_and_ignores_outliers():
-    truth = {"unmerged": np.array([3e-3, 1e-5, 2e-5, 4e-4]), "mixture": np.array([4e-3, 1e-5, 6e-5, 4e-4])}
+    truth = {"unmerged": np.array([3e-3, 1e-5, 2e-5, 4e-4, 3e-7]), "mixture": np.array([4e-3, 1e-5, 6e-5, 4e-4, 3e-7])}
     model = CostModel()
     rng = np.random.default_rng(1)
     for i in range(64):
         for mode, coef in truth.items():
-            x = np.array([1.0, rng.integers(1, 512), rng.integers(0, 512), rng.integers(0, 8)])
+            x = np.array([1.0, rng.integers(1, 512), rng.integers(0, 512), rng.integers(0, 8), rng.integers(0, 20000)])
             seconds = float(x @ coef) + (5.0 if i % 16 == 3 else 0.0)        # a few compile stalls
             model.observe(mode, x, seconds)
-    probe = np.array([[1.0, rng.integers(1, 512), rng.integers(0, 512), rng.integers(0, 8)] for _ in range(32)])
+    probe = np.array([[1.0, rng.integers(1, 512), rng.integers(0, 512), rng.integers(0, 8), rng.integers(0, 20000)]
+                      for _ in range(32)])
     for mode, coef in truth.items():             # one pseudo-step of prior: close, not exact
         np.testing.assert_allclose(model.coef[mode], coef, rtol=0.1)
         np.testing.assert_allclose(probe @ model.coef[mode], probe @ coef, rtol=0.02)
     np.testing.assert_allclose(model.coef["merged"], model.shared)       # never observed: the shared fit
     assert not np.allclose(model.shared, CostModel().prior)
     rows = [("a", 30), ("b", 2)]
-    assert model.step_time("mixture", "a", rows) == pytest.approx(CostModel.features("mixture", "a", rows)
-                                                                   @ truth["mixture"], rel=0.02)
+    assert model.step_time("mixture", "a", rows, kv=900) == pytest.approx(
+        CostModel.features("mixture", "a", rows, kv=900) @ truth["mixture"], rel=0.02)
 
 
 def test_cost_model_extrapolates_a_mode_seen_at_one_shape_from_the_others():
     """Merged steps all of 4 decode rows (collinear features): the time of a 512-token merged
     prefill comes from the per-token cost the unmerged steps measured, not a degenerate fit."""
-    truth = np.array([5e-3, 4e-5, 2e-5, 3e-4])
+    truth = np.array([5e-3, 4e-5, 2e-5, 3e-4, 0.0])
     model = CostModel()
     rng = np.random.default_rng(0)
     for i in range(96):
-        x = np.array([1.0, rng.integers(1, 1024), 0, rng.integers(1, 8)])
+        x = np.array([1.0, rng.integers(1, 1024), 0, rng.integers(1, 8), 0])
         x[2] = rng.integers(0, x[1] + 1)
         model.observe("unmerged", x, float(x @ truth) + (3.0 if i == 1 else 0.0))
-        merged = np.array([1.0, 4.0, 0.0, 0.0])
+        merged = np.array([1.0, 4.0, 0.0, 0.0, 0.0])
         model.observe("merged", merged, float(merged @ truth) + (2.0 if i == 0 else 0.0))
     predicted = model.step_time("merged", "a", [("a", 512)])
     assert predicted == pytest.approx(5e-3 + 512 * 4e-5, rel=0.1)
     assert model.step_time("merged", "a", [("a", 1)] * 4) == pytest.approx(5e-3 + 4 * 4e-5, rel=0.05)
+
+
+def test_cost_model_charges_long_contexts_to_attention_not_to_adapters():
+    """Decode steps whose rows each attend over 3,000-4,000 cached tokens, one adapter a row:
+    attention (0.3 us a position) is what grows with the rows. The model learns that per
+    position, not per adapter, and so charges a merged step of the same rows the same attention."""
+    truth = np.array([15e-3, 4e-5, 6e-6, 1e-4, 3e-7])
+    model = CostModel()
+    rng = np.random.default_rng(2)
+    for _ in range(64):
+        n = int(rng.integers(1, 17))
+        rows = [(f"a{i}", 1) for i in range(n)]
+        kv = n * int(rng.integers(3000, 4000))
+        for mode in ("unmerged", "merged"):
+            x = CostModel.features(mode, "a0", rows, kv)
+            model.observe(mode, x, float(x @ truth))
+    assert model.coef["unmerged"][3] < 2e-4                                  # per adapter
+    assert model.coef["unmerged"][4] == pytest.approx(3e-7, rel=0.1)
+    rows = [(f"a{i}", 1) for i in range(8)]
+    assert model.step_time("merged", "a0", rows, kv=8 * 3500) == pytest.approx(15e-3 + 8 * 4e-5 + 8 * 3500 * 3e-7, rel=0.05)
 
 
 def test_lora_units_per_mode():
