@@ -129,6 +129,9 @@ def main(argv=None):
     ap.add_argument("--min-pages", type=int, default=256, help="pad page tables to >= this many pages")
     ap.add_argument("--min-features", type=int, default=8192,
                     help="pad a step's image features to >= this many rows (two 6-frame clips: 6912)")
+    ap.add_argument("--encoder-batches", default="1,2,4,8,16",
+                    help="numbers of images an encoder call is compiled for before the warm-up (a step's new "
+                         "images, padded to a power of two: 1-3 visual-QA prompts or 1-2 six-frame clips)")
     ap.add_argument("--compile-threads", type=int, default=16)
     ap.add_argument("--out", default="bench/results/e2e")
     ap.add_argument("--append", action="store_true",
@@ -173,8 +176,9 @@ def main(argv=None):
     for backend, (runner_b, _) in serving.items():
         modes = ("unmerged",) if backend == "pallas-static" else MODES
         lowered += runner_b.lower_steps(cache, engine_config.step_shapes(modes))
+        lowered += runner_b.lower_encoder([int(n) for n in args.encoder_batches.split(",")])
     n = compile_lowered(lowered, threads=args.compile_threads)
-    print(f"{n} step variants of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
+    print(f"{n} step variants and encoder batches of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
           f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)
     # ours' step-time model is measured as a server measures its own at start-up (Engine.calibrate:
     # a probe schedule over every mode) on requests of each kind, after the warm-ups, so that no

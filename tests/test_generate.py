@@ -152,3 +152,15 @@ def test_precompiled_step_variants_are_not_compiled_again(generator, caplog):
     with jax.log_compiles(), caplog.at_level("WARNING"):
         *_, generator.cache = runner.step(cache, blocks, features)
     assert "_step_impl" not in caplog.text
+
+
+def test_precompiled_encoder_batches_are_not_compiled_again(generator, caplog):
+    import jax
+
+    from valora_jax.runtime import compile_lowered
+
+    runner, size = generator.runner, generator.runner.config.vision.image_size
+    assert compile_lowered(runner.lower_encoder([3]), threads=1) == 1
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        features = runner.encode_images(np.zeros((3, size, size, 3), np.float32), [-1, 0, -1])
+    assert features.shape[0] == 3 and "_encode_impl" not in caplog.text

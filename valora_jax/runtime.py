@@ -263,6 +263,13 @@ class ModelRunner:
                                             spec((), jnp.int32), mode=mode))
         return lowered
 
+    def lower_encoder(self, counts, mode: str = "unmerged") -> list:
+        """encode_images on batches of each of `counts` images, traced and lowered (not compiled),
+        as `lower_steps` does for steps."""
+        size, spec = self.config.vision.image_size, jax.ShapeDtypeStruct
+        return [self._encode.lower(*self._state_leaves(), spec((n, size, size, 3), jnp.float32), spec((n,), jnp.int32),
+                                   spec((), jnp.int32), mode=mode) for n in counts]
+
     def encode_images(self, pixels, slot, mode: str = "unmerged") -> jax.Array:
         """pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
         return self._encode(*self._state_leaves(), pixels, jnp.asarray(slot, jnp.int32),
