@@ -221,11 +221,11 @@ class ModelRunner:
             lin.merged[...] = merged_kernel(lin, slot, self.backend)
         return tuple(jax.tree.leaves(nnx.state(model, MergedWeight)))
 
-    # public API ------------------------------------------------------------------------------
     def _merge_one_impl(self, merged, kernel, w, slot):
         del merged                 # donated: its buffer takes the new merged weight
         return merge_weight(kernel, w, slot, self.backend)
 
+    # public API ------------------------------------------------------------------------------
     def step(self, cache, blocks: Sequence[Block], image_features, mode: str = "unmerged"):
         """Run the blocks (each with a page table) through the model in one call.
 
