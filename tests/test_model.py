@@ -182,17 +182,22 @@ def test_pallas_backend_matches_reference_through_the_model(config, loaded):
 
 def test_swift_merge_kernel_through_the_runner(loaded):
     """A runner on the pallas backend merges by the swift-merge kernel (interpreted): the merged
-    weights match the jnp merge, the one-call and per-layer switches agree bit for bit, and the
-    base weights stay untouched."""
+    weights match the jnp merge, the one-call and per-layer switches agree bit for bit and free
+    the weights they replace, and the base weights stay untouched."""
     loaded.merge(2)
     want = jax.tree.leaves(loaded.merged)
-    fused = ModelRunner(loaded.model(), backend="pallas-interpret")
+    fused = loaded.twin(backend="pallas-interpret")
     base_before = [np.asarray(a) for a in jax.tree.leaves(fused.params)]
+    fused.merge(1)
+    replaced = jax.tree.leaves(fused.merged)
     fused.merge(2)
-    per_layer = ModelRunner(loaded.model(), backend="pallas-interpret")
+    per_layer = loaded.twin(backend="pallas-interpret")
     per_layer.merge_per_layer(1)
+    replaced_per_layer = jax.tree.leaves(per_layer.merged)
     per_layer.merge_per_layer(2)                     # each old weight replaced in place of the last
     assert per_layer.merged_slot == 2
+    # both switches write in place: the weights they replace are donated, not kept alive
+    assert all(a.is_deleted() for a in replaced + replaced_per_layer)
     for w, f, p in zip(want, jax.tree.leaves(fused.merged), jax.tree.leaves(per_layer.merged)):
         np.testing.assert_allclose(f, w, **tol(jnp.float32))
         assert np.array_equal(np.asarray(f), np.asarray(p))

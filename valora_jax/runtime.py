@@ -160,8 +160,8 @@ class ModelRunner:
         self._step = jax.jit(self._step_impl, static_argnames="mode", donate_argnames="cache")
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, donate_argnames="lora")
-        self._merge = jax.jit(self._merge_impl, donate_argnames="merged")
-        self._merge_one = jax.jit(self._merge_one_impl, donate_argnames="merged")
+        self._merge = jax.jit(self._merge_impl, donate_argnames="merged", keep_unused=True)
+        self._merge_one = jax.jit(self._merge_one_impl, donate_argnames="merged", keep_unused=True)
 
     def model(self) -> LMM:
         """A module view of the current state (for eager use in tests and tools)."""
@@ -306,6 +306,7 @@ class ModelRunner:
         self._check_mergeable(slot)
         model, self.merged_slot = self.model(), -1
         for _, lin in targeted_linears(model):
-            lin.merged[...] = self._merge_one(lin.merged[...], lin.kernel[...], lin.lora_weight(), jnp.int32(slot))
+            # set_value, not `[...] =`: that would read the donated (deleted) old weight's shape
+            lin.merged.set_value(self._merge_one(lin.merged[...], lin.kernel[...], lin.lora_weight(), jnp.int32(slot)))
         self.merged = nnx.state(model, MergedWeight)
         self.merged_slot = slot
