@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workloads import ARRIVALS, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
+from bench.workloads import ARRIVALS, IMAGES, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import POLICIES, CostModel, Policy, VLoRAPolicy  # noqa: E402
@@ -127,8 +127,10 @@ def main(argv=None):
     ap.add_argument("--min-rows", type=int, default=32, help="pad decode blocks to >= this many rows (fewer compiles)")
     ap.add_argument("--min-prefill-tokens", type=int, default=512, help="pad prefill rows to >= this many tokens")
     ap.add_argument("--min-pages", type=int, default=256, help="pad page tables to >= this many pages")
-    ap.add_argument("--min-features", type=int, default=8192,
-                    help="pad a step's image features to >= this many rows (two 6-frame clips: 6912)")
+    ap.add_argument("--max-prefill-rows", type=int, default=4, help="prefill chunks per step")
+    ap.add_argument("--min-features", type=int, default=0,
+                    help="pad a step's image features to >= this many rows (default: the most a step can take, "
+                         "--max-prefill-rows requests' images)")
     ap.add_argument("--encoder-batches", default="1,2,4,8,16",
                     help="numbers of images an encoder call is compiled for before the warm-up (a step's new "
                          "images, padded to a power of two: 1-3 visual-QA prompts or 1-2 six-frame clips)")
@@ -162,10 +164,12 @@ def main(argv=None):
                 for p in args.policies.split(",")}
     serving = {b: _with_adapters(runner if b == args.backend else runner.twin(b), adapters)
                for b in set(backends.values())}
+    step_features = args.max_prefill_rows * config.tokens_per_image * max(IMAGES[k] for k in args.kinds.split(","))
     engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
-                                 prefill_chunk=args.prefill_chunk, num_pages=args.num_pages, max_queue=10_000,
-                                 min_rows=args.min_rows, min_prefill_tokens=args.min_prefill_tokens,
-                                 min_pages=args.min_pages, min_features=args.min_features)
+                                 prefill_chunk=args.prefill_chunk, max_prefill_rows=args.max_prefill_rows,
+                                 num_pages=args.num_pages, max_queue=10_000, min_rows=args.min_rows,
+                                 min_prefill_tokens=args.min_prefill_tokens, min_pages=args.min_pages,
+                                 min_features=args.min_features or step_features)
 
     size = config.vision.image_size
     # warm-up, outside the measurements: compile the likely step shapes concurrently, then replay a

@@ -19,6 +19,7 @@ from valora_jax import Request
 POPULARITY = ("hot50", "hot60", "hot80", "zipf1.5", "uniform")
 ARRIVALS = ("poisson", "bursty")
 KINDS = ("vqa", "video")
+IMAGES = {"vqa": 1, "video": 6}       # images (frames) per request of each kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,7 @@ def make_trace(w: Workload, adapters: list[str], image_size: int, headed: set[st
     trace = []
     for t, a in zip(times, choice):
         name = adapters[a]
-        frames = 1 if w.kind == "vqa" else 6
-        images = [rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(frames)]
+        images = [rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(IMAGES[w.kind])]
         question = " ".join(rng.choice(words, 10))          # ~50 byte tokens
         if w.kind == "vqa":
             max_tokens = int(rng.integers(40, 121))

@@ -5,8 +5,9 @@ Each `step()`:
      (decode rows and prefill chunks, within the engine's limits);
   2. the rows' adapters are placed in device slots (a failed load fails only its requests)
      and, if the merged adapter changes, every targeted weight is re-merged in one call;
-  3. KV pages are allocated for the new tokens, preempting (for recompute) the newest
-     requests when the cache runs out;
+  3. KV pages are allocated for the new tokens (policies start a prompt only when the pages
+     of all of it are free), preempting (for recompute) the newest requests when the running
+     ones outgrow the cache;
   4. images of newly started requests are encoded (cached by image hash and vision adapter);
   5. one jitted call runs the decode block and the prefill block; rows that reached the end
      of their known tokens sample a token, task-head adapters answer after their prefill.
@@ -43,6 +44,8 @@ class EngineConfig:
     """Most valid tokens in one step (each decode row counts one)."""
     prefill_chunk: int = 256
     """Longest prefill chunk of one sequence in one step."""
+    max_prefill_rows: int = 4
+    """Most prefill chunks (one per sequence) in one step: bounds the step shapes to compile."""
     num_pages: int = 512
     """KV-cache pages (page 0 is reserved)."""
     max_queue: int = 256
@@ -60,19 +63,19 @@ class EngineConfig:
     """Image-feature rows passed to a step are padded to at least this many (likewise)."""
 
     def __post_init__(self):
-        for name in ("max_rows", "token_budget", "prefill_chunk", "max_queue"):
+        for name in ("max_rows", "token_budget", "prefill_chunk", "max_prefill_rows", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def step_shapes(self, modes, max_prefill_rows: int = 4) -> list:
+    def step_shapes(self, modes) -> list:
         """The step variants (ModelRunner.lower_steps' shapes) an engine of this config meets
         when its minimums cover every row (decode rows, prefill tokens, pages, image features):
         (blocks, n_features, mode) with blocks = (decode,), (prefill,) or (decode, prefill), each
-        (rows, tokens, pages) padded as Engine packs them, prefill rows up to max_prefill_rows."""
+        (rows, tokens, pages) padded as Engine packs them."""
         pages = bucket(self.min_pages)
         decode = (bucket(self.max_rows, self.min_rows), 1, pages)
         prefills = [(rows, tokens, pages)
-                    for rows in sorted({bucket(r) for r in range(1, min(self.max_rows, max_prefill_rows) + 1)})
+                    for rows in sorted({bucket(r) for r in range(1, min(self.max_rows, self.max_prefill_rows) + 1)})
                     for tokens in sorted({bucket(t, self.min_prefill_tokens) for t in range(1, self.prefill_chunk + 1)})]
         blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
         features = bucket(0, self.min_features) if self.min_features else 0
@@ -155,7 +158,8 @@ class Engine:
             raise ValueError(f"cache does not match {config.num_pages} pages of this model: {shapes(cache)[:2]}...")
         self.cache = pages() if cache is None else cache
         self.images = ImageCache(config.image_cache_size)
-        self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras)
+        self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras,
+                                  cfg.page_size, config.max_prefill_rows)
         self._sample = make_sampler(self.tokenizer.vocab_size, config.min_rows)
         self._seqs: dict[str, _Seq] = {}                  # live, in arrival order
         self._results: dict[str, Completion] = {}
@@ -172,6 +176,12 @@ class Engine:
         backdates the request, for replaying traces whose arrivals fall inside a step."""
         key = None if request.adapter is None else self.pool.key(request.adapter)
         state = RequestState.prepare(request, self.runner.config, self.tokenizer)
+        one_pass = key is not None and self.pool.get(key).head is not None
+        most = len(state.prompt_ids) + (1 if one_pass else request.max_tokens)
+        usable = self.allocator.num_pages - 1                   # page 0 is the null page
+        if self.allocator.pages_for(most) > usable:
+            raise ValueError(f"prompt of {len(state.prompt_ids)} tokens + max_tokens {request.max_tokens} needs "
+                             f"{self.allocator.pages_for(most)} KV pages; the cache has {usable}")
         if request_id is not None and (request_id in self._seqs or request_id in self._results):
             raise ValueError(f"request id {request_id!r} is already in use")
         if self.waiting >= self.config.max_queue:
@@ -180,7 +190,6 @@ class Engine:
         now = self.clock() if arrival is None else arrival
         metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
         digests = tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels)
-        one_pass = key is not None and self.pool.get(key).head is not None
         self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=digests,
                                stream=self.tokenizer.stream_decoder(), adapter=key,
                                output_tokens=1 if one_pass else request.max_tokens)
@@ -282,8 +291,9 @@ class Engine:
         if not self._seqs:
             return None
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens,
-                              s.computed) for s in self._seqs.values())
-        decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits))
+                              s.computed, len(s.state.out)) for s in self._seqs.values())
+        decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits,
+                                                     self.allocator.num_free))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
         rows = [(s, n) for s, n in rows if s.id in self._seqs]        # failed loads dropped
@@ -428,6 +438,8 @@ class Engine:
             seq.last_progress = now
         heads = {seq.id: self.pool.get(seq.adapter).head for seq, _ in done_prefill
                  if seq.adapter is not None and not seq.state.out and self.pool.get(seq.adapter).head is not None}
+        if not done_prefill:             # nothing is read back: wait all the same, so that the step's
+            logits.block_until_ready()   # duration (what the step-time model learns) is its own
         hidden_np = np.asarray(hidden, np.float32) if heads else None
         sampling = [(seq, i) for seq, i in done_prefill if seq.id not in heads]
         tokens = self._sample(logits, [s.state for s, _ in sampling], rows=[i for _, i in sampling]) \

@@ -12,9 +12,9 @@ Every policy answers `decide(state) -> Decision` from a snapshot of the live req
   dlora              merge the top adapter when its requests >= alpha * batch, unmerge when
                      <= beta * batch; no mixture; layer-by-layer switch;
   merged             one adapter at a time, merged, first come first served by adapter.
-The engine owns the packing limits (rows, token budget, chunk, adapter slots); `pack` fills a
-batch within them, decodes before prefills, oldest requests first (ours orders prefills by
-Smith's rule; the baselines keep their systems' first come, first served).
+The engine owns the packing limits (rows, token budget, chunk, adapter slots, KV pages); `pack`
+fills a batch within them, decodes before prefills, oldest requests first (ours orders all rows
+by Smith's rule; the baselines keep their systems' first come, first served).
 """
 
 import abc
@@ -34,7 +34,8 @@ class SeqView:
     (1 while decoding); last_progress = when it last ran (its arrival before that);
     output_tokens = the most tokens it outputs (1 for a task head's one-pass answer, else its
     max_tokens): its latency counts 1/output_tokens in average token latency; context = tokens
-    already in the KV cache (what its attention reads besides its own new tokens)."""
+    already in the KV cache (what its attention reads besides its own new tokens); generated =
+    tokens it has output so far."""
 
     id: str
     adapter: str | None
@@ -43,6 +44,13 @@ class SeqView:
     last_progress: float
     output_tokens: int = 1
     context: int = 0
+    generated: int = 0
+
+    @property
+    def work_left(self) -> int:
+        """Tokens it still has to run through the model, at most: its pending tokens, then one
+        per output token it may still produce."""
+        return self.pending + max(self.output_tokens - self.generated - 1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +59,8 @@ class BatchLimits:
     token_budget: int             # valid tokens per step (a decode row counts 1)
     prefill_chunk: int            # longest prefill chunk per sequence per step
     max_adapters: int             # distinct adapters per step (device slots)
+    page_size: int = 16           # tokens per KV page
+    max_prefill_rows: int | None = None   # prefill chunks per step (None: up to max_rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +69,17 @@ class SchedulerState:
     seqs: tuple[SeqView, ...]     # in arrival order
     merged_adapter: str | None    # adapter currently folded into the merged weights
     limits: BatchLimits
+    free_pages: int | None = None  # KV pages free now (None: no bound)
+
+
+def admission_room(state: SchedulerState) -> int | None:
+    """KV pages a request not yet in the cache may take: the free pages less those the requests
+    already in it need to reach the end of their known tokens (the rest of a prompt, a decode's
+    next token). None: no bound."""
+    if state.free_pages is None:
+        return None
+    pages = lambda tokens: -(-tokens // state.limits.page_size)
+    return state.free_pages - sum(pages(s.context + s.pending) - pages(s.context) for s in state.seqs if s.context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,26 +91,42 @@ class Decision:
 
 def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: True,
          reserved: Sequence[str] = (), prefill: bool = True, decode: bool = True,
-         chunk: int | None = None, prefill_order: Callable[[SeqView], Any] | None = None
+         chunk: int | None = None, order: Callable[[SeqView], Any] | None = None
          ) -> tuple[tuple[str, int], ...]:
-    """Fill one step: decode rows first, then prefill chunks, each oldest first (prefills in
-    `prefill_order`'s order when given, a stable sort), within the limits. `reserved` adapters
-    take slots up front (the merged adapter in mixture mode)."""
+    """Fill one step: decode rows first, then prefill chunks, each oldest first (or every row in
+    `order`'s order when given, a stable sort: a prefill chunk placed before decode rows leaves a
+    token for each that can still follow), within the limits. `reserved` adapters take slots up
+    front (the merged adapter in mixture mode). A request not yet in the KV cache
+    starts only if the pages of its whole prompt fit in the admission room, so new prompts do
+    not preempt the requests already running (which may preempt each other when the cache is
+    full, newest first: the engine's rule)."""
     lim = state.limits
     chunk = chunk or lim.prefill_chunk
-    adapters, rows, tokens = set(reserved), [], 0
+    adapters, rows, tokens, prefill_rows = set(reserved), [], 0, 0
+    room = admission_room(state)
+    decodes = [s for s in state.seqs if s.pending == 1] if decode else []
     prefills = [s for s in state.seqs if s.pending > 1] if prefill else []
-    ordered = ([s for s in state.seqs if s.pending == 1] if decode else []) + \
-              (sorted(prefills, key=prefill_order) if prefill_order else prefills)
+    ordered = sorted(decodes + prefills, key=order) if order else decodes + prefills
+    decodes_behind = len(decodes)                 # decode rows not yet considered
     for s in ordered:
+        decodes_behind -= s.pending == 1
         if len(rows) == lim.max_rows or tokens == lim.token_budget:
             break
         if not eligible(s) or (s.adapter is not None and s.adapter not in adapters
                                and len(adapters) >= lim.max_adapters):
             continue
-        n = min(s.pending, chunk, lim.token_budget - tokens)
+        if s.pending > 1 and prefill_rows == (lim.max_prefill_rows or lim.max_rows):
+            continue
+        keep = min(decodes_behind, lim.max_rows - len(rows) - 1) if s.pending > 1 else 0
+        n = min(s.pending, chunk, lim.token_budget - tokens - keep)
+        need = -(-s.pending // lim.page_size) if room is not None and not s.context else 0
+        if n < 1 or (need and need > room):
+            continue
+        if need:
+            room -= need
         rows.append((s.id, n))
         tokens += n
+        prefill_rows += s.pending > 1
         if s.adapter is not None:
             adapters.add(s.adapter)
     return tuple(rows)
@@ -228,10 +265,10 @@ class DLoRAPolicy(Policy):
         top = _top_adapter(state.seqs)
         if self.merged is None and top is not None and count[top] >= self.alpha * batch:
             self.merged = top
-        if self.merged is None:
-            return Decision("unmerged", None, pack(state))
         m = self.merged
-        return Decision("merged", m, pack(state, eligible=lambda s: s.adapter == m))
+        rows = pack(state, eligible=lambda s: s.adapter == m) if m is not None else ()
+        # none of its requests can run (their prompts wait for KV pages others hold): unmerged
+        return Decision("merged", m, rows) if rows else Decision("unmerged", None, pack(state))
 
 
 class MergedOnlyPolicy(Policy):
@@ -273,10 +310,13 @@ class VLoRAPolicy(Policy):
     merged step of the hot adapter's rows wins when it does the same work in less time, while
     one of a few rows does not. Candidates: unmerged, mixture(a) and merged(a) for the top
     adapter and the currently merged one; times come from the cost model, with a merge switch
-    amortised over `horizon` steps. Prefills are packed by Smith's rule (least prompt left per
-    weight first: task-head requests, which finish in that pass, before long generations), except
-    that requests waiting longer than `starvation_bound` seconds go first, and merged(a) is ruled
-    out while any request the unmerged step would serve, of another adapter, has waited that long."""
+    amortised over `horizon` steps. Rows are packed by Smith's rule (least work left per weight
+    first, `SeqView.work_left`): decodes and one-pass (task-head) prompts together (a visual-QA
+    answer's prompt before the decode rows of long generations, which then wait a step when the
+    rows are full; a clip's long prompt after short decodes), then the prompts of generations.
+    Once a prompt has waited longer than `starvation_bound` seconds, decodes go first and then
+    the starving requests; and merged(a) is ruled out while any request the unmerged step would
+    serve, of another adapter, has waited that long."""
 
     name = "ours"
 
@@ -295,7 +335,12 @@ class VLoRAPolicy(Policy):
             return t + (self.cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
 
         starving = lambda s: state.now - s.last_progress > self.starvation_bound
-        fill = functools.partial(pack, state, prefill_order=lambda s: (not starving(s), s.pending * s.output_tokens))
+        smith = lambda s: s.work_left * s.output_tokens
+        if any(s.pending > 1 and starving(s) for s in state.seqs):
+            order = lambda s: (s.pending > 1, not starving(s), smith(s))
+        else:
+            order = lambda s: (s.pending > 1 and s.output_tokens > 1, not starving(s), smith(s))
+        fill = functools.partial(pack, state, order=order)
         unmerged = fill()
         t_u = step_time("unmerged", None, unmerged)
         in_unmerged = {i for i, _ in unmerged}

@@ -98,12 +98,15 @@ def test_padded_shapes_change_nothing(generator, expected):
         assert got.token_ids == want.token_ids
 
 
-def test_preemption_under_kv_pressure_recomputes_exactly(generator, expected):
-    engine = _engine(generator, "slora", dataclasses.replace(SMALL, num_pages=12))
-    reqs = _requests(10)
-    for want, got in zip(expected, engine.generate(reqs)):
-        assert got.token_ids == want.token_ids
-    assert engine.summary()["preemptions"] > 0 and engine.allocator.num_free == 11
+@pytest.mark.parametrize("policy", ["slora", "punica"])
+def test_preemption_under_kv_pressure_recomputes_exactly(generator, policy):
+    """24-token outputs on a 9-page cache (72 tokens): prompts start only when their pages are
+    free, then the growing decodes run out and preempt the newest requests, which recompute."""
+    reqs = [Request(f"g{i} " + "w" * (i * 5 % 16), adapter=ADAPTERS[i % 4], max_tokens=24, seed=i) for i in range(6)]
+    engine = _engine(generator, policy, dataclasses.replace(SMALL, num_pages=10))
+    for req, got in zip(reqs, engine.generate(reqs)):
+        assert got.token_ids == generator.generate([req])[0].token_ids
+    assert engine.summary()["preemptions"] > 0 and engine.allocator.num_free == 9
 
 
 def test_adapter_loaded_and_replaced_mid_stream(generator, config):
@@ -189,6 +192,8 @@ def test_submission_errors_and_overload(generator):
         engine.submit(Request("hi", adapter="nope"))
     with pytest.raises(ValueError, match="prompt"):
         engine.submit(Request(""))
+    with pytest.raises(ValueError, match="needs 64 KV pages; the cache has 63"):
+        engine.submit(Request("hi", max_tokens=500))
     ids = [engine.submit(Request(f"r{i}", max_tokens=2)) for i in range(3)]
     with pytest.raises(Overloaded):
         engine.submit(Request("one too many", max_tokens=2))

@@ -1,10 +1,11 @@
 """Policies on hand-made scheduler states (no model): packing limits, mode decisions, starvation."""
 
+import dataclasses
 import numpy as np
 import pytest
 
 from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, ProbePolicy, PunicaPolicy,
-                            SchedulerState, SeqView, SLoRAPolicy, UnmergedPolicy, VLoRAPolicy, pack)
+                            SchedulerState, SeqView, SLoRAPolicy, UnmergedPolicy, VLoRAPolicy, admission_room, pack)
 
 LIMITS = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters=3)
 
@@ -22,8 +23,27 @@ def test_pack_respects_rows_budget_chunk_and_slots():
     assert rows == {"r0": 1, "r2": 1, "r3": 1, "r4": 1, "r5": 16}   # b and e find no slot; chunk 16
     tight = _state([("a", 1)] * 3 + [("a", 50)] * 2, limits=BatchLimits(4, 20, 16, 3))
     assert dict(pack(tight)) == {"r0": 1, "r1": 1, "r2": 1, "r3": 16}
+    one_prefill = BatchLimits(8, 64, 16, 8, max_prefill_rows=1)
+    assert dict(pack(_state([("a", 9), ("b", 1), ("c", 5)], limits=one_prefill))) == {"r1": 1, "r0": 9}
     assert dict(pack(_state([("a", 1), ("b", 1)]), reserved=["x", "y", "z"])) == {}
     assert dict(pack(_state([(None, 1), ("b", 1)]), reserved=["x", "y", "z"])) == {"r0": 1}
+
+
+def test_pack_starts_a_prompt_only_if_its_pages_fit_after_the_running_requests():
+    """Page size 4. Running: a decode at a page boundary (context 8: needs 1 page) and a prompt
+    half prefilled (context 6, 10 left: pages for 16 tokens minus the 2 it holds = 2 more). With
+    6 free pages, 3 are left for new prompts: the 12-token one (3 pages) starts, the 9-token one
+    behind it (3 pages) waits, the 2-token one (1 page) would fit but the room is spent."""
+    limits = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters=8, page_size=4)
+    seqs = (SeqView("dec", "a", 0.0, 1, 0.0, context=8), SeqView("half", "a", 0.1, 10, 0.0, context=6),
+            SeqView("p12", "b", 0.2, 12, 0.0), SeqView("p9", "c", 0.3, 9, 0.0), SeqView("p2", "d", 0.4, 2, 0.0))
+    assert admission_room(SchedulerState(0.0, seqs, None, limits, free_pages=6)) == 3
+    assert dict(pack(SchedulerState(0.0, seqs, None, limits, free_pages=6))) == {"dec": 1, "half": 10, "p12": 12}
+    assert dict(pack(SchedulerState(0.0, seqs, None, limits, free_pages=7))) == {"dec": 1, "half": 10, "p12": 12,
+                                                                                 "p2": 2}
+    # requests already in the cache are packed even with no page free (the engine preempts for them)
+    assert dict(pack(SchedulerState(0.0, seqs, None, limits, free_pages=0))) == {"dec": 1, "half": 10}
+    assert admission_room(SchedulerState(0.0, seqs, None, limits)) is None      # unbounded
 
 
 def test_slora_and_punica():
@@ -56,6 +76,13 @@ def test_dlora_merges_at_alpha_and_unmerges_at_beta():
     stay = policy.decide(_state([("a", 1), ("a", 1), ("a", 1), ("b", 1), ("c", 1)]))     # 3 > 0.5 * 5
     assert stay.mode == "merged" and [i for i, _ in stay.rows] == ["r0", "r1", "r2"]   # others wait
     assert policy.decide(_state([("a", 1), ("b", 1), ("c", 1)])).mode == "unmerged"  # 1 <= 1.5
+    # a's prompts wait for KV pages that b's running prompt holds: b's runs, unmerged
+    hot = DLoRAPolicy()
+    seqs = (SeqView("b0", "b", 0.0, 20, 0.0, 8, context=40),) + tuple(SeqView(f"a{i}", "a", 0.1, 40, 0.1, 8)
+                                                                      for i in range(3))
+    three_rows = BatchLimits(max_rows=3, token_budget=64, prefill_chunk=16, max_adapters=3)   # a fills the batch
+    stuck = hot.decide(SchedulerState(0.2, seqs, None, three_rows, free_pages=2))
+    assert hot.merged == "a" and stuck.mode == "unmerged" and stuck.rows == (("b0", 16),)
 
 
 def test_merged_only_serves_one_adapter_until_it_drains():
@@ -121,7 +148,7 @@ def test_ours_never_merges_out_a_starving_request():
     assert d.mode in ("mixture", "unmerged") and "r7" in [i for i, _ in d.rows]
 
 
-def test_ours_prefills_by_smiths_rule_and_starving_requests_first():
+def test_ours_packs_by_smiths_rule_and_starving_requests_first():
     """A task-head request (one output) prefills before an older generation of 80 tokens, which
     the baselines serve first; once the generation has waited past the bound, it goes first."""
     limits = BatchLimits(max_rows=8, token_budget=700, prefill_chunk=700, max_adapters=4)
@@ -130,6 +157,18 @@ def test_ours_prefills_by_smiths_rule_and_starving_requests_first():
     assert ours.decide(SchedulerState(0.2, seqs, None, limits)).rows == (("head", 626), ("gen", 74))
     assert ours.decide(SchedulerState(0.6, seqs, None, limits)).rows == (("gen", 626), ("head", 74))
     assert UnmergedPolicy().decide(SchedulerState(0.2, seqs, None, limits)).rows == (("gen", 626), ("head", 74))
+    # rows full of decodes: the one-pass prompt takes the row of the decode with the most work
+    # left per weight; a clip's long one-pass prompt (3456 tokens) waits behind short decodes
+    full = dataclasses.replace(limits, max_rows=4, token_budget=4096, prefill_chunk=4096)
+    decodes = tuple(SeqView(f"d{g}", "b", 0.0, 1, 0.1, 80, context=700, generated=g) for g in (10, 70, 40, 20))
+    head = SeqView("head", "c", 0.1, 626, 0.1, 1)
+    assert ours.decide(SchedulerState(0.2, decodes + (head,), None, full)).rows == (
+        ("head", 626), ("d70", 1), ("d40", 1), ("d20", 1))
+    assert UnmergedPolicy().decide(SchedulerState(0.2, decodes + (head,), None, full)).rows == tuple(
+        (f"d{g}", 1) for g in (10, 70, 40, 20))
+    short = tuple(dataclasses.replace(d, output_tokens=8, generated=g) for d, g in zip(decodes, range(4)))
+    clip = dataclasses.replace(head, pending=3456)
+    assert [i for i, _ in ours.decide(SchedulerState(0.2, short + (clip,), None, full)).rows] == ["d20", "d40", "d70", "d10"]
 
 
 def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
@@ -238,8 +277,8 @@ def _simulate(policy, trace, cost: CostModel, limits: BatchLimits, switch: float
         if not live:
             now = trace[i][0]
             continue
-        views = tuple(SeqView(k, s["adapter"], s["arrival"], max(s["pending"], 1), s["last"], s["out"])
-                      for k, s in live.items())
+        views = tuple(SeqView(k, s["adapter"], s["arrival"], max(s["pending"], 1), s["last"], s["out"],
+                              generated=s["out"] - s["left"]) for k, s in live.items())
         d = policy.decide(SchedulerState(now, views, merged, limits))
         rows = [(live[k]["adapter"], n) for k, n in d.rows]
         if d.mode != "unmerged" and d.merged_adapter != merged:
