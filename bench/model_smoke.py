@@ -7,6 +7,7 @@
    of one decode step (64 rows) and one prefill step (4 x 576+64 tokens), so the engine's
    shape buckets can be sized against compile cost; and the decode step's time split into the
    LoRA branch (unmerged - merged), attention over 640 keys (640 - 16 keys, merged) and the rest;
+   a decode step with 80% of its rows on one adapter, unmerged and in mixture mode;
    the prefill step's LoRA branch (unmerged - merged) and what the flash prefill kernel saves
    over the reference's dense masked attention (a twin runner with attention "reference").
 
@@ -85,6 +86,8 @@ def _llava_steps() -> dict:
                                   list(range(3200 + 48 * i, 3200 + 48 * i + 40))) for i in range(4)], min_tokens=16)
     short = pack_block([RowSpec([int(rng.integers(0, 32000))], 15, None, i % 8, [1 + i])
                         for i in range(64)], min_pages=64)              # same page-table width, 16 keys
+    hot = pack_block([RowSpec([int(rng.integers(0, 32000))], ctx, None, 0 if i % 5 else 1 + i % 7,
+                              list(range(1 + 48 * i, 1 + 48 * i + 41))) for i in range(64)])   # 80% adapter 0
     cache, dec = _time_step(runner, cache, [decode], empty)
     cache, dec_short = _time_step(runner, cache, [short], empty)
     cache, pre = _time_step(runner, cache, [prefill], empty)
@@ -94,10 +97,14 @@ def _llava_steps() -> dict:
     cache, dec_merged = _time_step(runner, cache, [decode], empty, mode="merged")
     cache, dec_merged_short = _time_step(runner, cache, [short], empty, mode="merged")
     cache, pre_merged = _time_step(runner, cache, [prefill], empty, mode="merged")
+    cache, hot_unmerged = _time_step(runner, cache, [hot], empty)
+    cache, hot_mixture = _time_step(runner, cache, [hot], empty, mode="mixture")
     ms = lambda r: r["step_ms"]
     return {"init_s": init_s, "decode_64": dec, "decode_64_context_16": dec_short, "decode_64_merged": dec_merged,
             "decode_64_merged_context_16": dec_merged_short, "prefill_4x640": pre, "decode_64_plus_prefill": both,
             "prefill_4x640_dense_attention": pre_dense, "prefill_4x640_merged": pre_merged,
+            # 80% of the rows on adapter 0: unmerged, and mixture with adapter 0 merged
+            "decode_64_hot80": hot_unmerged, "decode_64_hot80_mixture": hot_mixture,
             # where a 64-row decode step's and a 4-row prefill step's time goes (differences of the runs above)
             "decode_64_breakdown_ms": {"lora_branch": ms(dec) - ms(dec_merged),
                                        "attention_over_640_keys": ms(dec_merged) - ms(dec_merged_short),
