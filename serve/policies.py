@@ -21,6 +21,7 @@ import abc
 import collections
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -62,6 +63,10 @@ class BatchLimits:
     page_size: int = 16           # tokens per KV page
     max_prefill_rows: int | None = None   # prefill chunks per step (None: up to max_rows)
 
+    def pages(self, tokens: int) -> int:
+        """KV pages that hold `tokens` tokens."""
+        return -(-tokens // self.page_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerState:
@@ -78,7 +83,7 @@ def admission_room(state: SchedulerState) -> int | None:
     next token). None: no bound."""
     if state.free_pages is None:
         return None
-    pages = lambda tokens: -(-tokens // state.limits.page_size)
+    pages = state.limits.pages
     return state.free_pages - sum(pages(s.context + s.pending) - pages(s.context) for s in state.seqs if s.context)
 
 
@@ -104,6 +109,7 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
     chunk = chunk or lim.prefill_chunk
     adapters, rows, tokens, prefill_rows = set(reserved), [], 0, 0
     room = admission_room(state)
+    room = math.inf if room is None else room
     decodes = [s for s in state.seqs if s.pending == 1] if decode else []
     prefills = [s for s in state.seqs if s.pending > 1] if prefill else []
     ordered = sorted(decodes + prefills, key=order) if order else decodes + prefills
@@ -119,11 +125,10 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
             continue
         keep = min(decodes_behind, lim.max_rows - len(rows) - 1) if s.pending > 1 else 0
         n = min(s.pending, chunk, lim.token_budget - tokens - keep)
-        need = -(-s.pending // lim.page_size) if room is not None and not s.context else 0
-        if n < 1 or (need and need > room):
+        need = 0 if s.context else lim.pages(s.pending)      # joining the cache: its whole prompt
+        if n < 1 or need > max(room, 0):
             continue
-        if need:
-            room -= need
+        room -= need
         rows.append((s.id, n))
         tokens += n
         prefill_rows += s.pending > 1

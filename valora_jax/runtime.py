@@ -65,8 +65,8 @@ def compile_lowered(lowered, threads: int = 8) -> int:
 # slower (bench/results/step_overhead.md: 15.2 -> 12.1 ms merged, 21.1 -> 16.2 ms unmerged without them)
 SERVING_XLA_FLAGS = {"--xla_gpu_enable_command_buffer": ""}
 # A serving process owns its GPU: XLA's allocator may take 90% of its memory instead of 75%. At 7B
-# the weights, their merged copies and 32 GiB of KV pages take 62 GiB, and a switch writes new
-# merged weights before it frees the old ones.
+# the weights, their merged copies and 32 GiB of KV pages take 62 GiB, and a step's activations
+# and a benchmark's second (static-tile) runner come on top.
 SERVING_ENV = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
 
 
