@@ -250,7 +250,8 @@ def main(argv=None):
                 runs.append(r)
                 print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                       f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
-                      f"modes {r['mode_steps']}  preemptions {r['preemptions']}  compiling steps {r['compile_steps']}  "
+                      f"modes {r['mode_steps']}  preemptions {r['preemptions']}  adapter loads {r['load_time']:.2f} s  "
+                      f"compiling steps {r['compile_steps']}  "
                       f"({r['wall_s']:.0f} s)  "
                       f"{_device_memory()}",
                       flush=True)

@@ -2,11 +2,11 @@
 swift merge of an adapter into a weight, and flash attention for prefill chunks."""
 
 from pallas_kernels.atmm import lora_delta
-from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
+from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight, lora_delta_reference, merge_weight_reference
 from pallas_kernels.merge import merge_weight
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from pallas_kernels.tiling import STATIC_TILE, MergeTile, TileConfig, pick_merge_tile, pick_tile
 
-__all__ = ["STATIC_TILE", "LoraWeight", "MergeTile", "TileConfig", "lora_delta", "lora_delta_reference",
+__all__ = ["PAD_SLOT", "STATIC_TILE", "LoraWeight", "MergeTile", "TileConfig", "lora_delta", "lora_delta_reference",
            "merge_weight", "merge_weight_reference", "pick_merge_tile", "pick_tile", "prefill_attention",
            "prefill_attention_reference"]

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.lora_reference import LoraWeight
+from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight
 from pallas_kernels.tiling import TileConfig, pick_tile
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -54,7 +54,8 @@ def _token_sets(slots, live, merged, n_slots: int, mixture: bool):
         return [(own, 1.0)]
     m_ok = (merged >= 0) & (merged < n_slots)
     own = jnp.where(own == merged, -1, own)
-    other = jnp.where(live & m_ok & (slots != merged), merged, -1)      # [BT]
+    in_range = (slots >= -1) & (slots < n_slots)                        # not padding (PAD_SLOT)
+    other = jnp.where(live & m_ok & in_range & (slots != merged), merged, -1)   # [BT]
     return [(own, 1.0), (other, -1.0)]
 
 
@@ -371,12 +372,13 @@ def lora_delta(
     Same semantics as `lora_delta_reference` (see there):
         y[w][t] = [a != m or not mixture] * ([a >= 0] delta_w(a) - [mixture, m >= 0] delta_w(m))
         with a = slot[t], delta_w(s) = scale_w[s] * x[t] @ A_w[s][:, :rank_w[s]] @ B_w[s][:rank_w[s]]
-    Slot ids outside [-1, S) add nothing; ranks above R count as R.
+    Slot ids outside [-1, S) (PAD_SLOT for padding tokens) add nothing in either mode; ranks
+    above R count as R.
 
     Args:
       x: [T, D_in] float32 / bfloat16 / float16 tokens.
       weights: LoraWeights with a [S, D_in, R_w] and b [S, R_w, D_out_w] in x.dtype, the same S.
-      slot: [T] int32 adapter slot per token (-1 = base model only).
+      slot: [T] int32 adapter slot per token (-1 = base model only, PAD_SLOT = padding).
       merged_slot: int32 scalar, the merged adapter (mixture mode only).
       mixture: whether the step runs in mixture (deLoRA) mode.
       tile: the tile shapes; None = pick from the device's tuned table by shape bucket.
@@ -386,7 +388,7 @@ def lora_delta(
         where base[w] is not used afterwards, no extra pass over the outputs).
     Returns: one [T, D_out_w] array per weight, in x.dtype.
     Raises: ValueError for inconsistent shapes or dtypes, and, where slot / merged_slot / rank
-      are host values, for slot ids outside [-1, S) and ranks outside [0, R].
+      are host values, for slot ids outside [-1, S) other than PAD_SLOT and ranks outside [0, R].
     """
     weights = tuple(weights)
     _validate(x, weights, slot, merged_slot)
@@ -438,9 +440,11 @@ def _validate(x, weights, slot, merged_slot):
     if getattr(slot, "shape", None) != (n_tokens,) or slot.dtype != jnp.int32:
         raise ValueError(f"slot must be int32 [T={n_tokens}], got "
                          f"{getattr(slot, 'dtype', type(slot).__name__)}{list(getattr(slot, 'shape', ()))}")
-    if isinstance(slot, np.ndarray) and ((slot < -1) | (slot >= n_slots)).any():
-        bad = slot[(slot < -1) | (slot >= n_slots)]
-        raise ValueError(f"slot ids {sorted(set(bad.tolist()))} outside [-1, S={n_slots})")
+    if isinstance(slot, np.ndarray):
+        bad = slot[((slot < -1) | (slot >= n_slots)) & (slot != PAD_SLOT)]
+        if bad.size:
+            raise ValueError(f"slot ids {sorted(set(bad.tolist()))} outside [-1, S={n_slots}) "
+                             f"and not PAD_SLOT ({PAD_SLOT})")
     if isinstance(merged_slot, (int, np.integer)):
         if not -1 <= merged_slot < n_slots:
             raise ValueError(f"merged_slot {merged_slot} outside [-1, S={n_slots})")

@@ -1,12 +1,17 @@
 """The multi-adapter LoRA branch in plain jnp: the oracle every ATMM kernel is tested against.
 
 Glossary: T tokens, D_in / D_out feature sizes, S adapter slots, R the slots' padded rank.
+A token's slot is its adapter (0..S-1), -1 for the base model alone, or PAD_SLOT for a padding
+token of a shape bucket, which takes no delta in any mode (in mixture mode a base-model token
+takes -delta(m), a LoRA pass a padding token must not pay for).
 """
 
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+
+PAD_SLOT = -2    # a padding token's slot: no LoRA delta in any mode
 
 
 class LoraWeight(NamedTuple):
@@ -34,8 +39,8 @@ def lora_delta_reference(
 ) -> tuple[jax.Array, ...]:
     """LoRA deltas of several weights that share the input x.
 
-    For each weight w and token t, with a = slot[t] (-1 = base model only) and
-    m = merged_slot (used only when mixture=True):
+    For each weight w and token t, with a = slot[t] (-1 = base model only; any id outside
+    [-1, S), such as PAD_SLOT, takes no delta) and m = merged_slot (used only when mixture=True):
         delta(s)  = scale[s] * x[t] @ A[s][:, :rank[s]] @ B[s][:rank[s], :]
         y[t]      = (a >= 0 ? delta(a) : 0)                 # unmerged
         y[t]      = a == m ? 0                               # mixture: already in W
@@ -50,7 +55,8 @@ def lora_delta_reference(
       mixture: whether the step runs in mixture (deLoRA) mode.
     """
     xf = x.astype(jnp.float32)
-    token_slot = jnp.clip(slot, 0)                                   # [T]
+    n_slots = weights[0].a.shape[0]
+    token_slot = jnp.clip(slot, 0, n_slots - 1)                      # [T]
     outputs = []
     for w in weights:
         cols = jnp.arange(w.a.shape[-1])
@@ -65,6 +71,7 @@ def lora_delta_reference(
             merged = w.scale[m] * ((xf @ a[m]) @ b[m])               # [T, D_out]
             y = jnp.where((merged_slot >= 0), y - merged, y)
             y = jnp.where((slot == merged_slot)[:, None], 0.0, y)
+        y = jnp.where(((slot >= -1) & (slot < n_slots))[:, None], y, 0.0)
         outputs.append(y.astype(x.dtype))
     return tuple(outputs)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.atmm import _lora_delta
-from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
+from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight, lora_delta_reference, merge_weight_reference
 from pallas_kernels.merge import _merge
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from pallas_kernels.tiling import MergeTile, TileConfig, pick_tile
@@ -38,7 +38,7 @@ class Case:
     """Every adapter's rank; None = mixed ranks (powers of 2 and odd ones up to R)."""
     layout: str = "segments"
     """How tokens pick slots: segments (requests of random length, some empty, some single
-    tokens, some slot -1), uniform, skewed (one hot adapter), distinct (token t -> t % S)."""
+    tokens, some slot -1, some padding), uniform, skewed (one hot adapter), distinct (token t -> t % S)."""
     dtype: str = "float32"
     mixture: bool = False
     merged: str = "present"
@@ -48,7 +48,7 @@ class Case:
 def _slots(case: Case, rng) -> np.ndarray:
     t, s = case.tokens, case.slots
     if case.layout == "uniform":
-        return rng.integers(-1, s, t).astype(np.int32)
+        return rng.integers(PAD_SLOT, s, t).astype(np.int32)
     if case.layout == "skewed":
         hot = rng.integers(0, s)
         return np.where(rng.random(t) < 0.8, hot, rng.integers(-1, s, t)).astype(np.int32)
@@ -57,7 +57,7 @@ def _slots(case: Case, rng) -> np.ndarray:
     out, pos = [], 0
     while pos < t:                                    # request segments, some empty or single
         n = min(t - pos, int(rng.choice([0, 1, 1 + rng.integers(0, max(1, t // 3))])))
-        out += [int(rng.integers(-1, s))] * n
+        out += [int(rng.integers(PAD_SLOT, s))] * n
         pos += n
     return np.asarray(out, np.int32)
 
@@ -119,7 +119,7 @@ def check(case: Case, seed: int = 0, tile: TileConfig | None = None, interpret: 
     with jax.default_matmul_precision("highest"):
         want = lora_delta_reference(x, weights, slot, merged, mixture=case.mixture)
     slot = np.asarray(slot)
-    silent = (slot == merged) if case.mixture and merged >= 0 else (slot == -1)
+    silent = (slot == PAD_SLOT) | ((slot == merged) if case.mixture and merged >= 0 else (slot == -1))
     worst = 0.0
     for k, (g, w) in enumerate(zip(got, want)):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)

@@ -30,6 +30,7 @@ from serve.metrics import RequestMetrics, StepMetrics, summarize
 from serve.policies import POLICIES, BatchLimits, CostModel, Policy, ProbePolicy, SchedulerState, SeqView
 from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.kv_cache import PageAllocator, init_pages
+from valora_jax.lora import PAD_SLOT
 from valora_jax.request import Completion, Request, RequestState
 from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_seconds, pack_block
 from valora_jax.sampling import make_sampler
@@ -295,7 +296,9 @@ class Engine:
         decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits,
                                                      self.allocator.num_free))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
+        placing = self.clock()
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
+        load = self.clock() - placing
         rows = [(s, n) for s, n in rows if s.id in self._seqs]        # failed loads dropped
         mode = decision.mode
         if mode != "unmerged" and decision.merged_adapter not in slots:
@@ -315,9 +318,9 @@ class Engine:
         features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv)
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
-                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled)
+                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load)
         if not compiled:                         # a compiling step says nothing about what the mode costs
-            self.cost.observe(mode, features, duration - switch)
+            self.cost.observe(mode, features, step.compute_time)
         self.step_metrics.append(step)
         return step
 
@@ -390,7 +393,8 @@ class Engine:
             n = bucket(len(missing))
             pixels = np.zeros((n, *todo[0].state.pixels.shape[1:]), np.float32)
             pixels[: len(missing)] = [px for px, _ in missing.values()]
-            feats = self.runner.encode_images(pixels, [s for _, s in missing.values()] + [-1] * (n - len(missing)))
+            slots_of_images = [s for _, s in missing.values()] + [PAD_SLOT] * (n - len(missing))
+            feats = self.runner.encode_images(pixels, slots_of_images)
             for i, key in enumerate(missing):
                 self.images.put(key, feats[i])
         for seq in todo:

@@ -53,7 +53,7 @@ class RequestMetrics:
 @dataclasses.dataclass(frozen=True)
 class StepMetrics:
     start: float
-    duration: float            # the whole step, switch included
+    duration: float            # the whole step, switch and adapter loads included
     switch_time: float         # merging into the weights before the step
     mode: str
     merged_adapter: str | None
@@ -63,6 +63,12 @@ class StepMetrics:
     lora_tokens: float         # token-deltas the LoRA branch computed (CostModel units)
     adapters: int              # distinct adapters in the step
     compile_time: float = 0.0  # XLA compilation inside the step (a shape met for the first time)
+    load_time: float = 0.0     # placing the step's adapters in device slots (host time)
+
+    @property
+    def compute_time(self) -> float:
+        """The step itself: its duration less the switch and the adapter loads before it."""
+        return self.duration - self.switch_time - self.load_time
 
 
 def _stats(values) -> dict:
@@ -73,11 +79,11 @@ def _stats(values) -> dict:
 
 
 def _step_means(steps: list[StepMetrics]) -> dict | None:
-    """Mean duration (switch excluded), rows, tokens and adapters of some steps; None if none."""
+    """Mean compute time, rows, tokens and adapters of some steps; None if none."""
     if not steps:
         return None
     mean = lambda f: float(np.mean([f(s) for s in steps]))
-    return {"ms": 1e3 * mean(lambda s: s.duration - s.switch_time), "decode_rows": mean(lambda s: s.decode_rows),
+    return {"ms": 1e3 * mean(lambda s: s.compute_time), "decode_rows": mean(lambda s: s.decode_rows),
             "prefill_rows": mean(lambda s: s.prefill_rows), "tokens": mean(lambda s: s.tokens),
             "adapters": mean(lambda s: s.adapters)}
 
@@ -104,6 +110,7 @@ def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
         "mode_step_means": {m: _step_means([s for s in steps if s.mode == m and not s.compile_time]) for m in MODES},
         "switches": sum(s.switch_time > 0 for s in steps),
         "switch_time": sum(s.switch_time for s in steps),
+        "load_time": sum(s.load_time for s in steps),
         "compile_steps": sum(s.compile_time > 0 for s in steps),
         "compile_time": sum(s.compile_time for s in steps),
         "preemptions": sum(r.preemptions for r in requests),

@@ -56,6 +56,8 @@ class _Metrics:
         self.steps = Counter("valora_steps", "Engine steps, by mode", ["mode"], registry=r)
         self.switches = Counter("valora_mode_switches", "Steps that re-merged the weights first", registry=r)
         self.switch_time = Counter("valora_mode_switch_seconds", "Time spent merging weights", registry=r)
+        self.load_time = Counter("valora_adapter_load_seconds", "Time spent placing adapters in device slots",
+                                 registry=r)
         self.preemptions = Counter("valora_preemptions", "Requests preempted for KV-cache pages", registry=r)
         self.output_tokens = Counter("valora_output_tokens", "Generated tokens", registry=r)
         self.waiting = Gauge("valora_queue_depth", "Requests waiting to start", registry=r)
@@ -233,6 +235,7 @@ class EngineService:
             if s.switch_time > 0:
                 m.switches.inc()
                 m.switch_time.inc(s.switch_time)
+            m.load_time.inc(s.load_time)
         engine.step_metrics.clear()
         live = []
         for r in engine.request_metrics:

@@ -138,8 +138,20 @@ def test_staged_adapters_are_written_from_device_copies():
     assert all(isinstance(a, jax.Array) for a, _ in written[0].weights.values())
     np.testing.assert_array_equal(written[0].weights["decoder.layers.0.q_proj"][0],
                                   pool.get("a3").weights["decoder.layers.0.q_proj"][0])
-    pool.stage("a3")                                     # resident: nothing staged
-    assert not pool._staged
+    pool.acquire(["a0"])
+    pool.acquire(["a1"])                                 # evicts a3 (two slots)
+    assert pool.slot_of("a3") is None
+    pool.acquire(["a3"])                                 # back from the device copy, not the host
+    assert written[-1] is written[0]
+    pool.acquire(["a2"])                                 # never staged: from the host
+    assert isinstance(written[-1].weights["decoder.layers.0.q_proj"][0], np.ndarray)
+    pool.max_staged = 4
+    for name in ("a0", "a1", "a2"):
+        pool.stage(name)
+    pool.stage("a3")                                     # already staged: nothing happens
+    assert list(pool._staged) == [("a3", 1), ("a0", 1), ("a1", 1), ("a2", 1)]
+    pool.stage("a4")                                     # a fifth copy drops the least recently used
+    assert list(pool._staged) == [("a0", 1), ("a1", 1), ("a2", 1), ("a4", 1)]
 
 
 def test_evict_all_forgets_placements_but_refuses_while_pinned():

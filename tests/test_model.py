@@ -9,6 +9,8 @@ from conftest import assert_rel_close, micro_config, random_image, tol
 from valora_jax import (LoraContext, ModelRunner, RowSpec, count_params, init_model, init_pages, pack_block,
                         random_adapter)
 from valora_jax.config import llava_1_5_7b, llava_1_5_13b
+from valora_jax.lora import PAD_SLOT
+from valora_jax.runtime import token_slots
 from valora_jax.image import preprocess_batch
 
 
@@ -107,6 +109,17 @@ def test_batch_invariance_mixed_adapters_in_one_step(config, loaded):
     together = run(seqs)
     for i, seq in enumerate(seqs):
         np.testing.assert_allclose(together[i], run([seq])[0], **tol(jnp.float32))
+
+
+def test_padding_tokens_take_the_pad_slot():
+    """The LoRA branch sees each valid token under its row's slot and every padding token (of the
+    row and token buckets) under PAD_SLOT, which adds nothing in any mode."""
+    blocks = [pack_block([RowSpec([1, 2, 3], 0, None, 2, [1]), RowSpec([4], 0, None, -1, [2]),
+                          RowSpec([5, 6], 0, None, 0, [3])], min_tokens=4),
+              pack_block([RowSpec([7], 9, None, 1, [4])])]
+    p = PAD_SLOT
+    want = [2, 2, 2, p, -1, p, p, p, 0, 0, p, p, p, p, p, p, 1]
+    np.testing.assert_array_equal(np.asarray(token_slots(blocks)), want)
 
 
 def test_mode_needs_a_merge_first(config):

@@ -126,7 +126,8 @@ AdapterRef = str | tuple[str, int]
 
 
 class AdapterPool:
-    """Host store of adapters + assignment of adapters to device slots (LRU, pinning).
+    """Host store of adapters + assignment of adapters to device slots (LRU, pinning), written
+    from device copies of the recently used adapters (`stage`) when there are some.
 
     Adapters are identified by (name, version): registering a name again makes a new current
     version, while older versions that requests still use stay available (by key) until
@@ -222,18 +223,21 @@ class AdapterPool:
             if old is not None:
                 self._lru.pop(old, None)
             self._slots[slot] = None
-            self._write_slot(slot, self._staged.pop(key, None) or self._held[key])
+            self._write_slot(slot, self._staged.get(key) or self._held[key])
             self._slots[slot] = key
         for key in wanted:
             self._lru.pop(key, None)
             self._lru[key] = None
+            if key in self._staged:
+                self._staged.move_to_end(key)
         return {r: self._slots.index(k) for r, k in keys.items()}
 
     def stage(self, ref: AdapterRef) -> None:
-        """Start copying a non-resident adapter's weights to the device now (asynchronously),
-        so that placing it in a slot later is a device-side copy that does not wait on the host."""
+        """Start copying an adapter's weights to the device now (asynchronously), so that placing
+        it in a slot later, also after an eviction, is a device-side copy that does not wait on the
+        host. The copies stay, least recently used dropped first beyond `max_staged` adapters."""
         key = self.key(ref)
-        if key in self._slots or key in self._staged:
+        if key in self._staged:
             return
         adapter = self._held[key]
         weights = {p: (jax.device_put(a), jax.device_put(b)) for p, (a, b) in adapter.weights.items()}

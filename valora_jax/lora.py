@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.lora_reference import LoraWeight, lora_delta_reference, merge_weight_reference
+from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight, lora_delta_reference, merge_weight_reference
 
 MODES = ("unmerged", "merged", "mixture")
 BACKENDS = ("reference", "pallas", "pallas-static", "pallas-interpret")
@@ -39,7 +39,8 @@ class MergedWeight(nnx.Variable):
 class LoraContext:
     """How the targeted linears of one call treat their tokens.
 
-    slot: [T] int32 adapter slot of each (flattened) token, -1 = base model only.
+    slot: [T] int32 adapter slot of each (flattened) token, -1 = base model only, PAD_SLOT = a
+      padding token (no LoRA delta in any mode).
     merged_slot: int32 scalar, the slot held in the merged weights (ignored when unmerged).
     mode: one of MODES (static).
     backend: one of BACKENDS (static): "reference" is plain jnp, "pallas" the ATMM kernel with

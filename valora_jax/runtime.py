@@ -22,8 +22,8 @@ from jax import monitoring
 
 from valora_jax.adapters import Adapter
 from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
-from valora_jax.lora import (BACKENDS, MODES, LoraContext, LoraSlot, MergedWeight, merge_weight, merged_kernel,
-                             module_path, module_shapes, targeted_linears)
+from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, MergedWeight, merge_weight,
+                             merged_kernel, module_path, module_shapes, targeted_linears)
 from valora_jax.model import LMM, split_model
 
 
@@ -98,6 +98,12 @@ class RowSpec(NamedTuple):
     image_rows: Sequence[int] | None
     slot: int
     pages: Sequence[int]
+
+
+def token_slots(blocks: Sequence[Block]) -> jax.Array:
+    """[sum of B*Q] int32: each token's adapter slot, its row's, PAD_SLOT for the padding tokens
+    (which then cost the LoRA branch nothing, in mixture mode too)."""
+    return jnp.concatenate([jnp.where(blk.valid, blk.slot[:, None], PAD_SLOT).reshape(-1) for blk in blocks])
 
 
 def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, min_pages: int = 1) -> Block:
@@ -194,8 +200,8 @@ class ModelRunner:
 
     def _step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, mode: str):
         model = self._model(params, lora, merged)
-        slot = jnp.concatenate([jnp.repeat(blk.slot, blk.tokens.shape[1]) for blk in blocks])
-        return model.step(cache, blocks, image_features, self._ctx(slot, merged_slot, mode), self.attention)
+        return model.step(cache, blocks, image_features, self._ctx(token_slots(blocks), merged_slot, mode),
+                          self.attention)
 
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
         model = self._model(params, lora, merged)
