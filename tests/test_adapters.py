@@ -154,6 +154,20 @@ def test_staged_adapters_are_written_from_device_copies():
     assert list(pool._staged) == [("a0", 1), ("a1", 1), ("a2", 1), ("a4", 1)]
 
 
+def test_a_failed_staging_copy_fails_the_acquire_and_is_retried(monkeypatch):
+    import jax
+    pool, slots, _ = _pool()
+    device_put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda x: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    pool.stage("a3")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pool.acquire(["a3"])
+    assert pool.slot_of("a3") is None and ("a3", 1) not in pool._staged
+    monkeypatch.setattr(jax, "device_put", device_put)
+    pool.stage("a3")
+    assert pool.acquire(["a3"]) == {"a3": 0}
+
+
 def test_evict_all_forgets_placements_but_refuses_while_pinned():
     pool, slots, _ = _pool()
     pool.acquire(["a0", "a1"])

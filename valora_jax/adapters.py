@@ -7,6 +7,7 @@ evicting the least recently used unpinned adapter.
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 from typing import Callable, Iterable, Mapping
 
@@ -144,7 +145,9 @@ class AdapterPool:
         self._slots: list[tuple[str, int] | None] = [None] * config.lora.max_loras
         self._lru: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._pinned: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._staged: collections.OrderedDict[tuple[str, int], Adapter] = collections.OrderedDict()
+        # device copies of recently used adapters, copied from the host on a thread of their own
+        self._staged: collections.OrderedDict[tuple[str, int], concurrent.futures.Future] = collections.OrderedDict()
+        self._copier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-staging")
         self.max_staged = 2 * config.lora.max_loras
 
     # host store ---------------------------------------------------------------------------
@@ -208,8 +211,9 @@ class AdapterPool:
         """Make every referenced adapter resident; returns ref -> slot (None refs are skipped).
 
         Raises ValueError for unknown adapters and PoolFull when they do not fit beside the
-        pinned ones, in both cases before any slot changes. If a device write fails, the
-        adapters written before it stay resident and the failing slot is left empty."""
+        pinned ones, in both cases before any slot changes. If a device write (or the staging copy
+        it reads) fails, the adapters written before it stay resident and the failing slot is left
+        empty; a failed staging copy is forgotten, so the next acquire copies again."""
         refs = list(dict.fromkeys(r for r in refs if r is not None))
         keys = {r: self.key(r) for r in refs}
         wanted = set(keys.values())
@@ -223,7 +227,10 @@ class AdapterPool:
             if old is not None:
                 self._lru.pop(old, None)
             self._slots[slot] = None
-            self._write_slot(slot, self._staged.get(key) or self._held[key])
+            staged = self._staged.get(key)
+            if staged is not None and staged.exception() is not None:
+                del self._staged[key]                     # a failed copy: the next acquire copies again
+            self._write_slot(slot, staged.result() if staged else self._held[key])
             self._slots[slot] = key
         for key in wanted:
             self._lru.pop(key, None)
@@ -233,15 +240,16 @@ class AdapterPool:
         return {r: self._slots.index(k) for r, k in keys.items()}
 
     def stage(self, ref: AdapterRef) -> None:
-        """Start copying an adapter's weights to the device now (asynchronously), so that placing
-        it in a slot later, also after an eviction, is a device-side copy that does not wait on the
-        host. The copies stay, least recently used dropped first beyond `max_staged` adapters."""
+        """Start copying an adapter's weights to the device, on the pool's copy thread: the caller
+        does not wait, and placing the adapter in a slot later, also after an eviction, is a
+        device-side copy (waiting only for a copy still under way). The copies stay, the least
+        recently used dropped first beyond `max_staged` adapters."""
         key = self.key(ref)
         if key in self._staged:
             return
         adapter = self._held[key]
-        weights = {p: (jax.device_put(a), jax.device_put(b)) for p, (a, b) in adapter.weights.items()}
-        self._staged[key] = dataclasses.replace(adapter, weights=weights)
+        self._staged[key] = self._copier.submit(lambda: dataclasses.replace(adapter, weights={
+            p: (jax.device_put(a), jax.device_put(b)) for p, (a, b) in adapter.weights.items()}))
         while len(self._staged) > self.max_staged:
             self._staged.popitem(last=False)
 

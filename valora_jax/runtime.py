@@ -11,6 +11,7 @@ of times.
 
 import collections
 import concurrent.futures
+import functools
 import os
 from typing import NamedTuple, Sequence
 
@@ -22,8 +23,8 @@ from jax import monitoring
 
 from valora_jax.adapters import Adapter
 from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
-from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, MergedWeight, merge_weight,
-                             merged_kernel, module_path, module_shapes, targeted_linears)
+from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
+                             merge_weight, merged_kernel, module_path, module_shapes, targeted_linears)
 from valora_jax.model import LMM, split_model
 
 
@@ -308,11 +309,24 @@ class ModelRunner:
 
     def merge_per_layer(self, slot: int) -> None:
         """The same result as merge(slot), one dispatch per targeted weight (the dLoRA-style
-        switch, kept as a baseline)."""
+        switch, kept as a baseline), straight over the flat leaves: no host work but the
+        dispatches."""
         self._check_mergeable(slot)
-        model, self.merged_slot = self.model(), -1
-        for _, lin in targeted_linears(model):
-            # set_value, not `[...] =`: that would read the donated (deleted) old weight's shape
-            lin.merged.set_value(self._merge_one(lin.merged[...], lin.kernel[...], lin.lora_weight(), jnp.int32(slot)))
-        self.merged = nnx.state(model, MergedWeight)
-        self.merged_slot = slot
+        params, lora, merged = self._leaves["params"], self._leaves["lora"], list(self._leaves["merged"])
+        self.merged_slot, slot = -1, jnp.int32(slot)
+        for m, k, weight in self._layer_leaves:
+            merged[m] = self._merge_one(merged[m], params[k], LoraWeight(*(lora[i] for i in weight)), slot)
+        self._leaves["merged"] = tuple(merged)
+        self.merged_slot = int(slot)
+
+    @functools.cached_property
+    def _layer_leaves(self) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+        """Per targeted weight, the indices of its leaves: (merged, kernel in params, (lora_a,
+        lora_b, lora_scale, lora_rank) in lora)."""
+        def index(name):     # {(module path, variable name): leaf index}; a path ends [variable].value
+            paths = jax.tree_util.tree_flatten_with_path(getattr(self, name))[0]
+            return {(jax.tree_util.keystr(path[:-2]), path[-2].key): i for i, (path, _) in enumerate(paths)}
+        params, lora = index("params"), index("lora")
+        return [(i, params[(module, "kernel")],
+                 tuple(lora[(module, v)] for v in ("lora_a", "lora_b", "lora_scale", "lora_rank")))
+                for (module, _), i in index("merged").items()]
