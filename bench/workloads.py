@@ -98,7 +98,10 @@ class SkippingClock:
 
 def replay(engine, trace: list[tuple[float, Request]], clock: SkippingClock) -> list[str]:
     """Submit each request when the clock reaches its arrival (backdated to it) and step the
-    engine until everything finished; returns the request ids in trace order."""
+    engine until everything finished; returns the request ids in trace order. Requests are
+    prepared (checked, tokenised, images preprocessed and hashed) beforehand, as a server's
+    request threads prepare them beside the engine's (`Engine.prepare`)."""
+    trace = [(t, engine.prepare(r)) for t, r in trace]
     ids, i = [], 0
     while i < len(trace) or engine.has_work:
         now = clock()

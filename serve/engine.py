@@ -13,6 +13,8 @@ Each `step()`:
      of their known tokens sample a token, task-head adapters answer after their prefill.
 Requests are submitted at any time (`submit`) and followed through `result` or an
 `on_event(request_id, text_delta, completion)` callback (completion is set on the last one).
+A request's CPU work (checks, tokenisation, image preprocessing and hashing) can be done first
+on any thread (`prepare`), so that the thread stepping the engine does not wait for it.
 """
 
 import collections
@@ -81,6 +83,18 @@ class EngineConfig:
         blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
         features = bucket(0, self.min_features) if self.min_features else 0
         return [(b, features, mode) for b in blocks for mode in modes]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRequest:
+    """A request checked against the model, tokenised, its images preprocessed (read-only
+    pixels [N, H, W, 3]) and hashed (sha256 per image): what `Engine.prepare` returns."""
+
+    request: Request
+    prompt_ids: tuple[int, ...]
+    image_rows: tuple[int, ...]
+    pixels: np.ndarray
+    digests: tuple[str, ...]
 
 
 class Overloaded(RuntimeError):
@@ -170,13 +184,24 @@ class Engine:
         self.step_metrics: list[StepMetrics] = []
 
     # submission ---------------------------------------------------------------------------------
-    def submit(self, request: Request, on_event: Callable | None = None, request_id: str | None = None,
-               arrival: float | None = None) -> str:
-        """Validate and queue a request; returns its id. Raises ValueError (bad request, unknown
-        adapter) or Overloaded (queue full) without changing anything. `arrival` (engine clock)
-        backdates the request, for replaying traces whose arrivals fall inside a step."""
-        key = None if request.adapter is None else self.pool.key(request.adapter)
+    def prepare(self, request: Request) -> PreparedRequest:
+        """The CPU work of submitting `request`, safe on any thread (it reads only the model
+        config and the tokenizer). Raises ValueError naming a bad value."""
         state = RequestState.prepare(request, self.runner.config, self.tokenizer)
+        state.pixels.flags.writeable = False
+        return PreparedRequest(request, tuple(state.prompt_ids), tuple(state.image_rows), state.pixels,
+                               tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels))
+
+    def submit(self, request: Request | PreparedRequest, on_event: Callable | None = None,
+               request_id: str | None = None, arrival: float | None = None) -> str:
+        """Validate (`prepare`, unless already prepared) and queue a request; returns its id.
+        Raises ValueError (bad request, unknown adapter) or Overloaded (queue full) without
+        changing anything. `arrival` (engine clock) backdates the request, for replaying traces
+        whose arrivals fall inside a step."""
+        prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
+        request = prepared.request
+        key = None if request.adapter is None else self.pool.key(request.adapter)
+        state = RequestState(request, list(prepared.prompt_ids), list(prepared.image_rows), prepared.pixels)
         one_pass = key is not None and self.pool.get(key).head is not None
         most = len(state.prompt_ids) + (1 if one_pass else request.max_tokens)
         usable = self.allocator.num_pages - 1                   # page 0 is the null page
@@ -190,8 +215,7 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         now = self.clock() if arrival is None else arrival
         metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
-        digests = tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels)
-        self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=digests,
+        self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=prepared.digests,
                                stream=self.tokenizer.stream_decoder(), adapter=key,
                                output_tokens=1 if one_pass else request.max_tokens)
         self.request_metrics.append(metrics)

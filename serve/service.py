@@ -153,11 +153,13 @@ class EngineService:
             except RuntimeError:        # the event loop is closed: nobody is listening any more
                 pass
 
+        prepared = await asyncio.to_thread(self.engine.prepare, request)   # its CPU work, off the engine thread
+
         def submit(engine: Engine) -> str:
             if request.adapter is not None and request.adapter not in engine.pool.store:
                 raise UnknownModel(f"the model {request.adapter!r} does not exist; models: "
                                    f"{[self.model_name, *sorted(engine.pool.store)]}")
-            rid = engine.submit(request, on_event, request_id)
+            rid = engine.submit(prepared, on_event, request_id)
             self._live.add(rid)
             return rid
 

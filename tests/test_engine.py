@@ -98,6 +98,26 @@ def test_padded_shapes_change_nothing(generator, expected):
         assert got.token_ids == want.token_ids
 
 
+def test_requests_prepared_on_other_threads_serve_like_plain_ones(generator, expected):
+    """prepare() does a request's CPU work on any thread and queues nothing; submitting the
+    result gives the output of submitting the request itself."""
+    import concurrent.futures
+    engine = _engine(generator, "ours")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        prepared = list(pool.map(engine.prepare, _requests(10)))
+    assert not engine.has_work
+    with pytest.raises(ValueError):
+        prepared[1].pixels[0, 0, 0, 0] = 1.0                       # read-only: a prepared request is reusable
+    with pytest.raises(ValueError, match="prompt"):
+        engine.prepare(Request(""))
+    ids = [engine.submit(p) for p in prepared]
+    ids.append(engine.submit(prepared[0]))                          # the same prepared request twice
+    while engine.has_work:
+        engine.step()
+    for want, i in zip([*expected, expected[0]], ids):
+        assert engine.result(i).token_ids == want.token_ids
+
+
 @pytest.mark.parametrize("policy", ["slora", "punica"])
 def test_preemption_under_kv_pressure_recomputes_exactly(generator, policy):
     """24-token outputs on a 9-page cache (72 tokens): prompts start only when their pages are
