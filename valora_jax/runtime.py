@@ -313,11 +313,11 @@ class ModelRunner:
         dispatches."""
         self._check_mergeable(slot)
         params, lora, merged = self._leaves["params"], self._leaves["lora"], list(self._leaves["merged"])
-        self.merged_slot, slot = -1, jnp.int32(slot)
+        self.merged_slot, device_slot = -1, jnp.int32(slot)
         for m, k, weight in self._layer_leaves:
-            merged[m] = self._merge_one(merged[m], params[k], LoraWeight(*(lora[i] for i in weight)), slot)
+            merged[m] = self._merge_one(merged[m], params[k], LoraWeight(*(lora[i] for i in weight)), device_slot)
         self._leaves["merged"] = tuple(merged)
-        self.merged_slot = int(slot)
+        self.merged_slot = slot
 
     @functools.cached_property
     def _layer_leaves(self) -> list[tuple[int, int, tuple[int, int, int, int]]]:
