@@ -206,6 +206,26 @@ def test_failing_adapter_load_fails_only_its_requests(generator, config, monkeyp
     generator.pool.unregister("broken")
 
 
+def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatch):
+    """A step's slot writes count as its load_time; the step-time model learns from the rest."""
+    import time
+    engine = _engine(generator, "unmerged")
+    engine.generate([Request("x", adapter="task1", max_tokens=2)])      # the step shapes, compiled
+    generator.pool.evict_all()
+    write = generator.pool._write_slot
+    monkeypatch.setattr(generator.pool, "_write_slot", lambda slot, adapter: (time.sleep(0.2), write(slot, adapter)))
+    observed = []
+    monkeypatch.setattr(engine.cost, "observe", lambda mode, features, seconds: observed.append(seconds))
+    engine.submit(Request("x", adapter="task1", max_tokens=2))
+    first = engine.step()
+    assert not first.compile_time
+    assert first.load_time >= 0.2 and first.compute_time == first.duration - first.load_time
+    assert observed[0] == first.compute_time < first.duration - 0.2
+    while engine.has_work:
+        assert engine.step().load_time < 0.2                       # resident now: nothing written
+    assert engine.summary()["load_time"] >= 0.2
+
+
 def test_submission_errors_and_overload(generator):
     engine = _engine(generator, config=dataclasses.replace(SMALL, max_queue=3))
     with pytest.raises(ValueError, match="'nope'"):
