@@ -87,6 +87,8 @@ for stage in "$@"; do
                  tail -n 12 $E2E_DIR/gpu*.log
                  cp $E2E_DIR/e2e.json $E2E_DIR/e2e.md $E2E_DIR/e2e.png bench/results/ 2>/dev/null ||
                      echo "no e2e results yet"
+                 [ ! -e $E2E_DIR/e2e_steps.json ] ||      # where this session's steps' time went
+                     python3 bench/e2e_steps.py $E2E_DIR/e2e_steps.json --out bench/results/e2e_step_times >/dev/null
                  tar czf "$OUT/e2e_logs.tgz" -C $E2E_DIR $(cd $E2E_DIR && ls gpu*.log e2e_steps.json 2>/dev/null) ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"

@@ -2,13 +2,15 @@
 serves every request of the workload, the report and step log are written, a workload that fails
 leaves nothing behind, and --append adds only the workloads the results lack."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import e2e  # noqa: E402
+from bench import e2e, e2e_steps  # noqa: E402
+from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 
 ARGS = ["--preset", "tiny", "--backend", "reference", "--attention", "reference", "--policies", "ours,unmerged",
         "--kinds", "vqa", "--arrivals", "poisson", "--popularity", "hot80", "--requests", "3",
@@ -47,6 +49,32 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
                                                                  ("ours", 16.0), ("unmerged", 16.0)]
     assert second["runs"][:2] == first["runs"] and len(second["meta"]["calibrations"]) == 2
     assert len(json.loads(log.read_text())["runs"]) == 4
+    e2e_steps.main([str(log), "--out", str(tmp_path / "times")])
+    summary = json.loads((tmp_path / "times.json").read_text())
+    assert set(summary) == {"vqa/ours", "vqa/unmerged"} and all(e["runs"] == 2 for e in summary.values())
+
+
+def test_step_times_summary_of_a_known_log():
+    """Steps' compute time by mode and shape (compiling steps left out), loads, switches, the
+    loop's time between steps while a request is live (not while none is), the longest steps."""
+    step = lambda start, dur, mode, dec, pre, switch=0.0, compile_time=0.0, load=0.0: [
+        start, dur, switch, mode, None, dec, pre, 10, 0.0, 1, compile_time, load]
+    request = lambda arrival, finished: ["a", arrival, 5, arrival, arrival, finished, 1, 0, "length"]
+    steps = [step(0.0, 0.10, "merged", 2, 1, switch=0.02, load=0.03),    # compute 0.05
+             step(0.20, 0.01, "merged", 2, 0),                            # 0.10 s gap, a request live
+             step(0.21, 0.03, "merged", 2, 0),
+             step(5.00, 2.00, "unmerged", 1, 0, compile_time=1.5),       # gap with nothing live: not counted
+             step(7.00, 0.02, "unmerged", 1, 0)]
+    log = {"fields": {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
+                      "requests": [f.name for f in dataclasses.fields(RequestMetrics)]},
+           "runs": [{"kind": "vqa", "policy": "ours", "steps": steps,
+                     "requests": [request(0.0, 0.3), request(4.9, 7.02)]}]}
+    e = e2e_steps.summarize([log])["vqa/ours"]
+    assert e["shapes"] == {"merged, 1 prefill rows": [1, 50.0], "merged, decode only": [2, 20.0],
+                           "unmerged, decode only": [1, 20.0]}
+    assert (e["runs"], round(e["load_s"], 6), round(e["switch_s"], 6), round(e["live_gap_s"], 6)) == (1, 0.03, 0.02, 0.1)
+    assert e["longest"] == [[2000.0, "unmerged", 1, 0, 1], [100.0, "merged", 2, 1, 1], [30.0, "merged", 2, 0, 1]]
+    assert "| vqa/ours | 1 | merged, 1 prefill rows: 1 x 50.0;" in e2e_steps.table({"vqa/ours": e})
 
 
 def _run(policy, rate, kind="vqa"):

@@ -1,0 +1,76 @@
+"""What e2e step logs (`bench/e2e.py --step-log`) say about where each policy's time went.
+
+Per workload kind and policy, over every run in the logs:
+  - the median compute time of a step by mode and shape (decode rows only, or with 1, 2, 3, 4
+    prefill rows), and how many steps of each;
+  - the time spent placing adapters (`load_time`) and merging (`switch_time`);
+  - the serving loop's time between steps while a request was live (host work outside any step);
+  - the longest steps (their whole duration, switch and adapter loads included).
+Usage: python bench/e2e_steps.py STEP_LOG... [--out bench/results/e2e_step_times]   (writes .json and .md)
+"""
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def summarize(logs: list[dict]) -> dict:
+    """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms]}, "load_s", "switch_s",
+    "live_gap_s", "runs", "longest": [[ms, mode, decode rows, prefill rows, adapters], ...]}}."""
+    out = collections.defaultdict(lambda: {"shapes": collections.defaultdict(list), "load_s": 0.0, "switch_s": 0.0,
+                                           "live_gap_s": 0.0, "runs": 0, "longest": []})
+    for fields, run in ((log["fields"], run) for log in logs for run in log["runs"]):
+        entry = out[f"{run['kind']}/{run['policy']}"]
+        entry["runs"] += 1
+        steps = [dict(zip(fields["steps"], s)) for s in run["steps"]]
+        requests = [dict(zip(fields["requests"], r)) for r in run["requests"]]
+        for s in steps:
+            compute = s["duration"] - s["switch_time"] - s.get("load_time", 0.0)
+            shape = "decode only" if not s["prefill_rows"] else f"{s['prefill_rows']} prefill rows"
+            if not s["compile_time"]:
+                entry["shapes"][f"{s['mode']}, {shape}"].append(compute)
+            entry["load_s"] += s.get("load_time", 0.0)
+            entry["switch_s"] += s["switch_time"]
+            entry["longest"].append([round(1e3 * s["duration"], 1), s["mode"], s["decode_rows"], s["prefill_rows"],
+                                     s["adapters"]])
+        for a, b in zip(steps, steps[1:]):
+            end = a["start"] + a["duration"]
+            if any(r["arrival"] <= end and (r["finished"] is None or r["finished"] >= b["start"]) for r in requests):
+                entry["live_gap_s"] += max(b["start"] - end, 0.0)
+    for entry in out.values():
+        entry["shapes"] = {k: [len(v), round(1e3 * float(np.median(v)), 1)] for k, v in sorted(entry["shapes"].items())}
+        entry["longest"] = sorted(entry["longest"], reverse=True)[:3]
+    return dict(sorted(out.items()))
+
+
+def table(summary: dict) -> str:
+    lines = ["| kind/policy | runs | step shape: steps x median ms | adapter loads s | switches s | "
+             "loop outside steps, requests live, s | longest steps ms (mode, decode/prefill rows, adapters) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, e in summary.items():
+        shapes = "; ".join(f"{k}: {n} x {ms}" for k, (n, ms) in e["shapes"].items())
+        longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a})" for ms, m, d, p, a in e["longest"])
+        lines.append(f"| {name} | {e['runs']} | {shapes} | {e['load_s']:.2f} | {e['switch_s']:.2f} | "
+                     f"{e['live_gap_s']:.2f} | {longest} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step_logs", nargs="+")
+    ap.add_argument("--out", help="write OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    summary = summarize([json.loads(Path(p).read_text()) for p in args.step_logs])
+    text = (f"# Where the e2e steps' time went\n\n`python bench/e2e_steps.py {' '.join(args.step_logs)}`\n\n"
+            f"{table(summary)}")
+    if args.out:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
+        Path(args.out).with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
