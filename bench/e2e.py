@@ -251,9 +251,7 @@ def main(argv=None):
                 print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                       f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                       f"modes {r['mode_steps']}  preemptions {r['preemptions']}  adapter loads {r['load_time']:.2f} s  "
-                      f"compiling steps {r['compile_steps']}  "
-                      f"({r['wall_s']:.0f} s)  "
-                      f"{_device_memory()}",
+                      f"compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)  {_device_memory()}",
                       flush=True)
         except Exception:                    # e.g. out of device memory: none of this workload is kept
             traceback.print_exc()

@@ -9,9 +9,9 @@ from conftest import assert_rel_close, micro_config, random_image, tol
 from valora_jax import (LoraContext, ModelRunner, RowSpec, count_params, init_model, init_pages, pack_block,
                         random_adapter)
 from valora_jax.config import llava_1_5_7b, llava_1_5_13b
+from valora_jax.image import preprocess_batch
 from valora_jax.lora import PAD_SLOT
 from valora_jax.runtime import token_slots
-from valora_jax.image import preprocess_batch
 
 
 @pytest.fixture(scope="module")
