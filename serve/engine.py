@@ -309,14 +309,22 @@ class Engine:
 
     # the step -----------------------------------------------------------------------------------
     def step(self) -> StepMetrics | None:
-        """Run one scheduling step; None when there was nothing to run."""
-        start, compiled_before = self.clock(), compile_seconds()
+        """Run one scheduling step; None when there was nothing to run.
+
+        The policy sees only requests whose adapter is ready (resident, or its device copy made):
+        a request whose adapter is still being copied waits, and the others run meanwhile. Only
+        when no request is ready does the step wait for the copies."""
         for seq in [s for s in self._seqs.values() if s.cancelled]:
             self._finish(seq, "cancelled")
         if not self._seqs:
             return None
+        ready = [s for s in self._seqs.values() if s.adapter is None or self.pool.ready(s.adapter)]
+        if not ready:                               # nothing else to run: waiting for the copies stalls no one
+            self.pool.wait_staged({s.adapter for s in self._seqs.values()})
+            ready = list(self._seqs.values())
+        start, compiled_before = self.clock(), compile_seconds()
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens,
-                              s.computed, len(s.state.out)) for s in self._seqs.values())
+                              s.computed, len(s.state.out)) for s in ready)
         decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits,
                                                      self.allocator.num_free))
         rows = [(self._seqs[i], n) for i, n in decision.rows]

@@ -150,8 +150,31 @@ def test_staged_adapters_are_written_from_device_copies():
         pool.stage(name)
     pool.stage("a3")                                     # already staged: nothing happens
     assert list(pool._staged) == [("a3", 1), ("a0", 1), ("a1", 1), ("a2", 1)]
+    pool.wait_staged(["a0", "a1", "a2", "a3"])
     pool.stage("a4")                                     # a fifth copy drops the least recently used
     assert list(pool._staged) == [("a0", 1), ("a1", 1), ("a2", 1), ("a4", 1)]
+
+
+def test_ready_means_no_copy_to_wait_for_and_copies_under_way_are_kept(monkeypatch):
+    import threading
+    from valora_jax import adapters
+    pool, slots, _ = _pool()
+    copy_may_finish, on_device = threading.Event(), adapters._on_device
+    monkeypatch.setattr(adapters, "_on_device", lambda a: (copy_may_finish.wait(), on_device(a))[1])
+    pool.acquire(["a0"])
+    assert pool.ready("a0")                              # resident
+    assert not pool.ready("a1") and ("a1", 1) in pool._staged   # not ready: its copy has started
+    pool.max_staged = 1
+    pool.stage("a2")
+    assert list(pool._staged) == [("a1", 1), ("a2", 1)]  # over the limit, but no copy is dropped under way
+    copy_may_finish.set()
+    pool.wait_staged(["a1", "a2"])
+    assert pool.ready("a1") and pool.ready("a2")
+    pool.stage("a3")
+    pool.wait_staged(["a3"])
+    assert list(pool._staged) == [("a3", 1)]            # finished copies beyond the limit: oldest dropped
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        pool.ready("nope")
 
 
 def test_a_failed_staging_copy_fails_the_acquire_and_is_retried(monkeypatch):

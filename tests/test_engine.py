@@ -226,6 +226,32 @@ def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatc
     assert engine.summary()["load_time"] >= 0.2
 
 
+def test_requests_of_an_adapter_still_being_copied_wait_while_others_run(generator, monkeypatch):
+    """A host-to-device adapter copy holds up only its own requests; with nothing else to run,
+    the step waits for it."""
+    import threading
+    from valora_jax import adapters
+    engine = _engine(generator, "unmerged")
+    generator.pool.evict_all()
+    copy_may_finish, on_device = threading.Event(), adapters._on_device
+    monkeypatch.setattr(adapters, "_on_device", lambda a: (copy_may_finish.wait(), on_device(a))[1])
+    running = engine.submit(Request("x", adapter="task1", max_tokens=4))
+    copy_may_finish.set()
+    engine.step()                                              # task1 alone: waits for its copy
+    copy_may_finish.clear()
+    waiting = engine.submit(Request("y", adapter="task2", max_tokens=2))
+    while engine.result(running) is None:
+        step = engine.step()
+        assert step.adapters == 1 and step.load_time < 0.1     # task2's copy is under way: not in the step
+    assert generator.pool.slot_of("task2") is None and engine.live == 1
+    copy_may_finish.set()
+    while engine.has_work:
+        engine.step()
+    for rid, request in [(running, Request("x", adapter="task1", max_tokens=4)),
+                         (waiting, Request("y", adapter="task2", max_tokens=2))]:
+        assert engine.result(rid).token_ids == generator.generate([request])[0].token_ids
+
+
 def test_submission_errors_and_overload(generator):
     engine = _engine(generator, config=dataclasses.replace(SMALL, max_queue=3))
     with pytest.raises(ValueError, match="'nope'"):

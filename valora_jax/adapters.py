@@ -118,6 +118,12 @@ def random_adapter(config: LMMConfig, module_shapes: Mapping[str, tuple[int, int
     return make_adapter(name, config.base_id, weights, float(alpha if alpha is not None else 2 * rank))
 
 
+def _on_device(adapter: Adapter) -> Adapter:
+    """The adapter with its weights copied to the default device (returns once they are there)."""
+    weights = jax.block_until_ready({p: (jax.device_put(a), jax.device_put(b)) for p, (a, b) in adapter.weights.items()})
+    return dataclasses.replace(adapter, weights=weights)
+
+
 class PoolFull(RuntimeError):
     """Every device slot holds a pinned or needed adapter; nothing was changed."""
 
@@ -243,15 +249,29 @@ class AdapterPool:
         """Start copying an adapter's weights to the device, on the pool's copy thread: the caller
         does not wait, and placing the adapter in a slot later, also after an eviction, is a
         device-side copy (waiting only for a copy still under way). The copies stay, the least
-        recently used dropped first beyond `max_staged` adapters."""
+        recently used finished ones dropped first beyond `max_staged` adapters (a copy under way
+        is never dropped, so every staged adapter becomes `ready`)."""
         key = self.key(ref)
         if key in self._staged:
             return
-        adapter = self._held[key]
-        self._staged[key] = self._copier.submit(lambda: dataclasses.replace(adapter, weights={
-            p: (jax.device_put(a), jax.device_put(b)) for p, (a, b) in adapter.weights.items()}))
-        while len(self._staged) > self.max_staged:
-            self._staged.popitem(last=False)
+        self._staged[key] = self._copier.submit(_on_device, self._held[key])
+        excess = max(0, len(self._staged) - self.max_staged)
+        for old in [k for k, copy in self._staged.items() if copy.done()][:excess]:
+            del self._staged[old]
+
+    def ready(self, ref: AdapterRef) -> bool:
+        """Whether placing the adapter in a slot now waits for no host-to-device copy: it is
+        resident, or its staged copy has finished (or failed: acquire then raises at once).
+        Stages it when it is neither."""
+        key = self.key(ref)
+        if key in self._slots:
+            return True
+        self.stage(key)
+        return self._staged[key].done()
+
+    def wait_staged(self, refs: Iterable[AdapterRef]) -> None:
+        """Block until the staged copies of these adapters have finished (or failed)."""
+        concurrent.futures.wait([self._staged[k] for k in map(self.key, refs) if k in self._staged])
 
     def evict_all(self) -> None:
         """Forget every slot placement and staged copy, as if the device held no adapter (no
