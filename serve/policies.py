@@ -319,9 +319,11 @@ class VLoRAPolicy(Policy):
     first, `SeqView.work_left`): decodes and one-pass (task-head) prompts together (a visual-QA
     answer's prompt before the decode rows of long generations, which then wait a step when the
     rows are full; a clip's long prompt after short decodes), then the prompts of generations.
-    Once a prompt has waited longer than `starvation_bound` seconds, decodes go first and then
-    the starving requests; and merged(a) is ruled out while any request the unmerged step would
-    serve, of another adapter, has waited that long."""
+    A request that has waited longer than `starvation_bound` seconds goes before the others of
+    its group (a generation's prompt thus before the other generations' prompts, still after the
+    decodes and one-pass prompts: under overload, when the rows are full, these keep their rows);
+    and merged(a) is ruled out while any request the unmerged step would serve, of another
+    adapter, has waited that long."""
 
     name = "ours"
 
@@ -341,10 +343,7 @@ class VLoRAPolicy(Policy):
 
         starving = lambda s: state.now - s.last_progress > self.starvation_bound
         smith = lambda s: s.work_left * s.output_tokens
-        if any(s.pending > 1 and starving(s) for s in state.seqs):
-            order = lambda s: (s.pending > 1, not starving(s), smith(s))
-        else:
-            order = lambda s: (s.pending > 1 and s.output_tokens > 1, not starving(s), smith(s))
+        order = lambda s: (s.pending > 1 and s.output_tokens > 1, not starving(s), smith(s))
         fill = functools.partial(pack, state, order=order)
         unmerged = fill()
         t_u = step_time("unmerged", None, unmerged)
