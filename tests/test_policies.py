@@ -4,6 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from bench.policy_sim import STEP_TIMES, make_trace, simulate
 from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, ProbePolicy, PunicaPolicy,
                             SchedulerState, SeqView, SLoRAPolicy, UnmergedPolicy, VLoRAPolicy, admission_room, pack)
 
@@ -269,76 +270,19 @@ def test_lora_units_per_mode():
     assert CostModel.lora_units("merged", "a", rows) == 0
 
 
-
-def _simulate(policy, trace, cost: CostModel, limits: BatchLimits, switch: float) -> float:
-    """Scheduler-only replay of trace [(arrival, adapter, prompt tokens, output tokens)] with step
-    times from `cost` (a policy's own model learns them as it goes); the mean token latency."""
-    now, live, merged, i, token_latency = 0.0, {}, None, 0, []
-    while i < len(trace) or live:
-        while i < len(trace) and trace[i][0] <= now:
-            arrival, adapter, prompt, out = trace[i]
-            live[f"r{i}"] = {"adapter": adapter, "pending": prompt, "left": out, "out": out, "arrival": arrival,
-                             "last": arrival}
-            i += 1
-        if not live:
-            now = trace[i][0]
-            continue
-        views = tuple(SeqView(k, s["adapter"], s["arrival"], max(s["pending"], 1), s["last"], s["out"],
-                              generated=s["out"] - s["left"]) for k, s in live.items())
-        d = policy.decide(SchedulerState(now, views, merged, limits))
-        rows = [(live[k]["adapter"], n) for k, n in d.rows]
-        if d.mode != "unmerged" and d.merged_adapter != merged:
-            merged, now = d.merged_adapter, now + switch * (8 if policy.per_layer_switch else 1)
-        seconds = cost.step_time(d.mode, d.merged_adapter, rows)
-        if isinstance(policy, VLoRAPolicy):
-            policy.cost.observe(d.mode, CostModel.features(d.mode, d.merged_adapter, rows), seconds)
-        now += seconds
-        for k, n in d.rows:
-            s = live[k]
-            s["last"] = now
-            s["pending"] = max(0, s["pending"] - n)
-            s["left"] -= s["pending"] == 0                      # a token when the prompt is done
-            if s["left"] == 0:
-                token_latency.append((now - s["arrival"]) / s["out"])
-                del live[k]
-    return float(np.mean(token_latency))
-
-
-def _trace(popularity: str, rate: float, n: int = 120, heads: bool = False, seed: int = 0) -> list:
-    """(arrival, adapter, prompt tokens, output tokens) of n VQA-like requests over 32 adapters;
-    with `heads`, as in bench/e2e.py, the odd-numbered adapters answer through a task head (one
-    output token)."""
-    rng = np.random.default_rng(int(rate) + 1000 * seed)
-    p = {"hot80": np.r_[0.8, np.full(31, 0.2 / 31)], "zipf": 1 / np.arange(1, 33) ** 1.5,
-         "uniform": np.ones(32)}[popularity]
-    adapters = rng.choice(32, n, p=p / p.sum())
-    arrivals = np.cumsum(rng.exponential(1 / rate, n))
-    return [(t, f"a{a}", 626, 1 if heads and a % 2 else int(rng.integers(40, 121))) for t, a in zip(arrivals, adapters)]
-
-
-class _LaunchBoundCost(CostModel):
-    """Step times shaped like the H200's LLaVA-7B steps: a fixed cost per mode (the unmerged
-    LoRA branch's launches cost ~9 ms whatever the batch) plus 70 us per token."""
-
-    FIXED = {"merged": 13.5e-3, "unmerged": 22e-3, "mixture": 23e-3}
-
-    def step_time(self, mode, merged, rows):
-        return self.FIXED[mode] + 7e-5 * sum(n for _, n in rows)
-
-
 @pytest.mark.parametrize("popularity", ["hot80", "uniform"])
 def test_ours_under_load_merges_the_hot_adapter_and_otherwise_matches_unmerged(popularity):
     """16 req/s keeps more requests live than a step holds: with one hot adapter, ours serves
     it merged at the cheaper step time (at least 10% less token latency than always-unmerged);
     with uniform popularity there is nothing to merge and ours stays within 3% of unmerged."""
     limits = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=1024, max_adapters=16)
-    trace = _trace(popularity, 16.0)
-    ours = _simulate(VLoRAPolicy(), trace, _LaunchBoundCost(), limits, switch=0.015)
-    unmerged = _simulate(UnmergedPolicy(), trace, _LaunchBoundCost(), limits, switch=0.015)
+    trace = make_trace("vqa", popularity, 16.0, heads=False)
+    ours = simulate(VLoRAPolicy(), trace, STEP_TIMES["vqa"], 0.015, limits)["token_latency"]
+    unmerged = simulate(UnmergedPolicy(), trace, STEP_TIMES["vqa"], 0.015, limits)["token_latency"]
     assert ours <= (0.9 if popularity == "hot80" else 1.03) * unmerged, (ours, unmerged)
 
 
-@pytest.mark.parametrize("popularity", ["hot80", "zipf", "uniform"])
+@pytest.mark.parametrize("popularity", ["hot80", "zipf1.5", "uniform"])
 def test_ours_is_never_worse_than_the_baselines_in_a_simulated_7b_server(popularity):
     """Step costs shaped like LLaVA-7B's (25 ms per step, 40 us per token, a cheap LoRA branch;
     the static-tile baselines' LoRA tokens cost 10x): ours, learning those costs online, is
@@ -346,11 +290,11 @@ def test_ours_is_never_worse_than_the_baselines_in_a_simulated_7b_server(popular
     limits = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=1024, max_adapters=16)
     shape = dict(fixed=25e-3, per_token=4e-5, per_adapter=1e-4)
     for rate in (2.0, 16.0):
-        trace = _trace(popularity, rate)
+        trace = make_trace("vqa", popularity, rate, heads=False)
         latency = {}
         for policy in (VLoRAPolicy(), SLoRAPolicy(), PunicaPolicy(), DLoRAPolicy(), MergedOnlyPolicy()):
             cost = CostModel(**shape, per_lora_token=2e-5 if policy.static_tiles else 2e-6)
-            latency[policy.name] = _simulate(policy, trace, cost, limits, switch=0.01)
+            latency[policy.name] = simulate(policy, trace, cost.step_time, 0.01, limits)["token_latency"]
         best = min(v for k, v in latency.items() if k != "ours")
         assert latency["ours"] <= 1.03 * best, latency
         if rate == 16.0:
@@ -370,8 +314,8 @@ def test_ours_serves_task_head_answers_first_in_a_simulated_7b_server(popularity
     for rate in (2.0, 10.0, 16.0):
         ratios = []
         for seed in range(4):
-            trace = _trace(popularity, rate, heads=True, seed=seed)
-            latency = {p.name: _simulate(p, trace, _LaunchBoundCost(), limits, switch=0.015)
+            trace = make_trace("vqa", popularity, rate, heads=True, seed=seed)
+            latency = {p.name: simulate(p, trace, STEP_TIMES["vqa"], 0.015, limits)["token_latency"]
                        for p in (VLoRAPolicy(), UnmergedPolicy(), DLoRAPolicy())}
             ratios.append([latency["ours"] / latency["unmerged"], latency["ours"] / latency["dlora"]])
         over_unmerged, over_dlora = np.exp(np.log(ratios).mean(axis=0))

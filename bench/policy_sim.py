@@ -1,0 +1,155 @@
+"""Scheduler-only simulation: the policies' decisions on the same traces, with step times from a
+fixed model instead of a GPU (no engine, no model, no adapter copies, no image encoder).
+
+A step in mode m with T tokens takes FIXED[m] + PER_TOKEN[m] * T; the presets are the medians of
+the H200 LLaVA-1.5-7B e2e step logs (bench/results/README.md, "End-to-end serving"). Ours learns
+them online, as it does on the GPU. What this shows is what each policy's choices of mode and rows
+cost when steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
+is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, the odd-numbered
+ones answering through a task head (one output token), the hot adapter a0.
+Usage: python bench/policy_sim.py [--kinds vqa,video] [--popularity hot80,zipf1.5,uniform]
+       [--rates 2,4,6,10,16] [--traces 6] [--requests 40] [--out bench/results/policy_sim]
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import save_result  # noqa: E402
+from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, Policy, PunicaPolicy,  # noqa: E402
+                            SchedulerState, SeqView, UnmergedPolicy, VLoRAPolicy)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTimes:
+    """Seconds a step takes: fixed[mode] + per_token[mode] * its tokens."""
+    fixed: dict
+    per_token: dict
+
+    def __call__(self, mode: str, merged: str | None, rows) -> float:
+        return self.fixed[mode] + self.per_token[mode] * sum(n for _, n in rows)
+
+
+# medians of the e2e step logs (fifth attempt), per workload kind; prompt tokens and outputs as e2e's
+STEP_TIMES = {
+    "vqa": StepTimes({"merged": 13.5e-3, "unmerged": 22e-3, "mixture": 23e-3},
+                     {"merged": 70e-6, "unmerged": 70e-6, "mixture": 70e-6}),
+    "video": StepTimes({"merged": 13.5e-3, "unmerged": 20e-3, "mixture": 21e-3},
+                       {"merged": 27e-6, "unmerged": 35e-6, "mixture": 35e-6}),
+}
+SWITCH_S = 0.015                      # a merge switch (the e2e logs: 13-17 ms)
+PROMPT_TOKENS = {"vqa": 626, "video": 3510}
+OUTPUT_TOKENS = {"vqa": (40, 121), "video": (4, 13)}
+POPULARITY = {"hot80": np.r_[0.8, np.full(31, 0.2 / 31)], "hot50": np.r_[0.5, np.full(31, 0.5 / 31)],
+              "zipf1.5": 1 / np.arange(1, 33) ** 1.5, "uniform": np.ones(32)}
+LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4)  # e2e's
+
+
+def make_trace(kind: str, popularity: str, rate: float, n: int = 120, heads: bool = True, seed: int = 0,
+               arrivals: str = "poisson") -> list[tuple[float, str, int, int]]:
+    """[(arrival s, adapter, prompt tokens, output tokens)] of n requests over 32 adapters a0..a31;
+    with `heads`, the odd-numbered adapters answer in one token. Bursty: gamma gaps, cv 2."""
+    rng = np.random.default_rng(int(rate) + 1000 * seed)
+    p = POPULARITY[popularity]
+    adapters = rng.choice(32, n, p=p / p.sum())
+    gaps = rng.exponential(1 / rate, n) if arrivals == "poisson" else rng.gamma(0.25, 4 / rate, n)
+    low, high = OUTPUT_TOKENS[kind]
+    return [(t, f"a{a}", PROMPT_TOKENS[kind], 1 if heads and a % 2 else int(rng.integers(low, high)))
+            for t, a in zip(np.cumsum(gaps), adapters)]
+
+
+def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_S, limits: BatchLimits = LIMITS
+             ) -> dict:
+    """Replay `trace` under `policy`, a step taking step_time(mode, merged adapter, [(adapter,
+    tokens)]) seconds and a merge `switch` (8x for a dLoRA-like per-layer switch); returns
+    {"token_latency": mean latency / output tokens, "cold_p99": p99 latency of requests not on a0}."""
+    now, live, merged, i, done = 0.0, {}, None, 0, []
+    while i < len(trace) or live:
+        while i < len(trace) and trace[i][0] <= now:
+            arrival, adapter, prompt, out = trace[i]
+            live[f"r{i}"] = {"adapter": adapter, "pending": prompt, "left": out, "out": out, "arrival": arrival,
+                             "last": arrival}
+            i += 1
+        if not live:
+            now = trace[i][0]
+            continue
+        views = tuple(SeqView(k, s["adapter"], s["arrival"], max(s["pending"], 1), s["last"], s["out"],
+                              generated=s["out"] - s["left"]) for k, s in live.items())
+        d = policy.decide(SchedulerState(now, views, merged, limits))
+        rows = [(live[k]["adapter"], n) for k, n in d.rows]
+        if d.mode != "unmerged" and d.merged_adapter != merged:
+            merged, now = d.merged_adapter, now + switch * (8 if policy.per_layer_switch else 1)
+        seconds = step_time(d.mode, d.merged_adapter, rows)
+        if isinstance(policy, VLoRAPolicy):
+            policy.cost.observe(d.mode, CostModel.features(d.mode, d.merged_adapter, rows), seconds)
+        now += seconds
+        for k, n in d.rows:
+            s = live[k]
+            s["last"] = now
+            s["pending"] = max(0, s["pending"] - n)
+            s["left"] -= s["pending"] == 0                      # a token when the prompt is done
+            if s["left"] == 0:
+                done.append((now - s["arrival"], s["out"], s["adapter"]))
+                del live[k]
+    cold = [latency for latency, _, adapter in done if adapter != "a0"]
+    return {"token_latency": float(np.mean([latency / out for latency, out, _ in done])),
+            "cold_p99": float(np.percentile(cold, 99)) if cold else None}
+
+
+POLICIES = {"ours": VLoRAPolicy, "unmerged": UnmergedPolicy, "punica": PunicaPolicy, "dlora": DLoRAPolicy,
+            "merged": MergedOnlyPolicy}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", default="vqa,video")
+    ap.add_argument("--popularity", default="hot80,zipf1.5,uniform")
+    ap.add_argument("--arrivals", default="poisson")
+    ap.add_argument("--rates", default="2,4,6,10,16")
+    ap.add_argument("--traces", type=int, default=6, help="traces per point (geometric means over them)")
+    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--out", default="bench/results/policy_sim")
+    args = ap.parse_args(argv)
+    geomean = lambda v: float(np.exp(np.mean(np.log(v))))
+    points = []
+    for kind in args.kinds.split(","):
+        for arrivals in args.arrivals.split(","):
+            for popularity in args.popularity.split(","):
+                for rate in map(float, args.rates.split(",")):
+                    runs = {name: [] for name in POLICIES}
+                    for seed in range(args.traces):
+                        trace = make_trace(kind, popularity, rate, args.requests, seed=seed, arrivals=arrivals)
+                        for name, make in POLICIES.items():
+                            runs[name].append(simulate(make(), trace, STEP_TIMES[kind]))
+                    ours = np.array([r["token_latency"] for r in runs["ours"]])
+                    points.append({"kind": kind, "arrivals": arrivals, "popularity": popularity, "rate": rate,
+                                   "token_latency_s": {n: geomean([r["token_latency"] for r in v]) for n, v in runs.items()},
+                                   "ours_over": {n: geomean(ours / [r["token_latency"] for r in v])
+                                                 for n, v in runs.items() if n != "ours"},
+                                   "cold_p99_ours_over_unmerged": max(o["cold_p99"] / u["cold_p99"]
+                                                                       for o, u in zip(runs["ours"], runs["unmerged"]))})
+    others = [n for n in POLICIES if n != "ours"]
+    command = "python bench/policy_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"# Scheduler-only simulation ({args.traces} traces of {args.requests} requests a point; no device: "
+             "step times from the model below)", "",
+             f"`{command}`", "",
+             "Step times: " + "; ".join(f"{k} " + ", ".join(f"{m} {1e3 * t.fixed[m]:.1f} ms + {1e6 * t.per_token[m]:.0f} "
+                                                           f"us/token" for m in t.fixed) for k, t in STEP_TIMES.items()), "",
+             "| kind | arrivals | popularity | rate | " + " | ".join(f"ours / {n}" for n in others)
+             + " | worst cold p99, ours / unmerged | ours token latency ms |",
+             "|" + " --- |" * (6 + len(others))]
+    for p in points:
+        lines.append(f"| {p['kind']} | {p['arrivals']} | {p['popularity']} | {p['rate']:g} | "
+                     + " | ".join(f"{p['ours_over'][n]:.2f}" for n in others)
+                     + f" | {p['cold_p99_ours_over_unmerged']:.2f} | {1e3 * p['token_latency_s']['ours']:.1f} |")
+    save_result(args.out, {"command": command, "step_times": {k: dataclasses.asdict(t) for k, t in STEP_TIMES.items()},
+                           "points": points}, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
