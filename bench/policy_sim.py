@@ -1,8 +1,8 @@
 """Scheduler-only simulation: the policies' decisions on the same traces, with step times from a
 fixed model instead of a GPU (no engine, no model, no adapter copies, no image encoder).
 
-A step in mode m with T tokens takes FIXED[m] + PER_TOKEN[m] * T; the presets are the medians of
-the H200 LLaVA-1.5-7B e2e step logs (bench/results/README.md, "End-to-end serving"). Ours learns
+A step in mode m with T tokens takes fixed[m] + per_token[m] * T, modelled on the H200
+LLaVA-1.5-7B e2e step logs (`STEP_TIMES`; bench/results/README.md, "End-to-end serving"). Ours learns
 them online, as it does on the GPU. What this shows is what each policy's choices of mode and rows
 cost when steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
 is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, the odd-numbered
@@ -35,7 +35,9 @@ class StepTimes:
         return self.fixed[mode] + self.per_token[mode] * sum(n for _, n in rows)
 
 
-# medians of the e2e step logs (fifth attempt), per workload kind; prompt tokens and outputs as e2e's
+# from the e2e step logs (bench/results/README.md, fifth attempt): fixed = the decode-only step medians;
+# per token from the one-prompt step medians for video, a round 70 us for visual QA (whose one-prompt
+# medians give merged 52, unmerged 73, mixture 62 us). Prompt tokens and outputs as e2e's.
 STEP_TIMES = {
     "vqa": StepTimes({"merged": 13.5e-3, "unmerged": 22e-3, "mixture": 23e-3},
                      {"merged": 70e-6, "unmerged": 70e-6, "mixture": 70e-6}),

@@ -313,7 +313,8 @@ class Engine:
 
         The policy sees only requests whose adapter is ready (resident, or its device copy made):
         a request whose adapter is still being copied waits, and the others run meanwhile. Only
-        when no request is ready does the step wait for the copies."""
+        when no request is ready does the step wait for the copies (counted in its load_time)."""
+        start, compiled_before = self.clock(), compile_seconds()
         for seq in [s for s in self._seqs.values() if s.cancelled]:
             self._finish(seq, "cancelled")
         if not self._seqs:
@@ -322,15 +323,15 @@ class Engine:
         if not ready:                               # nothing else to run: waiting for the copies stalls no one
             self.pool.wait_staged({s.adapter for s in self._seqs.values()})
             ready = list(self._seqs.values())
-        start, compiled_before = self.clock(), compile_seconds()
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens,
                               s.computed, len(s.state.out)) for s in ready)
-        decision = self.policy.decide(SchedulerState(start, views, self._merged_key, self.limits,
+        now = self.clock()
+        decision = self.policy.decide(SchedulerState(now, views, self._merged_key, self.limits,
                                                      self.allocator.num_free))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
         placing = self.clock()
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
-        load = self.clock() - placing
+        load = (now - start) + (self.clock() - placing)
         rows = [(s, n) for s, n in rows if s.id in self._seqs]        # failed loads dropped
         mode = decision.mode
         if mode != "unmerged" and decision.merged_adapter not in slots:

@@ -63,7 +63,7 @@ class StepMetrics:
     lora_tokens: float         # token-deltas the LoRA branch computed (CostModel units)
     adapters: int              # distinct adapters in the step
     compile_time: float = 0.0  # XLA compilation inside the step (a shape met for the first time)
-    load_time: float = 0.0     # placing the step's adapters in device slots (host time)
+    load_time: float = 0.0     # placing the step's adapters in slots, waiting for their copies (host time)
 
     @property
     def compute_time(self) -> float:
