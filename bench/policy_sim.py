@@ -7,12 +7,13 @@ them online, as it does on the GPU. What this shows is what each policy's choice
 cost when steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
 is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, the odd-numbered
 ones answering through a task head (one output token), the hot adapter a0.
-Usage: python bench/policy_sim.py [--kinds vqa,video] [--popularity hot80,zipf1.5,uniform]
+Usage: python bench/policy_sim.py [--kinds vqa,video] [--popularity hot80,uniform,zipf1.5,hot50,hot60]
        [--rates 2,4,6,10,16] [--traces 6] [--requests 40] [--out bench/results/policy_sim]
 """
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 from typing import Callable
@@ -47,8 +48,8 @@ STEP_TIMES = {
 SWITCH_S = 0.015                      # a merge switch (the e2e logs: 13-17 ms)
 PROMPT_TOKENS = {"vqa": 626, "video": 3510}
 OUTPUT_TOKENS = {"vqa": (40, 121), "video": (4, 13)}
-POPULARITY = {"hot80": np.r_[0.8, np.full(31, 0.2 / 31)], "hot50": np.r_[0.5, np.full(31, 0.5 / 31)],
-              "zipf1.5": 1 / np.arange(1, 33) ** 1.5, "uniform": np.ones(32)}
+POPULARITY = {f"hot{p}": np.r_[p / 100, np.full(31, (1 - p / 100) / 31)] for p in (50, 60, 80)} | {
+    "zipf1.5": 1 / np.arange(1, 33) ** 1.5, "uniform": np.ones(32)}
 LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4)  # e2e's
 
 
@@ -107,51 +108,51 @@ POLICIES = {"ours": VLoRAPolicy, "unmerged": UnmergedPolicy, "punica": PunicaPol
             "merged": MergedOnlyPolicy}
 
 
+def _point(kind: str, arrivals: str, popularity: str, rate: float, traces: int, requests: int) -> dict:
+    """Every policy on `traces` traces of one workload: geometric means and ratios."""
+    geomean = lambda v: float(np.exp(np.mean(np.log(v))))
+    runs = {name: [] for name in POLICIES}
+    for seed in range(traces):
+        trace = make_trace(kind, popularity, rate, requests, seed=seed, arrivals=arrivals)
+        for name, make in POLICIES.items():
+            runs[name].append(simulate(make(), trace, STEP_TIMES[kind]))
+    latency = {name: np.array([r["token_latency"] for r in v]) for name, v in runs.items()}
+    cold = [o["cold_p99"] / u["cold_p99"] for o, u in zip(runs["ours"], runs["unmerged"]) if o["cold_p99"]]
+    return {"kind": kind, "arrivals": arrivals, "popularity": popularity, "rate": rate,
+            "token_latency_s": {name: geomean(v) for name, v in latency.items()},
+            "ours_over": {name: geomean(latency["ours"] / v) for name, v in latency.items() if name != "ours"},
+            "cold_p99_ours_over_unmerged": max(cold, default=None)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default="vqa,video")
-    ap.add_argument("--popularity", default="hot80,zipf1.5,uniform")
+    ap.add_argument("--popularity", default="hot80,uniform,zipf1.5,hot50,hot60")
     ap.add_argument("--arrivals", default="poisson")
     ap.add_argument("--rates", default="2,4,6,10,16")
     ap.add_argument("--traces", type=int, default=6, help="traces per point (geometric means over them)")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--out", default="bench/results/policy_sim")
     args = ap.parse_args(argv)
-    geomean = lambda v: float(np.exp(np.mean(np.log(v))))
-    points = []
-    for kind in args.kinds.split(","):
-        for arrivals in args.arrivals.split(","):
-            for popularity in args.popularity.split(","):
-                for rate in map(float, args.rates.split(",")):
-                    runs = {name: [] for name in POLICIES}
-                    for seed in range(args.traces):
-                        trace = make_trace(kind, popularity, rate, args.requests, seed=seed, arrivals=arrivals)
-                        for name, make in POLICIES.items():
-                            runs[name].append(simulate(make(), trace, STEP_TIMES[kind]))
-                    ours = np.array([r["token_latency"] for r in runs["ours"]])
-                    points.append({"kind": kind, "arrivals": arrivals, "popularity": popularity, "rate": rate,
-                                   "token_latency_s": {n: geomean([r["token_latency"] for r in v]) for n, v in runs.items()},
-                                   "ours_over": {n: geomean(ours / [r["token_latency"] for r in v])
-                                                 for n, v in runs.items() if n != "ours"},
-                                   "cold_p99_ours_over_unmerged": max(o["cold_p99"] / u["cold_p99"]
-                                                                       for o, u in zip(runs["ours"], runs["unmerged"]))})
+    grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
+                             map(float, args.rates.split(",")))
+    points = [_point(*workload, args.traces, args.requests) for workload in grid]
     others = [n for n in POLICIES if n != "ours"]
     command = "python bench/policy_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"# Scheduler-only simulation ({args.traces} traces of {args.requests} requests a point; no device: "
-             "step times from the model below)", "",
-             f"`{command}`", "",
-             "Step times: " + "; ".join(f"{k} " + ", ".join(f"{m} {1e3 * t.fixed[m]:.1f} ms + {1e6 * t.per_token[m]:.0f} "
-                                                           f"us/token" for m in t.fixed) for k, t in STEP_TIMES.items()), "",
+    times = "; ".join(f"{kind} " + ", ".join(f"{m} {1e3 * t.fixed[m]:.1f} ms + {1e6 * t.per_token[m]:.0f} us/token"
+                                            for m in t.fixed) for kind, t in STEP_TIMES.items())
+    lines = [f"# Scheduler-only simulation ({args.traces} traces of {args.requests} requests a point; "
+             "no device: step times from the model below)", "", f"`{command}`", "", f"Step times: {times}", "",
              "| kind | arrivals | popularity | rate | " + " | ".join(f"ours / {n}" for n in others)
              + " | worst cold p99, ours / unmerged | ours token latency ms |",
              "|" + " --- |" * (6 + len(others))]
     for p in points:
+        cold = p["cold_p99_ours_over_unmerged"]
         lines.append(f"| {p['kind']} | {p['arrivals']} | {p['popularity']} | {p['rate']:g} | "
                      + " | ".join(f"{p['ours_over'][n]:.2f}" for n in others)
-                     + f" | {p['cold_p99_ours_over_unmerged']:.2f} | {1e3 * p['token_latency_s']['ours']:.1f} |")
-    save_result(args.out, {"command": command, "step_times": {k: dataclasses.asdict(t) for k, t in STEP_TIMES.items()},
-                           "points": points}, "\n".join(lines) + "\n")
-
+                     + f" | {'–' if cold is None else f'{cold:.2f}'} | {1e3 * p['token_latency_s']['ours']:.1f} |")
+    steps = {kind: dataclasses.asdict(t) for kind, t in STEP_TIMES.items()}
+    save_result(args.out, {"command": command, "step_times": steps, "points": points}, "\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()
