@@ -236,7 +236,7 @@ def test_requests_of_an_adapter_still_being_copied_wait_while_others_run(generat
     copy_may_finish, on_device = threading.Event(), adapters._on_device
     monkeypatch.setattr(adapters, "_on_device", lambda a: (copy_may_finish.wait(), on_device(a))[1])
     running = engine.submit(Request("x", adapter="task1", max_tokens=4))
-    threading.Timer(0.2, copy_may_finish.set).start()
+    threading.Timer(0.3, copy_may_finish.set).start()
     assert engine.step().load_time >= 0.2                      # task1 alone: waits for its copy
     copy_may_finish.clear()
     waiting = engine.submit(Request("y", adapter="task2", max_tokens=2))
