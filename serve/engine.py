@@ -351,7 +351,7 @@ class Engine:
         features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv)
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
-                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load)
+                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv)
         if not compiled:                         # a compiling step says nothing about what the mode costs
             self.cost.observe(mode, features, step.compute_time)
         self.step_metrics.append(step)

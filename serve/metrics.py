@@ -64,6 +64,7 @@ class StepMetrics:
     adapters: int              # distinct adapters in the step
     compile_time: float = 0.0  # XLA compilation inside the step (a shape met for the first time)
     load_time: float = 0.0     # placing the step's adapters in slots, waiting for their copies (host time)
+    kv_positions: int = 0      # cache positions the step's attention reads (each row's context + new tokens)
 
     @property
     def compute_time(self) -> float:

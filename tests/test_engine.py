@@ -207,7 +207,8 @@ def test_failing_adapter_load_fails_only_its_requests(generator, config, monkeyp
 
 
 def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatch):
-    """A step's slot writes count as its load_time; the step-time model learns from the rest."""
+    """A step's slot writes count as its load_time; the step-time model learns from the rest.
+    Steps record the cache positions their attention reads."""
     import time
     engine = _engine(generator, "unmerged")
     engine.generate([Request("x", adapter="task1", max_tokens=2)])      # the step shapes, compiled
@@ -221,8 +222,11 @@ def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatc
     assert not first.compile_time
     assert first.load_time >= 0.2 and first.compute_time == first.duration - first.load_time
     assert observed[0] == first.compute_time < first.duration - 0.2
+    assert first.kv_positions == first.tokens                      # the prompt reads only itself
     while engine.has_work:
-        assert engine.step().load_time < 0.2                       # resident now: nothing written
+        step = engine.step()
+        assert step.load_time < 0.2                                # resident now: nothing written
+        assert step.kv_positions == first.tokens + 1               # the decode row: prompt + its token
     assert engine.summary()["load_time"] >= 0.2
 
 
