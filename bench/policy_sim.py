@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import save_result  # noqa: E402
+from bench.workloads import Workload, adapter_probabilities, arrival_times  # noqa: E402
 from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, Policy, PunicaPolicy,  # noqa: E402
                             SchedulerState, SeqView, UnmergedPolicy, VLoRAPolicy)
 
@@ -48,22 +49,21 @@ STEP_TIMES = {
 SWITCH_S = 0.015                      # a merge switch (the e2e logs: 13-17 ms)
 PROMPT_TOKENS = {"vqa": 626, "video": 3510}
 OUTPUT_TOKENS = {"vqa": (40, 121), "video": (4, 13)}
-POPULARITY = {f"hot{p}": np.r_[p / 100, np.full(31, (1 - p / 100) / 31)] for p in (50, 60, 80)} | {
-    "zipf1.5": 1 / np.arange(1, 33) ** 1.5, "uniform": np.ones(32)}
 LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4)  # e2e's
 
 
 def make_trace(kind: str, popularity: str, rate: float, n: int = 120, heads: bool = True, seed: int = 0,
                arrivals: str = "poisson") -> list[tuple[float, str, int, int]]:
-    """[(arrival s, adapter, prompt tokens, output tokens)] of n requests over 32 adapters a0..a31;
-    with `heads`, the odd-numbered adapters answer in one token. Bursty: gamma gaps, cv 2."""
-    rng = np.random.default_rng(int(rate) + 1000 * seed)
-    p = POPULARITY[popularity]
-    adapters = rng.choice(32, n, p=p / p.sum())
-    gaps = rng.exponential(1 / rate, n) if arrivals == "poisson" else rng.gamma(0.25, 4 / rate, n)
+    """[(arrival s, adapter, prompt tokens, output tokens)] of n requests over 32 adapters a0..a31,
+    arrivals and popularity as bench/workloads.py draws them; with `heads`, the odd-numbered
+    adapters answer in one token."""
+    w = Workload(kind, rate, arrivals, popularity, n, seed=int(rate) + 1000 * seed)
+    rng = np.random.default_rng(w.seed)
+    adapters = rng.choice(32, n, p=adapter_probabilities(popularity, 32))
+    times = arrival_times(w, rng)
     low, high = OUTPUT_TOKENS[kind]
-    return [(t, f"a{a}", PROMPT_TOKENS[kind], 1 if heads and a % 2 else int(rng.integers(low, high)))
-            for t, a in zip(np.cumsum(gaps), adapters)]
+    return [(float(t), f"a{a}", PROMPT_TOKENS[kind], 1 if heads and a % 2 else int(rng.integers(low, high)))
+            for t, a in zip(times, adapters)]
 
 
 def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_S, limits: BatchLimits = LIMITS
