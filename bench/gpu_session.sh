@@ -3,6 +3,7 @@
 #   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
 #   bash bench/gpu_session.sh overhead                    (a 7B decode step's host dispatch, XLA flag variants)
 #   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
+#   bash bench/gpu_session.sh adapter-copy                (one adapter's host-to-device copy, beside a serving loop)
 #   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
@@ -51,6 +52,7 @@ for stage in "$@"; do
         model)   $limit python3 bench/model_smoke.py --out bench/results/model_smoke ;;
         overhead) $limit python3 bench/step_overhead.py --out bench/results/step_overhead ;;
         copy)    $limit python3 bench/pallas_copy.py --out bench/results/pallas_copy ;;
+        adapter-copy) $limit python3 bench/adapter_copy.py --out bench/results/adapter_copy ;;
         attention) $limit python3 -m bench.gpu_smoke --kernels attention &&
                      $limit python3 bench/prefill_attention.py --out bench/results/prefill_attention ;;
         switch)  $limit python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import micro_config
 from valora_jax import AdapterPool, PoolFull, make_adapter, random_adapter
-from valora_jax.adapters import target_of
+from valora_jax.adapters import PackedAdapter, target_of
 
 
 class _Slots:
@@ -135,7 +135,7 @@ def test_staged_adapters_are_written_from_device_copies():
     pool.stage("a3")                                     # idempotent
     pool.acquire(["a3"])
     import jax
-    assert all(isinstance(a, jax.Array) for a, _ in written[0].weights.values())
+    assert isinstance(written[0].buffer, jax.Array) and isinstance(written[0].scales, jax.Array)
     np.testing.assert_array_equal(written[0].weights["decoder.layers.0.q_proj"][0],
                                   pool.get("a3").weights["decoder.layers.0.q_proj"][0])
     pool.acquire(["a0"])
@@ -144,7 +144,7 @@ def test_staged_adapters_are_written_from_device_copies():
     pool.acquire(["a3"])                                 # back from the device copy, not the host
     assert written[-1] is written[0]
     pool.acquire(["a2"])                                 # never staged: from the host
-    assert isinstance(written[-1].weights["decoder.layers.0.q_proj"][0], np.ndarray)
+    assert isinstance(written[-1].buffer, np.ndarray)
     pool.max_staged = 4
     for name in ("a0", "a1", "a2"):
         pool.stage(name)
@@ -159,8 +159,8 @@ def test_ready_means_no_copy_to_wait_for_and_copies_under_way_are_kept(monkeypat
     import threading
     from valora_jax import adapters
     pool, slots, _ = _pool()
-    copy_may_finish, on_device = threading.Event(), adapters._on_device
-    monkeypatch.setattr(adapters, "_on_device", lambda a: (copy_may_finish.wait(), on_device(a))[1])
+    copy_may_finish, to_device = threading.Event(), adapters.PackedAdapter.to_device
+    monkeypatch.setattr(adapters.PackedAdapter, "to_device", lambda a: (copy_may_finish.wait(), to_device(a))[1])
     pool.acquire(["a0"])
     assert pool.ready("a0")                              # resident
     assert not pool.ready("a1") and ("a1", 1) in pool._staged   # not ready: its copy has started
@@ -206,6 +206,34 @@ def test_evict_all_forgets_placements_but_refuses_while_pinned():
     assert pool.resident == {} and not pool._staged
     writes = slots.writes
     assert pool.acquire(["a1"]) == {"a1": 0} and slots.writes == writes + 1   # rewritten, not trusted
+
+
+def test_packed_adapters_hold_every_module_in_one_buffer():
+    cfg = micro_config()
+    rng = np.random.default_rng(0)
+    weights = {"decoder.layers.0.q_proj": (rng.standard_normal((8, 4)), rng.standard_normal((4, 8))),
+               "vision_tower.layers.0.fc1": (rng.standard_normal((4, 2)), rng.standard_normal((2, 16))),
+               "decoder.layers.0.down_proj": (rng.standard_normal((16, 3)), rng.standard_normal((3, 8)))}
+    adapter = make_adapter("mixed", cfg.base_id, weights, alpha=6)
+    packed = PackedAdapter.of(adapter, np.float32)
+    assert packed.buffer.shape == (8 * 4 + 4 * 8 + 4 * 2 + 2 * 16 + 16 * 3 + 3 * 8,)
+    assert packed.layout == (("decoder.layers.0.down_proj", 16, 3, 8), ("decoder.layers.0.q_proj", 8, 4, 8),
+                             ("vision_tower.layers.0.fc1", 4, 2, 16))
+    np.testing.assert_array_equal(packed.scales, [2.0, 1.5, 3.0])
+    for path, (a, b) in packed.weights.items():
+        np.testing.assert_allclose(a, weights[path][0].astype(np.float32))
+        np.testing.assert_allclose(b, weights[path][1].astype(np.float32))
+        assert np.shares_memory(a, packed.buffer) and np.shares_memory(b, packed.buffer)
+    on_device = packed.to_device()
+    import jax
+    assert isinstance(on_device.buffer, jax.Array) and on_device.layout == packed.layout
+    np.testing.assert_array_equal(np.asarray(on_device.buffer), packed.buffer)
+
+
+def test_the_store_keeps_one_copy_of_the_weights():
+    pool, _, _ = _pool()
+    a, b = pool.get("a2").weights["decoder.layers.0.down_proj"]
+    assert np.shares_memory(a, pool._packed[("a2", 1)].buffer) and np.shares_memory(b, pool._packed[("a2", 1)].buffer)
 
 
 def test_register_stores_weights_in_the_model_dtype():

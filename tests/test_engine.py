@@ -237,8 +237,8 @@ def test_requests_of_an_adapter_still_being_copied_wait_while_others_run(generat
     from valora_jax import adapters
     engine = _engine(generator, "unmerged")
     generator.pool.evict_all()
-    copy_may_finish, on_device = threading.Event(), adapters._on_device
-    monkeypatch.setattr(adapters, "_on_device", lambda a: (copy_may_finish.wait(), on_device(a))[1])
+    copy_may_finish, to_device = threading.Event(), adapters.PackedAdapter.to_device
+    monkeypatch.setattr(adapters.PackedAdapter, "to_device", lambda a: (copy_may_finish.wait(), to_device(a))[1])
     running = engine.submit(Request("x", adapter="task1", max_tokens=4))
     threading.Timer(0.3, copy_may_finish.set).start()
     assert engine.step().load_time >= 0.2                      # task1 alone: waits for its copy

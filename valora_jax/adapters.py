@@ -118,10 +118,53 @@ def random_adapter(config: LMMConfig, module_shapes: Mapping[str, tuple[int, int
     return make_adapter(name, config.base_id, weights, float(alpha if alpha is not None else 2 * rank))
 
 
-def _on_device(adapter: Adapter) -> Adapter:
-    """The adapter with its weights copied to the default device (returns once they are there)."""
-    weights = jax.block_until_ready({p: (jax.device_put(a), jax.device_put(b)) for p, (a, b) in adapter.weights.items()})
-    return dataclasses.replace(adapter, weights=weights)
+Layout = tuple[tuple[str, int, int, int], ...]
+"""(module path, d_in, rank, d_out) of each module a packed adapter holds, in buffer order."""
+
+
+def unpack(buffer, scales, layout: Layout) -> dict[str, tuple]:
+    """module path -> (A [d_in, r], B [r, d_out], scale): slices of a packed buffer (numpy views on
+    the host; inside a jitted function, static slices)."""
+    modules, offset = {}, 0
+    for i, (path, d_in, r, d_out) in enumerate(layout):
+        a_end = offset + d_in * r
+        b_end = a_end + r * d_out
+        modules[path] = (buffer[offset:a_end].reshape(d_in, r), buffer[a_end:b_end].reshape(r, d_out), scales[i])
+        offset = b_end
+    return modules
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedAdapter:
+    """An adapter's LoRA weights as they travel to the device: all in one flat buffer, so a copy
+    is one transfer (and a few Python calls) rather than two per module.
+
+    buffer [sum of (d_in + d_out) * r]: A then B of each module, row-major, in layout order;
+    scales [modules] float32; layout: see `Layout` (static: the slot write compiles per layout)."""
+
+    name: str
+    buffer: np.ndarray | jax.Array
+    scales: np.ndarray | jax.Array
+    layout: Layout
+
+    @classmethod
+    def of(cls, adapter: Adapter, dtype) -> "PackedAdapter":
+        """Pack an adapter's weights (in sorted module order) as `dtype`."""
+        paths = sorted(adapter.weights)
+        layout = tuple((p, *adapter.weights[p][0].shape, adapter.weights[p][1].shape[1]) for p in paths)
+        parts = [w for p in paths for w in adapter.weights[p]]
+        buffer = np.concatenate([np.asarray(w, dtype).reshape(-1) for w in parts]) if parts else np.zeros(0, dtype)
+        return cls(adapter.name, buffer, np.array([adapter.scales[p] for p in paths], np.float32), layout)
+
+    @property
+    def weights(self) -> dict[str, tuple]:
+        """module path -> (A, B), slices of the buffer."""
+        return {p: (a, b) for p, (a, b, _) in unpack(self.buffer, self.scales, self.layout).items()}
+
+    def to_device(self) -> "PackedAdapter":
+        """The same adapter on the default device (returns once its arrays are there)."""
+        buffer, scales = jax.block_until_ready((jax.device_put(self.buffer), jax.device_put(self.scales)))
+        return dataclasses.replace(self, buffer=buffer, scales=scales)
 
 
 class PoolFull(RuntimeError):
@@ -138,16 +181,17 @@ class AdapterPool:
 
     Adapters are identified by (name, version): registering a name again makes a new current
     version, while older versions that requests still use stay available (by key) until
-    `release`d. `write_slot(slot, adapter | None)` is the device write (the runner's); the pool
-    calls it when an adapter must become resident, or with None to clear a slot.
+    `release`d. `write_slot(slot, packed adapter | None)` is the device write (the runner's); the
+    pool calls it when an adapter must become resident, or with None to clear a slot.
     """
 
     def __init__(self, config: LMMConfig, module_shapes: Mapping[str, tuple[int, int]],
-                 write_slot: Callable[[int, Adapter | None], None]):
+                 write_slot: Callable[[int, PackedAdapter | None], None]):
         self.config, self.module_shapes, self._write_slot = config, dict(module_shapes), write_slot
         self.store: dict[str, Adapter] = {}                   # current version of each name
         self.versions: dict[str, int] = {}
         self._held: dict[tuple[str, int], Adapter] = {}       # every version still usable
+        self._packed: dict[tuple[str, int], PackedAdapter] = {}   # their weights, as the host holds them
         self._slots: list[tuple[str, int] | None] = [None] * config.lora.max_loras
         self._lru: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self._pinned: collections.Counter[tuple[str, int]] = collections.Counter()
@@ -158,16 +202,15 @@ class AdapterPool:
 
     # host store ---------------------------------------------------------------------------
     def register(self, adapter: Adapter) -> int:
-        """Validate and store an adapter as the current version of its name, its weights in the
-        model's dtype (what the device slots hold, so staging moves no more bytes); returns the version."""
+        """Validate and store an adapter as the current version of its name; returns the version.
+        Its weights are kept packed (`PackedAdapter`) in the model's dtype, what the device slots
+        hold, so that staging is one transfer of no more bytes; `get` sees them as views."""
         adapter.validate(self.config, self.module_shapes)
-        dtype = jnp.dtype(self.config.dtype)
-        if any(a.dtype != dtype or b.dtype != dtype for a, b in adapter.weights.values()):
-            adapter = dataclasses.replace(adapter, weights={p: (np.asarray(a, dtype), np.asarray(b, dtype))
-                                                           for p, (a, b) in adapter.weights.items()})
+        packed = PackedAdapter.of(adapter, jnp.dtype(self.config.dtype))
+        adapter = dataclasses.replace(adapter, weights=packed.weights)
         version = self.versions.get(adapter.name, 0) + 1
         self.store[adapter.name], self.versions[adapter.name] = adapter, version
-        self._held[(adapter.name, version)] = adapter
+        self._held[(adapter.name, version)], self._packed[(adapter.name, version)] = adapter, packed
         return version
 
     def unregister(self, name: str) -> None:
@@ -182,7 +225,7 @@ class AdapterPool:
         """Forget a version that is no longer current (no-op for the current one or a pinned one)."""
         if key not in self._held or self.store.get(key[0]) is self._held[key] or self._pinned[key]:
             return
-        del self._held[key]
+        del self._held[key], self._packed[key]
         self._staged.pop(key, None)
         if key in self._slots:
             slot = self._slots.index(key)
@@ -236,7 +279,7 @@ class AdapterPool:
             staged = self._staged.get(key)
             if staged is not None and staged.exception() is not None:
                 del self._staged[key]                     # a failed copy: the next acquire copies again
-            self._write_slot(slot, staged.result() if staged else self._held[key])
+            self._write_slot(slot, staged.result() if staged else self._packed[key])
             self._slots[slot] = key
         for key in wanted:
             self._lru.pop(key, None)
@@ -254,7 +297,7 @@ class AdapterPool:
         key = self.key(ref)
         if key in self._staged:
             return
-        self._staged[key] = self._copier.submit(_on_device, self._held[key])
+        self._staged[key] = self._copier.submit(PackedAdapter.to_device, self._packed[key])
         excess = max(0, len(self._staged) - self.max_staged)
         for old in [k for k, copy in self._staged.items() if copy.done()][:excess]:
             del self._staged[old]

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax import monitoring
 
-from valora_jax.adapters import Adapter
+from valora_jax.adapters import Adapter, Layout, PackedAdapter, unpack
 from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
 from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
                              merge_weight, merged_kernel, module_path, module_shapes, targeted_linears)
@@ -166,7 +166,7 @@ class ModelRunner:
         self.merged_slot = -1          # slot whose adapter the merged weights hold (-1: none yet)
         self._step = jax.jit(self._step_impl, static_argnames="mode", donate_argnames="cache")
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
-        self._write = jax.jit(self._write_impl, donate_argnames="lora")
+        self._write = jax.jit(self._write_impl, static_argnames="layout", donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged", keep_unused=True)
         self._merge_one = jax.jit(self._merge_one_impl, donate_argnames="merged", keep_unused=True)
 
@@ -208,10 +208,11 @@ class ModelRunner:
         model = self._model(params, lora, merged)
         return model.encode_images(pixels, self._ctx(slot, merged_slot, mode))
 
-    def _write_impl(self, params, lora, merged, slot, payload):
+    def _write_impl(self, params, lora, merged, slot, buffer, scales, layout: Layout):
         model = self._model(params, lora, merged)
+        modules = unpack(buffer, scales, layout)
         for path, lin in targeted_linears(model):
-            a, b, scale = payload.get(module_path(path), (None, None, None))
+            a, b, scale = modules.get(module_path(path), (None, None, None))
             if a is None:   # module the adapter does not touch: an all-zero, rank-0 slot
                 a, b, scale = jnp.zeros((lin.d_in, 0)), jnp.zeros((0, lin.d_out)), jnp.float32(0)
             r, r_max = a.shape[1], lin.lora_a.shape[-1]
@@ -282,13 +283,15 @@ class ModelRunner:
         return self._encode(*self._state_leaves(), pixels, jnp.asarray(slot, jnp.int32),
                             jnp.int32(self.merged_slot), mode=mode)
 
-    def write_slot(self, slot: int, adapter: Adapter | None) -> None:
+    def write_slot(self, slot: int, adapter: Adapter | PackedAdapter | None) -> None:
         """Place `adapter` (or nothing) in device slot `slot` of every targeted module."""
         if not 0 <= slot < self.config.lora.max_loras:
             raise ValueError(f"slot {slot} outside 0..{self.config.lora.max_loras - 1}")
-        payload = {} if adapter is None else {
-            p: (jnp.asarray(a), jnp.asarray(b), jnp.float32(adapter.scales[p])) for p, (a, b) in adapter.weights.items()}
-        self._leaves["lora"] = self._write(*self._state_leaves(), jnp.int32(slot), payload)
+        if isinstance(adapter, Adapter):
+            adapter = PackedAdapter.of(adapter, jnp.dtype(self.config.dtype))
+        buffer, scales, layout = (jnp.zeros(0), jnp.zeros(0), ()) if adapter is None else \
+            (jnp.asarray(adapter.buffer), jnp.asarray(adapter.scales), adapter.layout)
+        self._leaves["lora"] = self._write(*self._state_leaves(), jnp.int32(slot), buffer, scales, layout=layout)
         if slot == self.merged_slot:
             self.merged_slot = -1     # the merged weights no longer match that slot
 
