@@ -2,8 +2,9 @@
 
 An `Adapter` holds, for each targeted module path (e.g. "decoder.layers.0.q_proj"),
 `A [D_in, r]`, `B [r, D_out]` and its scale. The `AdapterPool` keeps a host store of any
-number of adapters and places them into the model's `max_loras` device slots on demand,
-evicting the least recently used unpinned adapter.
+number of adapters, each packed in one flat buffer (`PackedAdapter`, one transfer to the
+device), and places them into the model's `max_loras` device slots on demand, evicting the
+least recently used unpinned adapter.
 """
 
 import collections
