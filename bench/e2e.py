@@ -224,7 +224,8 @@ def main(argv=None):
     terms = ("fixed_s", "per_token_s", "per_lora_token_s", "per_adapter_s", "per_kv_s")
     meta = {"commands": ["python " + " ".join(sys.argv)],
             "calibrations": [{"observed_steps": calibration.observed, "switch_s": calibration.switch,   # ours'
-                              **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()}}]}
+                              **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()},
+                              "observations": calibration.observations}]}
     results, logs = [], []
     grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
                              [float(r) for r in args.rates.split(",")])

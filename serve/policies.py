@@ -192,6 +192,12 @@ class CostModel:
         for m, obs in self._obs.items():
             self.coef[m] = self._fit(np.asarray(obs, np.float64), self.shared) if len(obs) >= 8 else self.shared
 
+    @property
+    def observations(self) -> dict[str, list[list[float]]]:
+        """The steps the current fits draw on, per mode: [features..., seconds] each (what a replay
+        of the model over a step log starts from)."""
+        return {mode: [list(map(float, o)) for o in obs] for mode, obs in self._obs.items()}
+
     def _fit(self, data: np.ndarray, prior: np.ndarray) -> np.ndarray:
         """Coefficients for rows [features..., seconds]: least squares plus `prior_weight` rows
         pulling each coefficient to `prior` (scaled by its feature's typical size), refitted

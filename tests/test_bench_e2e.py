@@ -48,6 +48,9 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
     assert [(r["policy"], r["rate"]) for r in second["runs"]] == [("ours", 8.0), ("unmerged", 8.0),
                                                                  ("ours", 16.0), ("unmerged", 16.0)]
     assert second["runs"][:2] == first["runs"] and len(second["meta"]["calibrations"]) == 2
+    for c in second["meta"]["calibrations"]:            # the probe's steps, for replays of ours' model
+        rows = [row for obs in c["observations"].values() for row in obs]
+        assert len(rows) == c["observed_steps"] > 0 and all(len(row) == 6 and row[-1] > 0 for row in rows)
     assert len(json.loads(log.read_text())["runs"]) == 4
     e2e_steps.main([str(log), "--out", str(tmp_path / "times")])
     summary = json.loads((tmp_path / "times.json").read_text())
