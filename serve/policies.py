@@ -321,8 +321,10 @@ class VLoRAPolicy(Policy):
     merged step of the hot adapter's rows wins when it does the same work in less time, while
     one of a few rows does not. Candidates: unmerged, mixture(a) and merged(a) for the top
     adapter and the currently merged one; times come from the cost model, with a merge switch
-    amortised over `horizon` steps. Rows are packed by Smith's rule (least work left per weight
-    first, `SeqView.work_left`): decodes and one-pass (task-head) prompts together (a visual-QA
+    amortised over `horizon` steps; mixture(a) only where it computes fewer LoRA token-deltas than
+    unmerged on its rows (a's tokens outnumber the others'), for otherwise it does more LoRA work
+    in more kernel launches, whatever the cost model predicts. Rows are packed by Smith's rule
+    (least work left per weight first, `SeqView.work_left`): decodes and one-pass (task-head) prompts together (a visual-QA
     answer's prompt before the decode rows of long generations, which then wait a step when the
     rows are full; a clip's long prompt after short decodes), then the prompts of generations.
     A request that has waited longer than `starvation_bound` seconds goes before the others of
@@ -347,6 +349,10 @@ class VLoRAPolicy(Policy):
                                     kv=sum(context[i] + n for i, n in rows))
             return t + (self.cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
 
+        def does_less_lora_work(a, rows):      # else mixture(a) runs more LoRA deltas, in more launches, than
+            rows = [(adapter_of[i], n) for i, n in rows]     # unmerged on the same rows: never faster
+            return CostModel.lora_units("mixture", a, rows) < CostModel.lora_units("unmerged", None, rows)
+
         starving = lambda s: state.now - s.last_progress > self.starvation_bound
         smith = lambda s: s.work_left * s.output_tokens
         order = lambda s: (s.pending > 1 and s.output_tokens > 1, not starving(s), smith(s))
@@ -367,7 +373,7 @@ class VLoRAPolicy(Policy):
             if not any(starving(s) for s in serves_unmerged if s.adapter != a):
                 candidates.append(("merged", fill(eligible=lambda s, a=a: s.adapter == a)))
             for mode, rows in candidates:
-                if not rows:
+                if not rows or (mode == "mixture" and not does_less_lora_work(a, rows)):
                     continue
                 chosen = {i for i, _ in rows}
                 left_out = [(i, n) for i, n in unmerged if i not in chosen]

@@ -116,6 +116,21 @@ def test_ours_uses_mixture_when_one_adapter_dominates():
     assert balanced.mode == "unmerged" and len(balanced.rows) == 8
 
 
+def test_ours_runs_mixture_only_where_it_does_less_lora_work():
+    """A model that predicts mixture steps far cheaper than unmerged ones (as ill-fitted ones did)
+    still gets no mixture(a) where a's tokens do not outnumber the others' (plus base tokens):
+    there mixture runs more LoRA deltas than unmerged, in more launches."""
+    cost = _costly_lora()
+    cost.coef["mixture"] = cost.coef["mixture"] * np.array([0.1, 1, 0, 0, 1])    # mixture "almost free"
+    minority = _state([("a", 1), ("a", 1), ("b", 1), ("c", 1), (None, 1)], merged="a")
+    d = VLoRAPolicy(cost).decide(minority)
+    assert d.mode != "mixture" and len(d.rows) == 5
+    even = _state([("a", 1)] * 2 + [("b", 1), (None, 1)], merged="a")     # units: unmerged 3, mixture 2 + 1
+    assert VLoRAPolicy(cost).decide(even).mode != "mixture"
+    more = _state([("a", 1)] * 3 + [("b", 1), (None, 1)], merged="a")     # unmerged 4, mixture 3
+    assert VLoRAPolicy(cost).decide(more).mode == "mixture"
+
+
 def test_ours_does_not_defer_a_prefill_to_speed_up_decodes():
     """Two decodes of 'a' and a long prefill of 'b': merged(a) alone would make this step much
     faster, but b's prompt still needs a step of its own later, which every request waits for."""
