@@ -324,9 +324,10 @@ class VLoRAPolicy(Policy):
     amortised over `horizon` steps; mixture(a) only where it computes fewer LoRA token-deltas than
     unmerged on its rows (a's tokens outnumber the others'), for otherwise it does more LoRA work
     in more kernel launches, whatever the cost model predicts. Rows are packed by Smith's rule
-    (least work left per weight first, `SeqView.work_left`): decodes and one-pass (task-head) prompts together (a visual-QA
-    answer's prompt before the decode rows of long generations, which then wait a step when the
-    rows are full; a clip's long prompt after short decodes), then the prompts of generations.
+    (least work left per weight first, `SeqView.work_left`): decodes and one-pass (task-head)
+    prompts together (a visual-QA answer's prompt before the decode rows of long generations,
+    which then wait a step when the rows are full; a clip's long prompt after short decodes),
+    then the prompts of generations.
     A request that has waited longer than `starvation_bound` seconds goes before the others of
     its group (a generation's prompt thus before the other generations' prompts, still after the
     decodes and one-pass prompts: under overload, when the rows are full, these keep their rows);
