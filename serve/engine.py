@@ -313,18 +313,18 @@ class Engine:
 
         The policy sees only requests whose adapter is ready (resident, or its device copy made):
         a request whose adapter is still being copied waits, and the others run meanwhile. Only
-        when no request is ready does the step wait for the copies (counted in its load_time)."""
+        when no request is ready does the step wait, for the first copy to finish (counted in its
+        load_time)."""
         start, compiled_before = self.clock(), compile_seconds()
         for seq in [s for s in self._seqs.values() if s.cancelled]:
             self._finish(seq, "cancelled")
         if not self._seqs:
             return None
-        ready = [s for s in self._seqs.values() if s.adapter is None or self.pool.ready(s.adapter)]
-        if not ready:                               # nothing else to run: waiting for the copies stalls no one
-            self.pool.wait_staged({s.adapter for s in self._seqs.values()})
-            ready = list(self._seqs.values())
+        ready = lambda: [s for s in self._seqs.values() if s.adapter is None or self.pool.ready(s.adapter)]
+        while not (runnable := ready()):          # nothing else to run: waiting for a copy stalls no one
+            self.pool.wait_staged({s.adapter for s in self._seqs.values()}, first=True)
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens,
-                              s.computed, len(s.state.out)) for s in ready)
+                              s.computed, len(s.state.out)) for s in runnable)
         now = self.clock()
         decision = self.policy.decide(SchedulerState(now, views, self._merged_key, self.limits,
                                                      self.allocator.num_free))

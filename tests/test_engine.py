@@ -256,6 +256,29 @@ def test_requests_of_an_adapter_still_being_copied_wait_while_others_run(generat
         assert engine.result(rid).token_ids == generator.generate([request])[0].token_ids
 
 
+def test_with_nothing_ready_a_step_waits_for_the_first_copy_only(generator, monkeypatch):
+    import threading
+    from valora_jax import adapters
+    engine = _engine(generator, "unmerged")
+    engine.generate([Request("x", adapter="task1", max_tokens=2), Request("y", adapter="task2", max_tokens=2)])
+    generator.pool.evict_all()                                 # (the step shapes and slot writes compiled)
+    held = {"task1": threading.Event(), "task2": threading.Event()}
+    to_device = adapters.PackedAdapter.to_device
+    monkeypatch.setattr(adapters.PackedAdapter, "to_device", lambda a: (held[a.name].wait(), to_device(a))[1])
+    first = engine.submit(Request("x", adapter="task1", max_tokens=2))
+    second = engine.submit(Request("y", adapter="task2", max_tokens=2))
+    threading.Timer(0.2, held["task1"].set).start()
+    threading.Timer(2.0, held["task2"].set).start()           # (a step waiting for both takes 2 s)
+    step = engine.step()
+    assert step.adapters == 1 and 0.1 < step.load_time < 1.0      # task1's copy, not task2's (held)
+    held["task2"].set()
+    while engine.has_work:
+        engine.step()
+    for rid, request in [(first, Request("x", adapter="task1", max_tokens=2)),
+                         (second, Request("y", adapter="task2", max_tokens=2))]:
+        assert engine.result(rid).token_ids == generator.generate([request])[0].token_ids
+
+
 def test_submission_errors_and_overload(generator):
     engine = _engine(generator, config=dataclasses.replace(SMALL, max_queue=3))
     with pytest.raises(ValueError, match="'nope'"):
