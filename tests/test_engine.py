@@ -306,6 +306,7 @@ def test_task_head_requests_finish_after_prefill(generator, config):
     req = Request("how many?", [random_image(2)], adapter="counter")
     rid = engine.submit(req)
     other = engine.submit(Request("chat", adapter="task0", max_tokens=3))
+    generator.pool.wait_staged(["counter", "task0"])   # both ready: the first step serves both
     seen = []                                          # what the policy is told each request outputs
     decide = engine.policy.decide
     engine.policy.decide = lambda state: seen.append({s.id: s.output_tokens for s in state.seqs}) or decide(state)
