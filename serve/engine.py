@@ -343,7 +343,7 @@ class Engine:
                 return None
             self._encode_images([s for s, _ in rows], slots)
             kv = sum(s.computed + n for s, n in rows)          # cache positions the step's attention reads
-            self._run(rows, slots, mode)
+            padded = self._run(rows, slots, mode)
         finally:
             for name in slots:
                 self.pool.unpin(name)
@@ -351,7 +351,7 @@ class Engine:
         features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv)
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
-                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv)
+                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded)
         if not compiled:                         # a compiling step says nothing about what the mode costs
             self.cost.observe(mode, features, step.compute_time)
         self.step_metrics.append(step)
@@ -434,7 +434,8 @@ class Engine:
             vkey = self._vision_key(seq.adapter)
             seq.features = jnp.concatenate([self.images.get((d, vkey)) for d in seq.digests])
 
-    def _run(self, rows, slots, mode: str) -> None:
+    def _run(self, rows, slots, mode: str) -> int:
+        """Run the rows in one model step; the token positions of its blocks, padding included."""
         now = self.clock()
         decode, prefill, features, offset = [], [], [], 0
         for seq, n in rows:
@@ -465,6 +466,7 @@ class Engine:
             row_index += list(range(first, first + len(group)))
             first += block.valid.shape[0]
         self._advance([(seq, spec, i) for (seq, spec), i in zip(ordered, row_index)], hidden, logits)
+        return sum(block.valid.size for block in blocks)
 
     def _advance(self, rows, hidden, logits) -> None:
         done_prefill = [(seq, i) for seq, spec, i in rows

@@ -65,6 +65,7 @@ class StepMetrics:
     compile_time: float = 0.0  # XLA compilation inside the step (a shape met for the first time)
     load_time: float = 0.0     # placing the step's adapters in slots, waiting for their copies (host time)
     kv_positions: int = 0      # cache positions the step's attention reads (each row's context + new tokens)
+    padded_tokens: int = 0     # token positions the step's blocks hold, padding included (what the device runs)
 
     @property
     def compute_time(self) -> float:

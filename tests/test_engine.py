@@ -11,7 +11,7 @@ from serve.engine import Engine, EngineConfig, Overloaded
 from serve.policies import POLICIES, Decision, Policy, pack
 from valora_jax import Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
-from valora_jax.runtime import compile_seconds_by_function
+from valora_jax.runtime import bucket, compile_seconds_by_function
 
 SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, num_pages=64)
 ADAPTERS = [None, "task0", "task1", "task2"]
@@ -208,7 +208,8 @@ def test_failing_adapter_load_fails_only_its_requests(generator, config, monkeyp
 
 def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatch):
     """A step's slot writes count as its load_time; the step-time model learns from the rest.
-    Steps record the cache positions their attention reads."""
+    Steps record the cache positions their attention reads, and the token positions (padding
+    included) their blocks hold."""
     import time
     engine = _engine(generator, "unmerged")
     engine.generate([Request("x", adapter="task1", max_tokens=2)])      # the step shapes, compiled
@@ -223,10 +224,12 @@ def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatc
     assert first.load_time >= 0.2 and first.compute_time == first.duration - first.load_time
     assert observed[0] == first.compute_time < first.duration - 0.2
     assert first.kv_positions == first.tokens                      # the prompt reads only itself
+    assert first.padded_tokens == bucket(first.tokens, engine.config.min_prefill_tokens) > first.tokens
     while engine.has_work:
         step = engine.step()
         assert step.load_time < 0.2                                # resident now: nothing written
         assert step.kv_positions == first.tokens + 1               # the decode row: prompt + its token
+        assert step.padded_tokens == bucket(1, engine.config.min_rows)
     assert engine.summary()["load_time"] >= 0.2
 
 
