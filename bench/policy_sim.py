@@ -154,5 +154,6 @@ def main(argv=None) -> None:
     steps = {kind: dataclasses.asdict(t) for kind, t in STEP_TIMES.items()}
     save_result(args.out, {"command": command, "step_times": steps, "points": points}, "\n".join(lines) + "\n")
 
+
 if __name__ == "__main__":
     main()
