@@ -95,13 +95,19 @@ class SkippingClock:
     def skip_to(self, t: float) -> None:
         self.offset += max(0.0, t - self())
 
+    def restart(self) -> None:
+        """Read 0 now."""
+        self.offset = -time.perf_counter()
+
 
 def replay(engine, trace: list[tuple[float, Request]], clock: SkippingClock) -> list[str]:
     """Submit each request when the clock reaches its arrival (backdated to it) and step the
     engine until everything finished; returns the request ids in trace order. Requests are
     prepared (checked, tokenised, images preprocessed and hashed) beforehand, as a server's
-    request threads prepare them beside the engine's (`Engine.prepare`)."""
+    request threads prepare them beside the engine's (`Engine.prepare`); the clock starts at 0
+    once they are, so no request waits for another's preparation."""
     trace = [(t, engine.prepare(r)) for t, r in trace]
+    clock.restart()
     ids, i = [], 0
     while i < len(trace) or engine.has_work:
         now = clock()

@@ -1,5 +1,7 @@
 """Benchmark traces: arrival statistics, popularity, determinism, and replay through an engine."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -47,3 +49,17 @@ def test_replay_completes_every_request_with_backdated_arrivals(generator):
     assert len(ids) == 6 and all(engine.result(i).finish_reason == "length" for i in ids)
     assert [m.arrival for m in engine.request_metrics] == [t for t, _ in trace]
     assert all(len(engine.result(i).token_ids) == 3 for i in ids)
+
+
+def test_replay_starts_the_clock_once_requests_are_prepared(generator):
+    """Preparing the trace takes 1.2 s here; the first step must still come right after the
+    first arrival, not after the preparation."""
+    trace = make_trace(Workload(rate=50.0, num_requests=6, seed=2), ["task0", "task1"], 32)
+    trace = [(t, r.__class__(**{**r.__dict__, "max_tokens": 2})) for t, r in trace]
+    clock = SkippingClock()
+    engine = Engine(generator.runner, generator.pool, policy="unmerged", clock=clock,
+                    config=EngineConfig(max_rows=4, token_budget=256, prefill_chunk=64, num_pages=64))
+    prepare = engine.prepare
+    engine.prepare = lambda r: (time.sleep(0.2), prepare(r))[1]
+    replay(engine, trace, clock)
+    assert engine.step_metrics[0].start - trace[0][0] < 0.6
