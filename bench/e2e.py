@@ -125,7 +125,8 @@ def main(argv=None):
                     help="longest prefill chunk of one request per step (the token budget: the oldest prompt first)")
     ap.add_argument("--num-pages", type=int, default=4096)
     ap.add_argument("--min-rows", type=int, default=32, help="pad decode blocks to >= this many rows (fewer compiles)")
-    ap.add_argument("--min-prefill-tokens", type=int, default=512, help="pad prefill rows to >= this many tokens")
+    ap.add_argument("--prefill-width", type=int, default=512,
+                    help="tokens per prefill block row (a chunk takes whole rows; EngineConfig.prefill_width)")
     ap.add_argument("--min-pages", type=int, default=256, help="pad page tables to >= this many pages")
     ap.add_argument("--max-prefill-rows", type=int, default=4, help="prefill chunks per step")
     ap.add_argument("--min-features", type=int, default=0,
@@ -168,7 +169,7 @@ def main(argv=None):
     engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
                                  prefill_chunk=args.prefill_chunk, max_prefill_rows=args.max_prefill_rows,
                                  num_pages=args.num_pages, max_queue=10_000, min_rows=args.min_rows,
-                                 min_prefill_tokens=args.min_prefill_tokens, min_pages=args.min_pages,
+                                 prefill_width=args.prefill_width, min_pages=args.min_pages,
                                  min_features=args.min_features or step_features)
 
     size = config.vision.image_size

@@ -1,9 +1,10 @@
 """Scheduler-only simulation: the policies' decisions on the same traces, with step times from a
 fixed model instead of a GPU (no engine, no model, no adapter copies, no image encoder).
 
-A step in mode m with T tokens takes fixed[m] + per_token[m] * T, modelled on the H200
-LLaVA-1.5-7B e2e step logs (`STEP_TIMES`; bench/results/README.md, "End-to-end serving"). Ours learns
-them online, as it does on the GPU. What this shows is what each policy's choices of mode and rows
+A step in mode m takes fixed[m] + per_position[m] * P, P the token positions of its prefill
+chunks (whole rows of e2e's prefill width), modelled on the H200 LLaVA-1.5-7B e2e step logs
+(`STEP_TIMES`; bench/results/README.md, "End-to-end serving"). Ours learns them online, as it
+does on the GPU. What this shows is what each policy's choices of mode and rows
 cost when steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
 is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, the odd-numbered
 ones answering through a task head (one output token), the hot adapter a0.
@@ -27,29 +28,32 @@ from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolic
                             SchedulerState, SeqView, UnmergedPolicy, VLoRAPolicy)
 
 
+LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4,
+                     prefill_width=512, min_rows=32)      # e2e's
+
+
 @dataclasses.dataclass(frozen=True)
 class StepTimes:
-    """Seconds a step takes: fixed[mode] + per_token[mode] * its tokens."""
+    """Seconds a step takes: fixed[mode] + per_position[mode] * its prefill chunks' positions."""
     fixed: dict
-    per_token: dict
+    per_position: dict
 
     def __call__(self, mode: str, merged: str | None, rows) -> float:
-        return self.fixed[mode] + self.per_token[mode] * sum(n for _, n in rows)
+        return self.fixed[mode] + self.per_position[mode] * sum(LIMITS.prefill_positions(n) for _, n in rows if n > 1)
 
 
-# from the e2e step logs (bench/results/README.md, fifth attempt): fixed = the decode-only step medians;
-# per token from the one-prompt step medians for video, a round 70 us for visual QA (whose one-prompt
-# medians give merged 52, unmerged 73, mixture 62 us). Prompt tokens and outputs as e2e's.
+# from the e2e step logs of the policies on the adaptive kernel (bench/results/README.md, seventh
+# attempt): fixed = the decode-only step medians; per position = the median over prefill steps of
+# (step - fixed) / the prefill block's positions. Prompt tokens and outputs as e2e's.
 STEP_TIMES = {
-    "vqa": StepTimes({"merged": 13.5e-3, "unmerged": 22e-3, "mixture": 23e-3},
-                     {"merged": 70e-6, "unmerged": 70e-6, "mixture": 70e-6}),
-    "video": StepTimes({"merged": 13.5e-3, "unmerged": 20e-3, "mixture": 21e-3},
-                       {"merged": 27e-6, "unmerged": 35e-6, "mixture": 35e-6}),
+    "vqa": StepTimes({"merged": 11.8e-3, "unmerged": 18.1e-3, "mixture": 22.1e-3},
+                     {"merged": 29e-6, "unmerged": 45e-6, "mixture": 43e-6}),
+    "video": StepTimes({"merged": 12.8e-3, "unmerged": 18.0e-3, "mixture": 19.7e-3},
+                       {"merged": 27.6e-6, "unmerged": 33.6e-6, "mixture": 29.6e-6}),
 }
 SWITCH_S = 0.015                      # a merge switch (the e2e logs: 13-17 ms)
 PROMPT_TOKENS = {"vqa": 626, "video": 3510}
 OUTPUT_TOKENS = {"vqa": (40, 121), "video": (4, 13)}
-LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4)  # e2e's
 
 
 def make_trace(kind: str, popularity: str, rate: float, n: int = 120, heads: bool = True, seed: int = 0,
@@ -89,7 +93,8 @@ def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_
             merged, now = d.merged_adapter, now + switch * (8 if policy.per_layer_switch else 1)
         seconds = step_time(d.mode, d.merged_adapter, rows)
         if isinstance(policy, VLoRAPolicy):
-            policy.cost.observe(d.mode, CostModel.features(d.mode, d.merged_adapter, rows), seconds)
+            policy.cost.observe(d.mode, CostModel.features(d.mode, d.merged_adapter, rows,
+                                                           positions=limits.positions([n for _, n in rows])), seconds)
         now += seconds
         for k, n in d.rows:
             s = live[k]
@@ -139,10 +144,11 @@ def main(argv=None) -> None:
     points = [_point(*workload, args.traces, args.requests) for workload in grid]
     others = [n for n in POLICIES if n != "ours"]
     command = "python bench/policy_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    times = "; ".join(f"{kind} " + ", ".join(f"{m} {1e3 * t.fixed[m]:.1f} ms + {1e6 * t.per_token[m]:.0f} us/token"
+    times = "; ".join(f"{kind} " + ", ".join(f"{m} {1e3 * t.fixed[m]:.1f} ms + {1e6 * t.per_position[m]:.1f} us"
                                             for m in t.fixed) for kind, t in STEP_TIMES.items())
     lines = [f"# Scheduler-only simulation ({args.traces} traces of {args.requests} requests a point; "
-             "no device: step times from the model below)", "", f"`{command}`", "", f"Step times: {times}", "",
+             "no device: step times from the model below)", "", f"`{command}`", "",
+             f"Step times (+ per prefill position): {times}", "",
              "| kind | arrivals | popularity | rate | " + " | ".join(f"ours / {n}" for n in others)
              + " | worst cold p99, ours / unmerged | ours token latency ms |",
              "|" + " --- |" * (6 + len(others))]

@@ -9,8 +9,9 @@ Each `step()`:
      of all of it are free), preempting (for recompute) the newest requests when the running
      ones outgrow the cache;
   4. images of newly started requests are encoded (cached by image hash and vision adapter);
-  5. one jitted call runs the decode block and the prefill block; rows that reached the end
-     of their known tokens sample a token, task-head adapters answer after their prefill.
+  5. one jitted call runs the decode block and the prefill block (each prefill chunk in
+     whole rows of `prefill_width` tokens); rows that reached the end of their known tokens
+     sample a token, task-head adapters answer after their prefill.
 Requests are submitted at any time (`submit`) and followed through `result` or an
 `on_event(request_id, text_delta, completion)` callback (completion is set on the last one).
 A request's CPU work (checks, tokenisation, image preprocessing and hashing) can be done first
@@ -34,7 +35,7 @@ from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.lora import PAD_SLOT
 from valora_jax.request import Completion, Request, RequestState
-from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_seconds, pack_block
+from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_seconds, pack_block, split_row
 from valora_jax.sampling import make_sampler
 from valora_jax.tokenizer import ByteTokenizer
 
@@ -44,11 +45,17 @@ class EngineConfig:
     max_rows: int = 32
     """Most sequences in one step (decode rows + prefill rows)."""
     token_budget: int = 512
-    """Most valid tokens in one step (each decode row counts one)."""
+    """Most token positions in one step: a decode row counts one, a prefill chunk its whole
+    rows of `prefill_width` (what the step computes, padding included)."""
     prefill_chunk: int = 256
-    """Longest prefill chunk of one sequence in one step."""
+    """Longest prefill chunk of one sequence in one step (a multiple of prefill_width)."""
+    prefill_width: int = 16
+    """Tokens per row of the prefill block: a chunk takes ceil(tokens / width) rows of its
+    sequence, so a step computes each chunk rounded up to whole rows, and its prefill block
+    has one row count per shape to compile. Chunks that leave part of a prompt for later steps
+    are whole rows."""
     max_prefill_rows: int = 4
-    """Most prefill chunks (one per sequence) in one step: bounds the step shapes to compile."""
+    """Most prefill chunks (one per sequence) in one step."""
     num_pages: int = 512
     """KV-cache pages (page 0 is reserved)."""
     max_queue: int = 256
@@ -58,17 +65,18 @@ class EngineConfig:
     min_rows: int = 1
     """Decode blocks, and the rows sampled per step, are padded to at least this many rows
     (fewer step shapes to compile)."""
-    min_prefill_tokens: int = 16
-    """Prefill blocks are padded to at least this many tokens per row (likewise)."""
     min_pages: int = 1
     """Page tables are padded to at least this many columns (likewise)."""
     min_features: int = 0
     """Image-feature rows passed to a step are padded to at least this many (likewise)."""
 
     def __post_init__(self):
-        for name in ("max_rows", "token_budget", "prefill_chunk", "max_prefill_rows", "max_queue"):
+        for name in ("max_rows", "token_budget", "prefill_chunk", "prefill_width", "max_prefill_rows", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_chunk % self.prefill_width or self.token_budget < self.prefill_width:
+            raise ValueError(f"prefill_chunk ({self.prefill_chunk}) must be a multiple of prefill_width "
+                             f"({self.prefill_width}), and token_budget ({self.token_budget}) at least one row")
 
     def step_shapes(self, modes) -> list:
         """The step variants (ModelRunner.lower_steps' shapes) an engine of this config meets
@@ -77,9 +85,7 @@ class EngineConfig:
         (rows, tokens, pages) padded as Engine packs them."""
         pages = bucket(self.min_pages)
         decode = (bucket(self.max_rows, self.min_rows), 1, pages)
-        prefills = [(rows, tokens, pages)
-                    for rows in sorted({bucket(r) for r in range(1, min(self.max_rows, self.max_prefill_rows) + 1)})
-                    for tokens in sorted({bucket(t, self.min_prefill_tokens) for t in range(1, self.prefill_chunk + 1)})]
+        prefills = [(rows, self.prefill_width, pages) for rows in range(1, self.token_budget // self.prefill_width + 1)]
         blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
         features = bucket(0, self.min_features) if self.min_features else 0
         return [(b, features, mode) for b in blocks for mode in modes]
@@ -174,7 +180,7 @@ class Engine:
         self.cache = pages() if cache is None else cache
         self.images = ImageCache(config.image_cache_size)
         self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras,
-                                  cfg.page_size, config.max_prefill_rows)
+                                  cfg.page_size, config.max_prefill_rows, config.prefill_width, config.min_rows)
         self._sample = make_sampler(self.tokenizer.vocab_size, config.min_rows)
         self._seqs: dict[str, _Seq] = {}                  # live, in arrival order
         self._results: dict[str, Completion] = {}
@@ -348,7 +354,7 @@ class Engine:
             for name in slots:
                 self.pool.unpin(name)
         duration, compiled = self.clock() - start, compile_seconds() - compiled_before
-        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv)
+        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv, padded)
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
                            float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded)
@@ -454,18 +460,17 @@ class Engine:
         feats = jnp.concatenate(features) if features else jnp.zeros((0, d), jnp.dtype(self.runner.config.dtype))
         if features or self.config.min_features:
             feats = jnp.pad(feats, ((0, bucket(feats.shape[0], self.config.min_features) - feats.shape[0]), (0, 0)))
-        ordered = decode + prefill
-        groups = [g for g in (decode, prefill) if g]
-        cfg = self.config
-        blocks = [pack_block([sp for _, sp in g], min_pages=cfg.min_pages, min_rows=1 if g is prefill else cfg.min_rows,
-                             min_tokens=cfg.min_prefill_tokens if g is prefill else 1) for g in groups]
+        cfg, blocks, row_index = self.config, [], []       # row_index: where each row's last token is
+        if decode:                                         # (padding rows follow the decode block's)
+            blocks.append(pack_block([sp for _, sp in decode], min_rows=cfg.min_rows, min_pages=cfg.min_pages))
+            row_index += range(len(decode))
+        if prefill:
+            pieces = [split_row(spec, cfg.prefill_width) for _, spec in prefill]
+            blocks.append(pack_block([p for ps in pieces for p in ps], min_pages=cfg.min_pages, width=cfg.prefill_width))
+            first = blocks[0].valid.shape[0] if decode else 0
+            row_index += (first + np.cumsum([len(ps) for ps in pieces]) - 1).tolist()
         hidden, logits, self.cache = self.runner.step(self.cache, blocks, feats, mode)
-        # rows of each block start at that block's first row; padding rows follow each block
-        row_index, first = [], 0
-        for group, block in zip(groups, blocks):
-            row_index += list(range(first, first + len(group)))
-            first += block.valid.shape[0]
-        self._advance([(seq, spec, i) for (seq, spec), i in zip(ordered, row_index)], hidden, logits)
+        self._advance([(seq, spec, i) for (seq, spec), i in zip(decode + prefill, row_index)], hidden, logits)
         return sum(block.valid.size for block in blocks)
 
     def _advance(self, rows, hidden, logits) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from valora_jax.lora import MODES
+from valora_jax.runtime import bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +58,29 @@ class SeqView:
 @dataclasses.dataclass(frozen=True)
 class BatchLimits:
     max_rows: int                 # sequences per step
-    token_budget: int             # valid tokens per step (a decode row counts 1)
+    token_budget: int             # token positions per step: a decode row counts 1, a prefill chunk its rows
     prefill_chunk: int            # longest prefill chunk per sequence per step
     max_adapters: int             # distinct adapters per step (device slots)
     page_size: int = 16           # tokens per KV page
     max_prefill_rows: int | None = None   # prefill chunks per step (None: up to max_rows)
+    prefill_width: int = 1        # tokens per prefill block row (a chunk takes whole rows)
+    min_rows: int = 1             # decode blocks are padded to a power of two >= this many rows
 
     def pages(self, tokens: int) -> int:
         """KV pages that hold `tokens` tokens."""
         return -(-tokens // self.page_size)
+
+    def prefill_positions(self, tokens: int) -> int:
+        """Token positions a prefill chunk of `tokens` takes: its whole rows."""
+        return -(-tokens // self.prefill_width) * self.prefill_width
+
+    def positions(self, tokens: Sequence[int]) -> int:
+        """Token positions a step of rows of these token counts computes, padding included, as
+        the engine lays them out: decode rows (1 token) in a block of a power of two >= min_rows
+        rows, prefill chunks in whole rows."""
+        decodes = sum(n == 1 for n in tokens)
+        prefill = sum(self.prefill_positions(n) for n in tokens if n > 1)
+        return (bucket(decodes, self.min_rows) if decodes else 0) + prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +115,8 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
          ) -> tuple[tuple[str, int], ...]:
     """Fill one step: decode rows first, then prefill chunks, each oldest first (or every row in
     `order`'s order when given, a stable sort: a prefill chunk placed before decode rows leaves a
-    token for each that can still follow), within the limits. `reserved` adapters take slots up
+    token for each that can still follow), within the limits; a chunk that leaves part of its
+    prompt for later ends at a whole prefill row. `reserved` adapters take slots up
     front (the merged adapter in mixture mode). A request not yet in the KV cache
     starts only if the pages of its whole prompt fit in the admission room, so new prompts do
     not preempt the requests already running (which may preempt each other when the cache is
@@ -116,7 +132,7 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
     decodes_behind = len(decodes)                 # decode rows not yet considered
     for s in ordered:
         decodes_behind -= s.pending == 1
-        if len(rows) == lim.max_rows or tokens == lim.token_budget:
+        if len(rows) == lim.max_rows or tokens >= lim.token_budget:
             break
         if not eligible(s) or (s.adapter is not None and s.adapter not in adapters
                                and len(adapters) >= lim.max_adapters):
@@ -124,13 +140,16 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
         if s.pending > 1 and prefill_rows == (lim.max_prefill_rows or lim.max_rows):
             continue
         keep = min(decodes_behind, lim.max_rows - len(rows) - 1) if s.pending > 1 else 0
-        n = min(s.pending, chunk, lim.token_budget - tokens - keep)
+        left = lim.token_budget - tokens - keep
+        n = min(s.pending, chunk, left)
+        if n > 1 and (n < s.pending or lim.prefill_positions(n) > left):    # stops inside its prompt:
+            n = n // lim.prefill_width * lim.prefill_width                  # at a whole row
         need = 0 if s.context else lim.pages(s.pending)      # joining the cache: its whole prompt
         if n < 1 or need > max(room, 0):
             continue
         room -= need
         rows.append((s.id, n))
-        tokens += n
+        tokens += lim.prefill_positions(n) if n > 1 else 1
         prefill_rows += s.pending > 1
         if s.adapter is not None:
             adapters.add(s.adapter)
@@ -138,7 +157,8 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
 
 
 class CostModel:
-    """Step time per mode = fixed + per_token * tokens + per_lora_token * lora_units
+    """Step time per mode = fixed + per_token * positions (the token positions the step computes,
+    padding included: BatchLimits.positions) + per_lora_token * lora_units
     + per_adapter * adapters (adapters the LoRA branch reads; none in merged mode)
     + per_kv * kv (cache positions the rows' attention reads: each row's context plus its new
     tokens; without this term, long-context decode rows, whose count follows the adapters',
@@ -173,14 +193,17 @@ class CostModel:
         return float(sum(0 if a == merged else (2 * n if a is not None else n) for a, n in rows))
 
     @staticmethod
-    def features(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]], kv: int = 0) -> np.ndarray:
-        """[1, tokens, lora_units, adapters, kv] of a step."""
+    def features(mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]], kv: int = 0,
+                 positions: int | None = None) -> np.ndarray:
+        """[1, positions, lora_units, adapters, kv] of a step (positions: its tokens when not given)."""
         adapters = 0 if mode == "merged" else len({a for a, _ in rows if a is not None}
                                                    | ({merged} if mode == "mixture" else set()))
-        return np.array([1.0, sum(n for _, n in rows), CostModel.lora_units(mode, merged, rows), adapters, kv])
+        positions = sum(n for _, n in rows) if positions is None else positions
+        return np.array([1.0, positions, CostModel.lora_units(mode, merged, rows), adapters, kv])
 
-    def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]], kv: int = 0) -> float:
-        return float(self.features(mode, merged, rows, kv) @ self.coef[mode])
+    def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]], kv: int = 0,
+                  positions: int | None = None) -> float:
+        return float(self.features(mode, merged, rows, kv, positions) @ self.coef[mode])
 
     def observe(self, mode: str, features: np.ndarray, seconds: float) -> None:
         self._obs[mode].append((*features, seconds))
@@ -347,7 +370,8 @@ class VLoRAPolicy(Policy):
 
         def step_time(mode, a, rows):
             t = self.cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows],
-                                    kv=sum(context[i] + n for i, n in rows))
+                                    kv=sum(context[i] + n for i, n in rows),
+                                    positions=state.limits.positions([n for _, n in rows]))
             return t + (self.cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
 
         def does_less_lora_work(a, rows):      # else mixture(a) runs more LoRA deltas, in more launches, than

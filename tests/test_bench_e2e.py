@@ -16,7 +16,7 @@ ARGS = ["--preset", "tiny", "--backend", "reference", "--attention", "reference"
         "--kinds", "vqa", "--arrivals", "poisson", "--popularity", "hot80", "--requests", "3",
         "--warmup-requests", "2", "--probe-requests", "4", "--adapters", "3", "--max-loras", "4", "--ranks", "8,16",
         "--num-pages", "256", "--max-rows", "2", "--prefill-chunk", "32", "--token-budget", "64", "--min-rows", "2",
-        "--min-prefill-tokens", "32", "--min-pages", "16", "--min-features", "0", "--compile-threads", "2",
+        "--prefill-width", "16", "--min-pages", "16", "--min-features", "0", "--compile-threads", "2",
         "--encoder-batches", "1"]
 
 

@@ -224,7 +224,9 @@ def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatc
     assert first.load_time >= 0.2 and first.compute_time == first.duration - first.load_time
     assert observed[0] == first.compute_time < first.duration - 0.2
     assert first.kv_positions == first.tokens                      # the prompt reads only itself
-    assert first.padded_tokens == bucket(first.tokens, engine.config.min_prefill_tokens) > first.tokens
+    width = engine.config.prefill_width                           # the prompt in whole prefill rows
+    assert first.padded_tokens == -(-first.tokens // width) * width == engine.limits.positions([first.tokens])
+    assert first.padded_tokens > first.tokens
     while engine.has_work:
         step = engine.step()
         assert step.load_time < 0.2                                # resident now: nothing written
@@ -366,10 +368,31 @@ def test_compiling_steps_are_flagged_and_not_learnt_from(generator):
     assert engine.summary()["compile_steps"] == len(compiled)
 
 
+def test_policies_know_the_positions_each_step_computes(generator, monkeypatch):
+    """BatchLimits.positions (what ours' step-time model reads) is what the engine lays out:
+    decode rows padded to min_rows, prefill chunks in whole rows of prefill_width (a chunk
+    longer than a row spans several)."""
+    config = dataclasses.replace(SMALL, min_rows=4)
+    engine = _engine(generator, config=config)
+    seen, run = [], engine._run
+
+    def recording(rows, slots, mode):
+        padded = run(rows, slots, mode)
+        seen.append(([n for _, n in rows], padded))
+        return padded
+
+    monkeypatch.setattr(engine, "_run", recording)
+    engine.generate(_requests(10))
+    assert any(n > config.prefill_width for ns, _ in seen for n in ns)
+    assert all(padded == engine.limits.positions(ns) for ns, padded in seen)
+    with pytest.raises(ValueError, match=r"prefill_chunk \(40\) must be a multiple of prefill_width \(16\)"):
+        dataclasses.replace(SMALL, prefill_chunk=40)
+
+
 def test_step_shapes_cover_every_step_the_engine_runs(generator, monkeypatch):
     """EngineConfig.step_shapes mirrors how the engine pads blocks: with minimums that cover every
     row, each step a run makes is one of them (so precompiling them leaves nothing to compile)."""
-    config = dataclasses.replace(SMALL, min_rows=4, min_prefill_tokens=32, min_pages=16, min_features=64)
+    config = dataclasses.replace(SMALL, min_rows=4, min_pages=16, min_features=64)
     shapes = set(config.step_shapes(MODES))
     seen, step = [], generator.runner.step
 

@@ -11,7 +11,7 @@ from valora_jax import (LoraContext, ModelRunner, RowSpec, count_params, init_mo
 from valora_jax.config import llava_1_5_7b, llava_1_5_13b
 from valora_jax.image import preprocess_batch
 from valora_jax.lora import PAD_SLOT
-from valora_jax.runtime import token_slots
+from valora_jax.runtime import split_row, token_slots
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,39 @@ def test_paged_prefill_chunks_and_decode_equal_full_recompute(config, loaded, sl
         got[stop - 1] = np.asarray(logits[0])
     for pos, logits in got.items():
         np.testing.assert_allclose(logits, dense[pos], **tol(jnp.float32))
+
+
+@pytest.mark.parametrize("attention", ["reference", "pallas-interpret"])
+def test_chunks_split_into_whole_rows_equal_one_row_each(config, loaded, attention):
+    """A prefill block holding each chunk as consecutive rows of `width` tokens (split_row,
+    pack_block(width=...)) computes what one row per chunk does: each chunk's last-token
+    logits, and the keys/values in the cache; with an image inside a chunk, after a first
+    chunk already in the cache, and a chunk shorter than a row."""
+    rng = np.random.default_rng(11)
+    tokens, rows = _sequence(config, rng, 30, num_images=1, image_at=9)
+    other = rng.integers(0, 256, 5).astype(np.int32)
+    features = loaded.encode_images(_pixels(config, [4]), [1]).reshape(-1, config.text.hidden_size)
+    runner = loaded.twin(attention=attention)
+    table, other_table = [3, 5, 1, 7], [2]
+    first = pack_block([RowSpec(tokens[:4], 0, rows[:4], 1, table)])
+    chunks = [RowSpec(tokens[4:], 4, rows[4:], 1, table), RowSpec(other, 0, None, 2, other_table)]
+
+    def run(block):
+        cache = init_pages(config.text, 8, config.page_size, jnp.float32)
+        cache = runner.step(cache, [first], features)[2]
+        _, logits, cache = runner.step(cache, [block], features)
+        return np.asarray(logits), cache
+
+    whole, whole_cache = run(pack_block(chunks))
+    pieces = [split_row(c, 8) for c in chunks]
+    assert [len(p) for p in pieces] == [4, 1] and [p.start for p in pieces[0]] == [4, 12, 20, 28]
+    split, split_cache = run(pack_block([p for ps in pieces for p in ps], width=8))
+    assert split.shape[0] == 5
+    np.testing.assert_allclose(split[[3, 4]], whole, **tol(jnp.float32))
+    for w, s in zip(jax.tree.leaves(whole_cache), jax.tree.leaves(split_cache)):
+        np.testing.assert_allclose(s, w, **tol(jnp.float32))
+    with pytest.raises(ValueError, match="row of 26 tokens does not fit width 8"):
+        pack_block(chunks, width=8)
 
 
 def test_each_image_feeds_its_own_placeholders(config, loaded):

@@ -30,6 +30,22 @@ def test_pack_respects_rows_budget_chunk_and_slots():
     assert dict(pack(_state([(None, 1), ("b", 1)]), reserved=["x", "y", "z"])) == {"r0": 1}
 
 
+def test_pack_counts_prefill_chunks_in_whole_rows():
+    """Prefill rows of 8 tokens, a budget of 40 positions: a chunk costs its whole rows, and one
+    that stops inside its prompt ends at a row boundary; positions are what the engine lays out
+    (the decode block padded to min_rows)."""
+    rows8 = BatchLimits(max_rows=8, token_budget=40, prefill_chunk=32, max_adapters=8, prefill_width=8, min_rows=4)
+    rows = dict(pack(_state([("a", 1), ("b", 5), ("c", 13), ("d", 30)], limits=rows8)))
+    assert rows == {"r0": 1, "r1": 5, "r2": 13, "r3": 8}            # 1 + 8 + 16 + 8 positions of the 40
+    assert rows8.positions(list(rows.values())) == 4 + 8 + 16 + 8
+    # a whole prompt of 12 takes 2 rows (16 positions): beside a decode, 15 are left, so one row of it runs
+    sixteen = dataclasses.replace(rows8, token_budget=16)
+    assert dict(pack(_state([("b", 12)], limits=sixteen))) == {"r0": 12}
+    assert dict(pack(_state([("a", 1), ("b", 12)], limits=sixteen))) == {"r0": 1, "r1": 8}
+    assert dict(pack(_state([("a", 1), ("b", 12)], limits=dataclasses.replace(sixteen, prefill_width=1)))) == \
+        {"r0": 1, "r1": 12}
+
+
 def test_pack_starts_a_prompt_only_if_its_pages_fit_after_the_running_requests():
     """Page size 4. Running: a decode at a page boundary (context 8: needs 1 page) and a prompt
     half prefilled (context 6, 10 left: pages for 16 tokens minus the 2 it holds = 2 more). With
@@ -290,10 +306,9 @@ def test_ours_under_load_merges_the_hot_adapter_and_otherwise_matches_unmerged(p
     """16 req/s keeps more requests live than a step holds: with one hot adapter, ours serves
     it merged at the cheaper step time (at least 10% less token latency than always-unmerged);
     with uniform popularity there is nothing to merge and ours stays within 3% of unmerged."""
-    limits = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=1024, max_adapters=16)
     trace = make_trace("vqa", popularity, 16.0, heads=False)
-    ours = simulate(VLoRAPolicy(), trace, STEP_TIMES["vqa"], 0.015, limits)["token_latency"]
-    unmerged = simulate(UnmergedPolicy(), trace, STEP_TIMES["vqa"], 0.015, limits)["token_latency"]
+    ours = simulate(VLoRAPolicy(), trace, STEP_TIMES["vqa"], 0.015)["token_latency"]
+    unmerged = simulate(UnmergedPolicy(), trace, STEP_TIMES["vqa"], 0.015)["token_latency"]
     assert ours <= (0.9 if popularity == "hot80" else 1.03) * unmerged, (ours, unmerged)
 
 
@@ -325,12 +340,11 @@ def test_ours_serves_task_head_answers_first_in_a_simulated_7b_server(popularity
     always-unmerged's task-head answers wait behind them) it halves always-unmerged's token
     latency; in geometric mean over four traces, as under overload one trace's token latency
     swings by up to 3x with the order requests happen to be served in."""
-    limits = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=1024, max_adapters=16)
     for rate in (2.0, 10.0, 16.0):
         ratios = []
         for seed in range(4):
             trace = make_trace("vqa", popularity, rate, heads=True, seed=seed)
-            latency = {p.name: simulate(p, trace, STEP_TIMES["vqa"], 0.015, limits)["token_latency"]
+            latency = {p.name: simulate(p, trace, STEP_TIMES["vqa"], 0.015)["token_latency"]
                        for p in (VLoRAPolicy(), UnmergedPolicy(), DLoRAPolicy())}
             ratios.append([latency["ours"] / latency["unmerged"], latency["ours"] / latency["dlora"]])
         over_unmerged, over_dlora = np.exp(np.log(ratios).mean(axis=0))

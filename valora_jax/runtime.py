@@ -107,12 +107,27 @@ def token_slots(blocks: Sequence[Block]) -> jax.Array:
     return jnp.concatenate([jnp.where(blk.valid, blk.slot[:, None], PAD_SLOT).reshape(-1) for blk in blocks])
 
 
-def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, min_pages: int = 1) -> Block:
+def split_row(row: RowSpec, width: int) -> list[RowSpec]:
+    """The row as consecutive rows of at most `width` tokens (same slot and pages): a block
+    holds a long chunk in whole rows of its width instead of padding every row to the longest.
+    A block's keys/values are all written before any of its rows attends, so each piece sees
+    the ones before it."""
+    return [row._replace(tokens=row.tokens[i: i + width], start=row.start + i,
+                         image_rows=None if row.image_rows is None else row.image_rows[i: i + width])
+            for i in range(0, len(row.tokens), width)]
+
+
+def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, min_pages: int = 1,
+               width: int | None = None) -> Block:
     """Pad rows into a Block of bucketed shape [bucket(rows, min_rows), bucket(longest row,
-    min_tokens)], page tables padded with the null page to bucket(most pages, min_pages) columns;
-    padding rows are all invalid. Larger minimums mean fewer distinct shapes to compile."""
-    b = bucket(len(rows), min_rows)
-    q = bucket(max(len(r.tokens) for r in rows), min_tokens)
+    min_tokens)], or of shape [rows, width] given a `width` (rows of at most that many tokens,
+    as split_row makes them); page tables padded with the null page to bucket(most pages,
+    min_pages) columns; padding rows are all invalid. Larger minimums mean fewer distinct
+    shapes to compile."""
+    if width is not None and max(len(r.tokens) for r in rows) > width:
+        raise ValueError(f"a row of {max(len(r.tokens) for r in rows)} tokens does not fit width {width}")
+    b = len(rows) if width is not None else bucket(len(rows), min_rows)
+    q = width or bucket(max(len(r.tokens) for r in rows), min_tokens)
     width = bucket(max(len(r.pages) for r in rows), min_pages)
     tokens, positions = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
     image_rows, valid = np.full((b, q), -1, np.int32), np.zeros((b, q), bool)
