@@ -4,8 +4,8 @@ fixed model instead of a GPU (no engine, no model, no adapter copies, no image e
 A step in mode m takes fixed[m] + per_position[m] * P, P the token positions of its prefill
 chunks (whole rows of e2e's prefill width), modelled on the H200 LLaVA-1.5-7B e2e step logs
 (`STEP_TIMES`; bench/results/README.md, "End-to-end serving"). Ours learns them online, as it
-does on the GPU. What this shows is what each policy's choices of mode and rows
-cost when steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
+does on the GPU. What this shows is what each policy's choices of mode and rows cost when
+steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
 is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, the odd-numbered
 ones answering through a task head (one output token), the hot adapter a0.
 Usage: python bench/policy_sim.py [--kinds vqa,video] [--popularity hot80,uniform,zipf1.5,hot50,hot60]
@@ -39,7 +39,8 @@ class StepTimes:
     per_position: dict
 
     def __call__(self, mode: str, merged: str | None, rows) -> float:
-        return self.fixed[mode] + self.per_position[mode] * sum(LIMITS.prefill_positions(n) for _, n in rows if n > 1)
+        positions = sum(LIMITS.prefill_positions(n) for _, n in rows if n > 1)
+        return self.fixed[mode] + self.per_position[mode] * positions
 
 
 # from the e2e step logs of the policies on the adaptive kernel (bench/results/README.md, seventh
@@ -80,13 +81,13 @@ def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_
         while i < len(trace) and trace[i][0] <= now:
             arrival, adapter, prompt, out = trace[i]
             live[f"r{i}"] = {"adapter": adapter, "pending": prompt, "left": out, "out": out, "arrival": arrival,
-                             "last": arrival}
+                             "served": 0.0}
             i += 1
         if not live:
             now = trace[i][0]
             continue
-        views = tuple(SeqView(k, s["adapter"], s["arrival"], max(s["pending"], 1), s["last"], s["out"],
-                              generated=s["out"] - s["left"]) for k, s in live.items())
+        views = tuple(SeqView(k, s["adapter"], s["arrival"], max(s["pending"], 1), now - s["arrival"] - s["served"],
+                              s["out"], generated=s["out"] - s["left"]) for k, s in live.items())
         d = policy.decide(SchedulerState(now, views, merged, limits))
         rows = [(live[k]["adapter"], n) for k, n in d.rows]
         if d.mode != "unmerged" and d.merged_adapter != merged:
@@ -98,7 +99,7 @@ def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_
         now += seconds
         for k, n in d.rows:
             s = live[k]
-            s["last"] = now
+            s["served"] += seconds
             s["pending"] = max(0, s["pending"] - n)
             s["left"] -= s["pending"] == 0                      # a token when the prompt is done
             if s["left"] == 0:

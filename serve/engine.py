@@ -49,7 +49,7 @@ class EngineConfig:
     rows of `prefill_width` (what the step computes, padding included)."""
     prefill_chunk: int = 256
     """Longest prefill chunk of one sequence in one step (a multiple of prefill_width)."""
-    prefill_width: int = 16
+    prefill_width: int = 64
     """Tokens per row of the prefill block: a chunk takes ceil(tokens / width) rows of its
     sequence, so a step computes each chunk rounded up to whole rows, and its prefill block
     has one row count per shape to compile. Chunks that leave part of a prompt for later steps
@@ -120,7 +120,7 @@ class _Seq:
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0                         # tokens whose keys/values are in the cache
     features: jax.Array | None = None         # [N*P, D] image features, once encoded
-    last_progress: float = 0.0
+    served: float = 0.0                       # seconds of the steps it ran in
     cancelled: bool = False
     digests: tuple[str, ...] = ()             # sha256 of each preprocessed image
     stream: object = None                     # incremental detokenizer for on_event
@@ -221,7 +221,7 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         now = self.clock() if arrival is None else arrival
         metrics = RequestMetrics(request.adapter, now, len(state.prompt_ids))
-        self._seqs[rid] = _Seq(rid, state, metrics, on_event, last_progress=now, digests=prepared.digests,
+        self._seqs[rid] = _Seq(rid, state, metrics, on_event, digests=prepared.digests,
                                stream=self.tokenizer.stream_decoder(), adapter=key,
                                output_tokens=1 if one_pass else request.max_tokens)
         self.request_metrics.append(metrics)
@@ -329,9 +329,9 @@ class Engine:
         ready = lambda: [s for s in self._seqs.values() if s.adapter is None or self.pool.ready(s.adapter)]
         while not (runnable := ready()):          # nothing else to run: waiting for a copy stalls no one
             self.pool.wait_staged({s.adapter for s in self._seqs.values()}, first=True)
-        views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, s.last_progress, s.output_tokens,
-                              s.computed, len(s.state.out)) for s in runnable)
         now = self.clock()
+        views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, now - s.metrics.arrival - s.served,
+                              s.output_tokens, s.computed, len(s.state.out)) for s in runnable)
         decision = self.policy.decide(SchedulerState(now, views, self._merged_key, self.limits,
                                                      self.allocator.num_free))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
@@ -354,6 +354,8 @@ class Engine:
             for name in slots:
                 self.pool.unpin(name)
         duration, compiled = self.clock() - start, compile_seconds() - compiled_before
+        for seq, _ in rows:
+            seq.served += duration
         features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv, padded)
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
@@ -466,7 +468,8 @@ class Engine:
             row_index += range(len(decode))
         if prefill:
             pieces = [split_row(spec, cfg.prefill_width) for _, spec in prefill]
-            blocks.append(pack_block([p for ps in pieces for p in ps], min_pages=cfg.min_pages, width=cfg.prefill_width))
+            rows_of_pieces = [p for ps in pieces for p in ps]
+            blocks.append(pack_block(rows_of_pieces, min_pages=cfg.min_pages, width=cfg.prefill_width))
             first = blocks[0].valid.shape[0] if decode else 0
             row_index += (first + np.cumsum([len(ps) for ps in pieces]) - 1).tolist()
         hidden, logits, self.cache = self.runner.step(self.cache, blocks, feats, mode)
@@ -476,10 +479,8 @@ class Engine:
     def _advance(self, rows, hidden, logits) -> None:
         done_prefill = [(seq, i) for seq, spec, i in rows
                         if seq.computed + len(spec.tokens) == len(seq.state.tokens)]
-        now = self.clock()
         for seq, spec, _ in rows:
             seq.computed += len(spec.tokens)
-            seq.last_progress = now
         heads = {seq.id: self.pool.get(seq.adapter).head for seq, _ in done_prefill
                  if seq.adapter is not None and not seq.state.out and self.pool.get(seq.adapter).head is not None}
         if not done_prefill:             # nothing is read back: wait all the same, so that the step's

@@ -33,17 +33,18 @@ from valora_jax.runtime import bucket
 @dataclasses.dataclass(frozen=True)
 class SeqView:
     """What a policy sees of a live request: pending = tokens not yet in the KV cache
-    (1 while decoding); last_progress = when it last ran (its arrival before that);
-    output_tokens = the most tokens it outputs (1 for a task head's one-pass answer, else its
-    max_tokens): its latency counts 1/output_tokens in average token latency; context = tokens
-    already in the KV cache (what its attention reads besides its own new tokens); generated =
-    tokens it has output so far."""
+    (1 while decoding); waited = seconds it has been live outside the steps that ran (in the
+    queue, and through the steps it was left out of: its starvation credit); output_tokens =
+    the most tokens it outputs (1 for a task head's one-pass answer, else its max_tokens): its
+    latency counts 1/output_tokens in average token latency; context = tokens already in the KV
+    cache (what its attention reads besides its own new tokens); generated = tokens it has
+    output so far."""
 
     id: str
     adapter: str | None
     arrival: float
     pending: int
-    last_progress: float
+    waited: float
     output_tokens: int = 1
     context: int = 0
     generated: int = 0
@@ -351,17 +352,21 @@ class VLoRAPolicy(Policy):
     prompts together (a visual-QA answer's prompt before the decode rows of long generations,
     which then wait a step when the rows are full; a clip's long prompt after short decodes),
     then the prompts of generations.
-    A request that has waited longer than `starvation_bound` seconds goes before the others of
+    A request's wait is its time live outside the steps that ran (`SeqView.waited`), so a
+    request left out again and again, a token at a time, runs out of credit once, not once per
+    token. One that has waited longer than `starvation_bound` seconds goes before the others of
     its group (a generation's prompt thus before the other generations' prompts, still after the
-    decodes and one-pass prompts: under overload, when the rows are full, these keep their rows);
-    and merged(a) is ruled out while any request the unmerged step would serve, of another
-    adapter, has waited that long."""
+    decodes and one-pass prompts: when the rows are full, these keep their rows), and merged(a)
+    is ruled out while any request the unmerged step would serve, of another adapter, has waited
+    that long; one that has waited longer than `overdue_bound` goes before every request that
+    has not (a generation's prompt behind a stream of one-pass prompts under overload)."""
 
     name = "ours"
 
-    def __init__(self, cost: CostModel | None = None, starvation_bound: float = 0.5, horizon: int = 16):
+    def __init__(self, cost: CostModel | None = None, starvation_bound: float = 0.5, overdue_bound: float = 2.0,
+                 horizon: int = 16):
         self.cost = cost or CostModel()
-        self.starvation_bound, self.horizon = starvation_bound, horizon
+        self.starvation_bound, self.overdue_bound, self.horizon = starvation_bound, overdue_bound, horizon
 
     def decide(self, state):
         adapter_of = {s.id: s.adapter for s in state.seqs}
@@ -378,9 +383,10 @@ class VLoRAPolicy(Policy):
             rows = [(adapter_of[i], n) for i, n in rows]     # unmerged on the same rows: never faster
             return CostModel.lora_units("mixture", a, rows) < CostModel.lora_units("unmerged", None, rows)
 
-        starving = lambda s: state.now - s.last_progress > self.starvation_bound
+        starving = lambda s: s.waited > self.starvation_bound
         smith = lambda s: s.work_left * s.output_tokens
-        order = lambda s: (s.pending > 1 and s.output_tokens > 1, not starving(s), smith(s))
+        order = lambda s: (s.pending > 1 and s.output_tokens > 1 and s.waited <= self.overdue_bound, not starving(s),
+                           smith(s))
         fill = functools.partial(pack, state, order=order)
         unmerged = fill()
         t_u = step_time("unmerged", None, unmerged)

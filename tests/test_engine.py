@@ -13,7 +13,7 @@ from valora_jax import Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
 from valora_jax.runtime import bucket, compile_seconds_by_function
 
-SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, num_pages=64)
+SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, prefill_width=16, num_pages=64)
 ADAPTERS = [None, "task0", "task1", "task2"]
 
 

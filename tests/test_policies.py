@@ -12,8 +12,8 @@ LIMITS = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters
 
 
 def _state(adapters_pending, now=0.0, merged=None, limits=LIMITS, waited=None):
-    """One SeqView per (adapter, pending); arrival = index; last_progress = now - waited[i]."""
-    seqs = tuple(SeqView(f"r{i}", a, float(i) * 1e-3, p, now - (waited[i] if waited else 0.0))
+    """One SeqView per (adapter, pending); arrival = index; waited[i] seconds waited (default 0)."""
+    seqs = tuple(SeqView(f"r{i}", a, float(i) * 1e-3, p, waited[i] if waited else 0.0)
                  for i, (a, p) in enumerate(adapters_pending))
     return SchedulerState(now, seqs, merged, limits)
 
@@ -182,19 +182,21 @@ def test_ours_never_merges_out_a_starving_request():
 
 def test_ours_packs_by_smiths_rule_and_starving_requests_first():
     """A task-head request (one output) prefills before an older generation of 80 tokens, which
-    the baselines serve first, also once the generation has waited past the bound (the head's
-    prompt is a whole request, the generation's only its start; the generation still gets the
-    budget left). Among generations, Smith's rule puts the shorter first until the other has
-    waited past the bound."""
+    the baselines serve first, also once the generation has waited past the starvation bound
+    (the head's prompt is a whole request, the generation's only its start; the generation
+    still gets the budget left), but not once it is overdue. Among generations, Smith's rule
+    puts the shorter first until the other has waited past the starvation bound."""
     limits = BatchLimits(max_rows=8, token_budget=700, prefill_chunk=700, max_adapters=4)
-    seqs = (SeqView("gen", "b", 0.0, 626, 0.0, 80), SeqView("head", "c", 0.1, 626, 0.1, 1))
-    ours = VLoRAPolicy(_costly_lora(), starvation_bound=0.5)
+    seqs = (SeqView("gen", "b", 0.0, 626, 0.2, 80), SeqView("head", "c", 0.1, 626, 0.1, 1))
+    waited = lambda views, s: (dataclasses.replace(views[0], waited=s),) + views[1:]
+    ours = VLoRAPolicy(_costly_lora(), starvation_bound=0.5, overdue_bound=2.0)
     assert ours.decide(SchedulerState(0.2, seqs, None, limits)).rows == (("head", 626), ("gen", 74))
-    assert ours.decide(SchedulerState(0.6, seqs, None, limits)).rows == (("head", 626), ("gen", 74))
+    assert ours.decide(SchedulerState(0.6, waited(seqs, 0.6), None, limits)).rows == (("head", 626), ("gen", 74))
+    assert ours.decide(SchedulerState(2.1, waited(seqs, 2.1), None, limits)).rows == (("gen", 626), ("head", 74))
     assert UnmergedPolicy().decide(SchedulerState(0.2, seqs, None, limits)).rows == (("gen", 626), ("head", 74))
-    gens = (SeqView("old", "b", 0.0, 626, 0.0, 80), SeqView("short", "b", 0.1, 300, 0.1, 40))
+    gens = (SeqView("old", "b", 0.0, 626, 0.2, 80), SeqView("short", "b", 0.1, 300, 0.1, 40))
     assert ours.decide(SchedulerState(0.2, gens, None, limits)).rows == (("short", 300), ("old", 400))
-    assert ours.decide(SchedulerState(0.6, gens, None, limits)).rows == (("old", 626), ("short", 74))
+    assert ours.decide(SchedulerState(0.6, waited(gens, 0.6), None, limits)).rows == (("old", 626), ("short", 74))
     # rows full of decodes: the one-pass prompt takes the row of the decode with the most work
     # left per weight; a clip's long one-pass prompt (3456 tokens) waits behind short decodes
     full = dataclasses.replace(limits, max_rows=4, token_budget=4096, prefill_chunk=4096)
@@ -210,30 +212,32 @@ def test_ours_packs_by_smiths_rule_and_starving_requests_first():
 
 
 def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
-    """Scheduler-only simulation: hot adapter 'a' gets 90% of requests; every cold request's
-    longest wait between two of its steps stays within the starvation bound plus one step."""
+    """Scheduler-only simulation: hot adapter 'a' gets 90% of requests; a cold request's whole
+    wait (time live outside its steps: in the queue and through the steps it sat out) stays
+    within the starvation bound plus two steps, however many steps it takes."""
     rng = np.random.default_rng(0)
     cost = _costly_lora()
     policy = VLoRAPolicy(cost, starvation_bound=0.05)
     now, seqs, waits, served = 0.0, {}, [], 0
     for i in range(400):
-        seqs[f"r{i}"] = ["a" if rng.random() < 0.9 else "b", 1 + int(rng.integers(0, 30)), now, now]
+        seqs[f"r{i}"] = ["a" if rng.random() < 0.9 else "b", 1 + int(rng.integers(0, 30)), now, 0.0]
         if i % 4:
             continue
         for _ in range(3):
-            views = tuple(SeqView(k, a, arr, p, last) for k, (a, p, arr, last) in seqs.items())
+            views = tuple(SeqView(k, a, arr, p, now - arr - ran) for k, (a, p, arr, ran) in seqs.items())
             d = policy.decide(SchedulerState(now, views, None, LIMITS))
             step = cost.step_time(d.mode, d.merged_adapter, [(seqs[k][0], n) for k, n in d.rows])
             now += step
             for k, n in d.rows:
-                if seqs[k][0] == "b":
-                    waits.append(now - step - seqs[k][3])
                 seqs[k][1] -= n
-                seqs[k][3] = now
+                seqs[k][3] += step
                 if seqs[k][1] <= 0:
+                    if seqs[k][0] == "b":
+                        waits.append(now - seqs[k][2] - seqs[k][3])
                     del seqs[k]
                     served += 1
-    assert served > 300 and max(waits) <= 0.05 + 2 * cost.step_time("unmerged", None, [("a", 16)] * 8)
+    assert served > 300 and len(waits) > 20
+    assert max(waits) <= 0.05 + 2 * cost.step_time("unmerged", None, [("a", 16)] * 8)
 
 
 def test_cost_model_learns_each_mode_and_ignores_outliers():
@@ -304,12 +308,16 @@ def test_lora_units_per_mode():
 @pytest.mark.parametrize("popularity", ["hot80", "uniform"])
 def test_ours_under_load_merges_the_hot_adapter_and_otherwise_matches_unmerged(popularity):
     """16 req/s keeps more requests live than a step holds: with one hot adapter, ours serves
-    it merged at the cheaper step time (at least 10% less token latency than always-unmerged);
-    with uniform popularity there is nothing to merge and ours stays within 3% of unmerged."""
+    it merged at the cheaper step time (at least 8% less token latency than always-unmerged:
+    merged steps stop once a cold request has waited past the starvation bound, which keeps
+    the cold requests' p99 within 1.2x always-unmerged's); with uniform popularity there is
+    nothing to merge and ours stays within 3% of unmerged."""
     trace = make_trace("vqa", popularity, 16.0, heads=False)
-    ours = simulate(VLoRAPolicy(), trace, STEP_TIMES["vqa"], 0.015)["token_latency"]
-    unmerged = simulate(UnmergedPolicy(), trace, STEP_TIMES["vqa"], 0.015)["token_latency"]
-    assert ours <= (0.9 if popularity == "hot80" else 1.03) * unmerged, (ours, unmerged)
+    ours = simulate(VLoRAPolicy(), trace, STEP_TIMES["vqa"], 0.015)
+    unmerged = simulate(UnmergedPolicy(), trace, STEP_TIMES["vqa"], 0.015)
+    ratio = ours["token_latency"] / unmerged["token_latency"]
+    assert ratio <= (0.92 if popularity == "hot80" else 1.03), (ours, unmerged)
+    assert ours["cold_p99"] <= 1.2 * unmerged["cold_p99"], (ours, unmerged)
 
 
 @pytest.mark.parametrize("popularity", ["hot80", "zipf1.5", "uniform"])
