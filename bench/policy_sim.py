@@ -29,7 +29,7 @@ from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolic
 
 
 LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4,
-                     prefill_width=512, min_rows=32)      # e2e's
+                     prefill_width=512)      # e2e's
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,7 +180,7 @@ class Engine:
         self.cache = pages() if cache is None else cache
         self.images = ImageCache(config.image_cache_size)
         self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras,
-                                  cfg.page_size, config.max_prefill_rows, config.prefill_width, config.min_rows)
+                                  cfg.page_size, config.max_prefill_rows, config.prefill_width)
         self._sample = make_sampler(self.tokenizer.vocab_size, config.min_rows)
         self._seqs: dict[str, _Seq] = {}                  # live, in arrival order
         self._results: dict[str, Completion] = {}
@@ -356,7 +356,8 @@ class Engine:
         duration, compiled = self.clock() - start, compile_seconds() - compiled_before
         for seq, _ in rows:
             seq.served += duration
-        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv, padded)
+        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv,
+                                      self.limits.positions([n for _, n in rows]))
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
                            float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded)

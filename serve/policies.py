@@ -27,7 +27,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from valora_jax.lora import MODES
-from valora_jax.runtime import bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +64,6 @@ class BatchLimits:
     page_size: int = 16           # tokens per KV page
     max_prefill_rows: int | None = None   # prefill chunks per step (None: up to max_rows)
     prefill_width: int = 1        # tokens per prefill block row (a chunk takes whole rows)
-    min_rows: int = 1             # decode blocks are padded to a power of two >= this many rows
 
     def pages(self, tokens: int) -> int:
         """KV pages that hold `tokens` tokens."""
@@ -76,12 +74,10 @@ class BatchLimits:
         return -(-tokens // self.prefill_width) * self.prefill_width
 
     def positions(self, tokens: Sequence[int]) -> int:
-        """Token positions a step of rows of these token counts computes, padding included, as
-        the engine lays them out: decode rows (1 token) in a block of a power of two >= min_rows
-        rows, prefill chunks in whole rows."""
-        decodes = sum(n == 1 for n in tokens)
-        prefill = sum(self.prefill_positions(n) for n in tokens if n > 1)
-        return (bucket(decodes, self.min_rows) if decodes else 0) + prefill
+        """Token positions a step of rows of these token counts computes, as the engine lays
+        them out: one per decode row, each prefill chunk's whole rows. (The decode block's
+        padding rows are left out: a fixed shape, whose cost a step's fixed term takes.)"""
+        return sum(self.prefill_positions(n) if n > 1 else n for n in tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +155,14 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
 
 class CostModel:
     """Step time per mode = fixed + per_token * positions (the token positions the step computes,
-    padding included: BatchLimits.positions) + per_lora_token * lora_units
+    prefill chunks in whole rows: BatchLimits.positions) + per_lora_token * lora_units
     + per_adapter * adapters (adapters the LoRA branch reads; none in merged mode)
     + per_kv * kv (cache positions the rows' attention reads: each row's context plus its new
     tokens; without this term, long-context decode rows, whose count follows the adapters',
     would be charged to the LoRA branch).
 
-    Refitted online (every 8 steps) in two levels, each a least-squares fit pulled towards a
-    prior by `prior_weight` pseudo-steps and refitted without outliers (steps that compiled):
+    Refitted online (every 8 steps) in two levels, each a fit of least relative error pulled
+    towards a prior by `prior_weight` pseudo-steps (`_fit`; steps that compiled never reach it):
     shared coefficients over the steps of every mode, towards the initial prior; then each
     mode's own, over its last `window` steps, towards the shared ones. A mode seen rarely or
     only at one step shape (collinear features) thus borrows what the others measured, instead
@@ -223,19 +219,32 @@ class CostModel:
         return {mode: [list(map(float, o)) for o in obs] for mode, obs in self._obs.items()}
 
     def _fit(self, data: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        """Coefficients for rows [features..., seconds]: least squares plus `prior_weight` rows
-        pulling each coefficient to `prior` (scaled by its feature's typical size), refitted
-        without residuals over 3x the median; clipped at 0."""
-        x, y = data[:, :-1], data[:, -1]
-        scale = np.maximum(np.median(np.abs(x), axis=0), 1.0) * np.sqrt(self.prior_weight)
-        solve = lambda keep: np.linalg.lstsq(np.vstack([x[keep], np.diag(scale)]),
-                                             np.concatenate([y[keep], scale * prior]), rcond=None)[0]
-        coef = solve(np.ones(len(y), bool))
-        resid = np.abs(y - x @ coef)
-        keep = resid <= 3 * np.median(resid) + 1e-9              # drop outliers (compiles, hiccups)
-        if keep.sum() >= 4:
-            coef = solve(keep)
-        return np.maximum(coef, 0.0) if np.all(np.isfinite(coef)) else prior
+        """Non-negative coefficients for rows [features..., seconds] minimising the steps'
+        relative errors in absolute value (iteratively reweighted least squares: a stall a
+        hundred times a step's time pulls no harder than any other error, and the few long
+        steps, which carry the per-token terms, count as much as the many short ones), plus
+        `prior_weight` rows pulling each coefficient to `prior` (scaled by its feature's typical
+        size); a coefficient that comes out negative is fixed at 0 and the rest solved again."""
+        x, y = data[:, :-1], np.maximum(data[:, -1], 1e-6)
+        scale = np.maximum(np.median(np.abs(x), axis=0), 1.0) * np.sqrt(self.prior_weight) / np.median(y)
+
+        def solve(weight):
+            coef, free = np.zeros(x.shape[1]), np.ones(x.shape[1], bool)
+            while free.any():
+                a = np.vstack([x[:, free] * weight[:, None], np.diag(scale[free])])
+                b = np.concatenate([y * weight, (scale * prior)[free]])
+                coef[free] = np.linalg.lstsq(a, b, rcond=None)[0]
+                if coef.min() >= 0:
+                    break
+                free[np.argmin(coef)], coef[np.argmin(coef)] = False, 0.0
+            return coef
+
+        weight = 1.0 / y
+        for _ in range(3):
+            coef = solve(weight)
+            relative = np.abs(y - x @ coef) / y
+            weight = 1.0 / (y * np.sqrt(np.maximum(relative, 0.01)))
+        return coef if np.all(np.isfinite(coef)) else prior
 
     def observe_switch(self, seconds: float) -> None:
         self.switch = 0.5 * self.switch + 0.5 * seconds

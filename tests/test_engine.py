@@ -370,8 +370,8 @@ def test_compiling_steps_are_flagged_and_not_learnt_from(generator):
 
 def test_policies_know_the_positions_each_step_computes(generator, monkeypatch):
     """BatchLimits.positions (what ours' step-time model reads) is what the engine lays out:
-    decode rows padded to min_rows, prefill chunks in whole rows of prefill_width (a chunk
-    longer than a row spans several)."""
+    prefill chunks in whole rows of prefill_width (a chunk longer than a row spans several),
+    one position per decode row, whose block is padded to min_rows."""
     config = dataclasses.replace(SMALL, min_rows=4)
     engine = _engine(generator, config=config)
     seen, run = [], engine._run
@@ -384,7 +384,10 @@ def test_policies_know_the_positions_each_step_computes(generator, monkeypatch):
     monkeypatch.setattr(engine, "_run", recording)
     engine.generate(_requests(10))
     assert any(n > config.prefill_width for ns, _ in seen for n in ns)
-    assert all(padded == engine.limits.positions(ns) for ns, padded in seen)
+    for ns, padded in seen:
+        decodes = ns.count(1)
+        assert padded == engine.limits.positions(ns) - decodes + (bucket(decodes, 4) if decodes else 0)
+        assert padded - (bucket(decodes, 4) if decodes else 0) == sum(-(-n // 16) * 16 for n in ns if n > 1)
     with pytest.raises(ValueError, match=r"prefill_chunk \(40\) must be a multiple of prefill_width \(16\)"):
         dataclasses.replace(SMALL, prefill_chunk=40)
 

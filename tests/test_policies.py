@@ -33,11 +33,11 @@ def test_pack_respects_rows_budget_chunk_and_slots():
 def test_pack_counts_prefill_chunks_in_whole_rows():
     """Prefill rows of 8 tokens, a budget of 40 positions: a chunk costs its whole rows, and one
     that stops inside its prompt ends at a row boundary; positions are what the engine lays out
-    (the decode block padded to min_rows)."""
-    rows8 = BatchLimits(max_rows=8, token_budget=40, prefill_chunk=32, max_adapters=8, prefill_width=8, min_rows=4)
+    (one per decode row)."""
+    rows8 = BatchLimits(max_rows=8, token_budget=40, prefill_chunk=32, max_adapters=8, prefill_width=8)
     rows = dict(pack(_state([("a", 1), ("b", 5), ("c", 13), ("d", 30)], limits=rows8)))
     assert rows == {"r0": 1, "r1": 5, "r2": 13, "r3": 8}            # 1 + 8 + 16 + 8 positions of the 40
-    assert rows8.positions(list(rows.values())) == 4 + 8 + 16 + 8
+    assert rows8.positions(list(rows.values())) == 1 + 8 + 16 + 8
     # a whole prompt of 12 takes 2 rows (16 positions): beside a decode, 15 are left, so one row of it runs
     sixteen = dataclasses.replace(rows8, token_budget=16)
     assert dict(pack(_state([("b", 12)], limits=sixteen))) == {"r0": 12}
@@ -259,6 +259,26 @@ def test_cost_model_learns_each_mode_and_ignores_outliers():
     rows = [("a", 30), ("b", 2)]
     assert model.step_time("mixture", "a", rows, kv=900) == pytest.approx(
         CostModel.features("mixture", "a", rows, kv=900) @ truth["mixture"], rel=0.02)
+
+
+def test_cost_model_keeps_the_few_long_steps_that_carry_the_per_token_cost():
+    """Decode steps (1-32 rows, ~20 ms) with one prefill step in 20 (1,024-4,096 positions,
+    ~80-190 ms) and some noise: the per-position cost shows only in the prefill steps, whose
+    errors dwarf the decode steps' in seconds. The fit keeps them (it weighs relative errors)
+    and predicts a prefill within 10%; a 2 s stall moves nothing."""
+    truth = np.array([15e-3, 30e-6, 10e-6, 2e-4, 3e-7])
+    model, rng = CostModel(), np.random.default_rng(4)
+    for i in range(400):
+        if i % 20 == 7:
+            p = 1024 * int(rng.integers(1, 5))
+            x = np.array([1.0, p, 0.7 * p, rng.integers(1, 4), p])
+        else:
+            r = int(rng.integers(1, 33))
+            x = np.array([1.0, r, r, rng.integers(1, 9), r * rng.integers(600, 800)])
+        model.observe("unmerged", x, float(x @ truth) + rng.normal(0, 1e-3) + (2.0 if i == 300 else 0.0))
+    prefill, decode = np.array([1.0, 3072, 2048, 2, 3072]), np.array([1.0, 16, 16, 6, 16 * 700])
+    assert model.coef["unmerged"] @ prefill == pytest.approx(prefill @ truth, rel=0.1)
+    assert model.coef["unmerged"] @ decode == pytest.approx(decode @ truth, rel=0.1)
 
 
 def test_cost_model_extrapolates_a_mode_seen_at_one_shape_from_the_others():
