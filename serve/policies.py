@@ -367,8 +367,9 @@ class VLoRAPolicy(Policy):
     its group (a generation's prompt thus before the other generations' prompts, still after the
     decodes and one-pass prompts: when the rows are full, these keep their rows), and merged(a)
     is ruled out while any request the unmerged step would serve, of another adapter, has waited
-    that long; one that has waited longer than `overdue_bound` goes before every request that
-    has not (a generation's prompt behind a stream of one-pass prompts under overload)."""
+    that long. A generation's prompt that has waited longer than `overdue_bound` joins the
+    decodes and one-pass prompts, where its credit puts it before those that have not waited
+    past the starvation bound (under overload, a stream of one-pass prompts kept it waiting)."""
 
     name = "ours"
 
