@@ -69,9 +69,12 @@ class ServingLoop:
         self.calls, self.stop = 0, threading.Event()
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        """At least one call (copies that end before the loop starts still meet one)."""
+        while True:
             jax.block_until_ready(self.fn(self.args))
             self.calls += 1
+            if self.stop.is_set():
+                break
 
     def rate(self, seconds: float) -> float:
         """Calls a second, alone."""

@@ -316,8 +316,9 @@ class AdapterPool:
     def wait_staged(self, refs: Iterable[AdapterRef], first: bool = False) -> None:
         """Block until the staged copies of these adapters have finished (or failed); with `first`,
         until one of them has."""
-        concurrent.futures.wait([self._staged[k] for k in map(self.key, refs) if k in self._staged],
-                                return_when=concurrent.futures.FIRST_COMPLETED if first else concurrent.futures.ALL_COMPLETED)
+        futures = concurrent.futures
+        futures.wait([self._staged[k] for k in map(self.key, refs) if k in self._staged],
+                     return_when=futures.FIRST_COMPLETED if first else futures.ALL_COMPLETED)
 
     def evict_all(self) -> None:
         """Forget every slot placement and staged copy, as if the device held no adapter (no

@@ -128,10 +128,10 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
         raise ValueError(f"a row of {max(len(r.tokens) for r in rows)} tokens does not fit width {width}")
     b = len(rows) if width is not None else bucket(len(rows), min_rows)
     q = width or bucket(max(len(r.tokens) for r in rows), min_tokens)
-    width = bucket(max(len(r.pages) for r in rows), min_pages)
+    columns = bucket(max(len(r.pages) for r in rows), min_pages)
     tokens, positions = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
     image_rows, valid = np.full((b, q), -1, np.int32), np.zeros((b, q), bool)
-    slot, page_table = np.full((b,), -1, np.int32), np.full((b, width), NULL_PAGE, np.int32)
+    slot, page_table = np.full((b,), -1, np.int32), np.full((b, columns), NULL_PAGE, np.int32)
     for i, r in enumerate(rows):
         n = len(r.tokens)
         tokens[i, :n], positions[i, :n], valid[i, :n] = r.tokens, np.arange(r.start, r.start + n), True
