@@ -37,7 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workloads import ARRIVALS, IMAGES, KINDS, POPULARITY, SkippingClock, Workload, make_trace, replay  # noqa: E402
+from bench.workloads import (ARRIVALS, IMAGES, KINDS, POPULARITY, GcPauses, SkippingClock, Workload,  # noqa: E402
+                             make_trace, replay)  # noqa: E402
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import POLICIES, CostModel, Policy, VLoRAPolicy  # noqa: E402
@@ -91,13 +92,16 @@ def run_one(runner, pool, policy: Policy, trace, engine_config: EngineConfig, ho
     pool.evict_all()                     # every run starts with no adapter on the device
     engine = Engine(runner, pool, config=engine_config, policy=policy, clock=clock, cache=cache)
     start = time.perf_counter()
-    ids = replay(engine, trace, clock)
+    with GcPauses(clock) as gc_pauses:
+        ids = replay(engine, trace, clock)
     summary = engine.summary()
     cold = [m.latency for m in engine.request_metrics if m.adapter != hot and m.latency is not None]
     summary.update(policy=policy.name, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
-                   completed=sum(engine.result(i) is not None for i in ids))
+                   completed=sum(engine.result(i) is not None for i in ids),
+                   gc_s=gc_pauses.total_s, gc_max_s=gc_pauses.max_s)
     summary["log"] = {"steps": [dataclasses.astuple(s) for s in engine.step_metrics],
-                      "requests": [dataclasses.astuple(m) for m in engine.request_metrics]}
+                      "requests": [dataclasses.astuple(m) for m in engine.request_metrics],
+                      "gc_pauses": gc_pauses.pauses}
     return summary, engine.cache
 
 
@@ -253,7 +257,8 @@ def main(argv=None):
                 print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                       f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                       f"modes {r['mode_steps']}  preemptions {r['preemptions']}  adapter loads {r['load_time']:.2f} s  "
-                      f"compiling steps {r['compile_steps']}  ({r['wall_s']:.0f} s)  {_device_memory()}",
+                      f"compiling steps {r['compile_steps']}  gc {r['gc_s']:.2f} s (longest {r['gc_max_s'] * 1e3:.0f} ms)  "
+                      f"({r['wall_s']:.0f} s)  {_device_memory()}",
                       flush=True)
         except Exception:                    # e.g. out of device memory: none of this workload is kept
             traceback.print_exc()

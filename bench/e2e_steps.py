@@ -5,7 +5,8 @@ Per workload kind and policy, over every run in the logs:
     prefill rows), and how many steps of each;
   - the time spent placing adapters (`load_time`) and merging (`switch_time`);
   - the serving loop's time between steps while a request was live (host work outside any step);
-  - the longest steps (their whole duration, switch and adapter loads included).
+  - Python's garbage collections (their total time, and the longest);
+  - the longest steps (their whole duration, switch, adapter loads and collections included).
 Usage: python bench/e2e_steps.py STEP_LOG... [--out bench/results/e2e_step_times]   (writes .json and .md)
 """
 
@@ -19,14 +20,21 @@ import numpy as np
 
 def summarize(logs: list[dict]) -> dict:
     """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms]}, "load_s", "switch_s",
-    "live_gap_s", "runs", "longest": [[ms, mode, decode rows, prefill rows, adapters], ...]}}."""
+    "live_gap_s", "gc_s", "gc_longest_ms", "runs",
+    "longest": [[ms, mode, decode rows, prefill rows, adapters, ms of garbage collection in it], ...]}}."""
     out = collections.defaultdict(lambda: {"shapes": collections.defaultdict(list), "load_s": 0.0, "switch_s": 0.0,
-                                           "live_gap_s": 0.0, "runs": 0, "longest": []})
+                                           "live_gap_s": 0.0, "gc_s": None, "gc_longest_ms": 0.0, "runs": 0,
+                                           "longest": []})
     for fields, run in ((log["fields"], run) for log in logs for run in log["runs"]):
         entry = out[f"{run['kind']}/{run['policy']}"]
         entry["runs"] += 1
         steps = [dict(zip(fields["steps"], s)) for s in run["steps"]]
         requests = [dict(zip(fields["requests"], r)) for r in run["requests"]]
+        pauses = run.get("gc_pauses")              # [clock time, seconds, generation]; None: not logged
+        if pauses is not None:
+            entry["gc_s"] = (entry["gc_s"] or 0.0) + sum(p[1] for p in pauses)
+            entry["gc_longest_ms"] = max([entry["gc_longest_ms"]] + [round(1e3 * p[1], 1) for p in pauses])
+        collecting = lambda s: sum(p[1] for p in pauses or [] if s["start"] <= p[0] < s["start"] + s["duration"])
         for s in steps:
             compute = s["duration"] - s["switch_time"] - s.get("load_time", 0.0)
             shape = "decode only" if not s["prefill_rows"] else f"{s['prefill_rows']} prefill rows"
@@ -35,7 +43,7 @@ def summarize(logs: list[dict]) -> dict:
             entry["load_s"] += s.get("load_time", 0.0)
             entry["switch_s"] += s["switch_time"]
             entry["longest"].append([round(1e3 * s["duration"], 1), s["mode"], s["decode_rows"], s["prefill_rows"],
-                                     s["adapters"]])
+                                     s["adapters"], round(1e3 * collecting(s), 1)])
         for a, b in zip(steps, steps[1:]):
             end = a["start"] + a["duration"]
             if any(r["arrival"] <= end and (r["finished"] is None or r["finished"] >= b["start"]) for r in requests):
@@ -48,13 +56,15 @@ def summarize(logs: list[dict]) -> dict:
 
 def table(summary: dict) -> str:
     lines = ["| kind/policy | runs | step shape: steps x median ms | adapter loads s | switches s | "
-             "loop outside steps, requests live, s | longest steps ms (mode, decode/prefill rows, adapters) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "loop outside steps, requests live, s | garbage collection s (longest ms) | "
+             "longest steps ms (mode, decode/prefill rows, adapters, ms collecting) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in summary.items():
         shapes = "; ".join(f"{k}: {n} x {ms}" for k, (n, ms) in e["shapes"].items())
-        longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a})" for ms, m, d, p, a in e["longest"])
+        longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a}, {c})" for ms, m, d, p, a, c in e["longest"])
+        collections_cell = "not logged" if e["gc_s"] is None else f"{e['gc_s']:.2f} ({e['gc_longest_ms']})"
         lines.append(f"| {name} | {e['runs']} | {shapes} | {e['load_s']:.2f} | {e['switch_s']:.2f} | "
-                     f"{e['live_gap_s']:.2f} | {longest} |")
+                     f"{e['live_gap_s']:.2f} | {collections_cell} | {longest} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ arrival are skipped on the engine's clock (every step still runs for real).
 """
 
 import dataclasses
+import gc
 import time
 
 import numpy as np
@@ -98,6 +99,33 @@ class SkippingClock:
     def restart(self) -> None:
         """Read 0 now."""
         self.offset = -time.perf_counter()
+
+
+class GcPauses:
+    """Python's garbage collections while in use (`with GcPauses(clock) as gc_pauses:`): their
+    total and longest time, and each one of at least `log_s` as [clock time, seconds, generation]
+    (a collection stops every thread, the serving loop's too)."""
+
+    def __init__(self, clock, log_s: float = 1e-3):
+        self.clock, self.log_s = clock, log_s
+        self.total_s, self.max_s, self.pauses = 0.0, 0.0, []
+        self._started = (0.0, 0.0)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = (time.perf_counter(), self.clock())
+            return
+        seconds = time.perf_counter() - self._started[0]
+        self.total_s, self.max_s = self.total_s + seconds, max(self.max_s, seconds)
+        if seconds >= self.log_s:
+            self.pauses.append([self._started[1], seconds, info["generation"]])
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._on_gc)
 
 
 def replay(engine, trace: list[tuple[float, Request]], clock: SkippingClock) -> list[str]:

@@ -55,11 +55,13 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
     e2e_steps.main([str(log), "--out", str(tmp_path / "times")])
     summary = json.loads((tmp_path / "times.json").read_text())
     assert set(summary) == {"vqa/ours", "vqa/unmerged"} and all(e["runs"] == 2 for e in summary.values())
+    assert all(e["gc_s"] is not None for e in summary.values())          # every run logs its collections
 
 
 def test_step_times_summary_of_a_known_log():
     """Steps' compute time by mode and shape (compiling steps left out), loads, switches, the
-    loop's time between steps while a request is live (not while none is), the longest steps."""
+    loop's time between steps while a request is live (not while none is), garbage collections
+    (and those inside each of the longest steps), the longest steps."""
     step = lambda start, dur, mode, dec, pre, switch=0.0, compile_time=0.0, load=0.0: [
         start, dur, switch, mode, None, dec, pre, 10, 0.0, 1, compile_time, load]
     request = lambda arrival, finished: ["a", arrival, 5, arrival, arrival, finished, 1, 0, "length"]
@@ -71,12 +73,15 @@ def test_step_times_summary_of_a_known_log():
     log = {"fields": {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
                       "requests": [f.name for f in dataclasses.fields(RequestMetrics)]},
            "runs": [{"kind": "vqa", "policy": "ours", "steps": steps,
-                     "requests": [request(0.0, 0.3), request(4.9, 7.02)]}]}
+                     "requests": [request(0.0, 0.3), request(4.9, 7.02)],
+                     "gc_pauses": [[0.05, 0.04, 2], [3.0, 0.002, 0]]}]}      # in the first step; between steps
     e = e2e_steps.summarize([log])["vqa/ours"]
     assert e["shapes"] == {"merged, 1 prefill rows": [1, 50.0], "merged, decode only": [2, 20.0],
                            "unmerged, decode only": [1, 20.0]}
     assert (e["runs"], round(e["load_s"], 6), round(e["switch_s"], 6), round(e["live_gap_s"], 6)) == (1, 0.03, 0.02, 0.1)
-    assert e["longest"] == [[2000.0, "unmerged", 1, 0, 1], [100.0, "merged", 2, 1, 1], [30.0, "merged", 2, 0, 1]]
+    assert (round(e["gc_s"], 6), e["gc_longest_ms"]) == (0.042, 40.0)
+    assert e["longest"] == [[2000.0, "unmerged", 1, 0, 1, 0.0], [100.0, "merged", 2, 1, 1, 40.0],
+                            [30.0, "merged", 2, 0, 1, 0.0]]
     assert "| vqa/ours | 1 | merged, 1 prefill rows: 1 x 50.0;" in e2e_steps.table({"vqa/ours": e})
 
 

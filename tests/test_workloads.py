@@ -1,11 +1,12 @@
 """Benchmark traces: arrival statistics, popularity, determinism, and replay through an engine."""
 
+import gc
 import time
 
 import numpy as np
 import pytest
 
-from bench.workloads import SkippingClock, Workload, adapter_probabilities, arrival_times, make_trace, replay
+from bench.workloads import GcPauses, SkippingClock, Workload, adapter_probabilities, arrival_times, make_trace, replay
 from serve.engine import Engine, EngineConfig
 
 
@@ -63,3 +64,13 @@ def test_replay_starts_the_clock_once_requests_are_prepared(generator):
     engine.prepare = lambda r: (time.sleep(0.2), prepare(r))[1]
     replay(engine, trace, clock)
     assert engine.step_metrics[0].start - trace[0][0] < 0.6
+
+
+def test_gc_pauses_records_collections_while_in_use_only():
+    with GcPauses(clock=lambda: 7.0, log_s=0.0) as pauses:
+        gc.collect()
+    assert pauses.pauses and pauses.pauses[-1][0] == 7.0 and pauses.pauses[-1][2] == 2
+    assert pauses.total_s >= pauses.max_s > 0 and pauses.max_s == max(p[1] for p in pauses.pauses)
+    seen = len(pauses.pauses)
+    gc.collect()                                   # after the block: not recorded
+    assert len(pauses.pauses) == seen and pauses._on_gc not in gc.callbacks
