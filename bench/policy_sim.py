@@ -43,16 +43,18 @@ class StepTimes:
         return self.fixed[mode] + self.per_position[mode] * positions
 
 
-# from the e2e step logs of the policies on the adaptive kernel (bench/results/README.md, seventh
-# attempt): fixed = the decode-only step medians; per position = the median over prefill steps of
+# from the e2e step logs of the policies on the adaptive kernel (bench/results/e2e_step_times.md,
+# bench/results/README.md): fixed = the decode-only step medians (mixture: the seventh attempt's;
+# ours runs mixture steps with prompts only); per position = the median over prefill steps of
 # (step - fixed) / the prefill block's positions. Prompt tokens and outputs as e2e's.
 STEP_TIMES = {
-    "vqa": StepTimes({"merged": 11.8e-3, "unmerged": 18.1e-3, "mixture": 22.1e-3},
-                     {"merged": 29e-6, "unmerged": 45e-6, "mixture": 43e-6}),
-    "video": StepTimes({"merged": 12.8e-3, "unmerged": 18.0e-3, "mixture": 19.7e-3},
-                       {"merged": 27.6e-6, "unmerged": 33.6e-6, "mixture": 29.6e-6}),
+    "vqa": StepTimes({"merged": 11.1e-3, "unmerged": 16.6e-3, "mixture": 22.1e-3},
+                     {"merged": 28.9e-6, "unmerged": 45.4e-6, "mixture": 38.8e-6}),
+    "video": StepTimes({"merged": 12.5e-3, "unmerged": 17.5e-3, "mixture": 19.7e-3},
+                       {"merged": 30.0e-6, "unmerged": 38.4e-6, "mixture": 37.3e-6}),
 }
-SWITCH_S = 0.015                      # a merge switch (the e2e logs: 13-17 ms)
+SWITCH_S = 0.015                      # a merge switch in one call (the e2e logs: median 14.6-15.3 ms)
+PER_LAYER_SWITCH_S = 0.014            # dLoRA-like's, layer by layer (median 13.8-14.3 ms: the same work)
 PROMPT_TOKENS = {"vqa": 626, "video": 3510}
 OUTPUT_TOKENS = {"vqa": (40, 121), "video": (4, 13)}
 
@@ -71,10 +73,10 @@ def make_trace(kind: str, popularity: str, rate: float, n: int = 120, heads: boo
             for t, a in zip(times, adapters)]
 
 
-def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_S, limits: BatchLimits = LIMITS
-             ) -> dict:
+def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_S, limits: BatchLimits = LIMITS,
+             per_layer_switch: float = PER_LAYER_SWITCH_S) -> dict:
     """Replay `trace` under `policy`, a step taking step_time(mode, merged adapter, [(adapter,
-    tokens)]) seconds and a merge `switch` (8x for a dLoRA-like per-layer switch); returns
+    tokens)]) seconds and a merge `switch` seconds (`per_layer_switch` for a dLoRA-like one); returns
     {"token_latency": mean latency / output tokens, "cold_p99": p99 latency of requests not on a0}."""
     now, live, merged, i, done = 0.0, {}, None, 0, []
     while i < len(trace) or live:
@@ -91,7 +93,7 @@ def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_
         d = policy.decide(SchedulerState(now, views, merged, limits))
         rows = [(live[k]["adapter"], n) for k, n in d.rows]
         if d.mode != "unmerged" and d.merged_adapter != merged:
-            merged, now = d.merged_adapter, now + switch * (8 if policy.per_layer_switch else 1)
+            merged, now = d.merged_adapter, now + (per_layer_switch if policy.per_layer_switch else switch)
         seconds = step_time(d.mode, d.merged_adapter, rows)
         if isinstance(policy, VLoRAPolicy):
             policy.cost.observe(d.mode, CostModel.features(d.mode, d.merged_adapter, rows,
