@@ -12,6 +12,7 @@ Usage: python bench/e2e_steps.py STEP_LOG... [--out bench/results/e2e_step_times
 
 import argparse
 import collections
+import gzip
 import json
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import numpy as np
 def summarize(logs: list[dict]) -> dict:
     """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms]}, "load_s", "switch_s",
     "live_gap_s", "gc_s", "gc_longest_ms", "runs",
-    "longest": [[ms, mode, decode rows, prefill rows, adapters, ms of garbage collection in it], ...]}}."""
+    "longest": [[ms, mode, decode rows, prefill rows, adapters, ms of garbage collection in it
+    (None: not logged)], ...]}}."""
     out = collections.defaultdict(lambda: {"shapes": collections.defaultdict(list), "load_s": 0.0, "switch_s": 0.0,
                                            "live_gap_s": 0.0, "gc_s": None, "gc_longest_ms": 0.0, "runs": 0,
                                            "longest": []})
@@ -34,7 +36,8 @@ def summarize(logs: list[dict]) -> dict:
         if pauses is not None:
             entry["gc_s"] = (entry["gc_s"] or 0.0) + sum(p[1] for p in pauses)
             entry["gc_longest_ms"] = max([entry["gc_longest_ms"]] + [round(1e3 * p[1], 1) for p in pauses])
-        collecting = lambda s: sum(p[1] for p in pauses or [] if s["start"] <= p[0] < s["start"] + s["duration"])
+        collecting = lambda s: None if pauses is None else round(
+            1e3 * sum(p[1] for p in pauses if s["start"] <= p[0] < s["start"] + s["duration"]), 1)
         for s in steps:
             compute = s["duration"] - s["switch_time"] - s.get("load_time", 0.0)
             shape = "decode only" if not s["prefill_rows"] else f"{s['prefill_rows']} prefill rows"
@@ -43,25 +46,25 @@ def summarize(logs: list[dict]) -> dict:
             entry["load_s"] += s.get("load_time", 0.0)
             entry["switch_s"] += s["switch_time"]
             entry["longest"].append([round(1e3 * s["duration"], 1), s["mode"], s["decode_rows"], s["prefill_rows"],
-                                     s["adapters"], round(1e3 * collecting(s), 1)])
+                                     s["adapters"], collecting(s)])
         for a, b in zip(steps, steps[1:]):
             end = a["start"] + a["duration"]
             if any(r["arrival"] <= end and (r["finished"] is None or r["finished"] >= b["start"]) for r in requests):
                 entry["live_gap_s"] += max(b["start"] - end, 0.0)
     for entry in out.values():
         entry["shapes"] = {k: [len(v), round(1e3 * float(np.median(v)), 1)] for k, v in sorted(entry["shapes"].items())}
-        entry["longest"] = sorted(entry["longest"], reverse=True)[:3]
+        entry["longest"] = sorted(entry["longest"], key=lambda step: step[0], reverse=True)[:3]
     return dict(sorted(out.items()))
 
 
 def table(summary: dict) -> str:
     lines = ["| kind/policy | runs | step shape: steps x median ms | adapter loads s | switches s | "
              "loop outside steps, requests live, s | garbage collection s (longest ms) | "
-             "longest steps ms (mode, decode/prefill rows, adapters, ms collecting) |",
+             "longest steps ms (mode, decode/prefill rows, adapters, ms collecting garbage) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in summary.items():
         shapes = "; ".join(f"{k}: {n} x {ms}" for k, (n, ms) in e["shapes"].items())
-        longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a}, {c})" for ms, m, d, p, a, c in e["longest"])
+        longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a}, {'?' if c is None else c})" for ms, m, d, p, a, c in e["longest"])
         collections_cell = "not logged" if e["gc_s"] is None else f"{e['gc_s']:.2f} ({e['gc_longest_ms']})"
         lines.append(f"| {name} | {e['runs']} | {shapes} | {e['load_s']:.2f} | {e['switch_s']:.2f} | "
                      f"{e['live_gap_s']:.2f} | {collections_cell} | {longest} |")
@@ -70,10 +73,11 @@ def table(summary: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step_logs", nargs="+")
+    ap.add_argument("step_logs", nargs="+", help="e2e step logs (.json, or .json.gz as committed)")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    summary = summarize([json.loads(Path(p).read_text()) for p in args.step_logs])
+    summary = summarize([json.loads(gzip.decompress(Path(p).read_bytes()) if p.endswith(".gz") else Path(p).read_text())
+                         for p in args.step_logs])
     text = (f"# Where the e2e steps' time went\n\n`python bench/e2e_steps.py {' '.join(args.step_logs)}`\n\n"
             f"{table(summary)}")
     if args.out:

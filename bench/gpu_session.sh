@@ -71,8 +71,10 @@ for stage in "$@"; do
                      split -b 15M - "$OUT/checkpoints.tar." ;;
         e2e)     $limit $E2E --out bench/results/e2e --deadline-s "${E2E_DEADLINE_S:-480}" \
                      --step-log "$OUT/e2e_steps.json" ${E2E_ARGS:-} ;;
-        e2e-start) mkdir -p $E2E_DIR
+        e2e-start) mkdir -p $E2E_DIR      # the grid, and its step log, go on from what is committed
                  [ -e $E2E_DIR/e2e.json ] || [ ! -e bench/results/e2e.json ] || cp bench/results/e2e.json $E2E_DIR/
+                 [ -e $E2E_DIR/e2e_steps.json ] || [ ! -e bench/results/e2e_steps.json.gz ] ||
+                     gunzip -c bench/results/e2e_steps.json.gz >$E2E_DIR/e2e_steps.json
                  # the processes compile their step variants at once, sharing the cores (one process
                  # compiling on every core and the others loading its executables from the
                  # compilation cache afterwards took longer: 288 s + 133 s against 255 s)
@@ -89,9 +91,11 @@ for stage in "$@"; do
                  tail -n 12 $E2E_DIR/gpu*.log
                  cp $E2E_DIR/e2e.json $E2E_DIR/e2e.md $E2E_DIR/e2e.png bench/results/ 2>/dev/null ||
                      echo "no e2e results yet"
-                 [ ! -e $E2E_DIR/e2e_steps.json ] ||      # where this session's steps' time went
-                     python3 bench/e2e_steps.py $E2E_DIR/e2e_steps.json --out bench/results/e2e_step_times >/dev/null
-                 tar czf "$OUT/e2e_logs.tgz" -C $E2E_DIR $(cd $E2E_DIR && ls gpu*.log e2e_steps.json 2>/dev/null) ;;
+                 if [ -e $E2E_DIR/e2e_steps.json ]; then  # the step log, and where the steps' time went
+                     gzip -9 -c $E2E_DIR/e2e_steps.json >bench/results/e2e_steps.json.gz
+                     python3 bench/e2e_steps.py bench/results/e2e_steps.json.gz --out bench/results/e2e_step_times >/dev/null
+                 fi
+                 tar czf "$OUT/e2e_logs.tgz" -C $E2E_DIR $(cd $E2E_DIR && ls gpu*.log 2>/dev/null) ;;
         *)       echo "unknown stage $stage"; false ;;
     esac 2>&1 | tee "$OUT/$stage.log"
     tar czf "$OUT/results.tgz" bench/results pallas_kernels/configs     # after every stage: a later one may time out

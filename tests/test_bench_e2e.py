@@ -3,6 +3,7 @@ serves every request of the workload, the report and step log are written, a wor
 leaves nothing behind, and --append adds only the workloads the results lack."""
 
 import dataclasses
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,10 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
     summary = json.loads((tmp_path / "times.json").read_text())
     assert set(summary) == {"vqa/ours", "vqa/unmerged"} and all(e["runs"] == 2 for e in summary.values())
     assert all(e["gc_s"] is not None for e in summary.values())          # every run logs its collections
+    gz = tmp_path / "steps.json.gz"                                      # as committed
+    gz.write_bytes(gzip.compress(log.read_bytes()))
+    e2e_steps.main([str(gz), "--out", str(tmp_path / "times_gz")])
+    assert json.loads((tmp_path / "times_gz.json").read_text()) == summary
 
 
 def test_step_times_summary_of_a_known_log():
