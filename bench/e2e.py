@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import (ARRIVALS, IMAGES, KINDS, POPULARITY, GcPauses, SkippingClock, Workload,  # noqa: E402
-                             make_trace, replay)  # noqa: E402
+                             make_trace, replay)
 from serve.engine import Engine, EngineConfig  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import POLICIES, CostModel, Policy, VLoRAPolicy  # noqa: E402
@@ -257,7 +257,8 @@ def main(argv=None):
                 print(f"{kind:5s} {arrival:7s} {popularity:7s} {rate:5.1f}/s {policy:7s} "
                       f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                       f"modes {r['mode_steps']}  preemptions {r['preemptions']}  adapter loads {r['load_time']:.2f} s  "
-                      f"compiling steps {r['compile_steps']}  gc {r['gc_s']:.2f} s (longest {r['gc_max_s'] * 1e3:.0f} ms)  "
+                      f"compiling steps {r['compile_steps']}  "
+                      f"gc {r['gc_s']:.2f} s (longest {r['gc_max_s'] * 1e3:.0f} ms)  "
                       f"({r['wall_s']:.0f} s)  {_device_memory()}",
                       flush=True)
         except Exception:                    # e.g. out of device memory: none of this workload is kept

@@ -64,7 +64,8 @@ def table(summary: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in summary.items():
         shapes = "; ".join(f"{k}: {n} x {ms}" for k, (n, ms) in e["shapes"].items())
-        longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a}, {'?' if c is None else c})" for ms, m, d, p, a, c in e["longest"])
+        longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a}, {'?' if c is None else c})"
+                            for ms, m, d, p, a, c in e["longest"])
         collections_cell = "not logged" if e["gc_s"] is None else f"{e['gc_s']:.2f} ({e['gc_longest_ms']})"
         lines.append(f"| {name} | {e['runs']} | {shapes} | {e['load_s']:.2f} | {e['switch_s']:.2f} | "
                      f"{e['live_gap_s']:.2f} | {collections_cell} | {longest} |")
