@@ -2,7 +2,9 @@
 
 Per workload kind and policy, over every run in the logs:
   - the median compute time of a step by mode and shape (decode rows only, or with 1, 2, 3, 4
-    prefill rows), and how many steps of each;
+    prefill rows), how many steps of each, and how far the engine's step-time model (ours': the
+    policy's), predicting each step before observing it, was off on them on average (and its
+    mean absolute error over all steps);
   - the time spent placing adapters (`load_time`) and merging (`switch_time`);
   - the serving loop's time between steps while a request was live (host work outside any step);
   - Python's garbage collections (their total time, and the longest);
@@ -20,13 +22,14 @@ import numpy as np
 
 
 def summarize(logs: list[dict]) -> dict:
-    """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms]}, "load_s", "switch_s",
-    "live_gap_s", "gc_s", "gc_longest_ms", "runs",
+    """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms, the model's mean error ms]}, "load_s",
+    "switch_s", "live_gap_s", "gc_s", "gc_longest_ms", "model_abs_error_ms", "runs",
     "longest": [[ms, mode, decode rows, prefill rows, adapters, ms of garbage collection in it
-    (None: not logged)], ...]}}."""
+    (None: not logged)], ...]}}; steps that compiled are left out of the shapes and the model's
+    errors (None where the log has no predictions)."""
     out = collections.defaultdict(lambda: {"shapes": collections.defaultdict(list), "load_s": 0.0, "switch_s": 0.0,
                                            "live_gap_s": 0.0, "gc_s": None, "gc_longest_ms": 0.0, "runs": 0,
-                                           "longest": []})
+                                           "errors": collections.defaultdict(list), "longest": []})
     for fields, run in ((log["fields"], run) for log in logs for run in log["runs"]):
         entry = out[f"{run['kind']}/{run['policy']}"]
         entry["runs"] += 1
@@ -43,6 +46,8 @@ def summarize(logs: list[dict]) -> dict:
             shape = "decode only" if not s["prefill_rows"] else f"{s['prefill_rows']} prefill rows"
             if not s["compile_time"]:
                 entry["shapes"][f"{s['mode']}, {shape}"].append(compute)
+                if s.get("predicted_time") is not None:
+                    entry["errors"][f"{s['mode']}, {shape}"].append(s["predicted_time"] - compute)
             entry["load_s"] += s.get("load_time", 0.0)
             entry["switch_s"] += s["switch_time"]
             entry["longest"].append([round(1e3 * s["duration"], 1), s["mode"], s["decode_rows"], s["prefill_rows"],
@@ -52,23 +57,31 @@ def summarize(logs: list[dict]) -> dict:
             if any(r["arrival"] <= end and (r["finished"] is None or r["finished"] >= b["start"]) for r in requests):
                 entry["live_gap_s"] += max(b["start"] - end, 0.0)
     for entry in out.values():
-        entry["shapes"] = {k: [len(v), round(1e3 * float(np.median(v)), 1)] for k, v in sorted(entry["shapes"].items())}
+        errors = entry.pop("errors")
+        mean_ms = lambda v: round(1e3 * float(np.mean(v)), 1) if len(v) else None
+        entry["shapes"] = {k: [len(v), round(1e3 * float(np.median(v)), 1), mean_ms(errors[k])]
+                           for k, v in sorted(entry["shapes"].items())}
+        entry["model_abs_error_ms"] = mean_ms(np.abs([e for v in errors.values() for e in v]))
         entry["longest"] = sorted(entry["longest"], key=lambda step: step[0], reverse=True)[:3]
     return dict(sorted(out.items()))
 
 
 def table(summary: dict) -> str:
-    lines = ["| kind/policy | runs | step shape: steps x median ms | adapter loads s | switches s | "
+    lines = ["| kind/policy | runs | step shape: steps x median ms (the model's mean error) | adapter loads s | "
+             "switches s | "
              "loop outside steps, requests live, s | garbage collection s (longest ms) | "
+             "step-time model's mean abs error ms | "
              "longest steps ms (mode, decode/prefill rows, adapters, ms collecting garbage) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, e in summary.items():
-        shapes = "; ".join(f"{k}: {n} x {ms}" for k, (n, ms) in e["shapes"].items())
+        shapes = "; ".join(f"{k}: {n} x {ms}" + ("" if err is None else f" (model {err:+})")
+                           for k, (n, ms, err) in e["shapes"].items())
         longest = "; ".join(f"{ms} ({m}, {d}/{p}, {a}, {'?' if c is None else c})"
                             for ms, m, d, p, a, c in e["longest"])
         collections_cell = "not logged" if e["gc_s"] is None else f"{e['gc_s']:.2f} ({e['gc_longest_ms']})"
+        model_cell = "not logged" if e["model_abs_error_ms"] is None else e["model_abs_error_ms"]
         lines.append(f"| {name} | {e['runs']} | {shapes} | {e['load_s']:.2f} | {e['switch_s']:.2f} | "
-                     f"{e['live_gap_s']:.2f} | {collections_cell} | {longest} |")
+                     f"{e['live_gap_s']:.2f} | {collections_cell} | {model_cell} | {longest} |")
     return "\n".join(lines) + "\n"
 
 

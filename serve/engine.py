@@ -360,7 +360,8 @@ class Engine:
                                       self.limits.positions([n for _, n in rows]))
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
-                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded)
+                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded,
+                           self.cost.step_time_of(mode, features))
         if not compiled:                         # a compiling step says nothing about what the mode costs
             self.cost.observe(mode, features, step.compute_time)
         self.step_metrics.append(step)

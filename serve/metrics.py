@@ -66,6 +66,8 @@ class StepMetrics:
     load_time: float = 0.0     # placing the step's adapters in slots, waiting for their copies (host time)
     kv_positions: int = 0      # cache positions the step's attention reads (each row's context + new tokens)
     padded_tokens: int = 0     # token positions the step's blocks hold, padding included (what the device runs)
+    predicted_time: float = 0.0   # compute_time as the engine's step-time model (ours': the policy's) predicted
+                                  # it before observing this step
 
     @property
     def compute_time(self) -> float:

@@ -200,7 +200,11 @@ class CostModel:
 
     def step_time(self, mode: str, merged: str | None, rows: Sequence[tuple[str | None, int]], kv: int = 0,
                   positions: int | None = None) -> float:
-        return float(self.features(mode, merged, rows, kv, positions) @ self.coef[mode])
+        return self.step_time_of(mode, self.features(mode, merged, rows, kv, positions))
+
+    def step_time_of(self, mode: str, features: np.ndarray) -> float:
+        """Seconds a step of these `features` takes in `mode`, as the model stands."""
+        return float(features @ self.coef[mode])
 
     def observe(self, mode: str, features: np.ndarray, seconds: float) -> None:
         self._obs[mode].append((*features, seconds))

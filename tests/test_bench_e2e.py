@@ -56,7 +56,8 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
     e2e_steps.main([str(log), "--out", str(tmp_path / "times")])
     summary = json.loads((tmp_path / "times.json").read_text())
     assert set(summary) == {"vqa/ours", "vqa/unmerged"} and all(e["runs"] == 2 for e in summary.values())
-    assert all(e["gc_s"] is not None for e in summary.values())          # every run logs its collections
+    assert all(e["gc_s"] is not None and e["model_abs_error_ms"] is not None     # every run logs its collections
+               for e in summary.values())                                        # and the model's predictions
     gz = tmp_path / "steps.json.gz"                                      # as committed
     gz.write_bytes(gzip.compress(log.read_bytes()))
     e2e_steps.main([str(gz), "--out", str(tmp_path / "times_gz")])
@@ -66,11 +67,12 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
 def test_step_times_summary_of_a_known_log():
     """Steps' compute time by mode and shape (compiling steps left out), loads, switches, the
     loop's time between steps while a request is live (not while none is), garbage collections
-    (and those inside each of the longest steps), the longest steps."""
-    step = lambda start, dur, mode, dec, pre, switch=0.0, compile_time=0.0, load=0.0: [
-        start, dur, switch, mode, None, dec, pre, 10, 0.0, 1, compile_time, load]
+    (and those inside each of the longest steps), the step-time model's errors where the log has
+    its predictions, the longest steps."""
+    step = lambda start, dur, mode, dec, pre, switch=0.0, compile_time=0.0, load=0.0, predicted=(): [
+        start, dur, switch, mode, None, dec, pre, 10, 0.0, 1, compile_time, load, 0, 0, *predicted]
     request = lambda arrival, finished: ["a", arrival, 5, arrival, arrival, finished, 1, 0, "length"]
-    steps = [step(0.0, 0.10, "merged", 2, 1, switch=0.02, load=0.03),    # compute 0.05
+    steps = [step(0.0, 0.10, "merged", 2, 1, switch=0.02, load=0.03, predicted=[0.06]),    # compute 0.05
              step(0.20, 0.01, "merged", 2, 0),                            # 0.10 s gap, a request live
              step(0.21, 0.03, "merged", 2, 0),
              step(5.00, 2.00, "unmerged", 1, 0, compile_time=1.5),       # gap with nothing live: not counted
@@ -81,13 +83,14 @@ def test_step_times_summary_of_a_known_log():
                      "requests": [request(0.0, 0.3), request(4.9, 7.02)],
                      "gc_pauses": [[0.05, 0.04, 2], [3.0, 0.002, 0]]}]}      # in the first step; between steps
     e = e2e_steps.summarize([log])["vqa/ours"]
-    assert e["shapes"] == {"merged, 1 prefill rows": [1, 50.0], "merged, decode only": [2, 20.0],
-                           "unmerged, decode only": [1, 20.0]}
+    assert e["shapes"] == {"merged, 1 prefill rows": [1, 50.0, 10.0], "merged, decode only": [2, 20.0, None],
+                           "unmerged, decode only": [1, 20.0, None]}
+    assert e["model_abs_error_ms"] == 10.0
     assert (e["runs"], round(e["load_s"], 6), round(e["switch_s"], 6), round(e["live_gap_s"], 6)) == (1, 0.03, 0.02, 0.1)
     assert (round(e["gc_s"], 6), e["gc_longest_ms"]) == (0.042, 40.0)
     assert e["longest"] == [[2000.0, "unmerged", 1, 0, 1, 0.0], [100.0, "merged", 2, 1, 1, 40.0],
                             [30.0, "merged", 2, 0, 1, 0.0]]
-    assert "| vqa/ours | 1 | merged, 1 prefill rows: 1 x 50.0;" in e2e_steps.table({"vqa/ours": e})
+    assert "| vqa/ours | 1 | merged, 1 prefill rows: 1 x 50.0 (model +10.0);" in e2e_steps.table({"vqa/ours": e})
 
 
 def _run(policy, rate, kind="vqa"):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import random_image
 from serve.engine import Engine, EngineConfig, Overloaded
-from serve.policies import POLICIES, Decision, Policy, pack
+from serve.policies import POLICIES, CostModel, Decision, Policy, VLoRAPolicy, pack
 from valora_jax import Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
 from valora_jax.runtime import bucket, compile_seconds_by_function
@@ -366,6 +366,19 @@ def test_compiling_steps_are_flagged_and_not_learnt_from(generator):
     assert sum(by_function.values()) == pytest.approx(sum(s.compile_time for s in compiled))
     assert sum(len(obs) for obs in engine.cost._obs.values()) == len(steps) - len(compiled)
     assert engine.summary()["compile_steps"] == len(compiled)
+
+
+def test_steps_record_what_the_step_time_model_predicted_before_observing_them(generator):
+    """The prediction a step records is the model's before that step: a model that knows only a
+    fixed 10 ms predicts exactly that for every step until its first refit (after its eighth
+    observed step, which still records 10 ms), and something else after."""
+    cost = CostModel(fixed=0.01, per_token=0.0, per_lora_token=0.0, per_adapter=0.0, per_kv=0.0)
+    engine = _engine(generator, VLoRAPolicy(cost=cost))
+    engine.generate([dataclasses.replace(r, max_tokens=8) for r in _requests(6)])
+    observed = [s for s in engine.step_metrics if not s.compile_time]
+    assert len(observed) > 8
+    assert [s.predicted_time for s in observed[:8]] == [0.01] * 8
+    assert observed[8].predicted_time != 0.01
 
 
 def test_policies_know_the_positions_each_step_computes(generator, monkeypatch):
