@@ -146,7 +146,7 @@ def pack(state: SchedulerState, eligible: Callable[[SeqView], bool] = lambda s: 
             continue
         room -= need
         rows.append((s.id, n))
-        tokens += lim.prefill_positions(n) if n > 1 else 1
+        tokens += lim.positions([n])
         prefill_rows += s.pending > 1
         if s.adapter is not None:
             adapters.add(s.adapter)
