@@ -309,7 +309,9 @@ def _save(out: Path, results: list, meta: dict, logs: list, args) -> None:
             path = Path(args.step_log)
             fields = {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
                       "requests": [f.name for f in dataclasses.fields(RequestMetrics)]}
-            _write_atomic(path, json.dumps({"fields": fields, "runs": _merged(read(path, {"runs": []})["runs"], logs)}))
+            meta = {k: report["meta"][k] for k in ("commands", "device", "jax")}     # what measured the runs
+            _write_atomic(path, json.dumps({"fields": fields, "meta": meta,
+                                            "runs": _merged(read(path, {"runs": []})["runs"], logs)}))
     print(report["table"], flush=True)
 
 

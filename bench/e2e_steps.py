@@ -90,10 +90,14 @@ def main(argv=None) -> None:
     ap.add_argument("step_logs", nargs="+", help="e2e step logs (.json, or .json.gz as committed)")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    summary = summarize([json.loads(gzip.decompress(Path(p).read_bytes()) if p.endswith(".gz") else Path(p).read_text())
-                         for p in args.step_logs])
+    logs = [json.loads(gzip.decompress(Path(p).read_bytes()) if p.endswith(".gz") else Path(p).read_text())
+            for p in args.step_logs]
+    summary = summarize(logs)
+    measured = "".join(f"Runs measured on {m['device']}, jax {m['jax']}, by:\n\n"
+                       + "".join(f"`{command}`  \n" for command in m["commands"]) + "\n"
+                       for m in (log.get("meta") for log in logs) if m)
     text = (f"# Where the e2e steps' time went\n\n`python bench/e2e_steps.py {' '.join(args.step_logs)}`\n\n"
-            f"{table(summary)}")
+            f"{measured}{table(summary)}")
     if args.out:
         Path(args.out).with_suffix(".json").write_text(json.dumps(summary, indent=1))
         Path(args.out).with_suffix(".md").write_text(text)

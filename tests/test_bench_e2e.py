@@ -62,6 +62,7 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
     gz.write_bytes(gzip.compress(log.read_bytes()))
     e2e_steps.main([str(gz), "--out", str(tmp_path / "times_gz")])
     assert json.loads((tmp_path / "times_gz.json").read_text()) == summary
+    assert "Runs measured on cpu, jax " in (tmp_path / "times.md").read_text()      # and with what
 
 
 def test_step_times_summary_of_a_known_log():
