@@ -146,7 +146,7 @@ def cmd_serve(args) -> None:
     from serve.engine import Engine, EngineConfig
     from serve.server import Server, create_app
     from serve.service import EngineService
-    from valora_jax import AdapterPool, ModelRunner, load_adapter
+    from valora_jax import AdapterPool, ModelRunner, frozen_heap, load_adapter
 
     model, origin = _load_model(args.model)
     if args.max_loras is not None:
@@ -176,7 +176,8 @@ def cmd_serve(args) -> None:
     print(f"model: {runner.config.name} ({origin}); adapters: {sorted(pool.store) or 'none'}; "
           f"{runner.config.lora.max_loras} adapter slots; policy {args.policy}; adapter root {args.adapter_root}",
           file=sys.stderr)
-    Server(app, args.host, args.port).run()
+    with frozen_heap():                     # what start-up built is never scanned while serving
+        Server(app, args.host, args.port).run()
 
 
 def cmd_import_hf(args) -> None:

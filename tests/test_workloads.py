@@ -2,12 +2,14 @@
 
 import gc
 import time
+import weakref
 
 import numpy as np
 import pytest
 
 from bench.workloads import GcPauses, SkippingClock, Workload, adapter_probabilities, arrival_times, make_trace, replay
 from serve.engine import Engine, EngineConfig
+from valora_jax.runtime import frozen_heap
 
 
 @pytest.mark.parametrize("arrival,cv", [("poisson", 1.0), ("bursty", 2.0)])
@@ -74,3 +76,31 @@ def test_gc_pauses_records_collections_while_in_use_only():
     seen = len(pauses.pauses)
     gc.collect()                                   # after the block: not recorded
     assert len(pauses.pauses) == seen and pauses._on_gc not in gc.callbacks
+
+
+class _Node:
+    """A reference cycle: only a garbage collection frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_frozen_heap_keeps_what_was_alive_on_entry_out_of_collections_until_exit():
+    garbage, alive = _Node(), _Node()
+    garbage_ref, alive_ref = weakref.ref(garbage), weakref.ref(alive)
+    del garbage
+    with frozen_heap() as frozen:
+        assert garbage_ref() is None                 # collected on entry
+        assert frozen > 0
+        del alive
+        gc.collect()
+        assert alive_ref() is not None               # frozen: a collection does not scan it
+        new = _Node()
+        new_ref = weakref.ref(new)
+        del new
+        gc.collect()
+        assert new_ref() is None                     # what the block allocated is collected
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert alive_ref() is None                       # unfrozen on exit: freed by the next collection
+
