@@ -13,6 +13,7 @@ each run from a copy of the step-time model that Engine.calibrate measured after
 Results are rewritten after every workload; `--append` keeps the runs already in OUT.json and
 runs only the missing workloads, so a grid can be measured over several calls (`--deadline-s`),
 and lets processes that each serve a share of the grid on their own GPU write the same files.
+`--workloads` names the workloads to measure instead of a grid; `--rerun` measures some again.
 """
 
 import argparse
@@ -45,7 +46,7 @@ from serve.policies import POLICIES, CostModel, Policy, VLoRAPolicy  # noqa: E40
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, init_pages, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
 from valora_jax.runtime import (compile_lowered, compile_seconds, compile_seconds_by_function,  # noqa: E402
-                                use_serving_xla_flags)
+                                frozen_heap, use_serving_xla_flags)
 
 
 def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
@@ -92,13 +93,13 @@ def run_one(runner, pool, policy: Policy, trace, engine_config: EngineConfig, ho
     pool.evict_all()                     # every run starts with no adapter on the device
     engine = Engine(runner, pool, config=engine_config, policy=policy, clock=clock, cache=cache)
     start = time.perf_counter()
-    with GcPauses(clock) as gc_pauses:
+    with frozen_heap() as frozen, GcPauses(clock) as gc_pauses:     # earlier runs' results are not rescanned
         ids = replay(engine, trace, clock)
     summary = engine.summary()
     cold = [m.latency for m in engine.request_metrics if m.adapter != hot and m.latency is not None]
     summary.update(policy=policy.name, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
                    completed=sum(engine.result(i) is not None for i in ids),
-                   gc_s=gc_pauses.total_s, gc_max_s=gc_pauses.max_s)
+                   gc_s=gc_pauses.total_s, gc_max_s=gc_pauses.max_s, gc_frozen=frozen)
     summary["log"] = {"steps": [dataclasses.astuple(s) for s in engine.step_metrics],
                       "requests": [dataclasses.astuple(m) for m in engine.request_metrics],
                       "gc_pauses": gc_pauses.pauses}
@@ -145,6 +146,11 @@ def main(argv=None):
                     help="keep the runs already in OUT.json and run only the workloads it lacks")
     ap.add_argument("--step-log", help="also write every run's steps and requests (StepMetrics, RequestMetrics "
                                        "fields) to this JSON file")
+    ap.add_argument("--workloads", type=_workload_list, metavar="KIND/ARRIVAL/POPULARITY/RATE,...",
+                    help="measure these workloads instead of the grid of --kinds, --arrivals, --popularity, --rates")
+    ap.add_argument("--rerun", type=_workload_list, default=[], metavar="KIND/ARRIVAL/POPULARITY/RATE,...",
+                    help="with --append, measure these again though OUT.json has them (their runs and steps are "
+                         "replaced)")
     ap.add_argument("--deadline-s", type=float, default=float("inf"),
                     help="start no new workload after this many seconds (results so far are written)")
     args = ap.parse_args(argv)
@@ -232,12 +238,12 @@ def main(argv=None):
                               **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()},
                               "observations": calibration.observations}]}
     results, logs = [], []
-    grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
-                             [float(r) for r in args.rates.split(",")])
+    grid = args.workloads or itertools.product(args.kinds.split(","), args.arrivals.split(","),
+                                               args.popularity.split(","), [float(r) for r in args.rates.split(",")])
     for kind, arrival, popularity, rate in grid:
         seed = zlib.crc32(f"{kind}/{arrival}/{popularity}/{rate}".encode())    # the same trace in every call
         w = Workload(kind, rate, arrival, popularity, args.requests, seed=seed)
-        if _workload_key(dataclasses.asdict(w)) in done:
+        if _workload_key(dataclasses.asdict(w)) in done and (kind, arrival, popularity, rate) not in args.rerun:
             continue
         if time.perf_counter() - start > args.deadline_s:
             print(f"deadline: workloads from {w} on not run (rerun with --append to continue)", flush=True)
@@ -258,7 +264,7 @@ def main(argv=None):
                       f"token latency {r['token_latency']['mean'] * 1e3:8.2f} ms  p99 {r['latency']['p99']:7.2f} s  "
                       f"modes {r['mode_steps']}  preemptions {r['preemptions']}  adapter loads {r['load_time']:.2f} s  "
                       f"compiling steps {r['compile_steps']}  "
-                      f"gc {r['gc_s']:.2f} s (longest {r['gc_max_s'] * 1e3:.0f} ms)  "
+                      f"gc {r['gc_s']:.2f} s (longest {r['gc_max_s'] * 1e3:.0f} ms, {r['gc_frozen']} objects frozen)  "
                       f"({r['wall_s']:.0f} s)  {_device_memory()}",
                       flush=True)
         except Exception:                    # e.g. out of device memory: none of this workload is kept
@@ -275,6 +281,19 @@ def main(argv=None):
 _RUN_KEY = ("kind", "arrival", "popularity", "rate", "num_requests", "seed", "policy")
 TARGET_REDUCTION = {"slora": 0.30, "punica": 0.50, "dlora": 0.70}
 """The geometric-mean reduction of average token latency ours is to reach against each baseline."""
+
+
+def _workload_list(text: str) -> list[tuple[str, str, str, float]]:
+    """'KIND/ARRIVAL/POPULARITY/RATE,...' -> [(kind, arrival, popularity, rate)], each one checked."""
+    workloads = []
+    for item in filter(None, text.split(",")):
+        try:
+            kind, arrival, popularity, rate = item.split("/")
+            Workload(kind, float(rate), arrival, popularity)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"workload {item!r}: expected KIND/ARRIVAL/POPULARITY/RATE ({e})")
+        workloads.append((kind, arrival, popularity, float(rate)))
+    return workloads
 
 
 def _workload_key(run: dict) -> tuple:

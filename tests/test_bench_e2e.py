@@ -1,12 +1,15 @@
 """bench/e2e.py's harness end to end on the tiny preset (CPU, reference backends): every policy
 serves every request of the workload, the report and step log are written, a workload that fails
-leaves nothing behind, and --append adds only the workloads the results lack."""
+leaves nothing behind, --append adds only the workloads the results lack, and --rerun measures
+named ones again."""
 
 import dataclasses
 import gzip
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,7 +24,7 @@ ARGS = ["--preset", "tiny", "--backend", "reference", "--attention", "reference"
         "--encoder-batches", "1"]
 
 
-def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missing_ones(tmp_path, monkeypatch):
+def test_e2e_serves_every_request_skips_a_failed_workload_appends_missing_ones_and_reruns(tmp_path, monkeypatch):
     out, log = tmp_path / "e2e", tmp_path / "steps.json"
     run_one, failed = e2e.run_one, []
 
@@ -32,30 +35,34 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
         return run_one(runner, pool, policy, trace, *rest)
 
     monkeypatch.setattr(e2e, "run_one", failing_once)
-    e2e.main(ARGS + ["--rates", "16,8", "--out", str(out), "--step-log", str(log)])
+    e2e.main(ARGS + ["--rates", "16,8,4", "--out", str(out), "--step-log", str(log)])
     first = json.loads(out.with_suffix(".json").read_text())
     runs = [(r["policy"], r["rate"], r["completed"]) for r in first["runs"]]
-    assert failed and runs == [("ours", 8.0, 3), ("unmerged", 8.0, 3)]         # nothing of rate 16 kept
+    assert failed and runs == [("ours", 4.0, 3), ("unmerged", 4.0, 3), ("ours", 8.0, 3), ("unmerged", 8.0, 3)]
+    # nothing of rate 16 kept
     assert first["ratios"]["unmerged"]["geomean_ours_over_base"] > 0
     table = out.with_suffix(".md").read_text().splitlines()
     assert "| vqa | poisson | hot80 | 8.0 | ours |" in "\n".join(table)
     assert len({row.count("|") for row in table if row.startswith(("| kind |", "| vqa |"))}) == 1   # cells = columns
     steps = json.loads(log.read_text())
-    assert len(steps["runs"]) == 2 and all(run["steps"] and len(run["requests"]) == 3 for run in steps["runs"])
+    assert len(steps["runs"]) == 4 and all(run["steps"] and len(run["requests"]) == 3 for run in steps["runs"])
 
     monkeypatch.setattr(e2e, "run_one", run_one)
-    e2e.main(ARGS + ["--rates", "16,8", "--out", str(out), "--step-log", str(log), "--append"])
+    e2e.main(ARGS + ["--workloads", "vqa/poisson/hot80/16,vqa/poisson/hot80/8", "--rerun", "vqa/poisson/hot80/8",
+                     "--out", str(out), "--step-log", str(log), "--append"])
     second = json.loads(out.with_suffix(".json").read_text())
-    assert [(r["policy"], r["rate"]) for r in second["runs"]] == [("ours", 8.0), ("unmerged", 8.0),
-                                                                 ("ours", 16.0), ("unmerged", 16.0)]
-    assert second["runs"][:2] == first["runs"] and len(second["meta"]["calibrations"]) == 2
+    assert [(r["policy"], r["rate"]) for r in second["runs"]] == [(p, rate) for rate in (4.0, 8.0, 16.0)
+                                                                 for p in ("ours", "unmerged")]
+    assert second["runs"][:2] == first["runs"][:2]                 # kept
+    assert second["runs"][2:4] != first["runs"][2:4]               # measured again (--rerun)
+    assert len(second["meta"]["calibrations"]) == 2
     for c in second["meta"]["calibrations"]:            # the probe's steps, for replays of ours' model
         rows = [row for obs in c["observations"].values() for row in obs]
         assert len(rows) == c["observed_steps"] > 0 and all(len(row) == 6 and row[-1] > 0 for row in rows)
-    assert len(json.loads(log.read_text())["runs"]) == 4
+    assert len(json.loads(log.read_text())["runs"]) == 6
     e2e_steps.main([str(log), "--out", str(tmp_path / "times")])
     summary = json.loads((tmp_path / "times.json").read_text())
-    assert set(summary) == {"vqa/ours", "vqa/unmerged"} and all(e["runs"] == 2 for e in summary.values())
+    assert set(summary) == {"vqa/ours", "vqa/unmerged"} and all(e["runs"] == 3 for e in summary.values())
     assert all(e["gc_s"] is not None and e["model_abs_error_ms"] is not None     # every run logs its collections
                for e in summary.values())                                        # and the model's predictions
     gz = tmp_path / "steps.json.gz"                                      # as committed
@@ -63,6 +70,13 @@ def test_e2e_serves_every_request_skips_a_failed_workload_and_appends_only_missi
     e2e_steps.main([str(gz), "--out", str(tmp_path / "times_gz")])
     assert json.loads((tmp_path / "times_gz.json").read_text()) == summary
     assert "Runs measured on cpu, jax " in (tmp_path / "times.md").read_text()      # and with what
+
+
+def test_e2e_names_a_bad_workload(capsys):
+    with pytest.raises(SystemExit):
+        e2e.main(ARGS + ["--workloads", "vqa/poisson/hot90/16"])
+    err = capsys.readouterr().err
+    assert "workload 'vqa/poisson/hot90/16'" in err and "unknown popularity 'hot90'" in err
 
 
 def test_step_times_summary_of_a_known_log():
