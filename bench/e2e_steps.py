@@ -21,6 +21,12 @@ from pathlib import Path
 import numpy as np
 
 
+def load_step_log(path: str | Path) -> dict:
+    """An e2e step log (.json, or .json.gz as committed)."""
+    path = Path(path)
+    return json.loads(gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_text())
+
+
 def summarize(logs: list[dict]) -> dict:
     """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms, the model's mean error ms]}, "load_s",
     "switch_s", "live_gap_s", "gc_s", "gc_longest_ms", "model_abs_error_ms", "runs",
@@ -90,8 +96,7 @@ def main(argv=None) -> None:
     ap.add_argument("step_logs", nargs="+", help="e2e step logs (.json, or .json.gz as committed)")
     ap.add_argument("--out", help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    logs = [json.loads(gzip.decompress(Path(p).read_bytes()) if p.endswith(".gz") else Path(p).read_text())
-            for p in args.step_logs]
+    logs = [load_step_log(p) for p in args.step_logs]
     summary = summarize(logs)
     measured = "".join(f"Runs measured on {m['device']}, jax {m['jax']}, by:\n\n"
                        + "".join(f"`{command}`  \n" for command in m["commands"]) + "\n"

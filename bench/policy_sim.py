@@ -8,8 +8,12 @@ does on the GPU. What this shows is what each policy's choices of mode and rows 
 steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
 is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, the odd-numbered
 ones answering through a task head (one output token), the hot adapter a0.
+With --step-log, it replays instead the very requests of each workload of an e2e step log and
+sets what it predicts for ours against every baseline beside what the GPU measured: where both
+show ours behind, that is the policy's choice on that trace, not the device or noise.
 Usage: python bench/policy_sim.py [--kinds vqa,video] [--popularity hot80,uniform,zipf1.5,hot50,hot60]
        [--rates 2,4,6,10,16] [--traces 6] [--requests 40] [--out bench/results/policy_sim]
+       python bench/policy_sim.py --step-log bench/results/e2e_steps.json.gz [--out bench/results/policy_replay]
 """
 
 import argparse
@@ -23,7 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import save_result  # noqa: E402
+from bench.e2e_steps import load_step_log  # noqa: E402
 from bench.workloads import Workload, adapter_probabilities, arrival_times  # noqa: E402
+from serve.metrics import RequestMetrics  # noqa: E402
 from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, Policy, PunicaPolicy,  # noqa: E402
                             SchedulerState, SeqView, UnmergedPolicy, VLoRAPolicy)
 
@@ -132,6 +138,64 @@ def _point(kind: str, arrivals: str, popularity: str, rate: float, traces: int, 
             "cold_p99_ours_over_unmerged": max(cold, default=None)}
 
 
+def logged_workloads(step_log: dict) -> dict:
+    """The workloads of an e2e step log: {(kind, arrival, popularity, rate): {"trace": their requests
+    as make_trace's tuples (adapter taskK as aK; a task-head answer, logged with no output token,
+    as one), "measured": {policy: mean token latency s}}}. Every policy served the same requests."""
+    fields, out = step_log["fields"]["requests"], {}
+    for run in step_log["runs"]:
+        requests = [RequestMetrics(**dict(zip(fields, r))) for r in run["requests"]]
+        trace = sorted((m.arrival, "a" + m.adapter.removeprefix("task"), m.prompt_tokens, max(m.output_tokens, 1))
+                       for m in requests)
+        workload = out.setdefault((run["kind"], run["arrival"], run["popularity"], run["rate"]),
+                                  {"trace": trace, "measured": {}})
+        if workload["trace"] != trace:
+            raise ValueError(f"the runs of workload {run['kind']}/{run['arrival']}/{run['popularity']}/"
+                             f"{run['rate']} served different requests")
+        workload["measured"][run["policy"]] = float(np.mean([m.token_latency for m in requests if m.finished]))
+    return out
+
+
+def replay(step_log: dict) -> list[dict]:
+    """Every policy of POLICIES on each logged workload's requests: [{"kind", "arrival", "popularity",
+    "rate", "simulated": {policy: ours' token latency over its}, "measured": {the same on the GPU}}]."""
+    points = []
+    for (kind, arrival, popularity, rate), w in sorted(logged_workloads(step_log).items()):
+        sim = {name: simulate(make(), w["trace"], STEP_TIMES[kind])["token_latency"] for name, make in POLICIES.items()}
+        gpu = w["measured"]
+        points.append({"kind": kind, "arrival": arrival, "popularity": popularity, "rate": rate,
+                       "simulated": {n: sim["ours"] / sim[n] for n in sim if n != "ours"},
+                       "measured": {n: gpu["ours"] / gpu[n] for n in sim if n != "ours" and n in gpu} if "ours" in gpu
+                       else {}})
+    return points
+
+
+def replay_table(points: list[dict], command: str) -> str:
+    """Per baseline, how well the simulation's ours/baseline follows the GPU's over the workloads, and
+    each workload where either has ours behind."""
+    lines = ["# The scheduler simulation on the requests e2e served (no device)", "", f"`{command}`", "",
+             "Ours' average token latency over each baseline's, simulated (step times from the model in "
+             "policy_sim.md; Punica-like's static tile costs nothing here) and measured on the GPU.", "",
+             "| ours / | workloads | geomean simulated | geomean measured | correlation of the logs | "
+             "the same side of 1 | ours behind: measured / simulated / both |", "|" + " --- |" * 7]
+    for base in [n for n in POLICIES if n != "ours"]:
+        pairs = np.array([(p["simulated"][base], p["measured"][base]) for p in points if base in p["measured"]])
+        if not len(pairs):
+            continue
+        sim, gpu = pairs[:, 0] > 1, pairs[:, 1] > 1
+        geomean = lambda v: float(np.exp(np.mean(np.log(v))))
+        lines.append(f"| {base} | {len(pairs)} | {geomean(pairs[:, 0]):.3f} | {geomean(pairs[:, 1]):.3f} | "
+                     f"{np.corrcoef(np.log(pairs).T)[0, 1]:.2f} | {np.mean(sim == gpu):.0%} | "
+                     f"{gpu.sum()} / {sim.sum()} / {(sim & gpu).sum()} |")
+    lines += ["", "| kind | arrivals | popularity | rate | ours / | simulated | measured |", "|" + " --- |" * 7]
+    for p in points:
+        for base, measured in p["measured"].items():
+            if max(measured, p["simulated"][base]) > 1:
+                lines.append(f"| {p['kind']} | {p['arrival']} | {p['popularity']} | {p['rate']:g} | {base} | "
+                             f"{p['simulated'][base]:.3f} | {measured:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default="vqa,video")
@@ -140,13 +204,19 @@ def main(argv=None) -> None:
     ap.add_argument("--rates", default="2,4,6,10,16")
     ap.add_argument("--traces", type=int, default=6, help="traces per point (geometric means over them)")
     ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--out", default="bench/results/policy_sim")
+    ap.add_argument("--step-log", help="replay the workloads of this e2e step log instead")
+    ap.add_argument("--out", help="default: bench/results/policy_sim (policy_replay with --step-log)")
     args = ap.parse_args(argv)
+    command = "python bench/policy_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.step_log:
+        points = replay(load_step_log(args.step_log))
+        save_result(args.out or "bench/results/policy_replay", {"command": command, "points": points},
+                    replay_table(points, command))
+        return
     grid = itertools.product(args.kinds.split(","), args.arrivals.split(","), args.popularity.split(","),
                              map(float, args.rates.split(",")))
     points = [_point(*workload, args.traces, args.requests) for workload in grid]
     others = [n for n in POLICIES if n != "ours"]
-    command = "python bench/policy_sim.py " + " ".join(argv if argv is not None else sys.argv[1:])
     times = "; ".join(f"{kind} " + ", ".join(f"{m} {1e3 * t.fixed[m]:.1f} ms + {1e6 * t.per_position[m]:.1f} us"
                                             for m in t.fixed) for kind, t in STEP_TIMES.items())
     lines = [f"# Scheduler-only simulation ({args.traces} traces of {args.requests} requests a point; "
@@ -161,7 +231,8 @@ def main(argv=None) -> None:
                      + " | ".join(f"{p['ours_over'][n]:.2f}" for n in others)
                      + f" | {'–' if cold is None else f'{cold:.2f}'} | {1e3 * p['token_latency_s']['ours']:.1f} |")
     steps = {kind: dataclasses.asdict(t) for kind, t in STEP_TIMES.items()}
-    save_result(args.out, {"command": command, "step_times": steps, "points": points}, "\n".join(lines) + "\n")
+    save_result(args.out or "bench/results/policy_sim", {"command": command, "step_times": steps, "points": points},
+                "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

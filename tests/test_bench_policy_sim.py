@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.policy_sim import STEP_TIMES, main, make_trace, simulate
+from bench.policy_sim import STEP_TIMES, logged_workloads, main, make_trace, replay, simulate
 from serve.policies import MergedOnlyPolicy, UnmergedPolicy, VLoRAPolicy
 
 
@@ -45,3 +45,33 @@ def test_main_writes_the_table_of_its_runs(tmp_path):
             for s in (0, 1)]
     assert point["token_latency_s"]["ours"] == pytest.approx(np.exp(np.mean(np.log(ours))))
     assert "| vqa | poisson | hot80 | 4 |" in out.with_suffix(".md").read_text()
+
+
+def _logged_run(policy: str, latencies: list[float],
+                requests=(("task0", 0.0, 626, 40), ("task3", 0.5, 630, 0))) -> dict:
+    """A step log's run of vqa/bursty/hot80/2: its requests (adapter, arrival, prompt, output
+    tokens; 0 for a task-head answer) finished `latencies` after arriving."""
+    return {"kind": "vqa", "arrival": "bursty", "popularity": "hot80", "rate": 2.0, "policy": policy, "steps": [],
+            "requests": [[a, t, p, t, t, t + latency, out, 0, "length"]
+                         for (a, t, p, out), latency in zip(requests, latencies)]}
+
+
+def test_replay_simulates_the_logged_requests_beside_what_was_measured(tmp_path):
+    fields = {"requests": ["adapter", "arrival", "prompt_tokens", "first_scheduled", "first_token", "finished",
+                           "output_tokens", "preemptions", "finish_reason"]}
+    log = {"fields": fields, "runs": [_logged_run("ours", [2.0, 0.1]), _logged_run("unmerged", [4.0, 0.3])]}
+    (workload,) = logged_workloads(log).values()
+    trace = [(0.0, "a0", 626, 40), (0.5, "a3", 630, 1)]
+    assert workload["trace"] == trace
+    assert workload["measured"] == pytest.approx({"ours": (2.0 / 40 + 0.1) / 2, "unmerged": (4.0 / 40 + 0.3) / 2})
+    (point,) = replay(log)
+    sim = lambda policy: simulate(policy(), trace, STEP_TIMES["vqa"])["token_latency"]
+    assert point["simulated"]["unmerged"] == pytest.approx(sim(VLoRAPolicy) / sim(UnmergedPolicy))
+    assert point["measured"] == pytest.approx({"unmerged": (2.0 / 40 + 0.1) / (4.0 / 40 + 0.3)})
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps(log))
+    main(["--step-log", str(path), "--out", str(tmp_path / "replay")])
+    assert "| unmerged | 1 |" in (tmp_path / "replay.md").read_text()
+    other = _logged_run("dlora", [1.0, 1.0], requests=(("task0", 0.0, 626, 40), ("task5", 0.5, 630, 0)))
+    with pytest.raises(ValueError, match="vqa/bursty/hot80/2.0 served different requests"):
+        logged_workloads({"fields": fields, "runs": log["runs"] + [other]})
