@@ -147,13 +147,15 @@ def main(argv=None):
     ap.add_argument("--step-log", help="also write every run's steps and requests (StepMetrics, RequestMetrics "
                                        "fields) to this JSON file")
     ap.add_argument("--workloads", type=_workload_list, metavar="KIND/ARRIVAL/POPULARITY/RATE,...",
-                    help="measure these workloads instead of the grid of --kinds, --arrivals, --popularity, --rates")
+                    help="measure these workloads (warming up for their kinds) instead of the grid of --kinds, "
+                         "--arrivals, --popularity and --rates")
     ap.add_argument("--rerun", type=_workload_list, default=[], metavar="KIND/ARRIVAL/POPULARITY/RATE,...",
                     help="with --append, measure these again though OUT.json has them (their runs and steps are "
                          "replaced)")
     ap.add_argument("--deadline-s", type=float, default=float("inf"),
                     help="start no new workload after this many seconds (results so far are written)")
     args = ap.parse_args(argv)
+    kinds = sorted({w[0] for w in args.workloads}, key=KINDS.index) if args.workloads else args.kinds.split(",")
     use_serving_xla_flags()
 
     start = time.perf_counter()
@@ -175,7 +177,7 @@ def main(argv=None):
                 for p in args.policies.split(",")}
     serving = {b: _with_adapters(runner if b == args.backend else runner.twin(b), adapters)
                for b in set(backends.values())}
-    step_features = args.max_prefill_rows * config.tokens_per_image * max(IMAGES[k] for k in args.kinds.split(","))
+    step_features = args.max_prefill_rows * config.tokens_per_image * max(IMAGES[k] for k in kinds)
     engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
                                  prefill_chunk=args.prefill_chunk, max_prefill_rows=args.max_prefill_rows,
                                  num_pages=args.num_pages, max_queue=10_000, min_rows=args.min_rows,
@@ -202,7 +204,7 @@ def main(argv=None):
     policies = args.policies.split(",")
     make_policy = lambda name: VLoRAPolicy(cost=copy.deepcopy(calibration)) if name == "ours" else POLICIES[name]()
     for policy in policies:
-        for kind in args.kinds.split(","):
+        for kind in kinds:
             warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", args.warmup_requests or 2 * args.max_rows,
                                        seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
@@ -214,7 +216,7 @@ def main(argv=None):
                   + ", ".join(f"{name} {sec:.1f} s" for name, sec in spent.most_common(5)) + ")", flush=True)
     if "ours" in policies:
         runner_o, pool_o = serving[args.backend]
-        for kind in args.kinds.split(","):
+        for kind in kinds:
             probe = make_trace(Workload(kind, 16.0, "poisson", "hot50", args.probe_requests, seed=98),
                                names, size, headed)
             pool_o.evict_all()

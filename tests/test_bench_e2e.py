@@ -49,12 +49,13 @@ def test_e2e_serves_every_request_skips_a_failed_workload_appends_missing_ones_a
 
     monkeypatch.setattr(e2e, "run_one", run_one)
     e2e.main(ARGS + ["--workloads", "vqa/poisson/hot80/16,vqa/poisson/hot80/8", "--rerun", "vqa/poisson/hot80/8",
-                     "--out", str(out), "--step-log", str(log), "--append"])
+                     "--kinds", "video", "--out", str(out), "--step-log", str(log), "--append"])   # warms up for vqa
     second = json.loads(out.with_suffix(".json").read_text())
     assert [(r["policy"], r["rate"]) for r in second["runs"]] == [(p, rate) for rate in (4.0, 8.0, 16.0)
                                                                  for p in ("ours", "unmerged")]
     assert second["runs"][:2] == first["runs"][:2]                 # kept
     assert second["runs"][2:4] != first["runs"][2:4]               # measured again (--rerun)
+    assert all(r["attempts"] == 1 for r in second["runs"])      # no step compiled: warmed up for vqa
     assert len(second["meta"]["calibrations"]) == 2
     for c in second["meta"]["calibrations"]:            # the probe's steps, for replays of ours' model
         rows = [row for obs in c["observations"].values() for row in obs]
