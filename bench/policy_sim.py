@@ -184,9 +184,10 @@ def replay_table(points: list[dict], command: str) -> str:
             continue
         sim, gpu = pairs[:, 0] > 1, pairs[:, 1] > 1
         geomean = lambda v: float(np.exp(np.mean(np.log(v))))
+        spread = len(pairs) > 1 and np.all(np.std(pairs, axis=0) > 0)      # else no correlation to show
+        correlation = f"{np.corrcoef(np.log(pairs).T)[0, 1]:.2f}" if spread else "–"
         lines.append(f"| {base} | {len(pairs)} | {geomean(pairs[:, 0]):.3f} | {geomean(pairs[:, 1]):.3f} | "
-                     f"{np.corrcoef(np.log(pairs).T)[0, 1]:.2f} | {np.mean(sim == gpu):.0%} | "
-                     f"{gpu.sum()} / {sim.sum()} / {(sim & gpu).sum()} |")
+                     f"{correlation} | {np.mean(sim == gpu):.0%} | {gpu.sum()} / {sim.sum()} / {(sim & gpu).sum()} |")
     lines += ["", "| kind | arrivals | popularity | rate | ours / | simulated | measured |", "|" + " --- |" * 7]
     for p in points:
         for base, measured in p["measured"].items():

@@ -71,7 +71,8 @@ def test_replay_simulates_the_logged_requests_beside_what_was_measured(tmp_path)
     path = tmp_path / "steps.json"
     path.write_text(json.dumps(log))
     main(["--step-log", str(path), "--out", str(tmp_path / "replay")])
-    assert "| unmerged | 1 |" in (tmp_path / "replay.md").read_text()
+    assert "| unmerged | 1 |" in (tmp_path / "replay.md").read_text()      # one workload: no correlation
+    assert (tmp_path / "replay.md").read_text().split("| unmerged | 1 |")[1].split(" | ")[2] == "–"
     other = _logged_run("dlora", [1.0, 1.0], requests=(("task0", 0.0, 626, 40), ("task5", 0.5, 630, 0)))
     with pytest.raises(ValueError, match="vqa/bursty/hot80/2.0 served different requests"):
         logged_workloads({"fields": fields, "runs": log["runs"] + [other]})

@@ -1,5 +1,7 @@
 """The `valora` command line, in process."""
 
+import gc
+
 import pytest
 
 from serve.cli import main
@@ -38,7 +40,8 @@ def test_bad_input_exits_with_a_message(argv, message):
 
 def test_serve_calibrates_ours_before_taking_traffic(capsys, monkeypatch):
     """`valora serve` with policy ours measures every mode with a probe over the embedded adapters,
-    then serves from a clean engine (no requests, steps or metrics left from the probe)."""
+    then serves from a clean engine (no requests, steps or metrics left from the probe), with what
+    start-up built frozen out of Python's garbage collections."""
     import serve.cli as cli
     from serve import server
     if not list((cli.CHECKPOINTS / "adapters").glob("*/adapter.json")):
@@ -50,7 +53,7 @@ def test_serve_calibrates_ours_before_taking_traffic(capsys, monkeypatch):
             started["app"] = app
 
         def run(self):
-            pass
+            started["frozen"] = gc.get_freeze_count()
 
     monkeypatch.setattr(server, "Server", Recorder)
     main(["serve", "--calibration-requests", "4", "--port", "0"])
@@ -59,3 +62,4 @@ def test_serve_calibrates_ours_before_taking_traffic(capsys, monkeypatch):
     assert engine.cost.observed > 0 and all(len(obs) for obs in engine.cost._obs.values())
     assert not engine.has_work and not engine.request_metrics and not engine.step_metrics
     assert engine.allocator.num_free == engine.config.num_pages - 1
+    assert started["frozen"] > 0 and gc.get_freeze_count() == 0
