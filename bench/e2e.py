@@ -240,8 +240,8 @@ def main(argv=None):
                               **{m: dict(zip(terms, map(float, c))) for m, c in calibration.coef.items()},
                               "observations": calibration.observations}]}
     results, logs = [], []
-    grid = args.workloads or itertools.product(args.kinds.split(","), args.arrivals.split(","),
-                                               args.popularity.split(","), [float(r) for r in args.rates.split(",")])
+    grid = args.workloads or itertools.product(kinds, args.arrivals.split(","), args.popularity.split(","),
+                                               [float(r) for r in args.rates.split(",")])
     for kind, arrival, popularity, rate in grid:
         seed = zlib.crc32(f"{kind}/{arrival}/{popularity}/{rate}".encode())    # the same trace in every call
         w = Workload(kind, rate, arrival, popularity, args.requests, seed=seed)

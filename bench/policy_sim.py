@@ -118,13 +118,16 @@ def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_
             "cold_p99": float(np.percentile(cold, 99)) if cold else None}
 
 
+def geomean(values) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
 POLICIES = {"ours": VLoRAPolicy, "unmerged": UnmergedPolicy, "punica": PunicaPolicy, "dlora": DLoRAPolicy,
             "merged": MergedOnlyPolicy}
 
 
 def _point(kind: str, arrivals: str, popularity: str, rate: float, traces: int, requests: int) -> dict:
     """Every policy on `traces` traces of one workload: geometric means and ratios."""
-    geomean = lambda v: float(np.exp(np.mean(np.log(v))))
     runs = {name: [] for name in POLICIES}
     for seed in range(traces):
         trace = make_trace(kind, popularity, rate, requests, seed=seed, arrivals=arrivals)
@@ -183,7 +186,6 @@ def replay_table(points: list[dict], command: str) -> str:
         if not len(pairs):
             continue
         sim, gpu = pairs[:, 0] > 1, pairs[:, 1] > 1
-        geomean = lambda v: float(np.exp(np.mean(np.log(v))))
         spread = len(pairs) > 1 and np.all(np.std(pairs, axis=0) > 0)      # else no correlation to show
         correlation = f"{np.corrcoef(np.log(pairs).T)[0, 1]:.2f}" if spread else "–"
         lines.append(f"| {base} | {len(pairs)} | {geomean(pairs[:, 0]):.3f} | {geomean(pairs[:, 1]):.3f} | "
