@@ -5,7 +5,8 @@ Per workload kind and policy, over every run in the logs:
     prefill rows), how many steps of each, and how far the engine's step-time model (ours': the
     policy's), predicting each step before observing it, was off on them on average (and its
     mean absolute error over all steps);
-  - the time spent placing adapters (`load_time`) and merging (`switch_time`);
+  - the time spent placing adapters (`load_time`) and merging (`switch_time`: in all, and the
+    median switch);
   - the serving loop's time between steps while a request was live (host work outside any step);
   - Python's garbage collections (their total time, and the longest);
   - the longest steps (their whole duration, switch, adapter loads and collections included).
@@ -29,13 +30,13 @@ def load_step_log(path: str | Path) -> dict:
 
 def summarize(logs: list[dict]) -> dict:
     """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms, the model's mean error ms]}, "load_s",
-    "switch_s", "live_gap_s", "gc_s", "gc_longest_ms", "model_abs_error_ms", "runs",
+    "switch_s", "switches", "switch_median_ms" (None without a switch), "live_gap_s", "gc_s", "gc_longest_ms", "model_abs_error_ms", "runs",
     "longest": [[ms, mode, decode rows, prefill rows, adapters, ms of garbage collection in it
     (None: not logged)], ...]}}; steps that compiled are left out of the shapes and the model's
     errors (None where the log has no predictions)."""
     out = collections.defaultdict(lambda: {"shapes": collections.defaultdict(list), "load_s": 0.0, "switch_s": 0.0,
-                                           "live_gap_s": 0.0, "gc_s": None, "gc_longest_ms": 0.0, "runs": 0,
-                                           "errors": collections.defaultdict(list), "longest": []})
+                                           "switch_times": [], "live_gap_s": 0.0, "gc_s": None, "gc_longest_ms": 0.0,
+                                           "runs": 0, "errors": collections.defaultdict(list), "longest": []})
     for fields, run in ((log["fields"], run) for log in logs for run in log["runs"]):
         entry = out[f"{run['kind']}/{run['policy']}"]
         entry["runs"] += 1
@@ -56,6 +57,8 @@ def summarize(logs: list[dict]) -> dict:
                     entry["errors"][f"{s['mode']}, {shape}"].append(s["predicted_time"] - compute)
             entry["load_s"] += s.get("load_time", 0.0)
             entry["switch_s"] += s["switch_time"]
+            if s["switch_time"]:
+                entry["switch_times"].append(s["switch_time"])
             entry["longest"].append([round(1e3 * s["duration"], 1), s["mode"], s["decode_rows"], s["prefill_rows"],
                                      s["adapters"], collecting(s)])
         for a, b in zip(steps, steps[1:]):
@@ -68,13 +71,16 @@ def summarize(logs: list[dict]) -> dict:
         entry["shapes"] = {k: [len(v), round(1e3 * float(np.median(v)), 1), mean_ms(errors[k])]
                            for k, v in sorted(entry["shapes"].items())}
         entry["model_abs_error_ms"] = mean_ms(np.abs([e for v in errors.values() for e in v]))
+        switches = entry.pop("switch_times")
+        entry["switches"] = len(switches)
+        entry["switch_median_ms"] = round(1e3 * float(np.median(switches)), 1) if switches else None
         entry["longest"] = sorted(entry["longest"], key=lambda step: step[0], reverse=True)[:3]
     return dict(sorted(out.items()))
 
 
 def table(summary: dict) -> str:
     lines = ["| kind/policy | runs | step shape: steps x median ms (the model's mean error) | adapter loads s | "
-             "switches s | "
+             "switches: s in all (count, median ms) | "
              "loop outside steps, requests live, s | garbage collection s (longest ms) | "
              "step-time model's mean abs error ms | "
              "longest steps ms (mode, decode/prefill rows, adapters, ms collecting garbage) |",
@@ -86,7 +92,8 @@ def table(summary: dict) -> str:
                             for ms, m, d, p, a, c in e["longest"])
         collections_cell = "not logged" if e["gc_s"] is None else f"{e['gc_s']:.2f} ({e['gc_longest_ms']})"
         model_cell = "not logged" if e["model_abs_error_ms"] is None else e["model_abs_error_ms"]
-        lines.append(f"| {name} | {e['runs']} | {shapes} | {e['load_s']:.2f} | {e['switch_s']:.2f} | "
+        switches = f"{e['switch_s']:.2f}" + (f" ({e['switches']}, {e['switch_median_ms']})" if e["switches"] else "")
+        lines.append(f"| {name} | {e['runs']} | {shapes} | {e['load_s']:.2f} | {switches} | "
                      f"{e['live_gap_s']:.2f} | {collections_cell} | {model_cell} | {longest} |")
     return "\n".join(lines) + "\n"
 

@@ -10,9 +10,13 @@ is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, th
 ones answering through a task head (one output token), the hot adapter a0.
 With --step-log, it replays instead the very requests of each workload of an e2e step log and
 sets what it predicts for ours against every baseline beside what the GPU measured: where both
-show ours behind, that is the policy's choice on that trace, not the device or noise.
-Usage: python bench/policy_sim.py [--kinds vqa,video] [--popularity hot80,uniform,zipf1.5,hot50,hot60]
-       [--rates 2,4,6,10,16] [--traces 6] [--requests 40] [--out bench/results/policy_sim]
+show ours behind, that is the policy's choice on that trace, not the device or noise. Beside them
+stands how fast ours' steps ran against the baseline's at the same shape (decode-only steps of the
+same mode, rows and adapters): the runs of a workload follow one another on the device, and where
+ours' steps ran slower by as much as ours is behind, the device's speed, not a choice, made it so.
+Usage: python bench/policy_sim.py [--kinds vqa,video] [--arrivals poisson,bursty]
+       [--popularity hot80,uniform,zipf1.5,hot50,hot60] [--rates 2,4,6,10,16] [--traces 6] [--requests 40]
+       [--out bench/results/policy_sim]
        python bench/policy_sim.py --step-log bench/results/e2e_steps.json.gz [--out bench/results/policy_replay]
 """
 
@@ -59,8 +63,8 @@ STEP_TIMES = {
     "video": StepTimes({"merged": 12.5e-3, "unmerged": 17.5e-3, "mixture": 19.7e-3},
                        {"merged": 30.0e-6, "unmerged": 38.4e-6, "mixture": 37.3e-6}),
 }
-SWITCH_S = 0.015                      # a merge switch in one call (the e2e logs: median 14.6-15.3 ms)
-PER_LAYER_SWITCH_S = 0.014            # dLoRA-like's, layer by layer (median 13.8-14.3 ms: the same work)
+SWITCH_S = 0.0155                     # a merge switch in one call (e2e_step_times.md: median 15.3-15.9 ms)
+PER_LAYER_SWITCH_S = 0.016            # dLoRA-like's, layer by layer (median 16.1-16.2 ms: the same work)
 PROMPT_TOKENS = {"vqa": 626, "video": 3510}
 OUTPUT_TOKENS = {"vqa": (40, 121), "video": (4, 13)}
 
@@ -144,32 +148,51 @@ def _point(kind: str, arrivals: str, popularity: str, rate: float, traces: int, 
 def logged_workloads(step_log: dict) -> dict:
     """The workloads of an e2e step log: {(kind, arrival, popularity, rate): {"trace": their requests
     as make_trace's tuples (adapter taskK as aK; a task-head answer, logged with no output token,
-    as one), "measured": {policy: mean token latency s}}}. Every policy served the same requests."""
-    fields, out = step_log["fields"]["requests"], {}
+    as one), "measured": {policy: mean token latency s}, "decode_steps": {policy: {(mode, decode
+    rows, adapters): [seconds of each decode-only step that neither switched nor compiled]}}}}.
+    Every policy served the same requests."""
+    fields, out = step_log["fields"], {}
     for run in step_log["runs"]:
-        requests = [RequestMetrics(**dict(zip(fields, r))) for r in run["requests"]]
+        requests = [RequestMetrics(**dict(zip(fields["requests"], r))) for r in run["requests"]]
         trace = sorted((m.arrival, "a" + m.adapter.removeprefix("task"), m.prompt_tokens, max(m.output_tokens, 1))
                        for m in requests)
         workload = out.setdefault((run["kind"], run["arrival"], run["popularity"], run["rate"]),
-                                  {"trace": trace, "measured": {}})
+                                  {"trace": trace, "measured": {}, "decode_steps": {}})
         if workload["trace"] != trace:
             raise ValueError(f"the runs of workload {run['kind']}/{run['arrival']}/{run['popularity']}/"
                              f"{run['rate']} served different requests")
         workload["measured"][run["policy"]] = float(np.mean([m.token_latency for m in requests if m.finished]))
+        shapes = workload["decode_steps"][run["policy"]] = {}
+        for s in (dict(zip(fields["steps"], s)) for s in run["steps"]):
+            if not (s["prefill_rows"] or s["switch_time"] or s["compile_time"]):
+                shapes.setdefault((s["mode"], s["decode_rows"], s["adapters"]), []).append(
+                    s["duration"] - s.get("load_time", 0.0))
     return out
+
+
+def step_speed(ours: dict, base: dict, min_steps: int = 3) -> float | None:
+    """How long ours' steps took over how long the baseline's took at the same shape: the median
+    ratio per shape both ran at least `min_steps` times (decode_steps' keys), averaged over ours'
+    steps of those shapes; None where they share no such shape."""
+    shared = [(len(t), np.median(t) / np.median(base[k])) for k, t in ours.items()
+              if len(t) >= min_steps and len(base.get(k, ())) >= min_steps]
+    return float(sum(n * r for n, r in shared) / sum(n for n, _ in shared)) if shared else None
 
 
 def replay(step_log: dict) -> list[dict]:
     """Every policy of POLICIES on each logged workload's requests: [{"kind", "arrival", "popularity",
-    "rate", "simulated": {policy: ours' token latency over its}, "measured": {the same on the GPU}}]."""
+    "rate", "simulated": {policy: ours' token latency over its}, "measured": {the same on the GPU},
+    "step_speed": {policy: ours' steps' time over its at the same shape (step_speed), None where
+    they share none}}]."""
     points = []
     for (kind, arrival, popularity, rate), w in sorted(logged_workloads(step_log).items()):
         sim = {name: simulate(make(), w["trace"], STEP_TIMES[kind])["token_latency"] for name, make in POLICIES.items()}
-        gpu = w["measured"]
+        gpu, steps = w["measured"], w["decode_steps"]
+        logged = [n for n in sim if n != "ours" and n in gpu] if "ours" in gpu else []
         points.append({"kind": kind, "arrival": arrival, "popularity": popularity, "rate": rate,
                        "simulated": {n: sim["ours"] / sim[n] for n in sim if n != "ours"},
-                       "measured": {n: gpu["ours"] / gpu[n] for n in sim if n != "ours" and n in gpu} if "ours" in gpu
-                       else {}})
+                       "measured": {n: gpu["ours"] / gpu[n] for n in logged},
+                       "step_speed": {n: step_speed(steps["ours"], steps[n]) for n in logged}})
     return points
 
 
@@ -190,12 +213,17 @@ def replay_table(points: list[dict], command: str) -> str:
         correlation = f"{np.corrcoef(np.log(pairs).T)[0, 1]:.2f}" if spread else "–"
         lines.append(f"| {base} | {len(pairs)} | {geomean(pairs[:, 0]):.3f} | {geomean(pairs[:, 1]):.3f} | "
                      f"{correlation} | {np.mean(sim == gpu):.0%} | {gpu.sum()} / {sim.sum()} / {(sim & gpu).sum()} |")
-    lines += ["", "| kind | arrivals | popularity | rate | ours / | simulated | measured |", "|" + " --- |" * 7]
+    lines += ["", "Where either has ours behind, and how long ours' steps took over the baseline's at the same "
+              "shape (decode-only steps of the same mode, rows and adapters; the runs follow one another on the "
+              "device).", "", "| kind | arrivals | popularity | rate | ours / | simulated | measured | "
+              "ours' steps at the same shape |", "|" + " --- |" * 8]
     for p in points:
         for base, measured in p["measured"].items():
             if max(measured, p["simulated"][base]) > 1:
+                speed = p["step_speed"][base]
                 lines.append(f"| {p['kind']} | {p['arrival']} | {p['popularity']} | {p['rate']:g} | {base} | "
-                             f"{p['simulated'][base]:.3f} | {measured:.3f} |")
+                             f"{p['simulated'][base]:.3f} | {measured:.3f} | "
+                             f"{'–' if speed is None else f'{speed:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +231,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default="vqa,video")
     ap.add_argument("--popularity", default="hot80,uniform,zipf1.5,hot50,hot60")
-    ap.add_argument("--arrivals", default="poisson")
+    ap.add_argument("--arrivals", default="poisson,bursty")
     ap.add_argument("--rates", default="2,4,6,10,16")
     ap.add_argument("--traces", type=int, default=6, help="traces per point (geometric means over them)")
     ap.add_argument("--requests", type=int, default=40)

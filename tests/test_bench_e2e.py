@@ -103,10 +103,12 @@ def test_step_times_summary_of_a_known_log():
                            "unmerged, decode only": [1, 20.0, None]}
     assert e["model_abs_error_ms"] == 10.0
     assert (e["runs"], round(e["load_s"], 6), round(e["switch_s"], 6), round(e["live_gap_s"], 6)) == (1, 0.03, 0.02, 0.1)
+    assert (e["switches"], e["switch_median_ms"]) == (1, 20.0)
     assert (round(e["gc_s"], 6), e["gc_longest_ms"]) == (0.042, 40.0)
     assert e["longest"] == [[2000.0, "unmerged", 1, 0, 1, 0.0], [100.0, "merged", 2, 1, 1, 40.0],
                             [30.0, "merged", 2, 0, 1, 0.0]]
     assert "| vqa/ours | 1 | merged, 1 prefill rows: 1 x 50.0 (model +10.0);" in e2e_steps.table({"vqa/ours": e})
+    assert "| 0.03 | 0.02 (1, 20.0) | 0.10 |" in e2e_steps.table({"vqa/ours": e})
 
 
 def _run(policy, rate, kind="vqa"):
