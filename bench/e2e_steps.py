@@ -30,10 +30,10 @@ def load_step_log(path: str | Path) -> dict:
 
 def summarize(logs: list[dict]) -> dict:
     """{"kind/policy": {"shapes": {"mode, shape": [steps, median ms, the model's mean error ms]}, "load_s",
-    "switch_s", "switches", "switch_median_ms" (None without a switch), "live_gap_s", "gc_s", "gc_longest_ms", "model_abs_error_ms", "runs",
-    "longest": [[ms, mode, decode rows, prefill rows, adapters, ms of garbage collection in it
-    (None: not logged)], ...]}}; steps that compiled are left out of the shapes and the model's
-    errors (None where the log has no predictions)."""
+    "switch_s", "switches", "switch_median_ms" (None without a switch), "live_gap_s", "gc_s",
+    "gc_longest_ms", "model_abs_error_ms", "runs", "longest": [[ms, mode, decode rows, prefill rows,
+    adapters, ms of garbage collection in it (None: not logged)], ...]}}; steps that compiled are
+    left out of the shapes and the model's errors (None where the log has no predictions)."""
     out = collections.defaultdict(lambda: {"shapes": collections.defaultdict(list), "load_s": 0.0, "switch_s": 0.0,
                                            "switch_times": [], "live_gap_s": 0.0, "gc_s": None, "gc_longest_ms": 0.0,
                                            "runs": 0, "errors": collections.defaultdict(list), "longest": []})
