@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import save_result  # noqa: E402
 from bench.e2e_steps import load_step_log  # noqa: E402
 from bench.workloads import Workload, adapter_probabilities, arrival_times  # noqa: E402
-from serve.metrics import RequestMetrics  # noqa: E402
+from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, Policy, PunicaPolicy,  # noqa: E402
                             SchedulerState, SeqView, UnmergedPolicy, VLoRAPolicy)
 
@@ -163,10 +163,9 @@ def logged_workloads(step_log: dict) -> dict:
                              f"{run['rate']} served different requests")
         workload["measured"][run["policy"]] = float(np.mean([m.token_latency for m in requests if m.finished]))
         shapes = workload["decode_steps"][run["policy"]] = {}
-        for s in (dict(zip(fields["steps"], s)) for s in run["steps"]):
-            if not (s["prefill_rows"] or s["switch_time"] or s["compile_time"]):
-                shapes.setdefault((s["mode"], s["decode_rows"], s["adapters"]), []).append(
-                    s["duration"] - s.get("load_time", 0.0))
+        for s in (StepMetrics(**dict(zip(fields["steps"], s))) for s in run["steps"]):
+            if not (s.prefill_rows or s.switch_time or s.compile_time):
+                shapes.setdefault((s.mode, s.decode_rows, s.adapters), []).append(s.compute_time)
     return out
 
 

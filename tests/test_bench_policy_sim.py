@@ -47,8 +47,8 @@ def test_main_writes_the_table_of_its_runs(tmp_path):
     assert "| vqa | poisson | hot80 | 4 |" in out.with_suffix(".md").read_text()
 
 
-STEP_FIELDS = ["duration", "switch_time", "mode", "decode_rows", "prefill_rows", "adapters", "compile_time",
-               "load_time"]
+STEP_FIELDS = ["start", "duration", "switch_time", "mode", "merged_adapter", "decode_rows", "prefill_rows", "tokens",
+               "lora_tokens", "adapters", "compile_time", "load_time"]
 
 
 def _logged_run(policy: str, latencies: list[float], decode_s: float = 0.02,
@@ -57,9 +57,10 @@ def _logged_run(policy: str, latencies: list[float], decode_s: float = 0.02,
     tokens; 0 for a task-head answer) finished `latencies` after arriving; among its steps, three
     decodes of 2 rows and 2 adapters took `decode_s` (plus a 5 ms adapter load in one), and a
     prefill, a switching and a compiling step of that shape each took a second."""
-    decodes = [[decode_s + load, 0.0, "unmerged", 2, 0, 2, 0.0, load] for load in (0.0, 0.005, 0.0)]
-    slow = [[1.0, 0.0, "unmerged", 2, 1, 2, 0.0, 0.0], [1.0, 0.5, "unmerged", 2, 0, 2, 0.0, 0.0],
-            [1.0, 0.0, "unmerged", 2, 0, 2, 0.9, 0.0]]
+    step = lambda duration, prefill_rows=0, switch=0.0, compile_time=0.0, load=0.0: [
+        0.0, duration, switch, "unmerged", None, 2, prefill_rows, 2, 2.0, 2, compile_time, load]
+    decodes = [step(decode_s + load, load=load) for load in (0.0, 0.005, 0.0)]
+    slow = [step(1.0, prefill_rows=1), step(1.0, switch=0.5), step(1.0, compile_time=0.9)]
     return {"kind": "vqa", "arrival": "bursty", "popularity": "hot80", "rate": 2.0, "policy": policy,
             "steps": decodes + slow, "requests": [[a, t, p, t, t, t + latency, out, 0, "length"]
                                                   for (a, t, p, out), latency in zip(requests, latencies)]}

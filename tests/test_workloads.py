@@ -103,4 +103,3 @@ def test_frozen_heap_keeps_what_was_alive_on_entry_out_of_collections_until_exit
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert alive_ref() is None                       # unfrozen on exit: freed by the next collection
-
