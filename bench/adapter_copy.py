@@ -35,6 +35,7 @@ from valora_jax import PRESETS, random_adapter  # noqa: E402
 from valora_jax.adapters import PackedAdapter  # noqa: E402
 from valora_jax.lora import module_shapes  # noqa: E402
 from valora_jax.model import LMM  # noqa: E402
+from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 VARIANTS = ("per_module", "packed", "packed_pinned")
 
@@ -146,7 +147,7 @@ def measure(preset: str, ranks: list[int], repeats: int) -> dict:
 def table(report: dict) -> str:
     r = report["results"]
     lines = [f"# One adapter's host-to-device copy ({report['preset']}, {r['modules']} LoRA modules), "
-             f"{report['device']}, jax {report['jax']}", "", f"`{report['command']}`", "",
+             f"{report['device']}, {versions_line(report)}", "", f"`{report['command']}`", "",
              f"The serving loop alone: {r['loop_calls_per_s_alone']:.0f} calls/s.", "",
              "| rank | MB | variant | alone ms | GB/s | beside the loop ms | loop's rate meanwhile |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -169,7 +170,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     results = measure(args.preset, [int(r) for r in args.ranks.split(",")], args.repeats)
     report = {"command": "python " + " ".join(["bench/adapter_copy.py", *(argv if argv is not None else sys.argv[1:])]),
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": args.preset,
+              "device": jax.devices()[0].device_kind, **stack_versions(), "preset": args.preset,
               "results": results}
     save_result(args.out, report, table(report))
 

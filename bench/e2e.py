@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -47,6 +46,7 @@ from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, 
 from valora_jax.lora import MODES  # noqa: E402
 from valora_jax.runtime import (compile_lowered, compile_seconds, compile_seconds_by_function,  # noqa: E402
                                 frozen_heap, use_serving_xla_flags)
+from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 
 def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
@@ -330,7 +330,7 @@ def _save(out: Path, results: list, meta: dict, logs: list, args) -> None:
             path = Path(args.step_log)
             fields = {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
                       "requests": [f.name for f in dataclasses.fields(RequestMetrics)]}
-            meta = {k: report["meta"][k] for k in ("commands", "device", "jax")}     # what measured the runs
+            meta = {k: report["meta"][k] for k in ("commands", "device", "jax", "jaxlib", "flax", "cuda_plugin")}     # what measured the runs
             _write_atomic(path, json.dumps({"fields": fields, "meta": meta,
                                             "runs": _merged(read(path, {"runs": []})["runs"], logs)}))
     print(report["table"], flush=True)
@@ -344,7 +344,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _report(results, commands, args) -> dict:
     meta = {"commands": commands, "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "python": platform.python_version(),
+            **stack_versions(),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     key = lambda r: (r["kind"], r["arrival"], r["popularity"], r["rate"])
     by = {}
@@ -362,7 +362,7 @@ def _report(results, commands, args) -> dict:
     cold = [g["ours"]["cold_p99"] / g["unmerged"]["cold_p99"] for g in by.values()
             if "ours" in g and "unmerged" in g and g["ours"]["cold_p99"] and g["unmerged"]["cold_p99"]]
     ratios["cold_p99_ours_over_unmerged_max"] = max(cold) if cold else None
-    lines = [f"# End-to-end serving, {args.preset}, {meta['device']}, jax {meta['jax']}", "",
+    lines = [f"# End-to-end serving, {args.preset}, {meta['device']}, {versions_line(meta)}", "",
              *[f"`{c}`  " for c in meta["commands"]],
              *([f"XLA_FLAGS=`{meta['xla_flags']}`"] if meta["xla_flags"] else []), "",
              "| ours vs | geomean token-latency ratio | reduction | target reduction | worst ratio "

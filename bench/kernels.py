@@ -29,6 +29,7 @@ from pallas_kernels import lora_delta
 from pallas_kernels.problems import Shape, flops, floor_bytes, make_inputs
 from pallas_kernels.tiling import STATIC_TILE
 from pallas_kernels.timing import BulkTimer, compile_all, copy_bandwidth, harness_overhead, time_op
+from valora_jax.versions import stack_versions, versions_line
 
 try:
     import tokamax
@@ -275,7 +276,7 @@ def write_report(result: dict, out_dir: pathlib.Path, stem: str) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     names = [n for n in VARIANTS if any(n in r["us"] or n in r.get("errors", {}) for r in result["records"])]
     lines = [f"# ATMM kernel benchmark on {result['device']}", "",
-             f"`{result['command']}` · jax {result['jax']} · {result['date']} · copy bandwidth "
+             f"`{result['command']}` · {versions_line(result)} · {result['date']} · copy bandwidth "
              f"{result['copy_bandwidth_TBps']:.2f} TB/s · static tile `{result['static_tile']}` · "
              f"tokamax: {result.get('tokamax', 'not part of this run')}", "",
              *([f"Report rewritten from the measured records by `{result['report_command']}`.", ""]
@@ -378,12 +379,12 @@ def main(argv=None) -> None:
     bandwidth = copy_bandwidth()
     overhead = harness_overhead(UNROLL)
     static = STATIC_TILE
-    result = {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+    result = {"device": device, **stack_versions(), "date": time.strftime("%Y-%m-%d"),
               "command": "python3 -m bench.kernels " + " ".join(argv if argv is not None else sys.argv[1:]),
               "copy_bandwidth_TBps": bandwidth / 1e12, "harness_overhead_us": overhead * 1e6,
               "static_tile": static.to_dict(), "tokamax": TOKAMAX,
               "records": [], "layers": []}
-    print(f"{device}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s, harness "
+    print(f"{device}, {versions_line(result)}, copy {bandwidth / 1e12:.2f} TB/s, harness "
           f"{overhead * 1e6:.2f} us/call, static {static}", flush=True)
     for rec in bench_shapes(shapes(args.quick), bandwidth, static, start + args.budget_s):
         result["records"].append(rec)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from valora_jax import (AdapterPool, Generator, ModelRunner, Request, RowSpec, init_model, init_pages,  # noqa: E402
                         llava_1_5_7b, pack_block, random_adapter, tiny, use_serving_xla_flags)
+from valora_jax.versions import stack_versions  # noqa: E402
 
 
 def _tiny_agreement() -> dict:
@@ -120,7 +121,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     xla_flags = use_serving_xla_flags()
     result = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
-              "jax": jax.__version__, "xla_flags": xla_flags, "tiny": _tiny_agreement()}
+              **stack_versions(), "xla_flags": xla_flags, "tiny": _tiny_agreement()}
     print(json.dumps(result["tiny"]), flush=True)
     if not args.skip_7b:
         result["llava_1_5_7b"] = _llava_steps()

@@ -32,6 +32,7 @@ from pallas_kernels import merge  # noqa: E402
 from pallas_kernels.lora_reference import LoraWeight  # noqa: E402
 from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
 from pallas_kernels.timing import BulkTimer, compile_all, copy_bandwidth  # noqa: E402
+from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 SHAPE = (4096, 11008)
 MERGE_RANK = 64
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
             n_bytes = merge.merge_bytes(*SHAPE, MERGE_RANK) if name.startswith("swift merge") else moved
             rates[name] = {"us": seconds * 1e6, "tb_per_s": n_bytes / seconds / 1e12}
         print(f"{name:45s} {rates[name]}", flush=True)
-    result = {"command": "python " + " ".join(sys.argv), "device": device, "jax": jax.__version__,
+    result = {"command": "python " + " ".join(sys.argv), "device": device, **stack_versions(),
               "date": time.strftime("%Y-%m-%d"), "shape": list(SHAPE), "dtype": "bfloat16",
               "copy_bandwidth_TBps": copy_bandwidth() / 1e12, "variants": rates}
     save_result(args.out, result, report(result))
@@ -132,7 +133,7 @@ def report(result: dict) -> str:
     """A markdown table of the variants, fastest first."""
     ok = sorted(((n, r) for n, r in result["variants"].items() if "us" in r), key=lambda nr: nr[1]["us"])
     lines = [f"# Streaming y = x + t over bfloat16 {result['shape'][0]}x{result['shape'][1]}, {result['device']}, "
-             f"jax {result['jax']}", "", f"`{result['command']}` · copy bandwidth (XLA, 4 GB) "
+             f"{versions_line(result)}", "", f"`{result['command']}` · copy bandwidth (XLA, 4 GB) "
              f"{result['copy_bandwidth_TBps']:.2f} TB/s", "", "| variant | us | TB/s |", "| --- | --- | --- |"]
     lines += [f"| {n} | {r['us']:.1f} | {r['tb_per_s']:.2f} |" for n, r in ok]
     lines += [f"| {n} | – | {r['error']} |" for n, r in result["variants"].items() if "error" in r]

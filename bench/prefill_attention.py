@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import save_result  # noqa: E402
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference  # noqa: E402
 from pallas_kernels.timing import BulkTimer, compile_all, harness_overhead  # noqa: E402
+from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 HEADS, HEAD_DIM = 32, 128
 LAUNCHES = [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 3)]
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
         print(f"{shape.label():55s} best {best}: {flash.get(best, float('nan')):.1f} us; dense: {us['dense']}; "
               f"dense / best {record['dense_over_best']}", flush=True)
         del sets
-    result = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+    result = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind, **stack_versions(),
               "date": time.strftime("%Y-%m-%d"), "harness_us": harness * 1e6, "records": records}
     save_result(args.out, result, report(result))
 
@@ -110,7 +111,7 @@ def report(result: dict) -> str:
     """Markdown: per shape, every variant's net us, the best flash launch and its speed-up over dense."""
     names = list(variants())
     fmt = lambda t: f"{t:.1f}" if isinstance(t, float) else "–"
-    lines = [f"# Prefill attention, LLaVA-1.5-7B heads ({HEADS} x {HEAD_DIM}), {result['device']}, jax {result['jax']}",
+    lines = [f"# Prefill attention, LLaVA-1.5-7B heads ({HEADS} x {HEAD_DIM}), {result['device']}, {versions_line(result)}",
              "", f"`{result['command']}` · net us per call (harness {result['harness_us']:.2f} us removed)", "",
              "| shape | " + " | ".join(names) + " | dense / best flash | best flash TFLOP/s |",
              "|---" * (len(names) + 3) + "|"]

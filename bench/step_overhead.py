@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import save_result  # noqa: E402
+from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 VARIANTS = {
     "default": "",
@@ -105,9 +106,9 @@ def main(argv=None):
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(name, results[name], flush=True)
     report = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind,
-              "jax": jax.__version__, "xla_flags": {n: VARIANTS[n] for n in names}, "results": results}
+              **stack_versions(), "xla_flags": {n: VARIANTS[n] for n in names}, "results": results}
     lines = [f"# Decode step ({args.preset}, 64 rows, 16 keys): host dispatch vs step, {report['device']}, "
-             f"jax {report['jax']}", "", f"`{report['command']}`", "",
+             f"{versions_line(report)}", "", f"`{report['command']}`", "",
              "| variant | XLA flags | merged dispatch ms | merged step ms | unmerged dispatch ms | unmerged step ms "
              "| arguments only ms |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

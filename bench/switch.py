@@ -14,7 +14,6 @@ that both switches give bit-identical merged weights and that the base stays bit
 """
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth  # noqa: E402
 from valora_jax import PRESETS, ModelRunner, init_model, random_adapter  # noqa: E402
 from valora_jax.lora import targeted_linears  # noqa: E402
+from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 
 def _timed(fn, runner, slots, repeats):
@@ -127,13 +127,13 @@ def main(argv=None):
 
     result = {
         "command": "python " + " ".join(sys.argv),
-        "device": jax.devices()[0].device_kind, "jax": jax.__version__, "python": platform.python_version(),
+        "device": jax.devices()[0].device_kind, **stack_versions(),
         "preset": args.preset, "rank": args.rank, "targeted_weights": len(first.module_shapes),
         "bytes_moved": moved, "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms, "unmerge_ms": 0.0,
         "backends": rows, f"max_abs_diff_vs_{backends[0]}": agree, "base_bit_identical": base_exact,
         "merge_tiles": tiles, "gemm_addend": gemm,
     }
-    lines = [f"# Mode switch on {args.preset} shapes (rank {args.rank}), {result['device']}, jax {jax.__version__}",
+    lines = [f"# Mode switch on {args.preset} shapes (rank {args.rank}), {result['device']}, {versions_line(result)}",
              "", f"`{result['command']}`", "",
              "| switch | merge by | median ms | vs floor |", "| --- | --- | --- | --- |",
              f"| floor ({moved / 1e9:.2f} GB at {bandwidth / 1e12:.2f} TB/s) | - | {floor_ms:.2f} | 1.00x |"]

@@ -71,11 +71,19 @@ def _setup(args):
     return runner, pool, origin
 
 
+def _stack() -> str:
+    from valora_jax.versions import stack_versions, versions_line
+
+    versions = stack_versions()
+    return f"{versions_line(versions)}; JAX backend {versions['backend']} ({versions['device']})"
+
+
 def cmd_info(args) -> None:
     from valora_jax import count_params
 
     runner, pool, origin = _setup(args)
     cfg = runner.config
+    print(f"stack: {_stack()}")
     print(f"model: {cfg.name} ({origin})")
     print(f"base id: {cfg.base_id}")
     print(f"parameters: {count_params(cfg):,}")
@@ -173,6 +181,7 @@ def cmd_serve(args) -> None:
     app = create_app(EngineService(engine), adapter_root=args.adapter_root,
                      api_key=args.api_key or os.environ.get("VALORA_API_KEY") or None,
                      media_roots=tuple(args.allowed_local_media_path))
+    print(f"stack: {_stack()}", file=sys.stderr)
     print(f"model: {runner.config.name} ({origin}); adapters: {sorted(pool.store) or 'none'}; "
           f"{runner.config.lora.max_loras} adapter slots; policy {args.policy}; adapter root {args.adapter_root}",
           file=sys.stderr)

@@ -9,6 +9,8 @@ import pytest
 from valora_jax import AdapterPool, Generator, ModelRunner, VisionConfig, init_model, random_adapter, tiny
 from valora_jax.config import ALL_TARGETS, TextConfig
 
+pytest_plugins = ["tests.skip_guard", "pytester"]
+
 # How closely two computations of the same function must agree, keyed by dtype:
 # elementwise (rtol, atol), and `rel`, the bound on ||a - b|| / ||b||.
 TOLERANCES = {jnp.dtype(jnp.float32): {"rtol": 1e-4, "atol": 1e-4, "rel": 1e-5},

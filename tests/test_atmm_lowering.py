@@ -18,12 +18,16 @@ from pallas_kernels.atmm import _lora_delta
 from pallas_kernels.testing import Case, make_problem
 from pallas_kernels.tiling import TileConfig, heuristic_tile
 
-gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+_H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H200", num_cores=None, platform="cuda"))
 
 
-@pytest.fixture(autouse=True)
-def _pretend_h200(monkeypatch):
-    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H200))
+def triton_launches(fn, *args) -> int:
+    """How many Triton kernels jit(fn)(*args) launches, lowered for an H200 through an abstract
+    device (JAX's public way to lower for a GPU that is not here)."""
+    with jax.sharding.use_abstract_mesh(_H200):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return text.count("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.parametrize("case, tile", [
@@ -37,9 +41,8 @@ def _pretend_h200(monkeypatch):
 def test_kernels_lower_to_triton(case, tile, with_base):
     x, weights, slot, merged = make_problem(case, seed=0)
     base = tuple(jnp.zeros((case.tokens, d), x.dtype) for d in case.d_outs) if with_base else None
-    fn = jax.jit(functools.partial(_lora_delta, mixture=case.mixture, tile=tile, interpret=False))
-    text = fn.trace(x, weights, slot, jnp.int32(merged), base).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2            # one shrink and one expand launch
+    fn = functools.partial(_lora_delta, mixture=case.mixture, tile=tile, interpret=False)
+    assert triton_launches(fn, x, weights, slot, jnp.int32(merged), base) == 2    # one shrink, one expand
 
 
 @pytest.mark.parametrize("dtype, d_in, d_out, r", [("bfloat16", 4096, 11008, 64), ("float32", 100, 300, 24)])
@@ -51,9 +54,8 @@ def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r, row_tiles, stages)
     kernel = jnp.zeros((d_in, d_out), dtype)
     w = LoraWeight(jnp.zeros((4, d_in, r), dtype), jnp.zeros((4, r, d_out), dtype), jnp.ones(4), jnp.full(4, r))
     tile = MergeTile(row_tiles=row_tiles, stages=stages)
-    fn = jax.jit(functools.partial(_merge, tile=tile, interpret=False))
-    text = fn.trace(kernel, w, jnp.int32(1)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    fn = functools.partial(_merge, tile=tile, interpret=False)
+    assert triton_launches(fn, kernel, w, jnp.int32(1)) == 1
 
 
 @pytest.mark.parametrize("shape, blocks", [((2, 512, 32, 32, 128, 4096), (64, 64)), ((3, 300, 8, 2, 64, 2000), (128, 32)),
@@ -64,16 +66,13 @@ def test_prefill_attention_lowers_to_triton(shape, blocks):
     rows, queries, heads, kv_heads, head_dim, context = shape
     q = jnp.zeros((rows, queries, heads, head_dim), jnp.bfloat16)
     k = jnp.zeros((rows, context, kv_heads, head_dim), jnp.bfloat16)
-    fn = jax.jit(functools.partial(_prefill_attention, block_q=blocks[0], block_k=blocks[1], warps=8, stages=2,
-                                   interpret=False))
-    text = fn.trace(q, k, k, jnp.zeros((rows, queries), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    fn = functools.partial(_prefill_attention, block_q=blocks[0], block_k=blocks[1], warps=8, stages=2,
+                                   interpret=False)
+    assert triton_launches(fn, q, k, k, jnp.zeros((rows, queries), jnp.int32)) == 1
 
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_streaming_bench_kernel_lowers_to_triton(masked):
     from bench.pallas_copy import pallas_add
-    fn = jax.jit(functools.partial(pallas_add, bm=64, bn=256, warps=4, row_tiles=4, stages=3, masked=masked))
-    text = fn.trace(jnp.zeros((4096, 11008), jnp.bfloat16), jnp.zeros((1,), jnp.bfloat16)).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    fn = functools.partial(pallas_add, bm=64, bn=256, warps=4, row_tiles=4, stages=3, masked=masked)
+    assert triton_launches(fn, jnp.zeros((4096, 11008), jnp.bfloat16), jnp.zeros((1,), jnp.bfloat16)) == 1

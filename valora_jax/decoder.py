@@ -95,7 +95,12 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
     q [B, H, Dh], pages [H_kv, P, page, Dh], page_table [B, Pmax] (Pmax a power of two),
     lengths [B] int32 (keys 0..length-1 are attended) -> [B, H*Dh]."""
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    try:    # imported only by the backend that runs it: JAX 0.12 removed the module
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    except ImportError as e:
+        raise RuntimeError(f"attention backend 'pallas' needs jax.experimental.pallas.ops.gpu.paged_attention, "
+                           f"absent from jax {jax.__version__}: install the pinned stack (pip install -c "
+                           f"constraints.txt -e .) or use attention backend 'reference'") from e
 
     width = page_table.shape[1]
     q = (q.astype(jnp.float32) / jnp.sqrt(q.shape[-1])).astype(q.dtype)    # the kernel does not scale
