@@ -109,8 +109,8 @@ def run_one(runner, pool, policy: Policy, trace, engine_config: EngineConfig, ho
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llava-1.5-7b", choices=sorted(PRESETS))
-    ap.add_argument("--backend", default="pallas")
-    ap.add_argument("--attention", default="pallas", help="paged attention backend (decoder.ATTENTION_BACKENDS)")
+    ap.add_argument("--backend", default="auto", help="LoRA backend, as valora serve takes it (default: auto)")
+    ap.add_argument("--attention", default="auto", help="paged-attention backend, as valora serve takes it")
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--ranks", default="16,32,64")
     ap.add_argument("--max-loras", type=int, default=16)
@@ -173,9 +173,9 @@ def main(argv=None):
             headed.add(a.name)
     names = [a.name for a in adapters]
     # static-tiling baselines run the same kernel with one fixed tile, on a twin of the runner
-    backends = {p: ("pallas-static" if POLICIES[p].static_tiles and args.backend == "pallas" else args.backend)
+    backends = {p: ("pallas-static" if POLICIES[p].static_tiles and runner.backend == "pallas" else runner.backend)
                 for p in args.policies.split(",")}
-    serving = {b: _with_adapters(runner if b == args.backend else runner.twin(b), adapters)
+    serving = {b: _with_adapters(runner if b == runner.backend else runner.twin(b), adapters)
                for b in set(backends.values())}
     step_features = args.max_prefill_rows * config.tokens_per_image * max(IMAGES[k] for k in kinds)
     engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
@@ -215,7 +215,7 @@ def main(argv=None):
                   f"compiling ({sum(spent.values()):.1f} s of compilation: "
                   + ", ".join(f"{name} {sec:.1f} s" for name, sec in spent.most_common(5)) + ")", flush=True)
     if "ours" in policies:
-        runner_o, pool_o = serving[args.backend]
+        runner_o, pool_o = serving[runner.backend]
         for kind in kinds:
             probe = make_trace(Workload(kind, 16.0, "poisson", "hot50", args.probe_requests, seed=98),
                                names, size, headed)

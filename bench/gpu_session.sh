@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
 #   bash bench/gpu_session.sh adapter-copy                (one adapter's host-to-device copy, beside a serving loop)
 #   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
+#   bash bench/gpu_session.sh decode                      (decode attention: GPU checks, then launches vs the floor)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
@@ -36,7 +37,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then            # once a machine: sessions may
               touch /tmp/site/.installed; } || exit
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-E2E="python3 bench/e2e.py --preset llava-1.5-7b --backend pallas --append"
+E2E="python3 bench/e2e.py --preset llava-1.5-7b --append"
 E2E_DIR=/tmp/valora-e2e     # the background e2e's results, outside the repo (each call's copy of it replaces tracked files)
 python3 -c 'import jax; print(jax.__version__, jax.devices())'
 # SESSION_DEADLINE_S: interrupt a stage this many seconds after the session began (set it below the
@@ -55,6 +56,8 @@ for stage in "$@"; do
         adapter-copy) $limit python3 bench/adapter_copy.py --out bench/results/adapter_copy ;;
         attention) $limit python3 -m bench.gpu_smoke --kernels attention &&
                      $limit python3 bench/prefill_attention.py --out bench/results/prefill_attention ;;
+        decode)  $limit python3 -m bench.gpu_smoke --kernels decode &&
+                     $limit python3 bench/decode_attention.py --out bench/results/decode_attention ;;
         switch)  $limit python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    $limit python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         tune-merge) $limit python3 -m pallas_kernels.tune --merge ;;

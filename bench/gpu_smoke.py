@@ -1,9 +1,10 @@
-"""ATMM, the swift merge and prefill attention on the GPU vs the references: the checks of
-tests/test_atmm.py, tests/test_merge.py and tests/test_prefill_attention.py, compiled for real.
+"""ATMM, the swift merge, prefill and decode attention on the GPU vs the references: the checks of
+tests/test_atmm.py, tests/test_merge.py, tests/test_prefill_attention.py and
+tests/test_decode_attention.py, compiled for real.
 
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
-several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge,attention]
+several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge,attention,decode]
 (exit status 1 on any failure)
 """
 
@@ -12,12 +13,12 @@ import sys
 import time
 import traceback
 
-import jax
 
 from pallas_kernels import MergeTile, TileConfig
 from pallas_kernels.testing import CASES as BASE_CASES
-from pallas_kernels.testing import (ATTENTION_CASES, MERGE_CASES, AttentionCase, Case, MergeCase, check,
-                                    check_attention, check_merge)
+from pallas_kernels.testing import (ATTENTION_CASES, DECODE_CASES, MERGE_CASES, AttentionCase, Case, DecodeCase,
+                                    MergeCase, check, check_attention, check_decode_attention, check_merge)
+from valora_jax.versions import stack_versions, versions_line
 
 CASES = BASE_CASES + [
     # LLaVA-sized
@@ -51,6 +52,13 @@ ATTENTION = ATTENTION_CASES + [                                         # LLaVA-
     AttentionCase(1, 256, 640, 32, 32, 128, "float32"),
 ]
 
+DECODE = DECODE_CASES + [                                               # LLaVA-sized: 32 heads of 128
+    DecodeCase(64, 64, 4200, 32, 32, 128, dtype="bfloat16"),
+    DecodeCase(1, 256, 300, 32, 32, 128, dtype="bfloat16"),
+    DecodeCase(16, 32, 600, 32, 8, 128, dtype="bfloat16", pages_per_block=16, splits=3),
+    DecodeCase(8, 16, 200, 32, 32, 128, dtype="float32", pages_per_block=4),
+]
+
 
 def _run(label: str, fn) -> bool:
     t0 = time.perf_counter()
@@ -66,11 +74,12 @@ def _run(label: str, fn) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernels", default="atmm,merge,attention", help="which checks: atmm, merge, attention")
-    kernels, known = set(p.parse_args(argv).kernels.split(",")), {"atmm", "merge", "attention"}
+    p.add_argument("--kernels", default="atmm,merge,attention,decode", help="which checks: atmm, merge, attention, decode")
+    kernels, known = set(p.parse_args(argv).kernels.split(",")), {"atmm", "merge", "attention", "decode"}
     if not kernels <= known:
         p.error(f"unknown kernels {sorted(kernels - known)}; choose from {', '.join(sorted(known))}")
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    versions = stack_versions()
+    print(f"{versions_line(versions)} on {versions['device']}", flush=True)
     results = []
     if "atmm" in kernels:
         results += [_run(f"{case}  tile={tile}", lambda case=case, tile=tile: check(
@@ -79,6 +88,8 @@ def main(argv=None) -> int:
         results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
     if "attention" in kernels:
         results += [_run(str(case), lambda case=case: check_attention(case, seed=case.context)) for case in ATTENTION]
+    if "decode" in kernels:
+        results += [_run(str(case), lambda case=case: check_decode_attention(case, seed=case.pages)) for case in DECODE]
     failures = results.count(False)
     print(f"{failures} failures", flush=True)
     return 1 if failures else 0

@@ -1,4 +1,4 @@
-"""Random ATMM, merge and prefill-attention problems and the kernel-vs-reference checks (shared
+"""Random ATMM, merge, prefill- and decode-attention problems and the kernel-vs-reference checks (shared
 by tests/ and bench/gpu_smoke.py).
 
 Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.atmm import _lora_delta
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight, lora_delta_reference, merge_weight_reference
 from pallas_kernels.merge import _merge
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
@@ -253,4 +254,67 @@ ATTENTION_CASES = [
     AttentionCase(2, 64, 200, heads=4, kv_heads=4, block_k=32),          # C not a power of two
     AttentionCase(2, 100, 256, heads=8, kv_heads=1, head_dim=16, dtype="bfloat16", block_q=32),
     AttentionCase(4, 32, 128, heads=2, kv_heads=2, head_dim=32, dtype="float16", block_q=16, block_k=128),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+    """One paged decode-attention problem: `rows` queries over a cache of `pages` pages of
+    `page_size` keys, page tables `width` pages wide, H query and H_kv key/value heads of dim Dh;
+    pages_per_block / splits as decode_attention takes them."""
+
+    rows: int
+    width: int
+    pages: int
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    page_size: int = 16
+    dtype: str = "float32"
+    pages_per_block: int = 8
+    splits: int | None = None
+
+
+def decode_problem(case: DecodeCase, seed: int = 0) -> tuple:
+    """(q, k_pages, v_pages, page_table, lengths) of fresh random data: each row's pages drawn
+    without replacement from the cache (rows may share none), the unused table entries are
+    garbage page ids (out of range too), lengths ragged: 0 (an idle row), one key, a whole table
+    and random ones in between."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), case.dtype)
+    q = normal(case.rows, case.heads, case.head_dim)
+    k, v = (normal(case.kv_heads, case.pages, case.page_size, case.head_dim) for _ in range(2))
+    full = case.width * case.page_size
+    lengths = rng.integers(1, full + 1, case.rows)
+    lengths[: min(3, case.rows)] = (0, 1, full)[: min(3, case.rows)]
+    table = rng.integers(-5, case.pages + 5, (case.rows, case.width))                   # garbage past the length
+    for r, n in enumerate(lengths):
+        used = -(-int(n) // case.page_size)
+        table[r, :used] = rng.choice(case.pages, used, replace=False)
+    return q, k, v, jnp.asarray(table, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def check_decode_attention(case: DecodeCase, seed: int = 0, interpret: bool = False) -> float:
+    """The decode-attention kernel against its reference on fresh random data; the relative error.
+    Raises AssertionError on NaN, an idle row that is not 0, or an error beyond TOLERANCE[dtype]."""
+    q, k, v, table, lengths = decode_problem(case, seed)
+    got = np.asarray(decode_attention(q, k, v, table, lengths, pages_per_block=case.pages_per_block,
+                                      splits=case.splits, interpret=interpret), np.float32)
+    safe = jnp.where(jnp.arange(case.width)[None, :] * case.page_size < lengths[:, None], table, 0)
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(decode_attention_reference(q, k, v, safe, lengths), np.float32)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} NaN in the output"
+    idle = np.asarray(lengths) == 0
+    assert not got[idle].any(), "a row of length 0 must get 0"
+    err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    assert err <= TOLERANCE[case.dtype], f"relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+    return err
+
+
+DECODE_CASES = [
+    DecodeCase(1, 1, 4, page_size=8, pages_per_block=1),                 # one row, one page
+    DecodeCase(5, 6, 40, page_size=4, pages_per_block=2, splits=3),      # ragged, uneven splits
+    DecodeCase(4, 8, 64, heads=8, kv_heads=8, head_dim=16, pages_per_block=4),   # MHA, automatic splits
+    DecodeCase(3, 16, 64, heads=8, kv_heads=1, head_dim=32, dtype="bfloat16", pages_per_block=4, splits=2),
+    DecodeCase(6, 4, 32, heads=4, kv_heads=2, head_dim=16, dtype="float16", page_size=8, pages_per_block=8),
 ]

@@ -56,11 +56,27 @@ def _parse_adapter(spec: str) -> tuple[str, Path]:
     return name, Path(directory)
 
 
+def _runner(model, args):
+    """The model's runner on the backends args.backend / args.attention name, said on stderr."""
+    import jax
+
+    from valora_jax import ModelRunner
+
+    try:
+        runner = ModelRunner(model, backend=args.backend, attention=args.attention)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    auto = lambda choice: " (auto)" if choice == "auto" else ""
+    print(f"backends: LoRA {runner.backend}{auto(args.backend)}, attention {runner.attention}{auto(args.attention)}, "
+          f"on JAX platform {jax.default_backend()}", file=sys.stderr)
+    return runner
+
+
 def _setup(args):
-    from valora_jax import AdapterPool, ModelRunner, load_adapter
+    from valora_jax import AdapterPool, load_adapter
 
     model, origin = _load_model(args.model)
-    runner = ModelRunner(model, backend=args.backend)
+    runner = _runner(model, args)
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     for spec in args.adapter:
         name, directory = _parse_adapter(spec)
@@ -89,7 +105,7 @@ def cmd_info(args) -> None:
     print(f"parameters: {count_params(cfg):,}")
     print(cfg.to_json())
     print(f"LoRA: {len(runner.module_shapes)} targeted modules, {cfg.lora.max_loras} slots, "
-          f"max rank {cfg.lora.max_rank}, backend {runner.backend}")
+          f"max rank {cfg.lora.max_rank}, backend {runner.backend}; attention backend {runner.attention}")
     for name, a in pool.store.items():
         head = f", task head over {len(a.head.labels)} labels" if a.head else ""
         print(f"adapter {name}: rank {a.rank}, alpha {a.alpha}, targets {list(a.targets)}{head}")
@@ -154,12 +170,12 @@ def cmd_serve(args) -> None:
     from serve.engine import Engine, EngineConfig
     from serve.server import Server, create_app
     from serve.service import EngineService
-    from valora_jax import AdapterPool, ModelRunner, frozen_heap, load_adapter
+    from valora_jax import AdapterPool, frozen_heap, load_adapter
 
     model, origin = _load_model(args.model)
     if args.max_loras is not None:
         model = _with_max_loras(model, args.max_loras)
-    runner = ModelRunner(model, backend=args.backend)
+    runner = _runner(model, args)
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     for name, directory, required in _serve_adapters(args):
         try:
@@ -221,6 +237,7 @@ def cmd_import_peft(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from serve.policies import POLICIES
+    from valora_jax.decoder import ATTENTION_BACKENDS
     from valora_jax.lora import BACKENDS
     from valora_jax.runtime import use_serving_xla_flags
 
@@ -229,8 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="checkpoint directory or preset name (default: embedded)")
     common.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="load an adapter")
-    common.add_argument("--backend", default="reference", choices=BACKENDS,
-                        help="LoRA backend (pallas needs a GPU)")
+    common.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                        help="LoRA backend (auto: the pallas kernels on a GPU, reference elsewhere)")
+    common.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
+                        help="paged-attention backend (auto: the pallas kernels on a GPU, reference elsewhere)")
     info = sub.add_parser("info", parents=[common], help="config, parameter counts, adapters")
     info.set_defaults(func=cmd_info)
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt about images")

@@ -1,4 +1,4 @@
-"""The ATMM kernels lower to Triton for an H200 (lowering only: no GPU here, nothing runs).
+"""The Pallas kernels lower to Triton for an H200 (lowering only: no GPU here, nothing runs).
 
 Interpret mode does not apply the Triton lowering's rules (block shapes, supported primitives,
 scalar indexing); this catches what breaks them before a GPU run. PTX compilation and results
@@ -76,3 +76,16 @@ def test_streaming_bench_kernel_lowers_to_triton(masked):
     from bench.pallas_copy import pallas_add
     fn = functools.partial(pallas_add, bm=64, bn=256, warps=4, row_tiles=4, stages=3, masked=masked)
     assert triton_launches(fn, jnp.zeros((4096, 11008), jnp.bfloat16), jnp.zeros((1,), jnp.bfloat16)) == 1
+
+
+@pytest.mark.parametrize("shape, pages_per_block", [((64, 32, 32, 128, 16, 64), 8), ((3, 28, 4, 128, 16, 300), 4),
+                                                    ((1, 8, 1, 64, 32, 2), 1)],
+                         ids=["llava-decode", "gqa-odd-width", "one-row"])
+def test_decode_attention_lowers_to_triton(shape, pages_per_block):
+    from pallas_kernels.decode_attention import _decode_attention
+    rows, heads, kv_heads, head_dim, page_size, width = shape
+    q = jnp.zeros((rows, heads, head_dim), jnp.bfloat16)
+    pages = jnp.zeros((kv_heads, 2 * rows * width, page_size, head_dim), jnp.bfloat16)
+    fn = functools.partial(_decode_attention, pages_per_block=pages_per_block, splits=None, warps=4, stages=2,
+                           interpret=False)
+    assert triton_launches(fn, q, pages, pages, jnp.zeros((rows, width), jnp.int32), jnp.zeros((rows,), jnp.int32)) == 1

@@ -10,11 +10,13 @@ from serve.cli import main
 def test_info_reports_the_embedded_default_or_says_it_is_random(capsys, monkeypatch, tmp_path):
     import serve.cli as cli
     main(["info"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     trained = (cli.CHECKPOINTS / "default" / "config.json").exists()
     assert "valora-tiny" in out and "parameters: " in out
     import jax, jaxlib, flax
     assert f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, cuda plugin " in out
+    assert "backend reference; attention backend reference" in out
+    assert "backends: LoRA reference (auto), attention reference (auto), on JAX platform cpu" in err
     assert ("embedded default" in out) == trained and ("RANDOMLY INITIALISED" in out) != trained
     monkeypatch.setattr(cli, "CHECKPOINTS", tmp_path)            # no trained checkpoint there
     main(["info"])
@@ -34,6 +36,8 @@ def test_generate_with_an_image(capsys, tmp_path):
     (["generate", "--prompt", ""], "prompt"),
     (["generate", "--prompt", "hi", "--adapter", "broken"], "NAME=DIR"),
     (["info", "--model", "/no/model"], "/no/model"),
+    (["info", "--backend", "pallas"], "LoRA backend 'pallas' runs compiled GPU kernels"),
+    (["generate", "--prompt", "hi", "--attention", "pallas"], "attention backend 'pallas' runs compiled GPU kernels"),
 ])
 def test_bad_input_exits_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):

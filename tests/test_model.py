@@ -251,8 +251,8 @@ def test_swift_merge_kernel_through_the_runner(loaded):
 
 
 def test_attention_kernels_equal_reference(config, loaded):
-    """Prefill chunks through the flash prefill kernel and decode rows through the Pallas
-    paged-attention kernel (both interpreted) give the logits of the gather-based reference at
+    """Prefill chunks through the flash prefill kernel and decode rows through the paged
+    decode-attention kernel (both interpreted) give the logits of the gather-based reference at
     every step: rows of different lengths, a second chunk attending to the first through the
     cache, padding rows included."""
     rng = np.random.default_rng(10)
@@ -275,6 +275,24 @@ def test_attention_kernels_equal_reference(config, loaded):
         np.testing.assert_allclose(got, want, **tol(jnp.float32))
     with pytest.raises(ValueError, match="'flash'"):
         ModelRunner(loaded.model(), attention="flash")
+
+
+def test_backends_auto_picks_the_platforms_and_explicit_choices_are_honoured_or_refused(loaded, monkeypatch):
+    """auto is the references on a CPU and the Pallas kernels on a GPU; an explicit choice is kept
+    where it runs and refused by name where it cannot (compiled kernels without a GPU)."""
+    from valora_jax.runtime import resolve_backends
+    assert resolve_backends() == ("reference", "reference")                    # the tests run on a CPU
+    assert resolve_backends("pallas-interpret", "pallas-interpret") == ("pallas-interpret", "pallas-interpret")
+    runner = ModelRunner(loaded.model())
+    assert (runner.backend, runner.attention) == ("reference", "reference")
+    for backend, attention, message in (("pallas", "auto", "LoRA backend 'pallas' runs compiled GPU kernels"),
+                                        ("auto", "pallas", "attention backend 'pallas' runs compiled GPU kernels"),
+                                        ("pallas-static", "auto", "'pallas-static'"), ("fast", "auto", "'fast'")):
+        with pytest.raises(ValueError, match=message):
+            resolve_backends(backend, attention)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_backends() == ("pallas", "pallas")
+    assert resolve_backends("reference", "pallas") == ("reference", "pallas")
 
 
 def test_runner_states_round_trip_and_keep_their_structure(loaded):

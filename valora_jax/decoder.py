@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.prefill_attention import prefill_attention
 from valora_jax.config import LoraConfig, TextConfig
 from valora_jax.lora import Linear, LoraContext, project
@@ -89,26 +90,6 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
     return ctx.transpose(1, 2, 3, 0, 4).reshape(b, n * ps, hkv, dh)
 
 
-def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-                           lengths: jax.Array, interpret: bool = False) -> jax.Array:
-    """One query per row over its pages, by JAX's Pallas paged-attention kernel (no gather).
-
-    q [B, H, Dh], pages [H_kv, P, page, Dh], page_table [B, Pmax] (Pmax a power of two),
-    lengths [B] int32 (keys 0..length-1 are attended) -> [B, H*Dh]."""
-    try:    # imported only by the backend that runs it: JAX 0.12 removed the module
-        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
-    except ImportError as e:
-        raise RuntimeError(f"attention backend 'pallas' needs jax.experimental.pallas.ops.gpu.paged_attention, "
-                           f"absent from jax {jax.__version__}: install the pinned stack (pip install -c "
-                           f"constraints.txt -e .) or use attention backend 'reference'") from e
-
-    width = page_table.shape[1]
-    q = (q.astype(jnp.float32) / jnp.sqrt(q.shape[-1])).astype(q.dtype)    # the kernel does not scale
-    out = paged_attention(q, k_pages, v_pages, page_table, lengths, k_splits=min(16, width),
-                          pages_per_compute_block=8, interpret=interpret)
-    return out.reshape(q.shape[0], -1)
-
-
 ATTENTION_BACKENDS = ("reference", "pallas", "pallas-interpret")
 
 
@@ -132,8 +113,8 @@ class DecoderLayer(nnx.Module):
         """x [T, D] (the blocks' tokens, flattened in order) -> (x, cache).
         cache = (k_pages, v_pages) of this layer, or None when every block is dense.
         attention_backend: how paged blocks attend: "reference" gathers their pages and computes
-        dense masked attention; "pallas" runs the paged-attention kernel on blocks of one token
-        per row (decodes) and the flash prefill kernel on the gathered pages of the others."""
+        dense masked attention; "pallas" runs the paged decode-attention kernel on blocks of one
+        token per row (decodes) and the flash prefill kernel on the gathered pages of the others."""
         cfg = self.cfg
         h = self.input_layernorm(x)
         q, k, v = project(h, [self.q_proj, self.k_proj, self.v_proj], ctx)
@@ -156,8 +137,8 @@ class DecoderLayer(nnx.Module):
                 cache = (k_pages, v_pages)
                 if nq == 1 and attention_backend != "reference":
                     lengths = jnp.where(blk.valid[:, 0], blk.positions[:, 0] + 1, 0).astype(jnp.int32)
-                    out = paged_decode_attention(qb[:, 0], k_pages, v_pages, blk.page_table, lengths,
-                                                 interpret=attention_backend == "pallas-interpret")
+                    out = decode_attention(qb[:, 0], k_pages, v_pages, blk.page_table, lengths,
+                                           interpret=attention_backend == "pallas-interpret")
                 else:
                     keys, values = (gather_pages(p, blk.page_table).astype(q.dtype) for p in (k_pages, v_pages))
                     if attention_backend == "reference":

@@ -101,6 +101,27 @@ def frozen_heap():
         gc.unfreeze()
 
 
+def resolve_backends(backend: str = "auto", attention: str = "auto") -> tuple[str, str]:
+    """The concrete (LoRA, attention) backends on this process's JAX platform.
+
+    "auto" picks the Pallas kernels ("pallas") on a GPU and the plain-jnp references elsewhere.
+    An explicit choice is honoured or refused, never replaced: the compiled kernels ("pallas",
+    "pallas-static") need a GPU; "reference" and "pallas-interpret" run anywhere.
+    Raises ValueError naming an unknown or impossible choice."""
+    platform = jax.default_backend()
+    resolved = []
+    for kind, choice, known in (("LoRA", backend, BACKENDS), ("attention", attention, ATTENTION_BACKENDS)):
+        if choice == "auto":
+            choice = "pallas" if platform == "gpu" else "reference"
+        elif choice not in known:
+            raise ValueError(f"unknown {kind} backend {choice!r}; expected 'auto' or one of {known}")
+        elif choice in ("pallas", "pallas-static") and platform != "gpu":
+            raise ValueError(f"{kind} backend {choice!r} runs compiled GPU kernels, but JAX's platform here is "
+                             f"{platform!r}; choose 'auto', 'reference' or 'pallas-interpret'")
+        resolved.append(choice)
+    return resolved[0], resolved[1]
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(n, minimum, 1)
@@ -183,15 +204,13 @@ class ModelRunner:
     lora = _flat_state("lora", "The adapter slots of every targeted linear (an nnx state).")
     merged = _flat_state("merged", "The merged copies of the targeted weights (an nnx state).")
 
-    def __init__(self, model: LMM, *, backend: str = "reference", attention: str = "reference"):
-        """backend: the LoRA branch's (lora.BACKENDS); attention: paged attention's
-        (decoder.ATTENTION_BACKENDS: "pallas" = the paged-attention kernel for decode rows and
-        the flash prefill kernel for prefill chunks)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown LoRA backend {backend!r}; expected one of {BACKENDS}")
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {attention!r}; expected one of {ATTENTION_BACKENDS}")
-        self.config, self.backend, self.attention = model.config, backend, attention
+    def __init__(self, model: LMM, *, backend: str = "auto", attention: str = "auto"):
+        """backend: the LoRA branch's ("auto" or one of lora.BACKENDS); attention: paged attention's
+        ("auto" or one of decoder.ATTENTION_BACKENDS: "pallas" = the paged decode-attention kernel
+        for decode rows and the flash prefill kernel for prefill chunks); resolve_backends says
+        what "auto" picks and which choices run here. `backend` and `attention` hold the result."""
+        self.config = model.config
+        self.backend, self.attention = resolve_backends(backend, attention)
         self.module_shapes = module_shapes(model)
         self._defs, self._leaves = {}, {}
         self.graphdef, self.params, self.lora, self.merged = split_model(model)
