@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-_MASKED = -1e30          # finite: a fully masked block cannot make inf - inf
+from pallas_kernels.online_softmax import MASKED, init_carry, online_softmax_step
+
 _MIN_GROUP = 16          # Triton dots need 16 rows: the query heads of a group are padded to it
 _TARGET_PROGRAMS = 512   # enough programs for ~4 per SM on an H100/H200 (132 SMs)
 
@@ -36,22 +37,15 @@ def _decode_kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, 
     last = jnp.minimum(first + blocks_per_split, (length + block_k - 1) // block_k)
 
     def body(j, carry):
-        m, l, acc = carry
         pages = table_ref[pl.ds(j * pages_per_block, pages_per_block)]                 # [pages_per_block]
         pages = jnp.clip(pages, 0, k_ref.shape[0] - 1)       # the block's pages past the length are read
         k = k_ref[pages].reshape(block_k, head_dim)
         v = v_ref[pages].reshape(block_k, head_dim)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale                 # [G, BK]
-        s = jnp.where(j * block_k + jnp.arange(block_k)[None, :] < length, s, _MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+        s = jnp.where(j * block_k + jnp.arange(block_k)[None, :] < length, s, MASKED)
+        return online_softmax_step(carry, s, v)
 
-    init = (jnp.full((group,), _MASKED, jnp.float32), jnp.zeros((group,), jnp.float32),
-            jnp.zeros((group, head_dim), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, init)
+    m, l, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, init_carry(group, head_dim))
     acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 
@@ -149,7 +143,7 @@ def decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
     qg = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     s = jnp.einsum("bkgd,kbcd->bkgc", qg, keys, preferred_element_type=jnp.float32) * head_dim ** -0.5
     attended = jnp.arange(keys.shape[2])[None, :] < lengths[:, None]                            # [B, C]
-    s = jnp.where(attended[:, None, None, :], s, _MASKED)
+    s = jnp.where(attended[:, None, None, :], s, MASKED)
     p = jnp.where(attended[:, None, None, :], jax.nn.softmax(s, axis=-1), 0.0)
     out = jnp.einsum("bkgc,kbcd->bkgd", p, values.astype(jnp.float32))
     return out.reshape(rows, heads * head_dim).astype(q.dtype)

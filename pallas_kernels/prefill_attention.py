@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-_MASKED = -1e30          # finite: a fully masked block cannot make inf - inf
+from pallas_kernels.online_softmax import MASKED, init_carry, online_softmax_step
 
 
 def _block(n: int, cap: int) -> int:
@@ -35,20 +35,13 @@ def _flash_kernel(q_ref, k_ref, v_ref, pos_ref, o_ref, *, block_k: int, scale: f
     n_blocks = jnp.minimum((jnp.max(pos) + block_k) // block_k, k_ref.shape[0] // block_k)
 
     def body(j, carry):
-        m, l, acc = carry
         keys = pl.ds(j * block_k, block_k)
         k, v = k_ref[keys, :], v_ref[keys, :]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale                 # [BQ, BK]
-        s = jnp.where(j * block_k + jnp.arange(block_k)[None, :] <= pos[:, None], s, _MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+        s = jnp.where(j * block_k + jnp.arange(block_k)[None, :] <= pos[:, None], s, MASKED)
+        return online_softmax_step(carry, s, v)
 
-    init = (jnp.full((block_q,), _MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-            jnp.zeros((block_q, head_dim), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init_carry(block_q, head_dim))
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
@@ -124,7 +117,7 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, positi
     kv_heads = k.shape[2]
     qg = q.reshape(b, n_q, kv_heads, heads // kv_heads, head_dim)
     s = jnp.einsum("bqkgd,bckd->bkgqc", qg, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
-    s = jnp.where(jnp.arange(k.shape[1])[None, None, None, None, :] <= positions[:, None, None, :, None], s, _MASKED)
+    s = jnp.where(jnp.arange(k.shape[1])[None, None, None, None, :] <= positions[:, None, None, :, None], s, MASKED)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bkgqc,bckd->bqkgd", p, v.astype(jnp.float32))
     return out.reshape(b, n_q, heads * head_dim).astype(q.dtype)
