@@ -32,21 +32,25 @@ import zlib
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.workloads import (ARRIVALS, IMAGES, KINDS, POPULARITY, GcPauses, SkippingClock, Workload,  # noqa: E402
+from bench.workloads import (ARRIVALS, KINDS, POPULARITY, GcPauses, SkippingClock, Workload,  # noqa: E402
                              make_trace, replay)
-from serve.engine import Engine, EngineConfig  # noqa: E402
+from serve.engine import Engine, EngineConfig, precompile, serving_config  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import POLICIES, CostModel, Policy, VLoRAPolicy  # noqa: E402
-from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, init_pages, make_adapter  # noqa: E402
+from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
-from valora_jax.runtime import (compile_lowered, compile_seconds, compile_seconds_by_function,  # noqa: E402
+from valora_jax.runtime import (compile_seconds, compile_seconds_by_function,  # noqa: E402
                                 frozen_heap, use_serving_xla_flags)
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
+
+
+ENGINE_FIELDS = ("max_rows", "token_budget", "prefill_chunk", "num_pages", "min_rows", "prefill_width", "min_pages",
+                 "max_prefill_rows", "min_features")
+"""EngineConfig fields the command line may set instead of the serving configuration."""
 
 
 def fast_adapters(config, shapes, count: int, ranks, seed: int, std: float = 0.01):
@@ -124,22 +128,10 @@ def main(argv=None):
                     help="requests of each policy's and kind's warm-up trace (default: 2 x --max-rows)")
     ap.add_argument("--probe-requests", type=int, default=48,
                     help="requests of each kind that calibrate ours' step-time model (Engine.calibrate)")
-    ap.add_argument("--max-rows", type=int, default=32)
-    ap.add_argument("--token-budget", type=int, default=2048)
-    ap.add_argument("--prefill-chunk", type=int, default=2048,
-                    help="longest prefill chunk of one request per step (the token budget: the oldest prompt first)")
-    ap.add_argument("--num-pages", type=int, default=4096)
-    ap.add_argument("--min-rows", type=int, default=32, help="pad decode blocks to >= this many rows (fewer compiles)")
-    ap.add_argument("--prefill-width", type=int, default=512,
-                    help="tokens per prefill block row (a chunk takes whole rows; EngineConfig.prefill_width)")
-    ap.add_argument("--min-pages", type=int, default=256, help="pad page tables to >= this many pages")
-    ap.add_argument("--max-prefill-rows", type=int, default=4, help="prefill chunks per step")
-    ap.add_argument("--min-features", type=int, default=0,
-                    help="pad a step's image features to >= this many rows (default: the most a step can take, "
-                         "--max-prefill-rows requests' images)")
-    ap.add_argument("--encoder-batches", default="1,2,4,8,16",
-                    help="numbers of images an encoder call is compiled for before the warm-up (a step's new "
-                         "images, padded to a power of two: 1-3 visual-QA prompts or 1-2 six-frame clips)")
+    for name in ENGINE_FIELDS:              # default: the serving configuration's (serve.engine.serving_config)
+        ap.add_argument("--" + name.replace("_", "-"), type=int, help=f"EngineConfig.{name} (default: valora serve's)")
+    ap.add_argument("--encoder-batches", help="numbers of images an encoder call is compiled for before the warm-up, "
+                                              "comma-separated (default: valora serve's)")
     ap.add_argument("--compile-threads", type=int, default=16)
     ap.add_argument("--out", default="bench/results/e2e")
     ap.add_argument("--append", action="store_true",
@@ -177,24 +169,20 @@ def main(argv=None):
                 for p in args.policies.split(",")}
     serving = {b: _with_adapters(runner if b == runner.backend else runner.twin(b), adapters)
                for b in set(backends.values())}
-    step_features = args.max_prefill_rows * config.tokens_per_image * max(IMAGES[k] for k in kinds)
-    engine_config = EngineConfig(max_rows=args.max_rows, token_budget=args.token_budget,
-                                 prefill_chunk=args.prefill_chunk, max_prefill_rows=args.max_prefill_rows,
-                                 num_pages=args.num_pages, max_queue=10_000, min_rows=args.min_rows,
-                                 prefill_width=args.prefill_width, min_pages=args.min_pages,
-                                 min_features=args.min_features or step_features)
+    # the engine configuration valora serve runs, with what the command line names instead
+    overrides = {name: getattr(args, name) for name in ENGINE_FIELDS if getattr(args, name) is not None}
+    if args.encoder_batches is not None:
+        overrides["encoder_batches"] = tuple(int(n) for n in args.encoder_batches.split(","))
+    engine_config = serving_config(config, max_queue=10_000, **overrides)
 
     size = config.vision.image_size
-    # warm-up, outside the measurements: compile the likely step shapes concurrently, then replay a
-    # short-answer trace per policy and workload kind, half of it on one adapter (merges, mixtures)
-    # and half spread over the others (their ranks' slot writes), compiling whatever else it meets
-    cache = jax.eval_shape(lambda: init_pages(config.text, args.num_pages, config.page_size, jnp.dtype(config.dtype)))
-    tic, lowered = time.perf_counter(), []
+    # warm-up, outside the measurements: compile the likely step shapes, then replay a short-answer
+    # trace per policy and workload kind, half of it on one adapter (merges, mixtures) and half
+    # spread over the others (their ranks' slot writes), compiling whatever else it meets
+    tic, n = time.perf_counter(), 0
     for backend, (runner_b, _) in serving.items():
         modes = ("unmerged",) if backend == "pallas-static" else MODES
-        lowered += runner_b.lower_steps(cache, engine_config.step_shapes(modes))
-        lowered += runner_b.lower_encoder([int(n) for n in args.encoder_batches.split(",")])
-    n = compile_lowered(lowered, threads=args.compile_threads)
+        n += precompile(runner_b, engine_config, modes, threads=args.compile_threads)
     print(f"{n} step variants and encoder batches of {sorted(serving)} compiled in {time.perf_counter() - tic:.0f} s "
           f"(compile events: {compile_seconds():.0f} s of compilation so far)", flush=True)
     # ours' step-time model is measured as a server measures its own at start-up (Engine.calibrate:
@@ -205,7 +193,7 @@ def main(argv=None):
     make_policy = lambda name: VLoRAPolicy(cost=copy.deepcopy(calibration)) if name == "ours" else POLICIES[name]()
     for policy in policies:
         for kind in kinds:
-            warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", args.warmup_requests or 2 * args.max_rows,
+            warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", args.warmup_requests or 2 * engine_config.max_rows,
                                        seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
             compiled = compile_seconds_by_function()

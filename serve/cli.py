@@ -167,10 +167,10 @@ def _calibration_requests(config, adapters: list[str], n: int) -> list:
 
 
 def cmd_serve(args) -> None:
-    from serve.engine import Engine, EngineConfig
+    from serve.engine import Engine, precompile, serving_config
     from serve.server import Server, create_app
     from serve.service import EngineService
-    from valora_jax import AdapterPool, frozen_heap, load_adapter
+    from valora_jax import MODES, AdapterPool, frozen_heap, load_adapter
 
     model, origin = _load_model(args.model)
     if args.max_loras is not None:
@@ -185,10 +185,14 @@ def cmd_serve(args) -> None:
                 raise SystemExit(f"error: adapter {name!r}: {e}")
             print(f"warning: skipping embedded adapter {name!r}: {e}", file=sys.stderr)
     try:
-        engine = Engine(runner, pool, config=EngineConfig(max_queue=args.max_queue), policy=args.policy,
-                        tokenizer=_tokenizer_for(args.model))
+        config = serving_config(runner.config, max_queue=args.max_queue)
+        engine = Engine(runner, pool, config=config, policy=args.policy, tokenizer=_tokenizer_for(args.model))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if config.precompile:
+        tic = time.perf_counter()
+        n = precompile(runner, config, MODES if runner.config.lora.mergeable else ("unmerged",))
+        print(f"{n} step variants and encoder batches compiled in {time.perf_counter() - tic:.0f} s", file=sys.stderr)
     if args.policy == "ours" and pool.store and args.calibration_requests > 0:
         tic = time.perf_counter()
         steps = engine.calibrate(_calibration_requests(runner.config, sorted(pool.store), args.calibration_requests))

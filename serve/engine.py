@@ -32,10 +32,11 @@ import numpy as np
 from serve.metrics import RequestMetrics, StepMetrics, summarize
 from serve.policies import POLICIES, BatchLimits, CostModel, Policy, ProbePolicy, SchedulerState, SeqView
 from valora_jax.adapters import Adapter, AdapterPool, PoolFull
+from valora_jax.config import LMMConfig
 from valora_jax.kv_cache import PageAllocator, init_pages
-from valora_jax.lora import PAD_SLOT
+from valora_jax.lora import MODES, PAD_SLOT
 from valora_jax.request import Completion, Request, RequestState
-from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_seconds, pack_block, split_row
+from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_lowered, compile_seconds, pack_block, split_row
 from valora_jax.sampling import make_sampler
 from valora_jax.tokenizer import ByteTokenizer
 
@@ -69,11 +70,19 @@ class EngineConfig:
     """Page tables are padded to at least this many columns (likewise)."""
     min_features: int = 0
     """Image-feature rows passed to a step are padded to at least this many (likewise)."""
+    encoder_batches: tuple[int, ...] = ()
+    """Image counts the vision encoder is compiled for ahead (`precompile`)."""
+    precompile: bool = False
+    """Compile every step shape (step_shapes) and encoder batch before serving (`precompile`):
+    with minimums that cover every row, serving then compiles nothing."""
 
     def __post_init__(self):
         for name in ("max_rows", "token_budget", "prefill_chunk", "prefill_width", "max_prefill_rows", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precompile and self.min_rows < self.max_rows:
+            raise ValueError(f"precompile needs min_rows ({self.min_rows}) >= max_rows ({self.max_rows}): decode "
+                             "blocks of fewer rows would compile while serving")
         if self.prefill_chunk % self.prefill_width or self.token_budget < self.prefill_width:
             raise ValueError(f"prefill_chunk ({self.prefill_chunk}) must be a multiple of prefill_width "
                              f"({self.prefill_width}), and token_budget ({self.token_budget}) at least one row")
@@ -89,6 +98,33 @@ class EngineConfig:
         blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
         features = bucket(0, self.min_features) if self.min_features else 0
         return [(b, features, mode) for b in blocks for mode in modes]
+
+
+def serving_config(model: LMMConfig, platform: str | None = None, **overrides) -> EngineConfig:
+    """The engine configuration `valora serve` runs and bench/e2e.py measures, for `model` on
+    `platform` (default: JAX's), with `overrides` replacing fields.
+
+    On a GPU: steps of up to 32 decode rows and 2048 token positions (4 prefill chunks in rows of
+    512), page tables of at least 256 pages (4096 keys), image features padded to 4 prompts of 6
+    images, 4096 KV pages, and every step shape and encoder batch of 1-16 images compiled before
+    serving, so that serving compiles nothing. Elsewhere (CPU): EngineConfig's small defaults,
+    shapes compiled as they come."""
+    if (platform or jax.default_backend()) != "gpu":
+        return dataclasses.replace(EngineConfig(), **overrides)
+    base = EngineConfig(max_rows=32, token_budget=2048, prefill_chunk=2048, prefill_width=512, max_prefill_rows=4,
+                        num_pages=4096, min_rows=32, min_pages=256, min_features=4 * 6 * model.tokens_per_image,
+                        encoder_batches=(1, 2, 4, 8, 16), precompile=True)
+    return dataclasses.replace(base, **overrides)
+
+
+def precompile(runner: ModelRunner, config: EngineConfig, modes=MODES, threads: int = 8) -> int:
+    """Compile the step variants an engine of `config` on `runner` meets in `modes`
+    (EngineConfig.step_shapes) and its encoder batches, several at a time; how many compiled.
+    Compiled executables land in the runner's jit caches, where the steps find them."""
+    cfg = runner.config
+    cache = jax.eval_shape(lambda: init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype)))
+    lowered = runner.lower_steps(cache, config.step_shapes(modes)) + runner.lower_encoder(config.encoder_batches)
+    return compile_lowered(lowered, threads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import random_image
-from serve.engine import Engine, EngineConfig, Overloaded
+from serve.engine import Engine, EngineConfig, Overloaded, precompile, serving_config
 from serve.policies import POLICIES, CostModel, Decision, Policy, VLoRAPolicy, pack
-from valora_jax import Request, TaskHead, random_adapter
+from valora_jax import AdapterPool, Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
 from valora_jax.runtime import bucket, compile_seconds_by_function
 
@@ -419,3 +419,36 @@ def test_step_shapes_cover_every_step_the_engine_runs(generator, monkeypatch):
     monkeypatch.setattr(generator.runner, "step", recording)
     _engine(generator, config=config).generate(_requests(10))
     assert seen and set(seen) <= shapes, set(seen) - shapes
+
+
+def test_serving_config_is_the_small_default_off_a_gpu_and_precompiled_shapes_on_one(config):
+    assert serving_config(config, "cpu") == EngineConfig()
+    assert serving_config(config, "cpu", max_queue=3).max_queue == 3
+    gpu = serving_config(config, "gpu")
+    assert gpu.precompile and gpu.min_rows == gpu.max_rows and gpu.encoder_batches
+    assert gpu.min_features == 4 * 6 * config.tokens_per_image
+    with pytest.raises(ValueError, match=r"precompile needs min_rows \(1\) >= max_rows \(32\)"):
+        serving_config(config, "gpu", min_rows=1)
+
+
+def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(generator):
+    """precompile compiles every step shape and encoder batch an engine of its config meets (decode,
+    prefill and both blocks; image batches), into the runner's own jit caches: serving then
+    compiles no step and no encoder call."""
+    config = dataclasses.replace(SMALL, min_rows=4, min_pages=16, min_features=64, encoder_batches=(1, 2, 4),
+                                 precompile=True)
+    runner = generator.runner.twin()                         # its own jit caches: nothing compiled yet
+    pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
+    for name in ADAPTERS[1:]:
+        pool.register(generator.pool.store[name])
+    model_calls = lambda: {f: s for f, s in compile_seconds_by_function().items() if f in STEP_FUNCTIONS}
+    before = model_calls()
+    assert precompile(runner, config, ("unmerged",)) == len(config.step_shapes(("unmerged",))) + 3
+    compiled = model_calls()
+    assert all(compiled.get(f, 0) > before.get(f, 0) for f in STEP_FUNCTIONS)
+    engine = Engine(runner, pool, config=config, policy="unmerged")
+    engine.generate(_requests(12))
+    assert len(engine.step_metrics) > 5 and model_calls() == compiled
+
+
+STEP_FUNCTIONS = ("jit(_step_impl)", "jit(_encode_impl)")
