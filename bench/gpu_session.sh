@@ -2,6 +2,7 @@
 # The GPU checks and benchmarks, stage by stage, in as few device calls as possible:
 #   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
 #   bash bench/gpu_session.sh overhead                    (a 7B decode step's host dispatch, XLA flag variants)
+#   bash bench/gpu_session.sh floor                       (serve's 7B steps against their floors)
 #   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
 #   bash bench/gpu_session.sh adapter-copy                (one adapter's host-to-device copy, beside a serving loop)
 #   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
@@ -52,6 +53,7 @@ for stage in "$@"; do
         smoke)   $limit python3 -m bench.gpu_smoke ${SMOKE_KERNELS:+--kernels $SMOKE_KERNELS} ;;
         model)   $limit python3 bench/model_smoke.py --out bench/results/model_smoke ;;
         overhead) $limit python3 bench/step_overhead.py --out bench/results/step_overhead ;;
+        floor)   $limit python3 bench/step_floor.py --out bench/results/step_floor ;;
         copy)    $limit python3 bench/pallas_copy.py --out bench/results/pallas_copy ;;
         adapter-copy) $limit python3 bench/adapter_copy.py --out bench/results/adapter_copy ;;
         attention) $limit python3 -m bench.gpu_smoke --kernels attention &&
