@@ -357,7 +357,7 @@ class Engine:
         a request whose adapter is still being copied waits, and the others run meanwhile. Only
         when no request is ready does the step wait, for the first copy to finish (counted in its
         load_time)."""
-        start, compiled_before = self.clock(), compile_seconds()
+        start, compiled_before = self.clock(), compile_seconds(this_thread=True)
         for seq in [s for s in self._seqs.values() if s.cancelled]:
             self._finish(seq, "cancelled")
         if not self._seqs:
@@ -389,7 +389,7 @@ class Engine:
         finally:
             for name in slots:
                 self.pool.unpin(name)
-        duration, compiled = self.clock() - start, compile_seconds() - compiled_before
+        duration, compiled = self.clock() - start, compile_seconds(this_thread=True) - compiled_before
         for seq, _ in rows:
             seq.served += duration
         features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv,
@@ -425,7 +425,7 @@ class Engine:
             return 0.0
         if merged == self._merged_key and self.runner.merged_slot == slots[merged]:
             return 0.0
-        t0, compiled_before = self.clock(), compile_seconds()
+        t0, compiled_before = self.clock(), compile_seconds(this_thread=True)
         if getattr(self.policy, "per_layer_switch", False):
             self.runner.merge_per_layer(slots[merged])
         else:
@@ -433,7 +433,7 @@ class Engine:
         self.runner.wait_merged()
         self._merged_key = merged
         seconds = self.clock() - t0
-        if compile_seconds() == compiled_before:
+        if compile_seconds(this_thread=True) == compiled_before:
             self.cost.observe_switch(seconds)
         return seconds
 

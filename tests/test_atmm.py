@@ -2,6 +2,7 @@
 
 import json
 import os
+import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -17,7 +18,6 @@ SMALL = TileConfig(shrink_block_t=16, block_k=32, split_k=2, expand_block_t=16, 
 PER_TOKEN = TileConfig(shrink_block_t=1, block_k=32, split_k=2, expand_block_t=1, block_n=32)
 
 
-
 def _id(c: Case) -> str:
     mix = f"-mix-{c.merged}" if c.mixture else ""
     return f"T{c.tokens}-D{c.d_in}x{'+'.join(map(str, c.d_outs))}-R{c.max_rank}-S{c.slots}-{c.layout}-{c.dtype}{mix}"
@@ -26,7 +26,8 @@ def _id(c: Case) -> str:
 @pytest.mark.parametrize("case", CASES, ids=_id)
 @pytest.mark.parametrize("tile", [SMALL, PER_TOKEN], ids=["blocked", "per-token"])
 def test_matches_reference(case, tile):
-    check(case, seed=hash(_id(case)) % 2**31, tile=tile, interpret=True)
+    """Each case draws its data from its own stable seed (its id's CRC): a failure replays."""
+    check(case, seed=zlib.crc32(_id(case).encode()), tile=tile, interpret=True)
 
 
 @pytest.mark.parametrize("tile", [

@@ -312,3 +312,18 @@ def test_twin_shares_the_base_and_owns_its_slots(loaded):
     assert not any(a is b for a, b in zip(jax.tree.leaves(twin.lora), jax.tree.leaves(loaded.lora)))
     twin.write_slot(0, None)                    # donates only the twin's slot buffers
     assert all(not a.is_deleted() for a in jax.tree.leaves(loaded.lora))
+
+
+def test_compile_seconds_of_this_thread_leave_out_other_threads_compiles():
+    """A step's compile time counts the stepping thread's compiles only: a compile on another
+    thread (an adapter copy, a request's preprocessing) is the process's, not the step's."""
+    import threading
+
+    from valora_jax.runtime import compile_seconds
+    here, everywhere = compile_seconds(this_thread=True), compile_seconds()
+    worker = threading.Thread(target=lambda: jax.jit(lambda x: x * 3 + 1).lower(jnp.ones(7)).compile())
+    worker.start()
+    worker.join()
+    assert compile_seconds() > everywhere and compile_seconds(this_thread=True) == here
+    jax.jit(lambda x: x * 5 - 2).lower(jnp.ones(9)).compile()
+    assert compile_seconds(this_thread=True) > here

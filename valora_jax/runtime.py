@@ -15,6 +15,7 @@ import contextlib
 import functools
 import gc
 import os
+import threading
 from typing import NamedTuple, Sequence
 
 import jax
@@ -31,24 +32,26 @@ from valora_jax.model import LMM, split_model
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_compile_seconds = [0.0]
+_compile_seconds_by_thread: collections.Counter = collections.Counter()
 _compile_seconds_by_function: collections.Counter = collections.Counter()
 
 
 def _count_compile(event: str, seconds: float, fun_name: str = "?", **_) -> None:
-    if event == _COMPILE_EVENT:
-        _compile_seconds[0] += seconds
+    if event == _COMPILE_EVENT:       # reported on the thread that compiled
+        _compile_seconds_by_thread[threading.get_ident()] += seconds
         _compile_seconds_by_function[fun_name] += seconds
 
 
 monitoring.register_event_duration_secs_listener(_count_compile)
 
 
-def compile_seconds() -> float:
-    """Seconds this process has spent in XLA compilation so far (every thread), loading compiled
-    executables from the persistent cache included: the difference over a step tells whether it
-    compiled."""
-    return _compile_seconds[0]
+def compile_seconds(this_thread: bool = False) -> float:
+    """Seconds this process (or, with this_thread, the calling thread alone) has spent in XLA
+    compilation so far, loading compiled executables from the persistent cache included: the
+    difference over a step tells whether the step compiled, whatever other threads compile."""
+    if this_thread:
+        return _compile_seconds_by_thread[threading.get_ident()]
+    return sum(_compile_seconds_by_thread.values())
 
 
 def compile_seconds_by_function() -> collections.Counter:
