@@ -40,7 +40,7 @@ from bench.workloads import (ARRIVALS, KINDS, POPULARITY, GcPauses, SkippingCloc
                              make_trace, replay)
 from serve.engine import Engine, EngineConfig, precompile, serving_config  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
-from serve.policies import POLICIES, CostModel, Policy, VLoRAPolicy  # noqa: E402
+from serve.policies import SYSTEMS, CostModel  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, make_adapter  # noqa: E402
 from valora_jax.lora import MODES  # noqa: E402
 from valora_jax.runtime import (compile_seconds, compile_seconds_by_function,  # noqa: E402
@@ -89,19 +89,21 @@ def _p99(values):
     return float(np.percentile(values, 99)) if len(values) else None
 
 
-def run_one(runner, pool, policy: Policy, trace, engine_config: EngineConfig, hot: str, cache=None) -> tuple:
-    """Replay `trace` on a fresh engine under `policy`, serving from the KV pages `cache` when given
+def run_one(runner, pool, system: str, trace, engine_config: EngineConfig, hot: str, cache=None,
+            cost: CostModel | None = None) -> tuple:
+    """Replay `trace` on a fresh engine of the serving system `system` (policies.SYSTEMS; ours with
+    the step-time model `cost`), serving from the KV pages `cache` when given
     (one allocation for every run: 34 GB at 7B, which freed and allocated again between runs would
     fragment the device memory). -> (summary, the KV pages)."""
     clock = SkippingClock()
     pool.evict_all()                     # every run starts with no adapter on the device
-    engine = Engine(runner, pool, config=engine_config, policy=policy, clock=clock, cache=cache)
+    engine = Engine(runner, pool, config=engine_config, policy=system, cost=cost, clock=clock, cache=cache)
     start = time.perf_counter()
     with frozen_heap() as frozen, GcPauses(clock) as gc_pauses:     # earlier runs' results are not rescanned
         ids = replay(engine, trace, clock)
     summary = engine.summary()
     cold = [m.latency for m in engine.request_metrics if m.adapter != hot and m.latency is not None]
-    summary.update(policy=policy.name, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
+    summary.update(policy=system, wall_s=time.perf_counter() - start, cold_p99=_p99(cold),
                    completed=sum(engine.result(i) is not None for i in ids),
                    gc_s=gc_pauses.total_s, gc_max_s=gc_pauses.max_s, gc_frozen=frozen)
     summary["log"] = {"steps": [dataclasses.astuple(s) for s in engine.step_metrics],
@@ -118,7 +120,7 @@ def main(argv=None):
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--ranks", default="16,32,64")
     ap.add_argument("--max-loras", type=int, default=16)
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=",".join(SYSTEMS))
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--rates", default="2,4,6,10,16")
     ap.add_argument("--popularity", default=",".join(POPULARITY))
@@ -165,8 +167,7 @@ def main(argv=None):
             headed.add(a.name)
     names = [a.name for a in adapters]
     # static-tiling baselines run the same kernel with one fixed tile, on a twin of the runner
-    backends = {p: ("pallas-static" if POLICIES[p].static_tiles and runner.backend == "pallas" else runner.backend)
-                for p in args.policies.split(",")}
+    backends = {p: SYSTEMS[p].backend(runner.backend) for p in args.policies.split(",")}
     serving = {b: _with_adapters(runner if b == runner.backend else runner.twin(b), adapters)
                for b in set(backends.values())}
     # the engine configuration valora serve runs, with what the command line names instead
@@ -190,14 +191,15 @@ def main(argv=None):
     # step it observes loads an executable; every measured run of ours starts from a copy of it
     calibration, kv = CostModel(), None
     policies = args.policies.split(",")
-    make_policy = lambda name: VLoRAPolicy(cost=copy.deepcopy(calibration)) if name == "ours" else POLICIES[name]()
+    cost_of = lambda name: copy.deepcopy(calibration) if name == "ours" else None
     for policy in policies:
         for kind in kinds:
-            warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", args.warmup_requests or 2 * engine_config.max_rows,
+            warm_requests = args.warmup_requests or 2 * engine_config.max_rows
+            warm = make_trace(Workload(kind, 50.0, "poisson", "hot50", warm_requests,
                                        seed=99), names, size, headed)
             warm = [(t, dataclasses.replace(r, max_tokens=min(r.max_tokens, 4))) for t, r in warm]
             compiled = compile_seconds_by_function()
-            r, kv = run_one(*serving[backends[policy]], make_policy(policy), warm, engine_config, names[0], kv)
+            r, kv = run_one(*serving[backends[policy]], policy, warm, engine_config, names[0], kv, cost_of(policy))
             spent = compile_seconds_by_function() - compiled
             print(f"warm-up {policy} {kind}: {r['wall_s']:.1f} s, {r['compile_steps']} of {r['steps']} steps "
                   f"compiling ({sum(spent.values()):.1f} s of compilation: "
@@ -208,7 +210,7 @@ def main(argv=None):
             probe = make_trace(Workload(kind, 16.0, "poisson", "hot50", args.probe_requests, seed=98),
                                names, size, headed)
             pool_o.evict_all()
-            engine = Engine(runner_o, pool_o, config=engine_config, policy=VLoRAPolicy(cost=calibration), cache=kv)
+            engine = Engine(runner_o, pool_o, config=engine_config, policy="ours", cost=calibration, cache=kv)
             requests = [dataclasses.replace(r, max_tokens=min(r.max_tokens, 32)) for _, r in probe]
             tic = time.perf_counter()
             steps = engine.calibrate(requests, passes=1)
@@ -243,8 +245,8 @@ def main(argv=None):
         try:
             for policy in args.policies.split(","):
                 for attempt in range(1, 4):      # a shape the warm-up missed compiled: measure again
-                    r, kv = run_one(*serving[backends[policy]], make_policy(policy), trace, engine_config,
-                                    names[0], kv)
+                    r, kv = run_one(*serving[backends[policy]], policy, trace, engine_config, names[0], kv,
+                                    cost_of(policy))
                     r["attempts"] = attempt
                     if not r["compile_steps"]:
                         break
@@ -294,7 +296,7 @@ def _merged(saved: list, mine: list) -> list:
     """`saved` runs with `mine` added (replacing any of the same workload and policy), in grid order."""
     runs = {tuple(r[k] for k in _RUN_KEY): r for r in saved + mine}
     order = lambda r: (KINDS.index(r["kind"]), ARRIVALS.index(r["arrival"]), POPULARITY.index(r["popularity"]),
-                       r["rate"], list(POLICIES).index(r["policy"]))
+                       r["rate"], list(SYSTEMS).index(r["policy"]))
     return sorted(runs.values(), key=order)
 
 
@@ -318,7 +320,8 @@ def _save(out: Path, results: list, meta: dict, logs: list, args) -> None:
             path = Path(args.step_log)
             fields = {"steps": [f.name for f in dataclasses.fields(StepMetrics)],
                       "requests": [f.name for f in dataclasses.fields(RequestMetrics)]}
-            meta = {k: report["meta"][k] for k in ("commands", "device", "jax", "jaxlib", "flax", "cuda_plugin")}     # what measured the runs
+            # what measured the runs
+            meta = {k: report["meta"][k] for k in ("commands", "device", "jax", "jaxlib", "flax", "cuda_plugin")}
             _write_atomic(path, json.dumps({"fields": fields, "meta": meta,
                                             "runs": _merged(read(path, {"runs": []})["runs"], logs)}))
     print(report["table"], flush=True)
@@ -401,7 +404,7 @@ def _plot(results, path: Path) -> None:
     lines = {}
     for (i, (kind, arrival)), (j, pop) in itertools.product(enumerate(rows), enumerate(cols)):
         ax = axes[i][j]
-        for k, policy in enumerate(POLICIES):           # one colour per policy in every panel
+        for k, policy in enumerate(SYSTEMS):           # one colour per policy in every panel
             pts = sorted((r["rate"], 1e3 * r["token_latency"]["mean"]) for r in results
                          if (r["kind"], r["arrival"], r["popularity"], r["policy"]) == (kind, arrival, pop, policy))
             if pts:

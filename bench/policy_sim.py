@@ -34,8 +34,7 @@ from bench import save_result  # noqa: E402
 from bench.e2e_steps import load_step_log  # noqa: E402
 from bench.workloads import Workload, adapter_probabilities, arrival_times  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
-from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, Policy, PunicaPolicy,  # noqa: E402
-                            SchedulerState, SeqView, UnmergedPolicy, VLoRAPolicy)
+from serve.policies import SYSTEMS, BatchLimits, CostModel, Policy, SchedulerState, SeqView  # noqa: E402
 
 
 LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4,
@@ -84,11 +83,13 @@ def make_trace(kind: str, popularity: str, rate: float, n: int = 120, heads: boo
 
 
 def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_S, limits: BatchLimits = LIMITS,
-             per_layer_switch: float = PER_LAYER_SWITCH_S) -> dict:
-    """Replay `trace` under `policy`, a step taking step_time(mode, merged adapter, [(adapter,
-    tokens)]) seconds and a merge `switch` seconds (`per_layer_switch` for a dLoRA-like one); returns
-    {"token_latency": mean latency / output tokens, "cold_p99": p99 latency of requests not on a0}."""
-    now, live, merged, i, done = 0.0, {}, None, 0, []
+             layer_by_layer: bool = False, per_layer_switch: float = PER_LAYER_SWITCH_S) -> dict:
+    """Replay `trace` under `policy` as the engine would, a step taking step_time(mode, merged
+    adapter, [(adapter, tokens)]) seconds and a merge `switch` seconds (`per_layer_switch` when
+    the system merges layer by layer), the steps feeding a step-time model the policy reads;
+    returns {"token_latency": mean latency / output tokens, "cold_p99": p99 latency of requests
+    not on a0}."""
+    now, live, merged, i, done, cost = 0.0, {}, None, 0, [], CostModel()
     while i < len(trace) or live:
         while i < len(trace) and trace[i][0] <= now:
             arrival, adapter, prompt, out = trace[i]
@@ -100,14 +101,13 @@ def simulate(policy: Policy, trace, step_time: Callable, switch: float = SWITCH_
             continue
         views = tuple(SeqView(k, s["adapter"], s["arrival"], max(s["pending"], 1), now - s["arrival"] - s["served"],
                               s["out"], generated=s["out"] - s["left"]) for k, s in live.items())
-        d = policy.decide(SchedulerState(now, views, merged, limits))
+        d = policy.decide(SchedulerState(now, views, merged, limits, cost=cost))
         rows = [(live[k]["adapter"], n) for k, n in d.rows]
         if d.mode != "unmerged" and d.merged_adapter != merged:
-            merged, now = d.merged_adapter, now + (per_layer_switch if policy.per_layer_switch else switch)
+            merged, now = d.merged_adapter, now + (per_layer_switch if layer_by_layer else switch)
         seconds = step_time(d.mode, d.merged_adapter, rows)
-        if isinstance(policy, VLoRAPolicy):
-            policy.cost.observe(d.mode, CostModel.features(d.mode, d.merged_adapter, rows,
-                                                           positions=limits.positions([n for _, n in rows])), seconds)
+        cost.observe(d.mode, CostModel.features(d.mode, d.merged_adapter, rows,
+                                                positions=limits.positions([n for _, n in rows])), seconds)
         now += seconds
         for k, n in d.rows:
             s = live[k]
@@ -126,8 +126,14 @@ def geomean(values) -> float:
     return float(np.exp(np.mean(np.log(values))))
 
 
-POLICIES = {"ours": VLoRAPolicy, "unmerged": UnmergedPolicy, "punica": PunicaPolicy, "dlora": DLoRAPolicy,
-            "merged": MergedOnlyPolicy}
+POLICIES = ("ours", "unmerged", "punica", "dlora", "merged")
+"""The systems simulated (policies.SYSTEMS; the static tiles of slora and punica change no decision)."""
+
+
+def run_system(name: str, trace, step_time: Callable, **kwargs) -> dict:
+    """simulate() (with kwargs) under the serving system `name`: its policy and its switch."""
+    system = SYSTEMS[name]
+    return simulate(system.policy(), trace, step_time, layer_by_layer=system.per_layer_switch, **kwargs)
 
 
 def _point(kind: str, arrivals: str, popularity: str, rate: float, traces: int, requests: int) -> dict:
@@ -135,8 +141,8 @@ def _point(kind: str, arrivals: str, popularity: str, rate: float, traces: int, 
     runs = {name: [] for name in POLICIES}
     for seed in range(traces):
         trace = make_trace(kind, popularity, rate, requests, seed=seed, arrivals=arrivals)
-        for name, make in POLICIES.items():
-            runs[name].append(simulate(make(), trace, STEP_TIMES[kind]))
+        for name in POLICIES:
+            runs[name].append(run_system(name, trace, STEP_TIMES[kind]))
     latency = {name: np.array([r["token_latency"] for r in v]) for name, v in runs.items()}
     cold = [o["cold_p99"] / u["cold_p99"] for o, u in zip(runs["ours"], runs["unmerged"]) if o["cold_p99"]]
     return {"kind": kind, "arrivals": arrivals, "popularity": popularity, "rate": rate,
@@ -185,7 +191,7 @@ def replay(step_log: dict) -> list[dict]:
     they share none}}]."""
     points = []
     for (kind, arrival, popularity, rate), w in sorted(logged_workloads(step_log).items()):
-        sim = {name: simulate(make(), w["trace"], STEP_TIMES[kind])["token_latency"] for name, make in POLICIES.items()}
+        sim = {name: run_system(name, w["trace"], STEP_TIMES[kind])["token_latency"] for name in POLICIES}
         gpu, steps = w["measured"], w["decode_steps"]
         logged = [n for n in sim if n != "ours" and n in gpu] if "ours" in gpu else []
         points.append({"kind": kind, "arrival": arrival, "popularity": popularity, "rate": rate,

@@ -139,7 +139,8 @@ def decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
     """The formula of the module docstring in plain jnp (float32 scores): [B, H * Dh]."""
     rows, heads, head_dim = q.shape
     kv_heads, _, page_size, _ = k_pages.shape
-    keys, values = (p[:, page_table].reshape(kv_heads, rows, -1, head_dim) for p in (k_pages, v_pages))  # [H_kv, B, C, Dh]
+    keys, values = (p[:, page_table].reshape(kv_heads, rows, -1, head_dim)                         # [H_kv, B, C, Dh]
+                    for p in (k_pages, v_pages))
     qg = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)
     s = jnp.einsum("bkgd,kbcd->bkgc", qg, keys, preferred_element_type=jnp.float32) * head_dim ** -0.5
     attended = jnp.arange(keys.shape[2])[None, :] < lengths[:, None]                            # [B, C]

@@ -56,14 +56,16 @@ def _parse_adapter(spec: str) -> tuple[str, Path]:
     return name, Path(directory)
 
 
-def _runner(model, args):
-    """The model's runner on the backends args.backend / args.attention name, said on stderr."""
+def _runner(model, args, system=None):
+    """The model's runner on the backends args.backend / args.attention name (the serving system's
+    LoRA kernel where it runs its own: ServingSystem.backend), said on stderr."""
     import jax
 
-    from valora_jax import ModelRunner
+    from valora_jax import ModelRunner, resolve_backends
 
     try:
-        runner = ModelRunner(model, backend=args.backend, attention=args.attention)
+        backend, attention = resolve_backends(args.backend, args.attention)
+        runner = ModelRunner(model, backend=system.backend(backend) if system else backend, attention=attention)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     auto = lambda choice: " (auto)" if choice == "auto" else ""
@@ -168,6 +170,7 @@ def _calibration_requests(config, adapters: list[str], n: int) -> list:
 
 def cmd_serve(args) -> None:
     from serve.engine import Engine, precompile, serving_config
+    from serve.policies import SYSTEMS
     from serve.server import Server, create_app
     from serve.service import EngineService
     from valora_jax import MODES, AdapterPool, frozen_heap, load_adapter
@@ -175,7 +178,7 @@ def cmd_serve(args) -> None:
     model, origin = _load_model(args.model)
     if args.max_loras is not None:
         model = _with_max_loras(model, args.max_loras)
-    runner = _runner(model, args)
+    runner = _runner(model, args, SYSTEMS[args.policy])
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     for name, directory, required in _serve_adapters(args):
         try:
@@ -240,7 +243,7 @@ def cmd_import_peft(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from serve.policies import POLICIES
+    from serve.policies import SYSTEMS
     from valora_jax.decoder import ATTENTION_BACKENDS
     from valora_jax.lora import BACKENDS
     from valora_jax.runtime import use_serving_xla_flags
@@ -272,8 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 (or $VALORA_API_KEY)")
-    srv.add_argument("--policy", default="ours", choices=tuple(POLICIES),
-                     help="orchestration policy")
+    srv.add_argument("--policy", default="ours", choices=tuple(SYSTEMS),
+                     help="serving system: its orchestration policy, switch and LoRA kernel (serve.policies.SYSTEMS)")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
     srv.add_argument("--calibration-requests", type=int, default=16, metavar="N",
                      help="with policy ours: requests of a start-up probe that measures each mode's step time "

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from serve.metrics import RequestMetrics, StepMetrics, summarize
-from serve.policies import POLICIES, BatchLimits, CostModel, Policy, ProbePolicy, SchedulerState, SeqView
+from serve.policies import SYSTEMS, BatchLimits, CostModel, Policy, ProbePolicy, SchedulerState, SeqView
 from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.config import LMMConfig
 from valora_jax.kv_cache import PageAllocator, init_pages
@@ -75,6 +75,8 @@ class EngineConfig:
     precompile: bool = False
     """Compile every step shape (step_shapes) and encoder batch before serving (`precompile`):
     with minimums that cover every row, serving then compiles nothing."""
+    per_layer_switch: bool = False
+    """Merge and unmerge one targeted weight at a time (dLoRA's switch) instead of in one call."""
 
     def __post_init__(self):
         for name in ("max_rows", "token_budget", "prefill_chunk", "prefill_width", "max_prefill_rows", "max_queue"):
@@ -198,14 +200,24 @@ class ImageCache:
 
 class Engine:
     def __init__(self, runner: ModelRunner, pool: AdapterPool, *, config: EngineConfig = EngineConfig(),
-                 policy: Policy | str = "ours", tokenizer=None, clock: Callable[[], float] = time.perf_counter,
-                 cache=None):
-        """`cache`: KV pages to serve from (init_pages of this config's num_pages), such as those of
-        an engine that is done (`engine.cache`), whose contents are never read before written;
-        new pages when None."""
+                 policy: Policy | str = "ours", cost: CostModel | None = None, tokenizer=None,
+                 clock: Callable[[], float] = time.perf_counter, cache=None):
+        """policy: a Policy, or the name of a serving system (policies.SYSTEMS), which brings its
+        policy and its switch strategy (its static tiles are the runner's backend, which must
+        match: ServingSystem.backend). cost: the step-time model the engine feeds with every step
+        and the policy reads (a calibrated one, or the prior when None). cache: KV pages to serve
+        from (init_pages of this config's num_pages), such as those of an engine that is done
+        (`engine.cache`), whose contents are never read before written; new pages when None."""
+        if isinstance(policy, str):
+            if policy not in SYSTEMS:
+                raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(SYSTEMS)}")
+            system = SYSTEMS[policy]
+            if system.backend(runner.backend) != runner.backend:
+                raise ValueError(f"policy {policy!r} runs the static-tile kernel: build its runner with backend "
+                                 f"{system.backend(runner.backend)!r}, not {runner.backend!r}")
+            policy, config = system.policy(), dataclasses.replace(config, per_layer_switch=system.per_layer_switch)
         self.runner, self.pool, self.config, self.clock = runner, pool, config, clock
-        self.policy = POLICIES[policy]() if isinstance(policy, str) else policy
-        self.cost: CostModel = getattr(self.policy, "cost", None) or CostModel()
+        self.policy, self.cost = policy, cost or CostModel()
         self.tokenizer = tokenizer or ByteTokenizer()
         cfg = runner.config
         self.allocator = PageAllocator(config.num_pages, cfg.page_size)
@@ -221,7 +233,6 @@ class Engine:
         self._seqs: dict[str, _Seq] = {}                  # live, in arrival order
         self._results: dict[str, Completion] = {}
         self._ids = itertools.count()
-        self._merged_key: tuple[str, int] | None = None   # (adapter, version) in the merged weights
         self.request_metrics: list[RequestMetrics] = []
         self.step_metrics: list[StepMetrics] = []
 
@@ -306,7 +317,7 @@ class Engine:
         if self._seqs:
             raise RuntimeError(f"calibrate needs an idle engine; {len(self._seqs)} requests are live")
         policy, observed = self.policy, self.cost.observed
-        self.policy = ProbePolicy(self.cost)
+        self.policy = ProbePolicy()
         try:
             for _ in range(passes):
                 self.generate(requests)
@@ -349,6 +360,12 @@ class Engine:
             return None
         return key
 
+    @property
+    def merged_adapter(self) -> tuple[str, int] | None:
+        """(adapter, version) the runner's merged weights hold, None when they hold none."""
+        slot = self.runner.merged_slot
+        return next((key for key, s in self.pool.resident.items() if s == slot), None) if slot >= 0 else None
+
     # the step -----------------------------------------------------------------------------------
     def step(self) -> StepMetrics | None:
         """Run one scheduling step; None when there was nothing to run.
@@ -368,8 +385,8 @@ class Engine:
         now = self.clock()
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, now - s.metrics.arrival - s.served,
                               s.output_tokens, s.computed, len(s.state.out)) for s in runnable)
-        decision = self.policy.decide(SchedulerState(now, views, self._merged_key, self.limits,
-                                                     self.allocator.num_free))
+        decision = self.policy.decide(SchedulerState(now, views, self.merged_adapter, self.limits,
+                                                     self.allocator.num_free, self.cost))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
         placing = self.clock()
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
@@ -423,15 +440,14 @@ class Engine:
         """Bring the merged weights to `merged` if the mode needs it; returns the seconds spent."""
         if mode == "unmerged":
             return 0.0
-        if merged == self._merged_key and self.runner.merged_slot == slots[merged]:
+        if self.runner.merged_slot == slots[merged]:
             return 0.0
         t0, compiled_before = self.clock(), compile_seconds(this_thread=True)
-        if getattr(self.policy, "per_layer_switch", False):
+        if self.config.per_layer_switch:
             self.runner.merge_per_layer(slots[merged])
         else:
             self.runner.merge(slots[merged])
         self.runner.wait_merged()
-        self._merged_key = merged
         seconds = self.clock() - t0
         if compile_seconds(this_thread=True) == compiled_before:
             self.cost.observe_switch(seconds)

@@ -1,16 +1,18 @@
-"""Orchestration policies: each step, which requests run and in which mode.
+"""Orchestration policies: each step, which requests run and in which mode; and the serving
+systems compared (a policy plus the engine mechanics it runs on).
 
-Every policy answers `decide(state) -> Decision` from a snapshot of the live requests.
+Every policy answers `decide(state) -> Decision` from a read-only snapshot of the live requests
+(and the engine's step-time model) and does nothing else: the engine acts on the decision.
   ours    (V-LoRA)   per step the one of unmerged, mixture(a) and merged(a) that adds the
                      least total latency under a cost model of measured step times, amortising
                      merge switches, with a starvation bound on how long any request waits;
   unmerged           always unmerged, chunked prefill mixed with decodes, adaptive tiles (the
                      schedule of S-LoRA on our kernel: what ours gains by orchestration alone);
-  slora              the same schedule on the static-tile kernel;
+  slora              the same schedule on the static-tile kernel (SYSTEMS: a policy + mechanics);
   punica             always unmerged, static-tile kernel, prefill steps separate from decodes,
                      new prompts admitted while the running batch has room;
   dlora              merge the top adapter when its requests >= alpha * batch, unmerge when
-                     <= beta * batch; no mixture; layer-by-layer switch;
+                     <= beta * batch; no mixture; layer-by-layer switch (SYSTEMS);
   merged             one adapter at a time, merged, first come first served by adapter.
 The engine owns the packing limits (rows, token budget, chunk, adapter slots, KV pages); `pack`
 fills a batch within them, decodes before prefills, oldest requests first (ours orders all rows
@@ -87,6 +89,7 @@ class SchedulerState:
     merged_adapter: str | None    # adapter currently folded into the merged weights
     limits: BatchLimits
     free_pages: int | None = None  # KV pages free now (None: no bound)
+    cost: "CostModel | None" = None   # the engine's step-time model, to read (None: its prior)
 
 
 def admission_room(state: SchedulerState) -> int | None:
@@ -255,12 +258,9 @@ class CostModel:
 
 
 class Policy(abc.ABC):
-    """decide(state) -> Decision. `static_tiles`: runs the ATMM kernel with one fixed tile;
-    `per_layer_switch`: merges layer by layer (dLoRA) instead of in one call."""
+    """decide(state) -> Decision, and nothing else (a policy may keep its own schedule's state)."""
 
     name = "base"
-    static_tiles = False
-    per_layer_switch = False
 
     @abc.abstractmethod
     def decide(self, state: SchedulerState) -> Decision:
@@ -279,17 +279,11 @@ class UnmergedPolicy(Policy):
         return Decision("unmerged", None, pack(state))
 
 
-class SLoRAPolicy(UnmergedPolicy):
-    name = "slora"
-    static_tiles = True
-
-
 class PunicaPolicy(Policy):
     """Prefill steps (whole prompts, up to the token budget) run apart from decode steps; a
     prefill starts only while fewer than max_rows requests are decoding (the running batch)."""
 
     name = "punica"
-    static_tiles = True
 
     def decide(self, state):
         room = state.limits.max_rows - sum(s.pending == 1 for s in state.seqs)
@@ -300,7 +294,6 @@ class PunicaPolicy(Policy):
 
 class DLoRAPolicy(Policy):
     name = "dlora"
-    per_layer_switch = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.5):
         self.alpha, self.beta, self.merged = alpha, beta, None
@@ -377,21 +370,20 @@ class VLoRAPolicy(Policy):
 
     name = "ours"
 
-    def __init__(self, cost: CostModel | None = None, starvation_bound: float = 0.5, overdue_bound: float = 2.0,
-                 horizon: int = 16):
-        self.cost = cost or CostModel()
+    def __init__(self, starvation_bound: float = 0.5, overdue_bound: float = 2.0, horizon: int = 16):
         self.starvation_bound, self.overdue_bound, self.horizon = starvation_bound, overdue_bound, horizon
 
     def decide(self, state):
+        cost = state.cost or CostModel()
         adapter_of = {s.id: s.adapter for s in state.seqs}
         weight = {s.id: 1.0 / s.output_tokens for s in state.seqs}
         context = {s.id: s.context for s in state.seqs}
 
         def step_time(mode, a, rows):
-            t = self.cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows],
+            t = cost.step_time(mode, a, [(adapter_of[i], n) for i, n in rows],
                                     kv=sum(context[i] + n for i, n in rows),
                                     positions=state.limits.positions([n for _, n in rows]))
-            return t + (self.cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
+            return t + (cost.switch / self.horizon if mode != "unmerged" and a != state.merged_adapter else 0.0)
 
         def does_less_lora_work(a, rows):      # else mixture(a) runs more LoRA deltas, in more launches, than
             rows = [(adapter_of[i], n) for i, n in rows]     # unmerged on the same rows: never faster
@@ -437,14 +429,15 @@ class VLoRAPolicy(Policy):
 
 class ProbePolicy(Policy):
     """A calibration schedule, not a serving policy: steps cycle through unmerged, merged(a) and
-    mixture(a) for the top adapter, so that `cost` (which the engine feeds every step) measures
-    each mode at the batch shapes of the trace it runs, as a server does at start-up before ours
-    schedules with that model. Switches are merges of the same (top) adapter, so they are rare."""
+    mixture(a) for the top adapter, so that the engine's step-time model (which it feeds every
+    step) measures each mode at the batch shapes of the trace it runs, as a server does at
+    start-up before ours schedules with that model. Switches are merges of the same (top)
+    adapter, so they are rare."""
 
     name = "probe"
 
-    def __init__(self, cost: CostModel):
-        self.cost, self._steps = cost, 0
+    def __init__(self):
+        self._steps = 0
 
     def decide(self, state):
         mode, self._steps = MODES[self._steps % len(MODES)], self._steps + 1
@@ -455,7 +448,24 @@ class ProbePolicy(Policy):
         return Decision(mode, a, rows)
 
 
-POLICIES: dict[str, Callable[[], Policy]] = {
-    "ours": VLoRAPolicy, "unmerged": UnmergedPolicy, "slora": SLoRAPolicy, "punica": PunicaPolicy, "dlora": DLoRAPolicy,
-    "merged": MergedOnlyPolicy,
+@dataclasses.dataclass(frozen=True)
+class ServingSystem:
+    """A serving system to compare: its scheduling policy and the engine mechanics it runs on."""
+
+    policy: Callable[[], Policy]
+    static_tiles: bool = False
+    """The LoRA kernel with one fixed tile (static-tiling servers): the runner's "pallas-static"."""
+    per_layer_switch: bool = False
+    """Merge and unmerge one weight at a time (dLoRA) instead of in one call (EngineConfig)."""
+
+    def backend(self, backend: str) -> str:
+        """The LoRA backend this system runs where `backend` would run ours."""
+        return "pallas-static" if self.static_tiles and backend == "pallas" else backend
+
+
+SYSTEMS: dict[str, ServingSystem] = {
+    "ours": ServingSystem(VLoRAPolicy), "unmerged": ServingSystem(UnmergedPolicy),
+    "slora": ServingSystem(UnmergedPolicy, static_tiles=True), "punica": ServingSystem(PunicaPolicy, static_tiles=True),
+    "dlora": ServingSystem(DLoRAPolicy, per_layer_switch=True), "merged": ServingSystem(MergedOnlyPolicy),
 }
+"""`valora serve --policy` and bench/e2e.py's systems, by name."""

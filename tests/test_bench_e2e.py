@@ -20,7 +20,7 @@ ARGS = ["--preset", "tiny", "--backend", "reference", "--attention", "reference"
         "--kinds", "vqa", "--arrivals", "poisson", "--popularity", "hot80", "--requests", "3",
         "--warmup-requests", "2", "--probe-requests", "4", "--adapters", "3", "--max-loras", "4", "--ranks", "8,16",
         "--num-pages", "256", "--max-rows", "2", "--prefill-chunk", "32", "--token-budget", "64", "--min-rows", "2",
-        "--prefill-width", "16", "--min-pages", "16", "--min-features", "0", "--compile-threads", "2",
+        "--prefill-width", "16", "--min-pages", "16", "--min-features", "256", "--compile-threads", "2",
         "--encoder-batches", "1"]
 
 
@@ -28,11 +28,11 @@ def test_e2e_serves_every_request_skips_a_failed_workload_appends_missing_ones_a
     out, log = tmp_path / "e2e", tmp_path / "steps.json"
     run_one, failed = e2e.run_one, []
 
-    def failing_once(runner, pool, policy, trace, *rest):
-        if len(trace) == 3 and not failed and policy.name == "unmerged":     # the first measured workload
-            failed.append(policy.name)
+    def failing_once(runner, pool, system, trace, *rest):
+        if len(trace) == 3 and not failed and system == "unmerged":     # the first measured workload
+            failed.append(system)
             raise RuntimeError("out of memory")
-        return run_one(runner, pool, policy, trace, *rest)
+        return run_one(runner, pool, system, trace, *rest)
 
     monkeypatch.setattr(e2e, "run_one", failing_once)
     e2e.main(ARGS + ["--rates", "16,8,4", "--out", str(out), "--step-log", str(log)])

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import random_image
 from serve.engine import Engine, EngineConfig, Overloaded, precompile, serving_config
-from serve.policies import POLICIES, CostModel, Decision, Policy, VLoRAPolicy, pack
+from serve.policies import SYSTEMS, CostModel, Decision, Policy, pack
 from valora_jax import AdapterPool, Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
 from valora_jax.runtime import bucket, compile_seconds_by_function
@@ -33,7 +33,7 @@ def _engine(generator, policy="ours", config=SMALL):
     return Engine(generator.runner, generator.pool, config=config, policy=policy)
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("policy", sorted(SYSTEMS))
 def test_every_policy_gives_each_request_its_solo_output(generator, expected, policy):
     engine = _engine(generator, policy)
     reqs = _requests(10)
@@ -373,7 +373,7 @@ def test_steps_record_what_the_step_time_model_predicted_before_observing_them(g
     fixed 10 ms predicts exactly that for every step until its first refit (after its eighth
     observed step, which still records 10 ms), and something else after."""
     cost = CostModel(fixed=0.01, per_token=0.0, per_lora_token=0.0, per_adapter=0.0, per_kv=0.0)
-    engine = _engine(generator, VLoRAPolicy(cost=cost))
+    engine = Engine(generator.runner, generator.pool, config=SMALL, policy="ours", cost=cost)
     engine.generate([dataclasses.replace(r, max_tokens=8) for r in _requests(6)])
     observed = [s for s in engine.step_metrics if not s.compile_time]
     assert len(observed) > 8
@@ -452,3 +452,15 @@ def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(gene
 
 
 STEP_FUNCTIONS = ("jit(_step_impl)", "jit(_encode_impl)")
+
+
+def test_a_named_system_brings_its_switch_and_needs_its_kernel(generator, monkeypatch):
+    """Engine(policy=name) runs the serving system's policy and switch; a static-tile system on a
+    runner of the adaptive kernel is refused, as is an unknown name."""
+    assert _engine(generator, "dlora").config.per_layer_switch and not _engine(generator, "ours").config.per_layer_switch
+    monkeypatch.setattr(generator.runner, "backend", "pallas")
+    with pytest.raises(ValueError, match="policy 'slora' runs the static-tile kernel: build its runner with backend "
+                                         "'pallas-static'"):
+        _engine(generator, "slora")
+    with pytest.raises(ValueError, match="unknown policy 'fast'"):
+        _engine(generator, "fast")

@@ -4,18 +4,19 @@ import dataclasses
 import numpy as np
 import pytest
 
-from bench.policy_sim import STEP_TIMES, make_trace, simulate
-from serve.policies import (BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, ProbePolicy, PunicaPolicy,
-                            SchedulerState, SeqView, SLoRAPolicy, UnmergedPolicy, VLoRAPolicy, admission_room, pack)
+from bench.policy_sim import STEP_TIMES, make_trace, run_system
+from serve.policies import (SYSTEMS, BatchLimits, CostModel, DLoRAPolicy, MergedOnlyPolicy, ProbePolicy,
+                            PunicaPolicy, SchedulerState, SeqView, UnmergedPolicy, VLoRAPolicy, admission_room, pack)
 
 LIMITS = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters=3)
 
 
-def _state(adapters_pending, now=0.0, merged=None, limits=LIMITS, waited=None):
-    """One SeqView per (adapter, pending); arrival = index; waited[i] seconds waited (default 0)."""
+def _state(adapters_pending, now=0.0, merged=None, limits=LIMITS, waited=None, cost=None):
+    """One SeqView per (adapter, pending); arrival = index; waited[i] seconds waited (default 0);
+    cost: the engine's step-time model."""
     seqs = tuple(SeqView(f"r{i}", a, float(i) * 1e-3, p, waited[i] if waited else 0.0)
                  for i, (a, p) in enumerate(adapters_pending))
-    return SchedulerState(now, seqs, merged, limits)
+    return SchedulerState(now, seqs, merged, limits, cost=cost)
 
 
 def test_pack_respects_rows_budget_chunk_and_slots():
@@ -65,7 +66,9 @@ def test_pack_starts_a_prompt_only_if_its_pages_fit_after_the_running_requests()
 
 def test_slora_and_punica():
     state = _state([("a", 1), ("b", 40), ("c", 1)])
-    assert SLoRAPolicy().decide(state).rows == (("r0", 1), ("r2", 1), ("r1", 16))
+    assert SYSTEMS["slora"].policy().decide(state).rows == (("r0", 1), ("r2", 1), ("r1", 16))
+    assert SYSTEMS["slora"].backend("pallas") == SYSTEMS["punica"].backend("pallas") == "pallas-static"
+    assert SYSTEMS["ours"].backend("pallas") == "pallas" and SYSTEMS["slora"].backend("reference") == "reference"
     punica = PunicaPolicy().decide(state)
     assert punica.mode == "unmerged" and punica.rows == (("r1", 40),)       # whole prompt, alone
     assert PunicaPolicy().decide(_state([("a", 1), ("c", 1)])).rows == (("r0", 1), ("r1", 1))
@@ -77,7 +80,7 @@ def test_slora_and_punica():
 
 
 def test_probe_cycles_through_the_modes_on_the_top_adapter():
-    probe = ProbePolicy(CostModel())
+    probe = ProbePolicy()
     state = _state([("a", 1), ("b", 1), ("a", 1), (None, 1)])
     decisions = [probe.decide(state) for _ in range(4)]
     assert [(d.mode, d.merged_adapter) for d in decisions] == [
@@ -119,16 +122,16 @@ def _costly_lora():
 
 
 def test_ours_merges_a_single_adapter_workload():
-    d = VLoRAPolicy(_costly_lora()).decide(_state([("a", 1)] * 6))
+    d = VLoRAPolicy().decide(_state([("a", 1)] * 6, cost=_costly_lora()))
     assert d.mode == "merged" and d.merged_adapter == "a" and len(d.rows) == 6
 
 
 def test_ours_uses_mixture_when_one_adapter_dominates():
-    d = VLoRAPolicy(_costly_lora()).decide(_state([("a", 1)] * 6 + [("b", 1)]))
+    d = VLoRAPolicy().decide(_state([("a", 1)] * 6 + [("b", 1)], cost=_costly_lora()))
     assert d.mode in ("mixture", "merged") and d.merged_adapter == "a"
     if d.mode == "merged":
         assert len(d.rows) == 6
-    balanced = VLoRAPolicy(_costly_lora()).decide(_state([("a", 1), ("b", 1), ("c", 1), (None, 1)] * 2))
+    balanced = VLoRAPolicy().decide(_state([("a", 1), ("b", 1), ("c", 1), (None, 1)] * 2, cost=_costly_lora()))
     assert balanced.mode == "unmerged" and len(balanced.rows) == 8
 
 
@@ -138,13 +141,13 @@ def test_ours_runs_mixture_only_where_it_does_less_lora_work():
     there mixture runs more LoRA deltas than unmerged, in more launches."""
     cost = _costly_lora()
     cost.coef["mixture"] = cost.coef["mixture"] * np.array([0.1, 1, 0, 0, 1])    # mixture "almost free"
-    minority = _state([("a", 1), ("a", 1), ("b", 1), ("c", 1), (None, 1)], merged="a")
-    d = VLoRAPolicy(cost).decide(minority)
+    minority = _state([("a", 1), ("a", 1), ("b", 1), ("c", 1), (None, 1)], merged="a", cost=cost)
+    d = VLoRAPolicy().decide(minority)
     assert d.mode != "mixture" and len(d.rows) == 5
-    even = _state([("a", 1)] * 2 + [("b", 1), (None, 1)], merged="a")     # units: unmerged 3, mixture 2 + 1
-    assert VLoRAPolicy(cost).decide(even).mode != "mixture"
-    more = _state([("a", 1)] * 3 + [("b", 1), (None, 1)], merged="a")     # unmerged 4, mixture 3
-    assert VLoRAPolicy(cost).decide(more).mode == "mixture"
+    even = _state([("a", 1)] * 2 + [("b", 1), (None, 1)], merged="a", cost=cost)   # units: unmerged 3, mixture 2 + 1
+    assert VLoRAPolicy().decide(even).mode != "mixture"
+    more = _state([("a", 1)] * 3 + [("b", 1), (None, 1)], merged="a", cost=cost)   # unmerged 4, mixture 3
+    assert VLoRAPolicy().decide(more).mode == "mixture"
 
 
 def test_ours_does_not_defer_a_prefill_to_speed_up_decodes():
@@ -152,9 +155,9 @@ def test_ours_does_not_defer_a_prefill_to_speed_up_decodes():
     faster, but b's prompt still needs a step of its own later, which every request waits for."""
     cost = CostModel(fixed=25e-3, per_token=4e-5, per_lora_token=2e-6, per_adapter=1e-4, switch=1e-2)
     limits = BatchLimits(max_rows=8, token_budget=2048, prefill_chunk=1024, max_adapters=4)
-    d = VLoRAPolicy(cost).decide(_state([("a", 1), ("a", 1), ("b", 626)], limits=limits))
+    d = VLoRAPolicy().decide(_state([("a", 1), ("a", 1), ("b", 626)], limits=limits, cost=cost))
     assert sorted(i for i, _ in d.rows) == ["r0", "r1", "r2"]
-    only_a = VLoRAPolicy(cost).decide(_state([("a", 1), ("a", 1), ("a", 626)], limits=limits))
+    only_a = VLoRAPolicy().decide(_state([("a", 1), ("a", 1), ("a", 626)], limits=limits, cost=cost))
     assert only_a.mode == "merged" and len(only_a.rows) == 3
 
 
@@ -162,21 +165,21 @@ def test_ours_under_load_merges_when_the_hot_adapter_fills_the_step():
     """More requests than rows: the cold rows a merged step leaves out are replaced by queued hot
     rows, so merged(a) wins on time per unit of work; the same two cold rows with nothing queued
     behind them would need a step of their own, and a merged step of a few rows never wins."""
-    policy = VLoRAPolicy(_costly_lora())
-    loaded = policy.decide(_state([("b", 1)] * 2 + [("a", 1)] * 12))
+    policy, cost = VLoRAPolicy(), _costly_lora()
+    loaded = policy.decide(_state([("b", 1)] * 2 + [("a", 1)] * 12, cost=cost))
     assert loaded.mode == "merged" and loaded.merged_adapter == "a" and len(loaded.rows) == LIMITS.max_rows
-    light = policy.decide(_state([("b", 1)] * 2 + [("a", 1)] * 6))
+    light = policy.decide(_state([("b", 1)] * 2 + [("a", 1)] * 6, cost=cost))
     assert light.mode != "merged" and len(light.rows) == 8
     wide = BatchLimits(max_rows=8, token_budget=64, prefill_chunk=16, max_adapters=16)
-    spread = policy.decide(_state([("a", 1)] * 2 + [(f"c{i}", 1) for i in range(12)], limits=wide))
+    spread = policy.decide(_state([("a", 1)] * 2 + [(f"c{i}", 1) for i in range(12)], limits=wide, cost=cost))
     assert spread.mode != "merged" and len(spread.rows) == 8
 
 
 def test_ours_never_merges_out_a_starving_request():
-    policy = VLoRAPolicy(_costly_lora(), starvation_bound=0.2)
+    policy, cost = VLoRAPolicy(starvation_bound=0.2), _costly_lora()
     adapters = [("a", 1)] * 7 + [("b", 1)]
-    assert policy.decide(_state(adapters, now=1.0, waited=[0.0] * 7 + [0.1])).mode != "unmerged"
-    d = policy.decide(_state(adapters, now=1.0, waited=[0.0] * 7 + [0.3]))
+    assert policy.decide(_state(adapters, now=1.0, waited=[0.0] * 7 + [0.1], cost=cost)).mode != "unmerged"
+    d = policy.decide(_state(adapters, now=1.0, waited=[0.0] * 7 + [0.3], cost=cost))
     assert d.mode in ("mixture", "unmerged") and "r7" in [i for i, _ in d.rows]
 
 
@@ -189,26 +192,26 @@ def test_ours_packs_by_smiths_rule_and_starving_requests_first():
     limits = BatchLimits(max_rows=8, token_budget=700, prefill_chunk=700, max_adapters=4)
     seqs = (SeqView("gen", "b", 0.0, 626, 0.2, 80), SeqView("head", "c", 0.1, 626, 0.1, 1))
     waited = lambda views, s: (dataclasses.replace(views[0], waited=s),) + views[1:]
-    ours = VLoRAPolicy(_costly_lora(), starvation_bound=0.5, overdue_bound=2.0)
-    assert ours.decide(SchedulerState(0.2, seqs, None, limits)).rows == (("head", 626), ("gen", 74))
-    assert ours.decide(SchedulerState(0.6, waited(seqs, 0.6), None, limits)).rows == (("head", 626), ("gen", 74))
-    assert ours.decide(SchedulerState(2.1, waited(seqs, 2.1), None, limits)).rows == (("gen", 626), ("head", 74))
+    ours, cost = VLoRAPolicy(starvation_bound=0.5, overdue_bound=2.0), _costly_lora()
+    rows = lambda now, views, lim=limits: ours.decide(SchedulerState(now, views, None, lim, cost=cost)).rows
+    assert rows(0.2, seqs) == (("head", 626), ("gen", 74))
+    assert rows(0.6, waited(seqs, 0.6)) == (("head", 626), ("gen", 74))
+    assert rows(2.1, waited(seqs, 2.1)) == (("gen", 626), ("head", 74))
     assert UnmergedPolicy().decide(SchedulerState(0.2, seqs, None, limits)).rows == (("gen", 626), ("head", 74))
     gens = (SeqView("old", "b", 0.0, 626, 0.2, 80), SeqView("short", "b", 0.1, 300, 0.1, 40))
-    assert ours.decide(SchedulerState(0.2, gens, None, limits)).rows == (("short", 300), ("old", 400))
-    assert ours.decide(SchedulerState(0.6, waited(gens, 0.6), None, limits)).rows == (("old", 626), ("short", 74))
+    assert rows(0.2, gens) == (("short", 300), ("old", 400))
+    assert rows(0.6, waited(gens, 0.6)) == (("old", 626), ("short", 74))
     # rows full of decodes: the one-pass prompt takes the row of the decode with the most work
     # left per weight; a clip's long one-pass prompt (3456 tokens) waits behind short decodes
     full = dataclasses.replace(limits, max_rows=4, token_budget=4096, prefill_chunk=4096)
     decodes = tuple(SeqView(f"d{g}", "b", 0.0, 1, 0.1, 80, context=700, generated=g) for g in (10, 70, 40, 20))
     head = SeqView("head", "c", 0.1, 626, 0.1, 1)
-    assert ours.decide(SchedulerState(0.2, decodes + (head,), None, full)).rows == (
-        ("head", 626), ("d70", 1), ("d40", 1), ("d20", 1))
+    assert rows(0.2, decodes + (head,), full) == (("head", 626), ("d70", 1), ("d40", 1), ("d20", 1))
     assert UnmergedPolicy().decide(SchedulerState(0.2, decodes + (head,), None, full)).rows == tuple(
         (f"d{g}", 1) for g in (10, 70, 40, 20))
     short = tuple(dataclasses.replace(d, output_tokens=8, generated=g) for d, g in zip(decodes, range(4)))
     clip = dataclasses.replace(head, pending=3456)
-    assert [i for i, _ in ours.decide(SchedulerState(0.2, short + (clip,), None, full)).rows] == ["d20", "d40", "d70", "d10"]
+    assert [i for i, _ in rows(0.2, short + (clip,), full)] == ["d20", "d40", "d70", "d10"]
 
 
 def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
@@ -217,7 +220,7 @@ def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
     within the starvation bound plus two steps, however many steps it takes."""
     rng = np.random.default_rng(0)
     cost = _costly_lora()
-    policy = VLoRAPolicy(cost, starvation_bound=0.05)
+    policy = VLoRAPolicy(starvation_bound=0.05)
     now, seqs, waits, served = 0.0, {}, [], 0
     for i in range(400):
         seqs[f"r{i}"] = ["a" if rng.random() < 0.9 else "b", 1 + int(rng.integers(0, 30)), now, 0.0]
@@ -225,7 +228,7 @@ def test_ours_bounds_waiting_in_a_simulated_skewed_workload():
             continue
         for _ in range(3):
             views = tuple(SeqView(k, a, arr, p, now - arr - ran) for k, (a, p, arr, ran) in seqs.items())
-            d = policy.decide(SchedulerState(now, views, None, LIMITS))
+            d = policy.decide(SchedulerState(now, views, None, LIMITS, cost=cost))
             step = cost.step_time(d.mode, d.merged_adapter, [(seqs[k][0], n) for k, n in d.rows])
             now += step
             for k, n in d.rows:
@@ -333,8 +336,8 @@ def test_ours_under_load_merges_the_hot_adapter_and_otherwise_matches_unmerged(p
     the cold requests' p99 within 1.2x always-unmerged's); with uniform popularity there is
     nothing to merge and ours stays within 3% of unmerged."""
     trace = make_trace("vqa", popularity, 16.0, heads=False)
-    ours = simulate(VLoRAPolicy(), trace, STEP_TIMES["vqa"], 0.015)
-    unmerged = simulate(UnmergedPolicy(), trace, STEP_TIMES["vqa"], 0.015)
+    ours = run_system("ours", trace, STEP_TIMES["vqa"], switch=0.015)
+    unmerged = run_system("unmerged", trace, STEP_TIMES["vqa"], switch=0.015)
     ratio = ours["token_latency"] / unmerged["token_latency"]
     assert ratio <= (0.92 if popularity == "hot80" else 1.03), (ours, unmerged)
     assert ours["cold_p99"] <= 1.2 * unmerged["cold_p99"], (ours, unmerged)
@@ -350,9 +353,9 @@ def test_ours_is_never_worse_than_the_baselines_in_a_simulated_7b_server(popular
     for rate in (2.0, 16.0):
         trace = make_trace("vqa", popularity, rate, heads=False)
         latency = {}
-        for policy in (VLoRAPolicy(), SLoRAPolicy(), PunicaPolicy(), DLoRAPolicy(), MergedOnlyPolicy()):
-            cost = CostModel(**shape, per_lora_token=2e-5 if policy.static_tiles else 2e-6)
-            latency[policy.name] = simulate(policy, trace, cost.step_time, 0.01, limits)["token_latency"]
+        for name in ("ours", "slora", "punica", "dlora", "merged"):
+            cost = CostModel(**shape, per_lora_token=2e-5 if SYSTEMS[name].static_tiles else 2e-6)
+            latency[name] = run_system(name, trace, cost.step_time, switch=0.01, limits=limits)["token_latency"]
         best = min(v for k, v in latency.items() if k != "ours")
         assert latency["ours"] <= 1.03 * best, latency
         if rate == 16.0:
@@ -374,8 +377,8 @@ def test_ours_serves_task_head_answers_first_in_a_simulated_7b_server(popularity
         ratios = []
         for seed in range(4):
             trace = make_trace("vqa", popularity, rate, heads=True, seed=seed)
-            latency = {p.name: simulate(p, trace, STEP_TIMES["vqa"], 0.015)["token_latency"]
-                       for p in (VLoRAPolicy(), UnmergedPolicy(), DLoRAPolicy())}
+            latency = {name: run_system(name, trace, STEP_TIMES["vqa"], switch=0.015)["token_latency"]
+                       for name in ("ours", "unmerged", "dlora")}
             ratios.append([latency["ours"] / latency["unmerged"], latency["ours"] / latency["dlora"]])
         over_unmerged, over_dlora = np.exp(np.log(ratios).mean(axis=0))
         assert over_unmerged < (0.5 if rate == 16.0 else 1.0), (rate, ratios)
