@@ -3,7 +3,7 @@
 Every targeted linear keeps its base weight `kernel [D_in, D_out]` untouched, the adapter
 pool's slots (`LoraSlot` variables: `lora_a [S, D_in, R]`, `lora_b [S, R, D_out]`,
 `lora_scale [S]`, `lora_rank [S]`), and, when the config is mergeable, a `merged [D_in, D_out]`
-copy holding `kernel + s_m A_m B_m` for the merged adapter m. Three modes (DESIGN.md):
+copy holding `kernel + s_m A_m B_m` for the merged adapter m. Three modes (docs/architecture.md):
 
     unmerged:  y = x W   + [a != -1] s_a x A_a B_a
     merged:    y = x W_m                               (every token uses adapter m)
