@@ -2,7 +2,8 @@
 
     out[b, h] = sum_{j < L[b]} softmax_j(q[b, h] . K[g, pt[b, j // S], j % S] / sqrt(Dh)) V[g, pt[b, j // S], j % S]
                 (g = h // (H / H_kv): grouped-query heads share their K/V head; S the page size;
-                 L[b] = lengths[b]; a row of length 0 attends nothing and gets 0)
+                 L[b] = lengths[b]; a row of length 0 attends nothing and gets 0; whatever the cache holds past
+    a row's length, NaN included, never reaches its output)
 
 Grid (row, K/V head, split): a program loads the G query heads that share one K/V head and
 streams its split of the row's keys, `pages_per_block` pages at a time gathered through the
@@ -41,8 +42,10 @@ def _decode_kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, 
         pages = jnp.clip(pages, 0, k_ref.shape[0] - 1)       # the block's pages past the length are read
         k = k_ref[pages].reshape(block_k, head_dim)
         v = v_ref[pages].reshape(block_k, head_dim)
+        attended = j * block_k + jnp.arange(block_k) < length                            # [BK]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale                 # [G, BK]
-        s = jnp.where(j * block_k + jnp.arange(block_k)[None, :] < length, s, MASKED)
+        s = jnp.where(attended[None, :], s, MASKED)
+        v = jnp.where(attended[:, None], v, 0)      # masked by select: garbage past the length stays out
         return online_softmax_step(carry, s, v)
 
     m, l, acc = jax.lax.fori_loop(first, jnp.maximum(first, last), body, init_carry(group, head_dim))
@@ -146,5 +149,6 @@ def decode_attention_reference(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
     attended = jnp.arange(keys.shape[2])[None, :] < lengths[:, None]                            # [B, C]
     s = jnp.where(attended[:, None, None, :], s, MASKED)
     p = jnp.where(attended[:, None, None, :], jax.nn.softmax(s, axis=-1), 0.0)
-    out = jnp.einsum("bkgc,kbcd->bkgd", p, values.astype(jnp.float32))
+    values = jnp.where(attended[None, :, :, None], values.astype(jnp.float32), 0.0)     # select, not 0 * NaN
+    out = jnp.einsum("bkgc,kbcd->bkgd", p, values)
     return out.reshape(rows, heads * head_dim).astype(q.dtype)

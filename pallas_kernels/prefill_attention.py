@@ -37,8 +37,10 @@ def _flash_kernel(q_ref, k_ref, v_ref, pos_ref, o_ref, *, block_k: int, scale: f
     def body(j, carry):
         keys = pl.ds(j * block_k, block_k)
         k, v = k_ref[keys, :], v_ref[keys, :]
+        key = j * block_k + jnp.arange(block_k)                                         # [BK]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale                 # [BQ, BK]
-        s = jnp.where(j * block_k + jnp.arange(block_k)[None, :] <= pos[:, None], s, MASKED)
+        s = jnp.where(key[None, :] <= pos[:, None], s, MASKED)
+        v = jnp.where((key <= jnp.max(pos))[:, None], v, 0)    # select: keys past every query stay out
         return online_softmax_step(carry, s, v)
 
     _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init_carry(block_q, head_dim))
@@ -119,5 +121,7 @@ def prefill_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, positi
     s = jnp.einsum("bqkgd,bckd->bkgqc", qg, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
     s = jnp.where(jnp.arange(k.shape[1])[None, None, None, None, :] <= positions[:, None, None, :, None], s, MASKED)
     p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("bkgqc,bckd->bqkgd", p, v.astype(jnp.float32))
+    reached = jnp.arange(k.shape[1])[None, :] <= jnp.max(positions, axis=1)[:, None]          # [B, C]
+    v = jnp.where(reached[:, :, None, None], v.astype(jnp.float32), 0.0)                        # select, not 0 * NaN
+    out = jnp.einsum("bkgqc,bckd->bqkgd", p, v)
     return out.reshape(b, n_q, heads * head_dim).astype(q.dtype)

@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import hashlib
 import itertools
+import logging
 import time
 from typing import Callable
 
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from serve.metrics import RequestMetrics, StepMetrics, summarize
-from serve.policies import SYSTEMS, BatchLimits, CostModel, Policy, ProbePolicy, SchedulerState, SeqView
+from serve.policies import (SYSTEMS, BatchLimits, CostModel, Decision, Policy, ProbePolicy, SchedulerState,
+                            SeqView, pack)
 from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.config import LMMConfig
 from valora_jax.kv_cache import PageAllocator, init_pages
@@ -39,6 +41,8 @@ from valora_jax.request import Completion, Request, RequestState
 from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_lowered, compile_seconds, pack_block, split_row
 from valora_jax.sampling import make_sampler
 from valora_jax.tokenizer import ByteTokenizer
+
+log = logging.getLogger("valora.engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +239,7 @@ class Engine:
         self._ids = itertools.count()
         self.request_metrics: list[RequestMetrics] = []
         self.step_metrics: list[StepMetrics] = []
+        self.policy_failures, self.last_policy_error = 0, None     # decisions that raised (see step)
 
     # submission ---------------------------------------------------------------------------------
     def prepare(self, request: Request) -> PreparedRequest:
@@ -385,8 +390,14 @@ class Engine:
         now = self.clock()
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, now - s.metrics.arrival - s.served,
                               s.output_tokens, s.computed, len(s.state.out)) for s in runnable)
-        decision = self.policy.decide(SchedulerState(now, views, self.merged_adapter, self.limits,
-                                                     self.allocator.num_free, self.cost))
+        state = SchedulerState(now, views, self.merged_adapter, self.limits, self.allocator.num_free, self.cost)
+        try:
+            decision = self.policy.decide(state)
+        except Exception as e:      # a scheduling fault fails no request: this step runs the plain schedule
+            log.exception("policy %s failed; this step runs unmerged", type(self.policy).__name__)
+            self.policy_failures += 1
+            self.last_policy_error = f"{type(e).__name__}: {e}"
+            decision = Decision("unmerged", None, pack(state))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
         placing = self.clock()
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)

@@ -205,9 +205,12 @@ class CostModel:
                   positions: int | None = None) -> float:
         return self.step_time_of(mode, self.features(mode, merged, rows, kv, positions))
 
+    MIN_STEP_S = 1e-5
+    """No step is priced below this (a fit may drive every coefficient to 0)."""
+
     def step_time_of(self, mode: str, features: np.ndarray) -> float:
-        """Seconds a step of these `features` takes in `mode`, as the model stands."""
-        return float(features @ self.coef[mode])
+        """Seconds a step of these `features` takes in `mode`, as the model stands (>= MIN_STEP_S)."""
+        return max(float(features @ self.coef[mode]), self.MIN_STEP_S)
 
     def observe(self, mode: str, features: np.ndarray, seconds: float) -> None:
         self._obs[mode].append((*features, seconds))
@@ -403,7 +406,7 @@ class VLoRAPolicy(Policy):
         # a batch's work: what its rows would cost unmerged, each with its share of a full step's fixed cost
         empty = step_time("unmerged", None, [])
         work = lambda rows: step_time("unmerged", None, rows) - empty + empty * len(rows) / state.limits.max_rows
-        seconds_per_work = t_u / work(unmerged) if unmerged else 0.0
+        seconds_per_work = t_u / work(unmerged) if unmerged and work(unmerged) > 0 else 0.0
         best, best_dl = Decision("unmerged", None, unmerged), 0.0
         for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
             candidates = [("mixture", fill(reserved=[a]))]

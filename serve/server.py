@@ -9,7 +9,7 @@ Endpoints (vLLM's and OpenAI's shapes):
                                 loading a loaded name replaces it (running requests keep the old version)
   POST /v1/unload_lora_adapter  {"lora_name"}: 409 while requests use the adapter (retry later)
   GET  /metrics                 Prometheus
-  GET  /health                  200 while serving, 503 once shutting down
+  GET  /health                  200 while serving; 503 once shutting down, while steps fail or one stalls
 Errors use OpenAI's error object: 400 bad request, 401 bad API key, 404 unknown model or
 adapter, 409 adapter in use, 413 too large, 429 queue full (Retry-After), 503 shutting down.
 With an API key, every /v1 endpoint needs `Authorization: Bearer KEY`.
@@ -292,10 +292,8 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
 
     @app.get("/health")
     async def health():
-        if service.draining or not service.alive:
-            return JSONResponse({"status": "shutting down"}, 503)
-        return {"status": "ok", "model": service.model_name, "adapters": len(service.adapters),
-                "last_error": service.last_error}
+        healthy, report = service.health()
+        return report if healthy else JSONResponse(report, 503)
 
     app.add_middleware(_Guard, api_key=api_key, max_body=limits.max_body_bytes, counter=service.metrics.http)
     return app

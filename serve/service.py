@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -66,6 +67,8 @@ class _Metrics:
         self.slots = Gauge("valora_adapter_slots", "Device adapter slots (max_loras)", registry=r)
         self.adapters = Gauge("valora_adapters_loaded", "Adapters registered (host store)", registry=r)
         self.step_failures = Counter("valora_step_failures", "Engine steps that raised", registry=r)
+        self.policy_failures = Counter("valora_policy_failures",
+                                       "Scheduling decisions that raised (those steps ran unmerged)", registry=r)
         self.slots.set(max_loras)
 
 
@@ -73,12 +76,16 @@ class EngineService:
     """Runs an Engine on one background thread; asyncio handlers talk to it through `run`,
     `submit` and `cancel`. `model_name` is the base model's name in the API."""
 
-    def __init__(self, engine: Engine, model_name: str | None = None):
-        self.engine = engine
+    def __init__(self, engine: Engine, model_name: str | None = None, stall_after_s: float = 120.0):
+        """stall_after_s: a step running longer than this makes `health` report the engine stalled."""
+        self.engine, self.stall_after_s = engine, stall_after_s
         self.model_name = model_name or engine.runner.config.name
         self.metrics = _Metrics(engine.runner.config.lora.max_loras)
         self.adapters: tuple[str, ...] = tuple(sorted(engine.pool.store))   # snapshot, replaced on change
         self.last_error: str | None = None
+        self._failing_steps = 0                # steps failed in a row (0 once one succeeds)
+        self._step_started: float | None = None    # time.monotonic() of the step under way
+        self._policy_failures = 0              # engine.policy_failures already counted
         self._cond = threading.Condition()
         self._commands: list[tuple[Callable[[Engine], Any], concurrent.futures.Future]] = []
         self._live: set[str] = set()           # ids submitted and not finished (engine thread only)
@@ -116,6 +123,21 @@ class EngineService:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def health(self) -> tuple[bool, dict]:
+        """(healthy, report): unhealthy while shutting down, while the last step failed, or while
+        a step has run longer than stall_after_s."""
+        started = self._step_started
+        running = time.monotonic() - started if started is not None else 0.0
+        report = {"model": self.model_name, "adapters": len(self.adapters), "last_error": self.last_error,
+                  "failing_steps": self._failing_steps, "step_running_s": round(running, 3)}
+        if self._draining or not self.alive:
+            return False, {"status": "shutting down", **report}
+        if self._failing_steps:
+            return False, {"status": "failing", **report}
+        if running > self.stall_after_s:
+            return False, {"status": "stalled", **report}
+        return True, {"status": "ok", **report}
 
     # commands -----------------------------------------------------------------------------------
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
@@ -217,17 +239,25 @@ class EngineService:
                 log.exception("updating metrics failed")
 
     def _step(self):
-        """One engine step; if it raises, every live request fails with the error."""
+        """One engine step; if it raises, every live request fails with the error (a scheduling
+        fault fails none: the engine runs that step unmerged)."""
+        self._step_started = time.monotonic()
         try:
-            return self.engine.step()
+            step = self.engine.step()
+            if step is not None:                   # a step that ran: the engine works again
+                self._failing_steps = 0
+            return step
         except Exception as e:
             log.exception("engine step failed")
             self.last_error = f"{type(e).__name__}: {e}"
+            self._failing_steps += 1
             self.metrics.step_failures.inc()
             for rid in list(self._live):
                 self._failed[rid] = f"engine step failed: {self.last_error}"
                 self.engine.cancel(rid)
             return None
+        finally:
+            self._step_started = None
 
     def _update_gauges(self) -> None:
         """Move finished request metrics and step metrics into Prometheus (the engine's lists stay short)."""
@@ -239,6 +269,10 @@ class EngineService:
                 m.switch_time.inc(s.switch_time)
             m.load_time.inc(s.load_time)
         engine.step_metrics.clear()
+        if engine.policy_failures > self._policy_failures:
+            m.policy_failures.inc(engine.policy_failures - self._policy_failures)
+            self._policy_failures = engine.policy_failures
+            self.last_error = f"policy: {engine.last_policy_error}"
         live = []
         for r in engine.request_metrics:
             if r.finished is None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from valora_jax import AdapterPool, PoolFull, make_adapter, random_adapter
+from valora_jax import AdapterPool, PoolFull, TaskHead, make_adapter, random_adapter
 from valora_jax.adapters import PackedAdapter, target_of
 
 
@@ -111,6 +111,20 @@ def test_unregister_clears_slot():
                      "scales": {p: 1.0 for p in SHAPES}}, "rank 40"),
     (lambda cfg, a: {"name": ""}, "name"),
     (lambda cfg, a: {"weights": {p: (a_.astype(np.int32), b_) for p, (a_, b_) in a.weights.items()}}, "int32"),
+    (lambda cfg, a: {"scales": {**a.scales, "decoder.layers.0.q_proj": float("nan")}},
+     r"q_proj'?: scale nan is not a finite number within \+-10000"),
+    (lambda cfg, a: {"scales": {**a.scales, "decoder.layers.0.q_proj": 1e30}}, "scale 1e\+30"),
+    (lambda cfg, a: {"scales": {**a.scales, "decoder.layers.0.q_proj": "2"}}, "scale '2'"),
+    (lambda cfg, a: {"weights": {**a.weights, "decoder.layers.0.q_proj": (
+        np.where(np.arange(4) == 2, np.inf, a.weights["decoder.layers.0.q_proj"][0]),
+        a.weights["decoder.layers.0.q_proj"][1])}}, r"q_proj'?: A holds \d+ non-finite values"),
+    (lambda cfg, a: {"weights": {**a.weights, "decoder.layers.0.q_proj": (
+        a.weights["decoder.layers.0.q_proj"][0], 1e6 * np.ones_like(a.weights["decoder.layers.0.q_proj"][1]))}},
+     r"B holds values up to 1e\+06"),
+    (lambda cfg, a: {"alpha": float("inf")}, "alpha inf is not finite"),
+    (lambda cfg, a: {"head": TaskHead(np.zeros((cfg.text.hidden_size, 2)), np.zeros(3), ("x", "y"))}, r"bias \(3,\)"),
+    (lambda cfg, a: {"head": TaskHead(np.full((cfg.text.hidden_size, 2), np.nan), np.zeros(2), ("x", "y"))},
+     "task head kernel holds"),
 ])
 def test_bad_adapters_rejected_and_pool_unchanged(change, message):
     pool, slots, cfg = _pool()

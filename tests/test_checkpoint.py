@@ -75,3 +75,22 @@ def test_corrupt_checkpoints_are_refused(saved, tmp_path, config):
         load_adapter(tmp_path, config, runner.module_shapes)
     with pytest.raises(ValueError, match="config.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta: meta.update(head_labels=["a", "b"]), r"names task-head labels \['a', 'b'\] but the weights hold no"),
+    (lambda meta: meta["modules"][next(iter(meta["modules"]))].update(scale="NaN"), "scale nan is not a finite"),
+    (lambda meta: meta["modules"][next(iter(meta["modules"]))].pop("scale"), "KeyError: 'scale'"),
+    (lambda meta: meta.update(alpha=None), "TypeError"),
+    (lambda meta: meta.update(modules=[1, 2]), "not a valid adapter description"),
+], ids=["head-labels-without-head", "nan-scale", "no-scale", "alpha-null", "modules-a-list"])
+def test_adapter_metadata_that_disagrees_with_its_tensors_is_a_value_error(tmp_path, config, edit, message):
+    """adapter.json edited by hand: every disagreement with the weights or bad value is a
+    ValueError naming it (a 400 when loaded over HTTP), never a KeyError or TypeError."""
+    runner = ModelRunner(init_model(config, seed=11))
+    save_adapter(tmp_path / "a", random_adapter(config, runner.module_shapes, "plain", rank=4, seed=2))
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())
+    edit(meta)
+    (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(tmp_path / "a", config, runner.module_shapes)

@@ -73,3 +73,23 @@ def test_reference_equals_a_per_row_softmax():
             s = keys @ q[r, h] / 4.0
             w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
             np.testing.assert_allclose(got[r, h * 16:(h + 1) * 16], w @ values, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_in_pages_past_a_rows_length_never_reaches_its_output():
+    """Freed pages, the null page and the tail of a row's last page may hold anything, NaN
+    included (another request's leftovers): masking is by select, so the output is the same."""
+    case = DecodeCase(4, 6, 40, page_size=4, pages_per_block=4, splits=2)
+    q, k, v, table, lengths = decode_problem(case, seed=4)
+    keys = np.arange(case.width * case.page_size)
+    used = np.zeros((case.pages, case.page_size), bool)
+    for row, n in enumerate(np.asarray(lengths)):
+        for key in keys[:n]:
+            used[int(table[row, key // case.page_size]), key % case.page_size] = True
+    poison = lambda pages: jnp.where(jnp.asarray(used)[None, :, :, None], pages, jnp.nan)
+    clean = decode_attention(q, k, v, table, lengths, pages_per_block=4, splits=2, interpret=True)
+    dirty = decode_attention(q, poison(k), poison(v), table, lengths, pages_per_block=4, splits=2, interpret=True)
+    assert np.isfinite(np.asarray(dirty)).all()
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+    safe = jnp.where(jnp.arange(case.width)[None, :] * case.page_size < lengths[:, None], table, 0)
+    np.testing.assert_allclose(decode_attention_reference(q, poison(k), poison(v), safe, lengths),
+                               decode_attention_reference(q, k, v, safe, lengths), rtol=1e-6)

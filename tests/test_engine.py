@@ -464,3 +464,17 @@ def test_a_named_system_brings_its_switch_and_needs_its_kernel(generator, monkey
         _engine(generator, "slora")
     with pytest.raises(ValueError, match="unknown policy 'fast'"):
         _engine(generator, "fast")
+
+
+def test_a_policy_that_raises_fails_no_request(generator, expected):
+    """A scheduling fault is the engine's to absorb: the step runs the plain unmerged schedule,
+    every request still gets its own answer, and the failures are counted."""
+    class Broken(Policy):
+        def decide(self, state):
+            raise ZeroDivisionError("float division by zero")
+
+    engine = Engine(generator.runner, generator.pool, config=SMALL, policy=Broken())
+    for want, got in zip(expected, engine.generate(_requests(10))):
+        assert got.token_ids == want.token_ids and got.finish_reason != "error"
+    assert engine.policy_failures == len(engine.step_metrics) > 0
+    assert engine.last_policy_error == "ZeroDivisionError: float division by zero"

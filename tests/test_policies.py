@@ -383,3 +383,12 @@ def test_ours_serves_task_head_answers_first_in_a_simulated_7b_server(popularity
         over_unmerged, over_dlora = np.exp(np.log(ratios).mean(axis=0))
         assert over_unmerged < (0.5 if rate == 16.0 else 1.0), (rate, ratios)
         assert over_dlora < (1.0 if popularity == "hot80" else 1.02), (rate, ratios)
+
+
+def test_a_cost_model_fitted_to_zero_never_prices_a_step_at_zero():
+    """A fit may drive every coefficient to 0 (base rows on a loaded CPU): no step is then free,
+    and ours still decides (it once divided by the zero-priced work of the unmerged rows)."""
+    cost = CostModel(fixed=0.0, per_token=0.0, per_lora_token=0.0, per_adapter=0.0, per_kv=0.0, switch=0.0)
+    assert cost.step_time("unmerged", None, [(None, 1)] * 4) == CostModel.MIN_STEP_S
+    d = VLoRAPolicy().decide(_state([(None, 1)] * 4 + [("a", 1)] * 2, cost=cost))
+    assert len(d.rows) == 6

@@ -63,3 +63,19 @@ def test_reference_equals_a_per_query_softmax():
             s = k[0, :p + 1, 0] @ q[0, i, h] / 4.0
             w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
             np.testing.assert_allclose(got[0, i, h * 16:(h + 1) * 16], w @ v[0, :p + 1, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_in_keys_past_every_query_never_reaches_the_output():
+    """Keys past a row's last query position (the rest of its padded page table) may hold NaN:
+    the kernel and the reference mask them by select."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((2, 16, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 48, 1, 16)), jnp.float32) for _ in range(2))
+    positions = jnp.asarray([np.arange(10, 26), np.r_[np.arange(3, 15), [-1] * 4]], jnp.int32)
+    beyond = (jnp.arange(48)[None, :] > jnp.max(positions, axis=1)[:, None])[:, :, None, None]
+    dirty = [jnp.where(beyond, jnp.nan, t) for t in (k, v)]
+    for fn, kw in ((prefill_attention, {"block_q": 16, "block_k": 16, "interpret": True}),
+                   (prefill_attention_reference, {})):
+        got = np.asarray(fn(q, *dirty, positions, **kw))
+        assert np.isfinite(got[0]).all() and np.isfinite(got[1, :12]).all()
+        np.testing.assert_allclose(got[0], np.asarray(fn(q, k, v, positions, **kw))[0], rtol=1e-6)

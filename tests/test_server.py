@@ -301,6 +301,33 @@ def test_client_disconnect_cancels_the_request(stack):
         time.sleep(0.05)
 
 
+def test_a_failing_step_fails_its_requests_and_health_until_a_step_succeeds(stack, monkeypatch):
+    """A step that raises fails the requests it held (500 with the error) and /health answers 503
+    "failing" (the metrics count it) until a step succeeds again; a stall shows the same way."""
+    http, step = stack.http(), stack.runner.step
+    failures = lambda: sum(float(r.split()[-1]) for r in http.get("/metrics").text.splitlines()
+                           if r.startswith("valora_step_failures_total"))
+    before = failures()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device fault")
+
+    monkeypatch.setattr(stack.runner, "step", broken)
+    failed = http.post("/v1/chat/completions", json=_chat(BASE, "hi", max_tokens=3))
+    assert failed.status_code == 500 and "device fault" in failed.text
+    health = http.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "failing"
+    assert "device fault" in health.json()["last_error"] and failures() == before + 1
+    monkeypatch.setattr(stack.runner, "step", step)
+    assert http.post("/v1/chat/completions", json=_chat(BASE, "hi", max_tokens=3)).status_code == 200
+    assert http.get("/health").json()["status"] == "ok"
+    monkeypatch.setattr(stack.service, "stall_after_s", 0.0)
+    with _engine_held(stack.service):              # a step that does not return
+        monkeypatch.setattr(stack.service, "_step_started", time.monotonic() - 1.0)
+        stalled = http.get("/health")
+    assert stalled.status_code == 503 and stalled.json()["status"] == "stalled"
+
+
 def test_overload_burst_gets_429_and_every_accepted_request_completes(stack):
     n, before = 10, _finished(stack, "length") + _finished(stack, "stop")
 

@@ -10,6 +10,7 @@ least recently used unpinned adapter.
 import collections
 import concurrent.futures
 import dataclasses
+import math
 from typing import Callable, Iterable, Mapping
 
 import jax
@@ -96,9 +97,37 @@ class Adapter:
                                  f"1..max_rank={config.lora.max_rank}")
             if path not in self.scales:
                 raise ValueError(f"adapter {self.name!r} module {path!r} has no scale")
-        if self.head is not None and self.head.kernel.shape != (config.text.hidden_size, len(self.head.labels)):
-            raise ValueError(f"adapter {self.name!r} task head kernel {self.head.kernel.shape} does not fit "
-                             f"[{config.text.hidden_size}, {len(self.head.labels)}]")
+            scale = self.scales[path]
+            if not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale) and abs(scale) <= MAX_SCALE):
+                raise ValueError(f"adapter {self.name!r} module {path!r}: scale {scale!r} is not a finite number "
+                                 f"within +-{MAX_SCALE:g}")
+            for which, w in (("A", a), ("B", b)):
+                _check_finite(f"adapter {self.name!r} module {path!r}: {which}", w)
+        if not (isinstance(self.alpha, (int, float, np.floating)) and math.isfinite(self.alpha)):
+            raise ValueError(f"adapter {self.name!r}: alpha {self.alpha!r} is not finite")
+        if self.head is not None:
+            head, d = self.head, config.text.hidden_size
+            if not head.labels or head.kernel.shape != (d, len(head.labels)) or head.bias.shape != (len(head.labels),):
+                raise ValueError(f"adapter {self.name!r} task head: kernel {head.kernel.shape} and bias "
+                                 f"{head.bias.shape} do not fit [{d}, {len(head.labels)}] and "
+                                 f"[{len(head.labels)}] ({len(head.labels)} labels)")
+            _check_finite(f"adapter {self.name!r} task head kernel", head.kernel)
+            _check_finite(f"adapter {self.name!r} task head bias", head.bias)
+
+
+MAX_SCALE = 1e4
+"""Largest |scale| an adapter module may have (alpha / r or alpha / sqrt(r) are far below it)."""
+MAX_WEIGHT = 1e4
+"""Largest |value| in an adapter's A, B or task head (trained LoRA weights are far below it)."""
+
+
+def _check_finite(what: str, w: np.ndarray) -> None:
+    """ValueError naming `what` unless every value of w is finite and within +-MAX_WEIGHT."""
+    w = np.asarray(w)
+    if w.size and not (np.isfinite(w).all() and float(np.abs(w).max()) <= MAX_WEIGHT):
+        bad = int(np.size(w) - np.isfinite(w).sum())
+        raise ValueError(f"{what} holds {bad} non-finite values" if bad else
+                         f"{what} holds values up to {float(np.abs(w).max()):g}, beyond +-{MAX_WEIGHT:g}")
 
 
 def make_adapter(name: str, base_id: str, weights: Mapping[str, tuple[np.ndarray, np.ndarray]],

@@ -101,14 +101,35 @@ def save_adapter(directory: str | Path, adapter: Adapter) -> None:
     (directory / "adapter.json").write_text(json.dumps(meta, indent=2))
 
 
+def _adapter_of(meta: dict, tree: dict, name: str | None) -> Adapter:
+    """The Adapter that adapter.json `meta` and the restored weights `tree` describe; ValueError,
+    KeyError or TypeError where they disagree."""
+    modules = meta["modules"]
+    weights = {p: (np.asarray(w["a"]), np.asarray(w["b"])) for p, w in tree["lora"].items()}
+    if set(weights) != set(modules):
+        raise ValueError(f"weights for {sorted(set(weights) ^ set(modules))} disagree with adapter.json")
+    for p, m in modules.items():
+        if weights[p][0].shape[1] != m["rank"]:
+            raise ValueError(f"module {p!r} has rank {weights[p][0].shape[1]}, adapter.json says {m['rank']}")
+    head = None
+    if meta.get("head_labels"):
+        if "head" not in tree:
+            raise ValueError(f"adapter.json names task-head labels {meta['head_labels']} but the weights hold "
+                             "no task head")
+        head = TaskHead(np.asarray(tree["head"]["kernel"]), np.asarray(tree["head"]["bias"]),
+                        tuple(str(label) for label in meta["head_labels"]))
+    return Adapter(name or meta["name"], meta["base_id"], weights, {p: float(m["scale"]) for p, m in modules.items()},
+                   float(meta["alpha"]), head)
+
+
 def load_adapter(directory: str | Path, config: LMMConfig, module_shapes, name: str | None = None) -> Adapter:
     """Read and validate an adapter for `config`; `name` overrides the stored name."""
     directory = Path(directory).absolute()
     meta_path = directory / "adapter.json"
     try:
         meta = json.loads(meta_path.read_text())
-        modules = meta["modules"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        meta["modules"].items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{meta_path}: not a valid adapter description ({e})") from e
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{meta_path}: adapter format {meta.get('format')!r}, expected {ADAPTER_FORMAT}")
@@ -120,19 +141,10 @@ def load_adapter(directory: str | Path, config: LMMConfig, module_shapes, name: 
             tree = ckptr.restore(directory / "weights")
     except Exception as e:
         raise ValueError(f"{directory / 'weights'}: cannot restore adapter weights ({e})") from e
-    weights = {p: (np.asarray(w["a"]), np.asarray(w["b"])) for p, w in tree["lora"].items()}
-    if set(weights) != set(modules):
-        raise ValueError(f"adapter at {directory}: weights for {sorted(set(weights) ^ set(modules))} "
-                         f"disagree with adapter.json")
-    for p, m in modules.items():
-        if weights[p][0].shape[1] != m["rank"]:
-            raise ValueError(f"adapter at {directory}: module {p!r} has rank {weights[p][0].shape[1]}, "
-                             f"adapter.json says {m['rank']}")
-    head = None
-    if meta.get("head_labels"):
-        head = TaskHead(np.asarray(tree["head"]["kernel"]), np.asarray(tree["head"]["bias"]),
-                        tuple(meta["head_labels"]))
-    adapter = Adapter(name or meta["name"], meta["base_id"], weights,
-                      {p: float(m["scale"]) for p, m in modules.items()}, float(meta["alpha"]), head)
+    try:
+        adapter = _adapter_of(meta, tree, name)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"adapter at {directory}: adapter.json and the weights disagree "
+                         f"({type(e).__name__}: {e})") from e
     adapter.validate(config, module_shapes)
     return adapter

@@ -70,6 +70,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     scores = jnp.einsum("BQKGd,BCKd->BKGQC", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    v = jnp.where(mask.any(axis=1)[:, :, None, None], v, 0)       # select: unattended keys' garbage stays out
     out = jnp.einsum("BKGQC,BCKd->BQKGd", probs, v)
     return out.reshape(b, nq, h * dh)
 
