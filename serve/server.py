@@ -141,10 +141,10 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not result.done():
+            if not result.done():          # the client went away first (or this handler was cancelled)
                 result.cancel()
                 service.cancel(rid)
-        if result.cancelled():
+        if not result.done() or result.cancelled():    # a cancelled task is done only once it has run
             return None
         completion = result.result()
         if completion.finish_reason == "error":

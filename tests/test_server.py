@@ -328,6 +328,30 @@ def test_a_failing_step_fails_its_requests_and_health_until_a_step_succeeds(stac
     assert stalled.status_code == 503 and stalled.json()["status"] == "stalled"
 
 
+def test_a_non_streaming_client_that_gives_up_cancels_its_request_cleanly(stack, monkeypatch):
+    """A client that stops waiting for a whole answer cancels its request: the engine counts it
+    cancelled and the server answers 499 without raising (no 500)."""
+    http, step = stack.http(), stack.runner.step
+
+    def slow(*args, **kwargs):                     # steps of 0.3 s: the answer outlasts the client
+        time.sleep(0.3)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(stack.runner, "step", slow)
+    status = lambda code: sum(float(r.split()[-1]) for r in http.get("/metrics").text.splitlines()
+                              if r.startswith('valora_http_requests_total{endpoint="/v1/chat/completions",'
+                                              f'status="{code}"}}'))
+    cancelled, errors, gave_up = _finished(stack, "cancelled"), status(500), status(499)
+    body = _chat(BASE, "go on", max_tokens=400, temperature=1.0, seed=5)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 20
+    while _finished(stack, "cancelled") == cancelled or status(499) == gave_up:
+        assert time.monotonic() < deadline, "the request was not cancelled with a 499"
+        time.sleep(0.05)
+    assert status(500) == errors
+
+
 def test_overload_burst_gets_429_and_every_accepted_request_completes(stack):
     n, before = 10, _finished(stack, "length") + _finished(stack, "stop")
 
