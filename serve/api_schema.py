@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI-compatible API and their translation into engine Requests.
 
-Bodies are validated with pydantic (unknown fields ignored, NaN/inf refused); anything a
-client can get wrong raises `APIError` with the HTTP status and OpenAI error type to answer.
+Bodies are validated strictly with pydantic: a field the server does not implement (tools,
+response_format, logit_bias, ...) is a 400 naming it, values are not coerced ("8" is not a
+number, "yes" not a boolean), NaN/inf are refused; anything a client can get wrong raises
+`APIError` with the HTTP status and OpenAI error type to answer.
 Images come from `image_url` parts: `data:image/png|jpeg;base64,...` URLs, or `file://` URLs
 inside the configured media roots; remote URLs are never fetched. Each image is checked for
 its encoded size and, from its header before decoding, its pixel count.
@@ -57,7 +59,7 @@ class APIError(Exception):
 
 # bodies ------------------------------------------------------------------------------------------
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ImageURL(_Body):
@@ -78,6 +80,7 @@ class ImagePart(_Body):
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    name: str | None = None               # the participant's name (accepted, not used)
 
 
 class StreamOptions(_Body):
@@ -96,6 +99,16 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    user: str | None = None               # the end user's id (accepted, not used)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float, info) -> float:
+        if value != 0:
+            raise ValueError(f"{info.field_name} is not supported (only 0), got {value}")
+        return value
 
     @field_validator("n")
     @classmethod
@@ -150,8 +163,12 @@ class CompletionRequest(_Sampling):
         return value
 
 
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""What an adapter loaded at run time may be called: no spaces, control or path characters."""
+
+
 class LoadAdapterRequest(_Body):
-    lora_name: str = Field(min_length=1, max_length=128)
+    lora_name: str = Field(pattern=ADAPTER_NAME)
     lora_path: str = Field(min_length=1, max_length=4096)
 
 

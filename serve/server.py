@@ -59,7 +59,8 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
         yield
         await asyncio.to_thread(service.stop, 60)
 
-    app = FastAPI(title="valora", lifespan=lifespan)
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}   # no open docs
+    app = FastAPI(title="valora", lifespan=lifespan, **docs)
     app.state.service = service
     roots = tuple(Path(r) for r in media_roots)
     tokenizer, config = service.engine.tokenizer, service.engine.runner.config

@@ -290,6 +290,35 @@ def test_limits(stack):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: Extra inputs are not permitted"),
+    ({"tool_choice": "auto"}, "tool_choice: Extra inputs"),
+    ({"response_format": {"type": "json_object"}}, "response_format: Extra inputs"),
+    ({"top_logprobs": 2}, "top_logprobs: Extra inputs"),
+    ({"logprobs": True}, "logprobs are not supported"),
+    ({"n": 2}, "only n=1"),
+    ({"presence_penalty": 0.5}, "presence_penalty is not supported"),
+    ({"max_tokens": "8"}, "max_tokens: Input should be a valid integer"),
+    ({"stream": "yes"}, "stream: Input should be a valid boolean"),
+    ({"temperature": "0.5"}, "temperature: Input should be a valid number"),
+])
+def test_fields_not_implemented_or_of_the_wrong_type_are_refused_by_name(stack, extra, message):
+    r = stack.http().post("/v1/chat/completions", json={**_chat(BASE, "hi", max_tokens=2), **extra})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_harmless_openai_fields_are_accepted(stack):
+    body = {**_chat(BASE, "hi", max_tokens=2), "user": "u-1", "presence_penalty": 0, "frequency_penalty": 0.0}
+    body["messages"][0]["name"] = "alice"
+    assert stack.http().post("/v1/chat/completions", json=body).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["bad\nname", "../up", "a b", "x/y", "-lead", "é", "a" * 129])
+def test_adapter_names_outside_the_safe_set_are_refused(stack, name):
+    r = stack.http().post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "x"})
+    assert r.status_code == 400 and "lora_name" in r.json()["error"]["message"]
+
+
 def test_client_disconnect_cancels_the_request(stack):
     before = _finished(stack, "cancelled")
     body = _chat(BASE, "go on", max_tokens=400, temperature=1.0, seed=3, stream=True)
@@ -585,6 +614,8 @@ def test_cli_serve_with_api_key_and_max_loras(tmp_path):
         models = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0).models.list()
         assert [m.id for m in models] == [BASE]
         assert "valora_adapter_slots 2.0" in httpx.get(f"{url}/metrics").text
+        for docs in ("/docs", "/redoc", "/openapi.json"):           # with a key, no open documentation
+            assert httpx.get(f"{url}{docs}").status_code == 404
 
 
 def test_cli_serves_an_imported_hugging_face_model_and_peft_adapter(tmp_path):
