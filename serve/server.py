@@ -87,6 +87,18 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(), 500)
 
     # generation -----------------------------------------------------------------------------
+    async def _admit(body, urls: list[str], rid: str, **text) -> asyncio.Queue:
+        """Admission first (429 while the requests queued and on their way there fill the queue,
+        before any image is decoded), then the request prepared and submitted; its event queue."""
+        if service.queued + service.admitting >= service.engine.config.max_queue:
+            raise APIError(429, f"server overloaded: {service.queued} requests queued and {service.admitting} "
+                                "arriving; retry later", "rate_limit_error", headers={"Retry-After": str(retry_after)})
+        service.admitting += 1
+        try:
+            return await _start(await _prepare(body, urls, **text), rid)
+        finally:
+            service.admitting -= 1
+
     async def _prepare(body, urls: list[str], **text):
         """The engine Request (text: prompt= or messages=): adapter from `model`, images decoded
         off the event loop."""
@@ -194,9 +206,8 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
     async def chat_completions(http: HTTPRequest):
         body = parse(ChatRequest, await _json(http))
         messages, urls = chat_messages(body.messages)
-        request = await _prepare(body, urls, messages=messages)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = await _start(request, rid)
+        events = await _admit(body, urls, rid, messages=messages)
         head = {"id": rid, "created": created, "model": body.model}
         if body.stream:
             first = [True]
@@ -224,9 +235,8 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
     async def completions(http: HTTPRequest):
         body = parse(CompletionRequest, await _json(http))
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        request = await _prepare(body, [], prompt=prompt)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = await _start(request, rid)
+        events = await _admit(body, [], rid, prompt=prompt)
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:
             def chunk(text, reason, usage=None):
@@ -354,10 +364,10 @@ class _Guard:
 
 
 async def _json(http: HTTPRequest):
-    """The decoded JSON body; APIError 400 if it is not JSON."""
+    """The decoded JSON body (a large one parsed off the event loop); APIError 400 if it is not JSON."""
     raw = await http.body()
     try:
-        return json.loads(raw)
+        return json.loads(raw) if len(raw) < 1 << 16 else await asyncio.to_thread(json.loads, raw)
     except (ValueError, RecursionError) as e:
         raise APIError(400, f"request body is not valid JSON: {str(e)[:200]}") from None
 

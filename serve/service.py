@@ -82,6 +82,8 @@ class EngineService:
         self.model_name = model_name or engine.runner.config.name
         self.metrics = _Metrics(engine.runner.config.lora.max_loras)
         self.adapters: tuple[str, ...] = tuple(sorted(engine.pool.store))   # snapshot, replaced on change
+        self.queued = 0                        # requests waiting to start (snapshot, engine thread)
+        self.admitting = 0                     # requests being prepared or submitted (event loop)
         self.last_error: str | None = None
         self._failing_steps = 0                # steps failed in a row (0 once one succeeds)
         self._step_started: float | None = None    # time.monotonic() of the step under way
@@ -286,7 +288,7 @@ class EngineService:
                 if value is not None:
                     hist.observe(value)
         engine.request_metrics[:] = live
-        waiting = engine.waiting
+        waiting = self.queued = engine.waiting
         m.waiting.set(waiting)
         m.running.set(engine.live - waiting)
         m.slots_used.set(len(engine.pool.resident))

@@ -393,7 +393,10 @@ def test_overload_burst_gets_429_and_every_accepted_request_completes(stack):
         result = {}
         sender = threading.Thread(target=lambda: result.update(responses=asyncio.run(burst())))
         sender.start()
-        _wait_commands(stack.service, n)
+        _wait_commands(stack.service, ENGINE.max_queue)    # the queue's worth; the others are refused at once
+        # admission comes before any work: a request with a broken image is refused for load, not read
+        broken = stack.http().post("/v1/chat/completions", json=_chat(BASE, "x", ["data:image/png;base64,!!"]))
+        assert broken.status_code == 429
     sender.join(60)
     responses = result["responses"]
     ok = [(i, r) for i, r in enumerate(responses) if r.status_code == 200]
