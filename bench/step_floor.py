@@ -33,7 +33,7 @@ from bench import save_result  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth, time_op  # noqa: E402
 from serve.engine import serving_config  # noqa: E402
 from valora_jax import PRESETS, ModelRunner, RowSpec, init_model, init_pages, pack_block, random_adapter  # noqa: E402
-from valora_jax.runtime import split_row, use_serving_xla_flags  # noqa: E402
+from valora_jax.runtime import Sampling, split_row, use_serving_xla_flags  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 ADAPTERS, RANK = 8, 16
@@ -115,13 +115,17 @@ def _matmul_rate() -> float:
 
 def _time_steps(runner, cache, blocks, features, mode: str, steps: int):
     """(cache, {"step_ms": back to back, "blocking_step_ms": each step waited for, as the engine
-    waits for its tokens today, "dispatch_ms": host time until a call returns, medians})."""
-    out = runner.step(cache, blocks, features, mode)                # compiles
+    waits for its tokens today, "dispatch_ms": host time until a call returns, medians}), of the
+    step the engine runs: sampling each row's next token inside it."""
+    sampling = Sampling.greedy(sum(block.valid.shape[0] for block in blocks))
+    vocab = runner.config.text.vocab_size
+    step = lambda cache: runner.sample_step(cache, blocks, features, sampling, vocab, mode)
+    out = step(cache)                                               # compiles
     jax.block_until_ready(out)
     cache, dispatch, blocking = out[2], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        out = runner.step(cache, blocks, features, mode)
+        out = step(cache)
         t1 = time.perf_counter()
         jax.block_until_ready(out)
         dispatch.append(t1 - t0)
@@ -129,7 +133,7 @@ def _time_steps(runner, cache, blocks, features, mode: str, steps: int):
         cache = out[2]
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = runner.step(cache, blocks, features, mode)
+        out = step(cache)
         cache = out[2]
     jax.block_until_ready(out)
     ms = lambda seconds: 1e3 * float(np.median(seconds))

@@ -194,7 +194,8 @@ def cmd_serve(args) -> None:
         raise SystemExit(f"error: {e}")
     if config.precompile:
         tic = time.perf_counter()
-        n = precompile(runner, config, MODES if runner.config.lora.mergeable else ("unmerged",))
+        n = precompile(runner, config, MODES if runner.config.lora.mergeable else ("unmerged",),
+                       vocab_size=engine.tokenizer.vocab_size)
         print(f"{n} step variants and encoder batches compiled in {time.perf_counter() - tic:.0f} s", file=sys.stderr)
     if args.policy == "ours" and pool.store and args.calibration_requests > 0:
         tic = time.perf_counter()

@@ -38,8 +38,8 @@ from valora_jax.config import LMMConfig
 from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.lora import MODES, PAD_SLOT
 from valora_jax.request import Completion, Request, RequestState
-from valora_jax.runtime import ModelRunner, RowSpec, bucket, compile_lowered, compile_seconds, pack_block, split_row
-from valora_jax.sampling import make_sampler
+from valora_jax.runtime import (ModelRunner, RowSpec, Sampling, bucket, compile_lowered, compile_seconds,
+                                pack_block, split_row)
 from valora_jax.tokenizer import ByteTokenizer
 
 log = logging.getLogger("valora.engine")
@@ -123,13 +123,16 @@ def serving_config(model: LMMConfig, platform: str | None = None, **overrides) -
     return dataclasses.replace(base, **overrides)
 
 
-def precompile(runner: ModelRunner, config: EngineConfig, modes=MODES, threads: int = 8) -> int:
+def precompile(runner: ModelRunner, config: EngineConfig, modes=MODES, threads: int = 8,
+               vocab_size: int = ByteTokenizer().vocab_size) -> int:
     """Compile the step variants an engine of `config` on `runner` meets in `modes`
-    (EngineConfig.step_shapes) and its encoder batches, several at a time; how many compiled.
-    Compiled executables land in the runner's jit caches, where the steps find them."""
+    (EngineConfig.step_shapes; sampling from `vocab_size` ids, its tokenizer's) and its encoder
+    batches, several at a time; how many compiled. Compiled executables land in the runner's jit
+    caches, where the steps find them."""
     cfg = runner.config
     cache = jax.eval_shape(lambda: init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype)))
-    lowered = runner.lower_steps(cache, config.step_shapes(modes)) + runner.lower_encoder(config.encoder_batches)
+    lowered = (runner.lower_steps(cache, config.step_shapes(modes), vocab_size)
+               + runner.lower_encoder(config.encoder_batches))
     return compile_lowered(lowered, threads)
 
 
@@ -233,7 +236,6 @@ class Engine:
         self.images = ImageCache(config.image_cache_size)
         self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras,
                                   cfg.page_size, config.max_prefill_rows, config.prefill_width)
-        self._sample = make_sampler(self.tokenizer.vocab_size, config.min_rows)
         self._seqs: dict[str, _Seq] = {}                  # live, in arrival order
         self._results: dict[str, Completion] = {}
         self._ids = itertools.count()
@@ -537,31 +539,37 @@ class Engine:
             blocks.append(pack_block(rows_of_pieces, min_pages=cfg.min_pages, width=cfg.prefill_width))
             first = blocks[0].valid.shape[0] if decode else 0
             row_index += (first + np.cumsum([len(ps) for ps in pieces]) - 1).tolist()
-        hidden, logits, self.cache = self.runner.step(self.cache, blocks, feats, mode)
-        self._advance([(seq, spec, i) for (seq, spec), i in zip(decode + prefill, row_index)], hidden, logits)
+        rows = [(seq, spec, i) for (seq, spec), i in zip(decode + prefill, row_index)]
+        sampling = Sampling.greedy(sum(block.valid.shape[0] for block in blocks))
+        for seq, spec, i in rows:                  # rows whose step ends their known tokens draw the next one
+            request = seq.state.request
+            sampling.temperature[i], sampling.top_p[i] = request.temperature, request.top_p
+            sampling.seed[i], sampling.step[i] = request.seed, len(seq.state.out)
+        hidden, tokens, self.cache = self.runner.sample_step(self.cache, blocks, feats, sampling,
+                                                             self.tokenizer.vocab_size, mode)
+        self._advance(rows, hidden, tokens)
         return sum(block.valid.size for block in blocks)
 
-    def _advance(self, rows, hidden, logits) -> None:
+    def _advance(self, rows, hidden, tokens) -> None:
+        """Rows that ended their known tokens take their sampled token (read back: the step's
+        duration, what the step-time model learns, is its own), or their task head's label."""
         done_prefill = [(seq, i) for seq, spec, i in rows
                         if seq.computed + len(spec.tokens) == len(seq.state.tokens)]
         for seq, spec, _ in rows:
             seq.computed += len(spec.tokens)
         heads = {seq.id: self.pool.get(seq.adapter).head for seq, _ in done_prefill
                  if seq.adapter is not None and not seq.state.out and self.pool.get(seq.adapter).head is not None}
-        if not done_prefill:             # nothing is read back: wait all the same, so that the step's
-            logits.block_until_ready()   # duration (what the step-time model learns) is its own
+        tokens = np.asarray(tokens)
         hidden_np = np.asarray(hidden, np.float32) if heads else None
         sampling = [(seq, i) for seq, i in done_prefill if seq.id not in heads]
-        tokens = self._sample(logits, [s.state for s, _ in sampling], rows=[i for _, i in sampling]) \
-            if sampling else []
         now = self.clock()
         for seq, i in done_prefill:
             if seq.id in heads:
                 head = heads[seq.id]
                 seq.state.label = head.answer(hidden_np[i])
                 seq.state.finish = "stop"
-        for (seq, _), token in zip(sampling, tokens):
-            seq.state.append(int(token), self.tokenizer)
+        for seq, i in sampling:
+            seq.state.append(int(tokens[i]), self.tokenizer)
             seq.metrics.first_token = seq.metrics.first_token or now
         for seq, _ in done_prefill:
             seq.metrics.output_tokens = len(seq.state.out)

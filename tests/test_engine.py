@@ -362,7 +362,7 @@ def test_compiling_steps_are_flagged_and_not_learnt_from(generator):
     compiled = [s for s in steps if s.compile_time > 0]
     assert compiled and len(compiled) < len(steps)
     by_function = compile_seconds_by_function() - before
-    assert by_function["jit(_step_impl)"] > 0
+    assert by_function["jit(_sample_step_impl)"] > 0
     assert sum(by_function.values()) == pytest.approx(sum(s.compile_time for s in compiled))
     assert sum(len(obs) for obs in engine.cost._obs.values()) == len(steps) - len(compiled)
     assert engine.summary()["compile_steps"] == len(compiled)
@@ -451,7 +451,7 @@ def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(gene
     assert len(engine.step_metrics) > 5 and model_calls() == compiled
 
 
-STEP_FUNCTIONS = ("jit(_step_impl)", "jit(_encode_impl)")
+STEP_FUNCTIONS = ("jit(_sample_step_impl)", "jit(_encode_impl)")
 
 
 def test_a_named_system_brings_its_switch_and_needs_its_kernel(generator, monkeypatch):

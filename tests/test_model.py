@@ -327,3 +327,21 @@ def test_compile_seconds_of_this_thread_leave_out_other_threads_compiles():
     assert compile_seconds() > everywhere and compile_seconds(this_thread=True) == here
     jax.jit(lambda x: x * 5 - 2).lower(jnp.ones(9)).compile()
     assert compile_seconds(this_thread=True) > here
+
+
+def test_sampling_inside_the_step_draws_what_the_sampler_draws(config, loaded):
+    """sample_step's tokens are sample() of step's logits over the first vocab_size ids, row by
+    row (greedy, temperature and nucleus rows, each with its own seed and step)."""
+    from valora_jax.runtime import Sampling
+    from valora_jax.sampling import sample
+    rng = np.random.default_rng(4)
+    block = pack_block([RowSpec(rng.integers(0, 256, 5).tolist(), 0, None, s, [1 + i])
+                        for i, s in enumerate((0, -1, 2, 1))])
+    empty = jnp.zeros((0, config.text.hidden_size))
+    sampling = Sampling(np.array([0.0, 0.8, 1.3, 0.5], np.float32), np.array([1.0, 0.9, 0.5, 1.0], np.float32),
+                        np.array([1, 2, 3, 4], np.uint32), np.array([0, 4, 7, 2], np.int32))
+    cache = lambda: init_pages(config.text, 8, config.page_size, jnp.float32)
+    _, logits, _ = loaded.step(cache(), [block], empty)
+    _, tokens, _ = loaded.sample_step(cache(), [block], empty, sampling, vocab_size=200)
+    want = sample(logits.at[:, 200:].set(-jnp.inf), *map(jnp.asarray, sampling))
+    assert np.asarray(tokens).tolist() == np.asarray(want).tolist() and max(np.asarray(tokens)) < 200

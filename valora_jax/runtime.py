@@ -29,6 +29,7 @@ from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
 from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
                              merge_weight, merged_kernel, module_path, module_shapes, targeted_linears)
 from valora_jax.model import LMM, split_model
+from valora_jax.sampling import sample
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -142,6 +143,22 @@ class RowSpec(NamedTuple):
     pages: Sequence[int]
 
 
+class Sampling(NamedTuple):
+    """How to draw the next token of each output row of a step (the blocks' rows in order; see
+    sampling.sample): temperature [R] float32 (0: greedy), top_p [R] float32, seed [R] uint32,
+    step [R] int32 (tokens the row's request has generated so far)."""
+
+    temperature: np.ndarray
+    top_p: np.ndarray
+    seed: np.ndarray
+    step: np.ndarray
+
+    @classmethod
+    def greedy(cls, rows: int) -> "Sampling":
+        return cls(np.zeros(rows, np.float32), np.ones(rows, np.float32), np.zeros(rows, np.uint32),
+                   np.zeros(rows, np.int32))
+
+
 def token_slots(blocks: Sequence[Block]) -> jax.Array:
     """[sum of B*Q] int32: each token's adapter slot, its row's, PAD_SLOT for the padding tokens
     (which then cost the LoRA branch nothing, in mixture mode too)."""
@@ -219,6 +236,8 @@ class ModelRunner:
         self.graphdef, self.params, self.lora, self.merged = split_model(model)
         self.merged_slot = -1          # slot whose adapter the merged weights hold (-1: none yet)
         self._step = jax.jit(self._step_impl, static_argnames="mode", donate_argnames="cache")
+        self._sample_step = jax.jit(self._sample_step_impl, static_argnames=("mode", "vocab_size"),
+                                    donate_argnames="cache")
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, static_argnames="layout", donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged", keep_unused=True)
@@ -258,6 +277,12 @@ class ModelRunner:
         return model.step(cache, blocks, image_features, self._ctx(token_slots(blocks), merged_slot, mode),
                           self.attention)
 
+    def _sample_step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, sampling,
+                          mode: str, vocab_size: int):
+        hidden, logits, cache = self._step_impl(params, lora, merged, cache, blocks, image_features, merged_slot,
+                                                mode)
+        return hidden, sample(logits.at[:, vocab_size:].set(-jnp.inf), *sampling), cache
+
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
         model = self._model(params, lora, merged)
         return model.encode_images(pixels, self._ctx(slot, merged_slot, mode))
@@ -293,20 +318,32 @@ class ModelRunner:
 
         -> (hidden [R, D], logits [R, V] float32, new cache) for the last valid token of each of
         the R rows, blocks in order. The cache passed in is consumed."""
+        return self._step(*self._state_leaves(), cache, tuple(blocks), image_features, self._merged_slot_for(mode),
+                          mode=mode)
+
+    def sample_step(self, cache, blocks: Sequence[Block], image_features, sampling: Sampling, vocab_size: int,
+                    mode: str = "unmerged"):
+        """step() that also draws each row's next token in the same call (so the host reads R token
+        ids, not R x V logits): -> (hidden [R, D], tokens [R] int32 < vocab_size, new cache)."""
+        merged_slot = self._merged_slot_for(mode)
+        return self._sample_step(*self._state_leaves(), cache, tuple(blocks), image_features, merged_slot,
+                                 Sampling(*(np.asarray(a) for a in sampling)), mode=mode, vocab_size=vocab_size)
+
+    def _merged_slot_for(self, mode: str) -> jax.Array:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if mode != "unmerged" and self.merged_slot < 0:
             raise ValueError(f"mode {mode!r} needs a merged adapter; call merge(slot) first")
-        merged_slot = jnp.int32(self.merged_slot if mode != "unmerged" else -1)
-        return self._step(*self._state_leaves(), cache, tuple(blocks), image_features, merged_slot, mode=mode)
+        return jnp.int32(self.merged_slot if mode != "unmerged" else -1)
 
     def precompile(self, cache, shapes, threads: int = 8) -> int:
         """Compile step variants ahead of their first use, several at a time: `compile_lowered`
         of `lower_steps`. Returns the number of variants compiled."""
         return compile_lowered(self.lower_steps(cache, shapes), threads)
 
-    def lower_steps(self, cache, shapes) -> list:
-        """The step variants `shapes`, traced and lowered (not compiled).
+    def lower_steps(self, cache, shapes, vocab_size: int | None = None) -> list:
+        """The step variants `shapes`, traced and lowered (not compiled): of sample_step with
+        `vocab_size` when given, else of step.
 
         shapes: (blocks, n_features, mode) per variant, blocks a tuple of (rows, tokens, pages) per
         block, as pack_block makes them; cache: the cache the steps will run on (only its shapes
@@ -320,9 +357,14 @@ class ModelRunner:
             blocks = tuple(Block(spec((b, q), jnp.int32), spec((b, q), jnp.int32), spec((b, q), jnp.bool_),
                                  spec((b, q), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
                            for b, q, w in blocks)
-            lowered.append(self._step.lower(*self._state_leaves(), cache, blocks,
-                                            spec((n_features, d), jnp.dtype(self.config.dtype)),
-                                            spec((), jnp.int32), mode=mode))
+            args = (*self._state_leaves(), cache, blocks, spec((n_features, d), jnp.dtype(self.config.dtype)),
+                    spec((), jnp.int32))
+            if vocab_size is None:
+                lowered.append(self._step.lower(*args, mode=mode))
+            else:
+                rows = sum(b for b, _, _ in blocks)
+                sampling = Sampling(*(spec((rows,), a.dtype) for a in Sampling.greedy(1)))
+                lowered.append(self._sample_step.lower(*args, sampling, mode=mode, vocab_size=vocab_size))
         return lowered
 
     def lower_encoder(self, counts, mode: str = "unmerged") -> list:

@@ -10,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valora_jax.runtime import bucket
-
 
 def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: jax.Array,
            step: jax.Array) -> jax.Array:
@@ -52,6 +50,8 @@ def make_sampler(vocab_size: int, min_rows: int = 1):
     temperature, top_p, seed and step (= tokens generated so far); logits of ids >= vocab_size
     (padding rows of the embedding table) are never drawn. The row count is padded to a power
     of two >= min_rows, so a server compiles one sampler per bucket, shared by every sampler."""
+
+    from valora_jax.runtime import bucket      # runtime samples inside its steps with sample()
 
     def sampler(logits: jax.Array, states, rows=None) -> np.ndarray:
         n = len(states)
