@@ -541,7 +541,8 @@ class Engine:
             row_index += (first + np.cumsum([len(ps) for ps in pieces]) - 1).tolist()
         rows = [(seq, spec, i) for (seq, spec), i in zip(decode + prefill, row_index)]
         sampling = Sampling.greedy(sum(block.valid.shape[0] for block in blocks))
-        for seq, spec, i in rows:                  # rows whose step ends their known tokens draw the next one
+        for seq, spec, i in rows:          # each row draws as its request asks; a row whose step ends its
+                                           # known tokens takes the token (_advance), the others drop it
             request = seq.state.request
             sampling.temperature[i], sampling.top_p[i] = request.temperature, request.top_p
             sampling.seed[i], sampling.step[i] = request.seed, len(seq.state.out)
