@@ -169,6 +169,7 @@ def _calibration_requests(config, adapters: list[str], n: int) -> list:
 
 
 def cmd_serve(args) -> None:
+    from serve.api_schema import Limits
     from serve.engine import Engine, precompile, serving_config
     from serve.policies import SYSTEMS
     from serve.server import Server, create_app
@@ -188,7 +189,7 @@ def cmd_serve(args) -> None:
                 raise SystemExit(f"error: adapter {name!r}: {e}")
             print(f"warning: skipping embedded adapter {name!r}: {e}", file=sys.stderr)
     try:
-        config = serving_config(runner.config, max_queue=args.max_queue)
+        config = serving_config(runner.config, max_images=Limits().max_images, max_queue=args.max_queue)
         engine = Engine(runner, pool, config=config, policy=args.policy, tokenizer=_tokenizer_for(args.model))
     except ValueError as e:
         raise SystemExit(f"error: {e}")

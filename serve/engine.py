@@ -20,6 +20,7 @@ on any thread (`prepare`), so that the thread stepping the engine does not wait 
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -106,19 +107,23 @@ class EngineConfig:
         return [(b, features, mode) for b in blocks for mode in modes]
 
 
-def serving_config(model: LMMConfig, platform: str | None = None, **overrides) -> EngineConfig:
+def serving_config(model: LMMConfig, platform: str | None = None, max_images: int = 8,
+                   **overrides) -> EngineConfig:
     """The engine configuration `valora serve` runs and bench/e2e.py measures, for `model` on
-    `platform` (default: JAX's), with `overrides` replacing fields.
+    `platform` (default: JAX's) and requests of at most `max_images` images, with `overrides`
+    replacing fields.
 
     On a GPU: steps of up to 32 decode rows and 2048 token positions (4 prefill chunks in rows of
-    512), page tables of at least 256 pages (4096 keys), image features padded to 4 prompts of 6
-    images, 4096 KV pages, and every step shape and encoder batch of 1-16 images compiled before
-    serving, so that serving compiles nothing. Elsewhere (CPU): EngineConfig's small defaults,
-    shapes compiled as they come."""
+    512), page tables of at least 256 pages (4096 keys), room for the image features of 4 prompts
+    of max_images images, 4096 KV pages, and every step shape and encoder batch of 1-16 images
+    compiled before serving, so that serving compiles no step. Elsewhere (CPU): EngineConfig's
+    small defaults, shapes compiled as they come."""
     if (platform or jax.default_backend()) != "gpu":
         return dataclasses.replace(EngineConfig(), **overrides)
-    base = EngineConfig(max_rows=32, token_budget=2048, prefill_chunk=2048, prefill_width=512, max_prefill_rows=4,
-                        num_pages=4096, min_rows=32, min_pages=256, min_features=4 * 6 * model.tokens_per_image,
+    prefill_rows = 4
+    base = EngineConfig(max_rows=32, token_budget=2048, prefill_chunk=2048, prefill_width=512,
+                        max_prefill_rows=prefill_rows, num_pages=4096, min_rows=32, min_pages=256,
+                        min_features=prefill_rows * max_images * model.tokens_per_image,
                         encoder_batches=(1, 2, 4, 8, 16), precompile=True)
     return dataclasses.replace(base, **overrides)
 
@@ -134,6 +139,12 @@ def precompile(runner: ModelRunner, config: EngineConfig, modes=MODES, threads: 
     lowered = (runner.lower_steps(cache, config.step_shapes(modes), vocab_size)
                + runner.lower_encoder(config.encoder_batches))
     return compile_lowered(lowered, threads)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _place_rows(buffer: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    """buffer [F, D] with rows [n, D] written from row `start` on (buffer donated)."""
+    return jax.lax.dynamic_update_slice(buffer, rows.astype(buffer.dtype), (start, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +175,7 @@ class _Seq:
     on_event: Callable | None
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0                         # tokens whose keys/values are in the cache
-    features: jax.Array | None = None         # [N*P, D] image features, once encoded
+    features: tuple[jax.Array, ...] | None = None   # [P, D] per image, once encoded
     served: float = 0.0                       # seconds of the steps it ran in
     cancelled: bool = False
     digests: tuple[str, ...] = ()             # sha256 of each preprocessed image
@@ -507,7 +518,18 @@ class Engine:
                 self.images.put(key, feats[i])
         for seq in todo:
             vkey = self._vision_key(seq.adapter)
-            seq.features = jnp.concatenate([self.images.get((d, vkey)) for d in seq.digests])
+            seq.features = tuple(self.images.get((d, vkey)) for d in seq.digests)
+
+    def _image_features(self, placed, n_rows: int) -> jax.Array:
+        """The step's image features [bucket(n_rows, min_features), D] (or [0, D] with none and no
+        minimum), each (row, [P, D] image) placed at its row: one compile per step size, whatever
+        the images' mix (concatenating them compiled once per combination of sizes)."""
+        cfg = self.runner.config
+        size = bucket(n_rows, self.config.min_features) if placed or self.config.min_features else 0
+        feats = jnp.zeros((size, cfg.text.hidden_size), jnp.dtype(cfg.dtype))
+        for row, image in placed:
+            feats = _place_rows(feats, image, jnp.int32(row))
+        return feats
 
     def _run(self, rows, slots, mode: str) -> int:
         """Run the rows in one model step; the token positions of its blocks, padding included."""
@@ -521,14 +543,11 @@ class Engine:
                 local = np.asarray(seq.state.image_rows + [-1] * len(seq.state.out))[seq.computed: seq.computed + n]
                 if (local >= 0).any():
                     image_rows = np.where(local >= 0, local + offset, -1)
-                    features.append(seq.features)
-                    offset += seq.features.shape[0]
+                    features += [(offset + i * f.shape[0], f) for i, f in enumerate(seq.features)]
+                    offset += sum(f.shape[0] for f in seq.features)
             spec = RowSpec(chunk, seq.computed, image_rows, slots.get(seq.adapter, -1), seq.pages)
             (decode if n == 1 else prefill).append((seq, spec))
-        d = self.runner.config.text.hidden_size
-        feats = jnp.concatenate(features) if features else jnp.zeros((0, d), jnp.dtype(self.runner.config.dtype))
-        if features or self.config.min_features:
-            feats = jnp.pad(feats, ((0, bucket(feats.shape[0], self.config.min_features) - feats.shape[0]), (0, 0)))
+        feats = self._image_features(features, offset)
         cfg, blocks, row_index = self.config, [], []       # row_index: where each row's last token is
         if decode:                                         # (padding rows follow the decode block's)
             blocks.append(pack_block([sp for _, sp in decode], min_rows=cfg.min_rows, min_pages=cfg.min_pages))

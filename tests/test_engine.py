@@ -410,13 +410,13 @@ def test_step_shapes_cover_every_step_the_engine_runs(generator, monkeypatch):
     row, each step a run makes is one of them (so precompiling them leaves nothing to compile)."""
     config = dataclasses.replace(SMALL, min_rows=4, min_pages=16, min_features=64)
     shapes = set(config.step_shapes(MODES))
-    seen, step = [], generator.runner.step
+    seen, step = [], generator.runner.sample_step
 
-    def recording(cache, blocks, features, mode="unmerged"):
+    def recording(cache, blocks, features, sampling, vocab_size, mode="unmerged"):
         seen.append((tuple((*b.tokens.shape, b.page_table.shape[1]) for b in blocks), features.shape[0], mode))
-        return step(cache, blocks, features, mode)
+        return step(cache, blocks, features, sampling, vocab_size, mode)
 
-    monkeypatch.setattr(generator.runner, "step", recording)
+    monkeypatch.setattr(generator.runner, "sample_step", recording)
     _engine(generator, config=config).generate(_requests(10))
     assert seen and set(seen) <= shapes, set(seen) - shapes
 
@@ -426,7 +426,8 @@ def test_serving_config_is_the_small_default_off_a_gpu_and_precompiled_shapes_on
     assert serving_config(config, "cpu", max_queue=3).max_queue == 3
     gpu = serving_config(config, "gpu")
     assert gpu.precompile and gpu.min_rows == gpu.max_rows and gpu.encoder_batches
-    assert gpu.min_features == 4 * 6 * config.tokens_per_image
+    assert gpu.min_features == 4 * 8 * config.tokens_per_image
+    assert serving_config(config, "gpu", max_images=2).min_features == 4 * 2 * config.tokens_per_image
     with pytest.raises(ValueError, match=r"precompile needs min_rows \(1\) >= max_rows \(32\)"):
         serving_config(config, "gpu", min_rows=1)
 

@@ -333,7 +333,7 @@ def test_client_disconnect_cancels_the_request(stack):
 def test_a_failing_step_fails_its_requests_and_health_until_a_step_succeeds(stack, monkeypatch):
     """A step that raises fails the requests it held (500 with the error) and /health answers 503
     "failing" (the metrics count it) until a step succeeds again; a stall shows the same way."""
-    http, step = stack.http(), stack.runner.step
+    http, step = stack.http(), stack.runner.sample_step
     failures = lambda: sum(float(r.split()[-1]) for r in http.get("/metrics").text.splitlines()
                            if r.startswith("valora_step_failures_total"))
     before = failures()
@@ -341,13 +341,13 @@ def test_a_failing_step_fails_its_requests_and_health_until_a_step_succeeds(stac
     def broken(*args, **kwargs):
         raise RuntimeError("device fault")
 
-    monkeypatch.setattr(stack.runner, "step", broken)
+    monkeypatch.setattr(stack.runner, "sample_step", broken)
     failed = http.post("/v1/chat/completions", json=_chat(BASE, "hi", max_tokens=3))
     assert failed.status_code == 500 and "device fault" in failed.text
     health = http.get("/health")
     assert health.status_code == 503 and health.json()["status"] == "failing"
     assert "device fault" in health.json()["last_error"] and failures() == before + 1
-    monkeypatch.setattr(stack.runner, "step", step)
+    monkeypatch.setattr(stack.runner, "sample_step", step)
     assert http.post("/v1/chat/completions", json=_chat(BASE, "hi", max_tokens=3)).status_code == 200
     assert http.get("/health").json()["status"] == "ok"
     monkeypatch.setattr(stack.service, "stall_after_s", 0.0)
@@ -360,13 +360,13 @@ def test_a_failing_step_fails_its_requests_and_health_until_a_step_succeeds(stac
 def test_a_non_streaming_client_that_gives_up_cancels_its_request_cleanly(stack, monkeypatch):
     """A client that stops waiting for a whole answer cancels its request: the engine counts it
     cancelled and the server answers 499 without raising (no 500)."""
-    http, step = stack.http(), stack.runner.step
+    http, step = stack.http(), stack.runner.sample_step
 
     def slow(*args, **kwargs):                     # steps of 0.3 s: the answer outlasts the client
         time.sleep(0.3)
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(stack.runner, "step", slow)
+    monkeypatch.setattr(stack.runner, "sample_step", slow)
     status = lambda code: sum(float(r.split()[-1]) for r in http.get("/metrics").text.splitlines()
                               if r.startswith('valora_http_requests_total{endpoint="/v1/chat/completions",'
                                               f'status="{code}"}}'))

@@ -362,7 +362,7 @@ class ModelRunner:
             if vocab_size is None:
                 lowered.append(self._step.lower(*args, mode=mode))
             else:
-                rows = sum(b for b, _, _ in blocks)
+                rows = sum(blk.slot.shape[0] for blk in blocks)
                 sampling = Sampling(*(spec((rows,), a.dtype) for a in Sampling.greedy(1)))
                 lowered.append(self._sample_step.lower(*args, sampling, mode=mode, vocab_size=vocab_size))
         return lowered
