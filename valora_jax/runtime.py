@@ -2,6 +2,7 @@
 
 `ModelRunner` splits an `LMM` into base params, LoRA slots and merged weights, and compiles
   step(cache, blocks, mode)     one prefill/decode step over the paged cache (cache donated)
+  sample_step(..., sampling)    the same step, each row's next token sampled inside it (serving)
   encode_images(pixels, slots)  vision tower + projector
   write_slot(slot, adapter)     place an adapter's weights in a device slot (slots donated)
   merge(slot)                   fold a slot's adapter into every targeted weight in one call
