@@ -1,6 +1,8 @@
 """Shared fixtures: a micro LMM (fast to compile on CPU), its runner, pool and adapters."""
 
 import dataclasses
+import os
+import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,10 @@ from valora_jax import AdapterPool, Generator, ModelRunner, VisionConfig, init_m
 from valora_jax.config import ALL_TARGETS, TextConfig
 
 pytest_plugins = ["tests.skip_guard", "pytester"]
+
+# The CLI turns on JAX's persistent compilation cache (for the whole process, once a test calls it):
+# each test run gets its own, never the user's ~/.cache, which other runs may be writing.
+os.environ.setdefault("VALORA_XLA_CACHE", tempfile.mkdtemp(prefix="valora-test-xla-"))
 
 # How closely two computations of the same function must agree, keyed by dtype:
 # elementwise (rtol, atol), and `rel`, the bound on ||a - b|| / ||b||.
