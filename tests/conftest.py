@@ -1,7 +1,9 @@
 """Shared fixtures: a micro LMM (fast to compile on CPU), its runner, pool and adapters."""
 
+import atexit
 import dataclasses
 import os
+import shutil
 import tempfile
 
 import jax.numpy as jnp
@@ -15,7 +17,9 @@ pytest_plugins = ["tests.skip_guard", "pytester"]
 
 # The CLI turns on JAX's persistent compilation cache (for the whole process, once a test calls it):
 # each test run gets its own, never the user's ~/.cache, which other runs may be writing.
-os.environ.setdefault("VALORA_XLA_CACHE", tempfile.mkdtemp(prefix="valora-test-xla-"))
+if "VALORA_XLA_CACHE" not in os.environ:
+    os.environ["VALORA_XLA_CACHE"] = tempfile.mkdtemp(prefix="valora-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["VALORA_XLA_CACHE"], ignore_errors=True)
 
 # How closely two computations of the same function must agree, keyed by dtype:
 # elementwise (rtol, atol), and `rel`, the bound on ||a - b|| / ||b||.
