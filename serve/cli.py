@@ -316,9 +316,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _enable_compilation_cache() -> None:
-    """Reuse compiled steps across runs (~/.cache/valora-jax/xla, or $VALORA_XLA_CACHE)."""
+    """Reuse compiled steps across runs (~/.cache/valora-jax/xla, or $VALORA_XLA_CACHE; "off": none)."""
     import jax
 
+    if os.environ.get("VALORA_XLA_CACHE") == "off":
+        return
     cache = Path(os.environ.get("VALORA_XLA_CACHE", Path.home() / ".cache" / "valora-jax" / "xla"))
     jax.config.update("jax_compilation_cache_dir", str(cache))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

@@ -1,10 +1,7 @@
 """Shared fixtures: a micro LMM (fast to compile on CPU), its runner, pool and adapters."""
 
-import atexit
 import dataclasses
 import os
-import shutil
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +12,10 @@ from valora_jax.config import ALL_TARGETS, TextConfig
 
 pytest_plugins = ["tests.skip_guard", "pytester"]
 
-# The CLI turns on JAX's persistent compilation cache (for the whole process, once a test calls it):
-# each test run gets its own, never the user's ~/.cache, which other runs may be writing.
-if "VALORA_XLA_CACHE" not in os.environ:
-    os.environ["VALORA_XLA_CACHE"] = tempfile.mkdtemp(prefix="valora-test-xla-")
-    atexit.register(shutil.rmtree, os.environ["VALORA_XLA_CACHE"], ignore_errors=True)
+# The CLI turns on JAX's persistent compilation cache for the whole process once a test calls it;
+# in-process tests run without it (never the user's ~/.cache, which other runs may be writing).
+# test_server's `valora serve` subprocesses use a cache of their own.
+os.environ["VALORA_XLA_CACHE"] = "off"
 
 # How closely two computations of the same function must agree, keyed by dtype:
 # elementwise (rtol, atol), and `rel`, the bound on ||a - b|| / ||b||.
