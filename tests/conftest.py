@@ -3,6 +3,7 @@
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,15 @@ pytest_plugins = ["tests.skip_guard", "pytester"]
 # in-process tests run without it (never the user's ~/.cache, which other runs may be writing).
 # test_server's `valora serve` subprocesses use a cache of their own.
 os.environ["VALORA_XLA_CACHE"] = "off"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_executables():
+    """Drop JAX's compiled executables after each test module: every one maps JIT code into the
+    process, and a whole suite's worth approaches the kernel's limit on memory mappings
+    (vm.max_map_count, 65530 here), past which XLA's CPU compiler crashes."""
+    yield
+    jax.clear_caches()
 
 # How closely two computations of the same function must agree, keyed by dtype:
 # elementwise (rtol, atol), and `rel`, the bound on ||a - b|| / ||b||.
