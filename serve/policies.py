@@ -406,7 +406,8 @@ class VLoRAPolicy(Policy):
         # a batch's work: what its rows would cost unmerged, each with its share of a full step's fixed cost
         empty = step_time("unmerged", None, [])
         work = lambda rows: step_time("unmerged", None, rows) - empty + empty * len(rows) / state.limits.max_rows
-        seconds_per_work = t_u / work(unmerged) if unmerged and work(unmerged) > 0 else 0.0
+        unmerged_work = work(unmerged) if unmerged else 0.0
+        seconds_per_work = t_u / unmerged_work if unmerged_work > 0 else 0.0
         best, best_dl = Decision("unmerged", None, unmerged), 0.0
         for a in dict.fromkeys(x for x in (_top_adapter(state.seqs), state.merged_adapter) if x is not None):
             candidates = [("mixture", fill(reserved=[a]))]
