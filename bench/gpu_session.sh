@@ -3,6 +3,7 @@
 #   bash bench/gpu_session.sh smoke model switch          (about 5 minutes)
 #   bash bench/gpu_session.sh overhead                    (a 7B decode step's host dispatch, XLA flag variants)
 #   bash bench/gpu_session.sh floor                       (serve's 7B steps against their floors)
+#   bash bench/gpu_session.sh layout                      (a plain-JAX 7B decode step: weight layouts, scan vs loop)
 #   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
 #   bash bench/gpu_session.sh adapter-copy                (one adapter's host-to-device copy, beside a serving loop)
 #   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
@@ -52,8 +53,10 @@ for stage in "$@"; do
     case $stage in
         smoke)   $limit python3 -m bench.gpu_smoke ${SMOKE_KERNELS:+--kernels $SMOKE_KERNELS} ;;
         model)   $limit python3 bench/model_smoke.py --out bench/results/model_smoke ;;
-        overhead) $limit python3 bench/step_overhead.py --out bench/results/step_overhead ;;
+        overhead) $limit python3 bench/step_overhead.py --out bench/results/step_overhead \
+                      ${OVERHEAD_VARIANTS:+--variants $OVERHEAD_VARIANTS} ;;
         floor)   $limit python3 bench/step_floor.py --out bench/results/step_floor ;;
+        layout)  $limit python3 bench/layer_layout.py --out bench/results/layer_layout ;;
         copy)    $limit python3 bench/pallas_copy.py --out bench/results/pallas_copy ;;
         adapter-copy) $limit python3 bench/adapter_copy.py --out bench/results/adapter_copy ;;
         attention) $limit python3 -m bench.gpu_smoke --kernels attention &&

@@ -16,8 +16,9 @@ import traceback
 
 from pallas_kernels import MergeTile, TileConfig
 from pallas_kernels.testing import CASES as BASE_CASES
-from pallas_kernels.testing import (ATTENTION_CASES, DECODE_CASES, MERGE_CASES, AttentionCase, Case, DecodeCase,
-                                    MergeCase, check, check_attention, check_decode_attention, check_merge)
+from pallas_kernels.testing import (ATTENTION_CASES, DECODE_CASES, FUSED_CASES, MERGE_CASES, MERGE_PARTS_CASES,
+                                    AttentionCase, Case, DecodeCase, MergeCase, MergePartsCase, check, check_attention,
+                                    check_decode_attention, check_fused, check_merge, check_merge_parts)
 from valora_jax.versions import stack_versions, versions_line
 
 CASES = BASE_CASES + [
@@ -39,11 +40,22 @@ TILES = [
     TileConfig(shrink_block_t=64, block_k=128, split_k=1, shrink_warps=8, expand_block_t=64,
                block_n=256, expand_warps=8),
 ]
+FUSED = FUSED_CASES + [                                                  # LLaVA-sized q/k/v and gate/up
+    (Case(64, 4096, (4096, 4096, 4096), 16, 8, rank=16, layout="distinct", dtype="bfloat16"), (0, 4096, 8192), 12288),
+    (Case(32, 4096, (4096, 1024, 1024), 16, 8, layout="uniform", dtype="bfloat16"), (0, 4096, 5120), 6144),
+    (Case(256, 4096, (11008, 11008), 64, 16, layout="skewed", dtype="bfloat16", mixture=True), (0, 11008), 22016),
+    (Case(1000, 4096, (4096, 4096), 16, 8, layout="segments", dtype="bfloat16"), (0, 8192), 12288),   # k untargeted
+]
 
 
 MERGES = MERGE_CASES + [MergeCase(4096, 11008, 64, 2, dtype="bfloat16"), MergeCase(5120, 13824, 128, 2, dtype="bfloat16"),
                         MergeCase(4096, 4096, 16, 2, dtype="bfloat16", tile=MergeTile(128, 128, 8)),
                         MergeCase(4096, 11008, 64, 2, dtype="bfloat16", tile=MergeTile(64, 256, 8, row_tiles=4, stages=3))]
+MERGE_PARTS = MERGE_PARTS_CASES + [
+    MergePartsCase(4096, (4096, 4096, 4096), (0, 4096, 8192), 12288, (64, 64, 64), 2, dtype="bfloat16", tile=None),
+    MergePartsCase(4096, (11008, 11008), (0, 11008), 22016, (64, 16), 2, dtype="bfloat16", tile=None),
+    MergePartsCase(4096, (4096, 1024), (0, 5120), 6144, (16, 16), 2, dtype="bfloat16", tile=None),
+]
 
 ATTENTION = ATTENTION_CASES + [                                         # LLaVA-sized: 32 heads of 128
     AttentionCase(2, 512, 4096, 32, 32, 128, "bfloat16"),
@@ -84,8 +96,12 @@ def main(argv=None) -> int:
     if "atmm" in kernels:
         results += [_run(f"{case}  tile={tile}", lambda case=case, tile=tile: check(
             case, seed=case.tokens + 7, tile=tile, with_base=tile is None)) for case in CASES for tile in TILES]
+        results += [_run(f"{case} columns={columns}  tile={tile}", lambda case=case, c=columns, w=width, tile=tile:
+                         check_fused(case, c, w, seed=case.tokens + 9, tile=tile))
+                    for case, columns, width in FUSED for tile in TILES]
     if "merge" in kernels:
         results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
+        results += [_run(str(case), lambda case=case: check_merge_parts(case, seed=case.d_in)) for case in MERGE_PARTS]
     if "attention" in kernels:
         results += [_run(str(case), lambda case=case: check_attention(case, seed=case.context)) for case in ATTENTION]
     if "decode" in kernels:

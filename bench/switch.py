@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import save_result  # noqa: E402
-from pallas_kernels.lora_reference import merge_weight_reference  # noqa: E402
+from pallas_kernels.lora_reference import merge_parts_reference  # noqa: E402
 from pallas_kernels.merge import merge_bytes  # noqa: E402
 from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth  # noqa: E402
@@ -45,21 +45,30 @@ def _timed(fn, runner, slots, repeats):
     return times
 
 
-def gemm_addend_merge(kernel, w, slot):
-    """W + (scale A)[:, :rank] @ B[:rank] as one GEMM with W as its addend, bf16 out (the GEMM
+def gemm_addend_merge(kernel, weights, columns, slot):
+    """W + the parts' (scale A)[:, :rank] @ B[:rank] at their columns, as one GEMM with W as its
+    addend, bf16 out: A side by side [D_in, sum R] @ B block by block [sum R, D_out] (the GEMM
     accumulates in float32; scale A is rounded to W's dtype first)."""
-    keep = (jnp.arange(w.a.shape[-1]) < w.rank[slot]).astype(jnp.float32)
-    a = (w.a[slot].astype(jnp.float32) * (w.scale[slot] * keep)).astype(kernel.dtype)
-    return jnp.dot(a, w.b[slot], preferred_element_type=kernel.dtype) + kernel
+    a_parts, b = [], jnp.zeros((sum(w.a.shape[-1] for w in weights), kernel.shape[1]), kernel.dtype)
+    row = 0
+    for w, col in zip(weights, columns):
+        r, width = w.a.shape[-1], w.b.shape[-1]
+        keep = (jnp.arange(r) < w.rank[slot]).astype(jnp.float32)
+        a_parts.append((w.a[slot].astype(jnp.float32) * (w.scale[slot] * keep)).astype(kernel.dtype))
+        b = b.at[row: row + r, col: col + width].set(w.b[slot])
+        row += r
+    return jnp.dot(jnp.concatenate(a_parts, axis=1), b, preferred_element_type=kernel.dtype) + kernel
 
 
 def _time_gemm_addend(linears, repeats: int) -> tuple[list, float]:
     """Seconds of each fused GEMM-addend merge of every weight (previous outputs donated), and the
     max |difference| of a sample of its merged weights from the reference merge."""
     kernels = [lin.kernel[...] for lin in linears]
-    weights = [lin.lora_weight() for lin in linears]
-    merge_all = jax.jit(lambda old, kernels, weights, slot: [gemm_addend_merge(k, w, slot)
-                                                             for k, w in zip(kernels, weights)], donate_argnums=0)
+    weights = [tuple(slots.weight() for _, slots in lin.slots()) for lin in linears]
+    columns = [tuple(part.start for part, _ in lin.slots()) for lin in linears]
+    merge_all = jax.jit(lambda old, kernels, weights, slot: [gemm_addend_merge(k, w, c, slot)
+                                                             for k, w, c in zip(kernels, weights, columns)],
+                        donate_argnums=0)
     merged = jax.block_until_ready(merge_all([jnp.zeros_like(k) for k in kernels], kernels, weights, jnp.int32(1)))
     times = []
     for i in range(repeats):
@@ -67,8 +76,8 @@ def _time_gemm_addend(linears, repeats: int) -> tuple[list, float]:
         merged = jax.block_until_ready(merge_all(merged, kernels, weights, jnp.int32(i % 2)))
         times.append(time.perf_counter() - t0)
     slot = jnp.int32((repeats - 1) % 2)
-    diff = max(float(jnp.max(jnp.abs(merged[i].astype(jnp.float32) - merge_weight_reference(
-        kernels[i], weights[i], slot).astype(jnp.float32)))) for i in range(4))
+    diff = max(float(jnp.max(jnp.abs(merged[i].astype(jnp.float32) - merge_parts_reference(
+        kernels[i], kernels[i], weights[i], columns[i], slot).astype(jnp.float32)))) for i in range(4))
     return times, diff
 
 
@@ -111,8 +120,9 @@ def main(argv=None):
     t_gemm, gemm_diff = _time_gemm_addend(linears, args.repeats)
     itemsize = np.dtype(cfg.dtype).itemsize
     moved, tiles = 0, {}
-    for lin in linears:
-        moved += merge_bytes(lin.d_in, lin.d_out, args.rank, itemsize)
+    for lin in linears:         # a part without adapter slots is copied (rank 0)
+        moved += sum(merge_bytes(lin.d_in, p.width, args.rank if p in lin.targeted_parts else 0, itemsize)
+                     for p in lin.parts)
         tiles[f"{lin.d_in}x{lin.d_out}"] = pick_merge_tile(lin.d_in, lin.d_out, args.rank).to_dict()
     bandwidth = copy_bandwidth()
     floor_ms = 1e3 * moved / bandwidth

@@ -14,7 +14,10 @@ each request's tokens together, so a prefill block holds one or two adapters) on
 Per-token kernels (decode, tile block_t = 1): each program takes one token and its own adapter
 in vector math, so a batch of T decode rows launches T x split programs. The two kinds can be
 mixed (the partial sums h have the same layout). Given `base`, the expand adds the deltas over
-the base projections in place (one pass over the outputs instead of three).
+the base projections in place (one pass over the outputs instead of three). With `columns`, the
+weights are parts of one fused linear (q/k/v, gate/up): the expand adds y[w] into columns
+[columns[w], columns[w] + D_out_w) of the one fused base [T, N] in place; columns of parts
+without an adapter are never visited and keep base's values.
 Adapter weights are read only up to each slot's true rank (masked loads), and each
 (block, adapter) dot runs at the smallest width 16, 32, ... >= that rank, up to
 RB = max(16, next_pow2(R)) (never under 16: bf16 dots with contraction < 16 are wrong on GPU).
@@ -23,6 +26,7 @@ mode is one more token set in the same two launches (x is re-read from L2, not H
 """
 
 import functools
+import itertools
 from typing import Sequence
 
 import jax
@@ -151,37 +155,44 @@ def _shrink_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bt: int, bk: i
         _for_each_adapter(slots, visit, ())
 
 
-def _on_weight_tiles(refs, n_weights: int, has_base: bool, tile, tile_offsets: tuple, bn: int, body):
-    """The expand kernels' dispatch: body(n0, h, b, scale, rank, base or None, y refs) for the
-    weight w whose output columns [n0, n0 + bn) this program's tile covers.
+def _on_weight_tiles(refs, n_weights: int, has_base: bool, tile, tile_offsets: tuple, bn: int, body,
+                     columns: tuple | None = None):
+    """The expand kernels' dispatch: body(n0, c0, h, b, scale, rank, base or None, y refs) for the
+    weight w whose output columns [n0, n0 + bn) (of D_out_w) this program's tile covers; they lie
+    at columns [c0 + n0, c0 + n0 + bn) of base and y.
 
-    refs: (h, b, scale, rank[, base]) input refs and y output refs, n_weights of each."""
+    refs: (h, b, scale, rank) input refs, n_weights of each, then either n_weights base refs (if
+    has_base) and n_weights y refs (c0 = 0), or, with columns, the one fused base and the one y
+    ref every weight shares (c0 = columns[w])."""
     groups = [refs[k * n_weights:(k + 1) * n_weights] for k in range(4)]
-    base = refs[4 * n_weights:5 * n_weights] if has_base else (None,) * n_weights
-    for w, weight_refs in enumerate(zip(*groups, base, refs[-n_weights:])):
+    if columns is not None:
+        base, ys, offsets = (refs[4 * n_weights],) * n_weights, (refs[-1],) * n_weights, columns
+    else:
+        base = refs[4 * n_weights:5 * n_weights] if has_base else (None,) * n_weights
+        ys, offsets = refs[-n_weights:], (0,) * n_weights
+    for w, (c0, *weight_refs) in enumerate(zip(offsets, *groups, base, ys)):
         first, last = tile_offsets[w], tile_offsets[w + 1]
-
-        @pl.when((tile >= first) & (tile < last))
-        def _():
-            body(pl.multiple_of((tile - first) * bn, bn), *weight_refs)
+        n0 = pl.multiple_of((tile - first) * bn, bn)
+        pl.when((tile >= first) & (tile < last))(functools.partial(body, n0, c0, *weight_refs))
 
 
-def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
-                   tile_offsets: tuple, n_tokens: int, mixture: bool, has_base: bool):
-    """One (token block i, output tile): y[w][block, tile] (+ base) for the weight owning the tile."""
+def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int, tile_offsets: tuple,
+                   n_tokens: int, mixture: bool, has_base: bool, columns: tuple | None = None):
+    """One (token block i, output tile): y[w][block, tile] (+ base) for the weight owning the tile
+    (with columns: y[block, columns[w] + tile] of the one fused output)."""
     n_slots = refs[n_weights].shape[0]
     i, tile = pl.program_id(0), pl.program_id(1)
     t0 = i * bt
     live, token_sets = _load_block_slots(slot_ref, m_ref, t0, bt, n_tokens, n_slots, mixture)
 
-    def body(n0, h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref):
-        d_out, rb = y_ref.shape[1], h_ref.shape[-1]
-        n_ok = n0 + jnp.arange(bn) < d_out                                  # [BN]
+    def body(n0, c0, h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref):
+        d_out, rb = b_ref.shape[-1], h_ref.shape[-1]
+        n_ok = n0 + jnp.arange(bn) < d_out                                  # [BN], within the part
         full = d_out % bn == 0 and n_tokens % bt == 0
         mask = _mask(full, live[:, None] & n_ok[None, :])
         y = jnp.zeros((bt, bn), jnp.float32)
         if base_ref is not None:
-            y = plt.load(base_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], mask=mask,
+            y = plt.load(base_ref.at[pl.ds(t0, bt), pl.ds(c0 + n0, bn)], mask=mask,
                          other=_mask(full, 0)).astype(jnp.float32)
         for j, (slots, sign) in enumerate(token_sets):
             def visit(u, rows, y):
@@ -201,9 +212,9 @@ def _expand_kernel(slot_ref, m_ref, *refs, n_weights: int, bt: int, bn: int,
                 return _switch_on_rank(rank, rb, branch, y)
 
             y = _for_each_adapter(slots, visit, y)
-        plt.store(y_ref.at[pl.ds(t0, bt), pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=mask)
+        plt.store(y_ref.at[pl.ds(t0, bt), pl.ds(c0 + n0, bn)], y.astype(y_ref.dtype), mask=mask)
 
-    _on_weight_tiles(refs, n_weights, has_base, tile, tile_offsets, bn, body)
+    _on_weight_tiles(refs, n_weights, has_base, tile, tile_offsets, bn, body, columns)
 
 
 def _shrink_token_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bk: int, k_steps: int,
@@ -238,15 +249,16 @@ def _shrink_token_kernel(slot_ref, m_ref, x_ref, *refs, n_weights: int, bk: int,
 
 
 def _expand_token_kernel(slot_ref, m_ref, *refs, n_weights: int, bn: int, tile_offsets: tuple,
-                         mixture: bool, has_base: bool):
-    """One (token t, output tile), vector math: y[w][t, tile] (+ base) for the weight owning it."""
+                         mixture: bool, has_base: bool, columns: tuple | None = None):
+    """One (token t, output tile), vector math: y[w][t, tile] (+ base) for the weight owning it
+    (with columns: y[t, columns[w] + tile] of the one fused output)."""
     t, tile = pl.program_id(0), pl.program_id(1)
     token_sets = _token_sets(slot_ref[t], True, m_ref[0], refs[n_weights].shape[0], mixture)
 
-    def body(n0, h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref):
-        d_out, rb = y_ref.shape[1], h_ref.shape[-1]
+    def body(n0, c0, h_ref, b_ref, scale_ref, rank_ref, base_ref, y_ref):
+        d_out, rb = b_ref.shape[-1], h_ref.shape[-1]
         full_n = d_out % bn == 0
-        n_ok = n0 + jnp.arange(bn) < d_out                                  # [BN]
+        n_ok = n0 + jnp.arange(bn) < d_out                                  # [BN], within the part
         y = jnp.zeros((bn,), jnp.float32)
         for j, (u, sign) in enumerate(token_sets):
             uc = jnp.maximum(u, 0)
@@ -257,11 +269,11 @@ def _expand_token_kernel(slot_ref, m_ref, *refs, n_weights: int, bn: int, tile_o
                          mask=rows[:, None] & n_ok[None, :], other=0)       # [RB, BN]
             y = y + (sign * scale_ref[uc]) * jnp.sum(h[:, None] * b.astype(jnp.float32), axis=0)
         if base_ref is not None:
-            y = y + plt.load(base_ref.at[t, pl.ds(n0, bn)], mask=_mask(full_n, n_ok),
+            y = y + plt.load(base_ref.at[t, pl.ds(c0 + n0, bn)], mask=_mask(full_n, n_ok),
                              other=_mask(full_n, 0)).astype(jnp.float32)
-        plt.store(y_ref.at[t, pl.ds(n0, bn)], y.astype(y_ref.dtype), mask=_mask(full_n, n_ok))
+        plt.store(y_ref.at[t, pl.ds(c0 + n0, bn)], y.astype(y_ref.dtype), mask=_mask(full_n, n_ok))
 
-    _on_weight_tiles(refs, n_weights, has_base, tile, tile_offsets, bn, body)
+    _on_weight_tiles(refs, n_weights, has_base, tile, tile_offsets, bn, body, columns)
 
 
 def _shrink(x, weights, slot, merged, *, tile: TileConfig, t_pad: int, mixture: bool,
@@ -285,15 +297,19 @@ def _shrink(x, weights, slot, merged, *, tile: TileConfig, t_pad: int, mixture: 
 
 
 def _expand(hs, weights, slot, merged, n_tokens: int, dtype, *, tile: TileConfig,
-            mixture: bool, interpret: bool, poison: bool, base=None):
-    """y[w] = delta_w [T, D_out_w] in dtype, or base[w] + delta_w written over base[w]."""
+            mixture: bool, interpret: bool, poison: bool, base=None, columns: tuple | None = None):
+    """y[w] = delta_w [T, D_out_w] in dtype, or base[w] + delta_w written over base[w]; with
+    columns, the one fused base [T, N] with each delta_w added at columns[w], written over it."""
     bt, bn = tile.expand_block_t, tile.block_n
     tiles = np.cumsum([0] + [_cdiv(w.b.shape[-1], bn) for w in weights])
-    shapes = [jax.ShapeDtypeStruct((n_tokens, w.b.shape[-1]), dtype) for w in weights]
+    if columns is not None:
+        shapes = [jax.ShapeDtypeStruct(base[0].shape, dtype)]
+    else:
+        shapes = [jax.ShapeDtypeStruct((n_tokens, w.b.shape[-1]), dtype) for w in weights]
     args = [slot, merged, *hs, *[w.b for w in weights], *[w.scale.astype(jnp.float32) for w in weights],
             *[w.rank for w in weights]]
     common = dict(n_weights=len(weights), bn=bn, tile_offsets=tuple(int(t) for t in tiles), mixture=mixture,
-                  has_base=base is not None)
+                  has_base=base is not None, columns=columns)
     if bt == 1:
         kernel = functools.partial(_expand_token_kernel, **common)
     else:
@@ -343,9 +359,9 @@ def _ignore_aliased_inputs(kernel, n_inputs: int, n_aliased: int):
     return wrapped
 
 
-@functools.partial(jax.jit, static_argnames=("mixture", "tile", "interpret", "poison"))
+@functools.partial(jax.jit, static_argnames=("mixture", "tile", "interpret", "poison", "columns"))
 def _lora_delta(x, weights, slot, merged_slot, base=None, *, mixture: bool, tile: TileConfig,
-                interpret: bool, poison: bool = False):
+                interpret: bool, poison: bool = False, columns: tuple | None = None):
     n_tokens = x.shape[0]
     bt = max(tile.shrink_block_t, tile.expand_block_t)
     t_pad = _cdiv(n_tokens, bt) * bt
@@ -353,7 +369,7 @@ def _lora_delta(x, weights, slot, merged_slot, base=None, *, mixture: bool, tile
     weights = [_pad_rank(w._replace(rank=w.rank.astype(jnp.int32))) for w in weights]
     common = dict(tile=tile, mixture=mixture, interpret=interpret, poison=poison)
     hs = _shrink(x, weights, slot, merged, t_pad=t_pad, **common)
-    return tuple(_expand(hs, weights, slot, merged, n_tokens, x.dtype, base=base, **common))
+    return tuple(_expand(hs, weights, slot, merged, n_tokens, x.dtype, base=base, columns=columns, **common))
 
 
 def lora_delta(
@@ -366,6 +382,7 @@ def lora_delta(
     tile: TileConfig | None = None,
     interpret: bool = False,
     base: Sequence[jax.Array] | None = None,
+    columns: Sequence[int] | None = None,
 ) -> tuple[jax.Array, ...]:
     """LoRA deltas of several weights sharing the input x, by the ATMM kernels.
 
@@ -373,7 +390,9 @@ def lora_delta(
         y[w][t] = [a != m or not mixture] * ([a >= 0] delta_w(a) - [mixture, m >= 0] delta_w(m))
         with a = slot[t], delta_w(s) = scale_w[s] * x[t] @ A_w[s][:, :rank_w[s]] @ B_w[s][:rank_w[s]]
     Slot ids outside [-1, S) (PAD_SLOT for padding tokens) add nothing in either mode; ranks
-    above R count as R.
+    above R count as R. With columns (the weights are parts of one fused linear):
+        out[t, c_w : c_w + D_out_w] = base[0][t, c_w : c_w + D_out_w] + y[w][t]     (c_w = columns[w])
+        out[t, n]                   = base[0][t, n] for every column n no part owns
 
     Args:
       x: [T, D_in] float32 / bfloat16 / float16 tokens.
@@ -385,14 +404,23 @@ def lora_delta(
       interpret: run the kernels in the Pallas interpreter (CPU tests).
       base: optional [T, D_out_w] arrays in x.dtype (the base projections): then the result is
         base[w] + y[w], accumulated in float32 and written over base[w]'s buffer (inside a jit
-        where base[w] is not used afterwards, no extra pass over the outputs).
-    Returns: one [T, D_out_w] array per weight, in x.dtype.
-    Raises: ValueError for inconsistent shapes or dtypes, and, where slot / merged_slot / rank
-      are host values, for slot ids outside [-1, S) other than PAD_SLOT and ranks outside [0, R].
+        where base[w] is not used afterwards, no extra pass over the outputs). With columns:
+        required, exactly one [T, N] array in x.dtype (the fused base projection).
+      columns: optional static ints, weight w's first output column in the fused output; the
+        parts' ranges [columns[w], columns[w] + D_out_w) must lie in [0, N) and not overlap.
+    Returns: one [T, D_out_w] array per weight, in x.dtype; with columns, a tuple of one [T, N]
+      array, base[0] with each weight's delta added at its columns (float32 accumulation, written
+      over base[0]'s buffer; columns no part owns are base[0]'s, bit for bit).
+    Raises: ValueError for inconsistent shapes or dtypes, bad base / columns, and, where slot /
+      merged_slot / rank are host values, for slot ids outside [-1, S) other than PAD_SLOT and
+      ranks outside [0, R].
     """
     weights = tuple(weights)
     _validate(x, weights, slot, merged_slot)
-    if base is not None:
+    if columns is not None:
+        base = _validate_fused_base(base, x)
+        columns = _check_columns(columns, [w.b.shape[-1] for w in weights], base[0].shape[1], "weights")
+    elif base is not None:
         base = tuple(base)
         want = [(x.shape[0], w.b.shape[-1]) for w in weights]
         got = [(getattr(b, "shape", None), getattr(b, "dtype", None)) for b in base]
@@ -405,7 +433,43 @@ def lora_delta(
                          max(w.a.shape[-1] for w in weights), min(n_slots, n_tokens),
                          device_kind="interpret" if interpret else None)
     return _lora_delta(x, weights, jnp.asarray(slot), merged_slot, base, mixture=mixture, tile=tile,
-                       interpret=interpret)
+                       interpret=interpret, columns=columns)
+
+
+def _validate_fused_base(base, x) -> tuple:
+    """base of the columns mode: a sequence of exactly one [T, N] array in x.dtype."""
+    n_tokens = x.shape[0]
+    if not isinstance(base, (list, tuple)) or len(base) != 1:
+        got = type(base).__name__ if not isinstance(base, (list, tuple)) else f"{len(base)} arrays"
+        raise ValueError(f"with columns, base must be a sequence of one [T={n_tokens}, N] array in "
+                         f"{x.dtype}, got {got}")
+    (b,) = base
+    shape, dtype = getattr(b, "shape", None), getattr(b, "dtype", None)
+    if shape is None or len(shape) != 2 or shape[0] != n_tokens or dtype != x.dtype:
+        raise ValueError(f"with columns, base must be one [T={n_tokens}, N] array in {x.dtype}, got "
+                         f"{dtype}{list(shape) if shape is not None else type(b).__name__}")
+    return (b,)
+
+
+def _check_columns(columns, widths: Sequence[int], n: int, what: str) -> tuple[int, ...]:
+    """columns as a tuple of ints: one per part, part k's range [columns[k], columns[k] + widths[k])
+    inside [0, n), no two ranges overlapping; else ValueError naming the culprit."""
+    columns = tuple(columns)
+    if len(columns) != len(widths):
+        raise ValueError(f"columns has {len(columns)} entries for {len(widths)} {what}")
+    not_ints = [k for k, c in enumerate(columns) if isinstance(c, bool) or not isinstance(c, (int, np.integer))]
+    if not_ints:
+        raise ValueError(f"columns[{not_ints[0]}]={columns[not_ints[0]]!r} must be a static int")
+    columns = tuple(int(c) for c in columns)
+    for k, (c, d) in enumerate(zip(columns, widths)):
+        if c < 0 or c + d > n:
+            raise ValueError(f"columns[{k}]={c}: part {k}'s columns [{c}, {c + d}) outside [0, N={n})")
+    spans = sorted((c, c + d, k) for k, (c, d) in enumerate(zip(columns, widths)))
+    for (c0, e0, k0), (c1, e1, k1) in itertools.pairwise(spans):
+        if c1 < e0:
+            raise ValueError(f"columns[{k0}]={c0} and columns[{k1}]={c1}: part ranges [{c0}, {e0}) and "
+                             f"[{c1}, {e1}) overlap")
+    return columns
 
 
 def _validate(x, weights, slot, merged_slot):

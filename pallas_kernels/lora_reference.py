@@ -89,3 +89,22 @@ def merge_weight_reference(kernel: jax.Array, w: LoraWeight, slot: jax.Array) ->
     a = w.a[slot].astype(jnp.float32) * keep                                  # [D_in, R]
     delta = w.scale[slot] * (a @ w.b[slot].astype(jnp.float32))               # [D_in, D_out]
     return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def merge_parts_reference(kernel: jax.Array, merged: jax.Array, parts: Sequence[LoraWeight],
+                          columns: Sequence[int], slot: jax.Array) -> jax.Array:
+    """One adapter slot folded into the parts of a fused weight:
+
+        out[:, c_p : c_p + D_out_p] = merge_weight_reference(kernel[:, c_p : c_p + D_out_p], parts[p], slot)
+        out[:, n]                   = merged[:, n] for every column n no part owns      (c_p = columns[p])
+
+    Args: kernel [D_in, N] (the fused base weight); merged [D_in, N] (the current merged copy);
+      parts: LoraWeights with a [S, D_in, R_p], b [S, R_p, D_out_p]; columns: part p's first column;
+      slot: int32 scalar.
+    Returns: [D_in, N] in kernel.dtype.
+    """
+    out = merged.astype(kernel.dtype)
+    for w, c in zip(parts, columns):
+        d = w.b.shape[-1]
+        out = out.at[:, c:c + d].set(merge_weight_reference(kernel[:, c:c + d], w, slot))
+    return out

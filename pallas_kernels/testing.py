@@ -1,5 +1,5 @@
 """Random ATMM, merge, prefill- and decode-attention problems and the kernel-vs-reference checks (shared
-by tests/ and bench/gpu_smoke.py).
+by tests/ and bench/gpu_smoke.py), for single and fused (columns) linears.
 
 Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
 (a kernel that reads it fails), slot 0 of every pool may be empty (rank 0), token layouts mimic
@@ -14,8 +14,9 @@ import numpy as np
 
 from pallas_kernels.atmm import _lora_delta
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
-from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight, lora_delta_reference, merge_weight_reference
-from pallas_kernels.merge import _merge
+from pallas_kernels.lora_reference import (PAD_SLOT, LoraWeight, lora_delta_reference, merge_parts_reference,
+                                           merge_weight_reference)
+from pallas_kernels.merge import _merge, _merge_parts
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from pallas_kernels.tiling import MergeTile, TileConfig, pick_tile
 
@@ -153,6 +154,81 @@ CASES = [
 ]
 
 
+def fused_reference(x, weights, slot, merged_slot, base, columns, *, mixture: bool = False) -> jax.Array:
+    """The columns mode of `lora_delta` in plain jnp: base [T, N] in float32 with each weight's
+    delta (lora_delta_reference, unrounded) added at its columns, rounded once to x.dtype."""
+    f32 = [w._replace(a=w.a.astype(jnp.float32), b=w.b.astype(jnp.float32)) for w in weights]
+    deltas = lora_delta_reference(x.astype(jnp.float32), f32, slot, merged_slot, mixture=mixture)
+    out = base.astype(jnp.float32)
+    for d, c in zip(deltas, columns):
+        out = out.at[:, c:c + d.shape[1]].add(d)
+    return out.astype(x.dtype)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """a's bit patterns (exact comparison, NaN and -0.0 included)."""
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def check_fused(case: Case, columns: tuple, width: int, seed: int = 0, tile: TileConfig | None = None,
+                interpret: bool = False, slot=None) -> float:
+    """The columns mode: weights of widths case.d_outs at `columns` of a fused base [T, width]
+    (random), kernel vs `fused_reference`; `slot` overrides the drawn one. Returns the worst
+    relative error of a part's deltas.
+
+    Raises AssertionError when an output holds NaN, a column no part owns or a token that takes
+    no delta differs from base by a bit, or a part's deltas exceed TOLERANCE[dtype].
+    """
+    x, weights, drawn, merged = make_problem(case, seed)
+    slot = drawn if slot is None else jnp.asarray(slot, jnp.int32)
+    base = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(case.tokens, width)), case.dtype)
+    if tile is None:
+        tile = pick_tile(case.tokens, case.d_in, sum(case.d_outs), case.max_rank,
+                         min(case.slots, case.tokens), device_kind="interpret" if interpret else None)
+    got = _lora_delta(x, weights, slot, jnp.int32(merged), (base,), mixture=case.mixture, tile=tile,
+                      interpret=interpret, columns=tuple(columns))
+    assert isinstance(got, tuple) and len(got) == 1, type(got)
+    with jax.default_matmul_precision("highest"):
+        want = fused_reference(x, weights, slot, merged, base, columns, mixture=case.mixture)
+    got_raw, base_raw = np.asarray(got[0]), np.asarray(base)
+    assert got_raw.shape == base_raw.shape and got_raw.dtype == base_raw.dtype, (got_raw.shape, got_raw.dtype)
+    assert not np.isnan(got_raw).any(), f"{np.isnan(got_raw).sum()} NaN in the output"
+    owned = np.zeros(width, bool)
+    for c, d in zip(columns, case.d_outs):
+        owned[c:c + d] = True
+    assert np.array_equal(_bits(got_raw[:, ~owned]), _bits(base_raw[:, ~owned])), \
+        "columns no part owns must be base's, bit for bit"
+    slot = np.asarray(slot)
+    silent = slot == PAD_SLOT
+    if case.mixture and merged >= 0:
+        silent |= slot == merged
+    else:                                             # no merged delta: -1 and empty slots add nothing
+        empty = np.all([np.asarray(w.rank)[np.clip(slot, 0, case.slots - 1)] == 0 for w in weights], axis=0)
+        silent |= (slot == -1) | ((slot >= 0) & empty)
+    assert np.array_equal(_bits(got_raw[silent]), _bits(base_raw[silent])), \
+        "tokens that take no delta must keep base, bit for bit"
+    g, w, b = (np.asarray(a, np.float32) for a in (got_raw, want, base_raw))
+    worst = 0.0
+    for k, (c, d) in enumerate(zip(columns, case.d_outs)):
+        dg, dw = g[:, c:c + d] - b[:, c:c + d], w[:, c:c + d] - b[:, c:c + d]
+        err = float(np.linalg.norm(dg - dw) / max(np.linalg.norm(dw), 1e-30))
+        assert err <= TOLERANCE[case.dtype], f"part {k}: relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+        worst = max(worst, err)
+    return worst
+
+
+# Fused linears (case with the targeted parts' widths, their columns, the fused width N).
+FUSED_CASES = [
+    (Case(37, 64, (64, 32, 32), 16, 5, layout="segments"), (0, 64, 96), 128),             # q/k/v, GQA-like
+    (Case(29, 48, (48, 24, 24), 32, 4, layout="uniform", dtype="bfloat16"), (0, 48, 72), 96),  # widths and
+    # offsets not multiples of block_n
+    (Case(21, 64, (64, 32), 16, 4, layout="segments"), (0, 96), 128),                    # q, v only: k untouched
+    (Case(33, 32, (80, 80), 24, 6, layout="skewed", dtype="bfloat16"), (0, 80), 160),     # gate/up
+    (Case(19, 64, (40,), 16, 3, layout="uniform"), (24,), 88),                           # one part in the middle
+    (Case(1, 64, (32, 64), 64, 3, layout="uniform"), (96, 0), 128),                      # T = 1, parts out of order
+]
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeCase:
     """One merge problem: a [D_in, D_out] weight and a pool of `slots` adapters of pool rank R."""
@@ -196,6 +272,70 @@ MERGE_CASES = [
     MergeCase(128, 128, 128, 5, dtype="bfloat16"),
     MergeCase(96, 64, 24, 3, dtype="float16", tile=MergeTile(32, 32, 2)),      # R not a power of 2
     MergeCase(100, 80, 16, 2, tile=MergeTile(16, 32, 4, row_tiles=3, stages=2)),  # loop over rows, ragged tail
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePartsCase:
+    """A fused [D_in, width] weight whose parts at `columns` (widths `d_outs`, pool ranks `ranks`)
+    have adapters; columns outside them belong to parts without one."""
+
+    d_in: int
+    d_outs: tuple
+    columns: tuple
+    width: int
+    ranks: tuple
+    slots: int = 4
+    dtype: str = "float32"
+    tile: MergeTile = dataclasses.field(default_factory=MergeTile)
+
+
+def check_merge_parts(case: MergePartsCase, seed: int = 0, interpret: bool = False) -> float:
+    """Merges every slot into the fused weight by the kernel and `merge_parts_reference`; returns
+    the worst relative error of a part's merged delta. The merged copy passed in holds NaN in the
+    parts' columns (must be overwritten) and random values elsewhere (must stay, bit for bit);
+    a part whose slot is empty (rank 0) must give kernel's columns back bit for bit."""
+    rng = np.random.default_rng(seed)
+    kernel = jnp.asarray(rng.normal(size=(case.d_in, case.width)) * 0.05, case.dtype)
+    parts = [_weight(Case(1, case.d_in, (d,), r, case.slots, dtype=case.dtype), d, rng)
+             for d, r in zip(case.d_outs, case.ranks)]
+    owned = np.zeros(case.width, bool)
+    for c, d in zip(case.columns, case.d_outs):
+        owned[c:c + d] = True
+    old = rng.normal(size=(case.d_in, case.width))
+    merged = jnp.asarray(np.where(owned[None, :], np.nan, old), case.dtype)
+    worst = 0.0
+    for s in range(case.slots):
+        got = np.asarray(_merge_parts(kernel, merged, parts, jnp.int32(s), columns=tuple(case.columns),
+                                      tile=case.tile, interpret=interpret))
+        with jax.default_matmul_precision("highest"):
+            want = np.asarray(merge_parts_reference(kernel, merged, parts, case.columns, jnp.int32(s)), np.float32)
+        assert got.dtype == kernel.dtype and got.shape == kernel.shape, (got.dtype, got.shape)
+        assert not np.isnan(got).any(), f"slot {s}: {np.isnan(got).sum()} NaN (part columns unwritten)"
+        assert np.array_equal(_bits(got[:, ~owned]), _bits(np.asarray(merged)[:, ~owned])), \
+            f"slot {s}: columns of parts not listed must keep merged's values"
+        for k, (c, d, w) in enumerate(zip(case.columns, case.d_outs, parts)):
+            g, base = got[:, c:c + d].astype(np.float32), np.asarray(kernel[:, c:c + d], np.float32)
+            if int(w.rank[s]) == 0:
+                assert np.array_equal(g, base), f"slot {s}, part {k} is empty: kernel's columns must come back"
+                continue
+            err = float(np.linalg.norm((g - base) - (want[:, c:c + d] - base))
+                        / max(np.linalg.norm(want[:, c:c + d] - base), 1e-30))
+            assert err <= TOLERANCE[case.dtype], \
+                f"slot {s}, part {k}: relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+            worst = max(worst, err)
+    return worst
+
+
+MERGE_PARTS_CASES = [
+    MergePartsCase(64, (64, 32, 32), (0, 64, 96), 128, (16, 8, 32), 3, tile=MergeTile(32, 32, 4)),   # q/k/v
+    MergePartsCase(100, (48, 24), (0, 72), 96, (24, 16), 4, dtype="bfloat16",
+                   tile=MergeTile(32, 32, 4)),                     # k not listed, ragged rows and widths
+    MergePartsCase(48, (80, 80), (0, 80), 160, (16, 64), 3, dtype="bfloat16",
+                   tile=MergeTile(16, 64, 4, row_tiles=2, stages=2)),                   # gate/up, row loop
+    MergePartsCase(40, (40,), (24,), 88, (8,), 2, tile=MergeTile(16, 16, 2)),           # one part in the middle
+    MergePartsCase(32, (32, 64), (96, 16), 160, (128, 16), 3, dtype="float16",
+                   tile=MergeTile(16, 32, 4)),                     # parts out of order, gaps on both sides
 ]
 
 

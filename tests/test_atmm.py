@@ -1,5 +1,7 @@
-"""ATMM kernels vs the jnp reference (Pallas interpreter on CPU), input validation, tile lookup."""
+"""ATMM kernels vs the jnp reference (Pallas interpreter on CPU), fused linears (columns), input
+validation, tile lookup."""
 
+import dataclasses
 import json
 import os
 import zlib
@@ -10,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import TileConfig, lora_delta, lora_delta_reference, tiling
+from pallas_kernels import PAD_SLOT, TileConfig, lora_delta, lora_delta_reference, tiling
 from pallas_kernels.merge import merge_bytes
-from pallas_kernels.testing import CASES, Case, check, make_problem
+from pallas_kernels.testing import CASES, FUSED_CASES, Case, check, check_fused, fused_reference, make_problem
 
 SMALL = TileConfig(shrink_block_t=16, block_k=32, split_k=2, expand_block_t=16, block_n=32)
 PER_TOKEN = TileConfig(shrink_block_t=1, block_k=32, split_k=2, expand_block_t=1, block_n=32)
@@ -65,6 +67,62 @@ def test_base_is_accumulated_in_place(tile, mixture):
         lora_delta(x, weights, slot, base=base[:1], interpret=True)
     with pytest.raises(ValueError, match="base must be"):
         lora_delta(x, weights, slot, base=(base[0], base[1].astype(jnp.bfloat16)), interpret=True)
+
+
+def _fused_id(fused) -> str:
+    case, columns, width = fused
+    return f"{_id(case)}-at{'+'.join(map(str, columns))}-N{width}"
+
+
+@pytest.mark.parametrize("fused", FUSED_CASES, ids=_fused_id)
+@pytest.mark.parametrize("mixture", [False, True], ids=["unmerged", "mixture"])
+@pytest.mark.parametrize("tile", [SMALL, PER_TOKEN], ids=["blocked", "per-token"])
+def test_fused_columns_match_reference(fused, mixture, tile):
+    """Parts of one fused base [T, N]: each part's deltas land in its columns, the rest stay base's."""
+    case, columns, width = fused
+    case = dataclasses.replace(case, mixture=mixture)
+    check_fused(case, columns, width, seed=zlib.crc32(_fused_id((case, columns, width)).encode()), tile=tile,
+                interpret=True)
+
+
+@pytest.mark.parametrize("tile", [
+    SMALL, PER_TOKEN,
+    TileConfig(shrink_block_t=1, block_k=16, split_k=4, expand_block_t=32, block_n=16),   # per-token shrink
+    TileConfig(shrink_block_t=32, block_k=64, split_k=2, expand_block_t=1, block_n=64),   # per-token expand
+], ids=["blocked", "per-token", "mixed-bt1-et32", "mixed-bt32-et1"])
+@pytest.mark.parametrize("mixture", [False, True], ids=["unmerged", "mixture"])
+def test_fused_columns_every_kind_of_token(tile, mixture):
+    """Padding (PAD_SLOT), base-model (-1) and empty-slot (rank 0) tokens next to adapters, k untargeted."""
+    slot = np.array([PAD_SLOT, -1, 0, 1, 1, 2, PAD_SLOT, 3, 0, -1, 2, 2, 3, 1, PAD_SLOT, 0, 1, -1], np.int32)
+    case = Case(len(slot), 48, (40, 24), 24, 4, layout="segments", mixture=mixture)     # q 40 | k 24 | v 24
+    check_fused(case, (0, 64), 88, seed=5, tile=tile, interpret=True, slot=slot)
+
+
+def test_fused_public_op_and_errors():
+    case = Case(12, 32, (32, 16, 16), 16, 3, layout="uniform", dtype="bfloat16")
+    x, weights, slot, _ = make_problem(case, seed=2)
+    base = jnp.asarray(np.random.default_rng(4).normal(size=(12, 64)), jnp.bfloat16)
+    got = lora_delta(x, list(weights), slot, base=[base], columns=[0, 32, 48], interpret=True)
+    assert isinstance(got, tuple) and len(got) == 1 and got[0].shape == (12, 64) and got[0].dtype == x.dtype
+    want = fused_reference(x, weights, slot, -1, base, (0, 32, 48))
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
+
+    def bad(match, **kw):
+        kw = {"base": [base], "columns": [0, 32, 48], **kw}
+        with pytest.raises(ValueError, match=match):
+            lora_delta(x, weights, slot, interpret=True, **kw)
+
+    bad(r"columns has 2 entries for 3 weights", columns=[0, 32])
+    bad(r"columns\[1\]=32\.0 must be a static int", columns=[0, 32.0, 48])
+    bad(r"columns\[2\]=50: part 2's columns \[50, 66\) outside \[0, N=64\)", columns=[0, 32, 50])
+    bad(r"columns\[0\]=-1", columns=[-1, 32, 48])
+    bad(r"columns\[0\]=0 and columns\[1\]=24: part ranges \[0, 32\) and \[24, 40\) overlap", columns=[0, 24, 48])
+    bad(r"base must be a sequence of one .* got NoneType", base=None)
+    bad(r"base must be a sequence of one .* got ArrayImpl", base=base)
+    bad(r"base must be a sequence of one .* got 2 arrays", base=[base, base])
+    bad(r"base must be one \[T=12, N\] array in bfloat16, got float32", base=[base.astype(jnp.float32)])
+    bad(r"base must be one \[T=12, N\] array in bfloat16, got bfloat16\[11, 64\]", base=[base[:11]])
+    bad(r"base must be one \[T=12, N\] array", base=[base[0]])
 
 
 def _good():

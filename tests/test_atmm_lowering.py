@@ -45,6 +45,24 @@ def test_kernels_lower_to_triton(case, tile, with_base):
     assert triton_launches(fn, x, weights, slot, jnp.int32(merged), base) == 2    # one shrink, one expand
 
 
+@pytest.mark.parametrize("case, columns, width, tile", [
+    (Case(16, 4096, (4096, 1024, 1024), 16, 8, dtype="bfloat16"), (0, 4096, 5120), 6144,
+     heuristic_tile(16, 4096, 6144, 16, 8)),
+    (Case(64, 4096, (11008, 11008), 64, 8, dtype="bfloat16", mixture=True), (0, 11008), 22016,
+     heuristic_tile(64, 4096, 22016, 64, 8)),
+    (Case(300, 4096, (4096, 1024), 64, 8, dtype="bfloat16"), (0, 5120), 6144, heuristic_tile(300, 4096, 5120, 64, 8)),
+    (Case(40, 96, (80, 40), 32, 4, dtype="float32", mixture=True), (0, 120), 160,
+     TileConfig(shrink_block_t=1, block_k=64, split_k=2, expand_block_t=16, block_n=32)),
+    (Case(40, 96, (80, 40), 32, 4, dtype="float32"), (0, 120), 160,
+     TileConfig(shrink_block_t=16, block_k=64, split_k=2, expand_block_t=1, block_n=32)),
+], ids=["decode-qkv", "decode-gate-up-mixture", "prefill-q-v", "ragged-blocked-expand", "ragged-per-token-expand"])
+def test_fused_columns_lower_to_triton(case, columns, width, tile):
+    x, weights, slot, merged = make_problem(case, seed=0)
+    fn = functools.partial(_lora_delta, mixture=case.mixture, tile=tile, interpret=False, columns=columns)
+    base = (jnp.zeros((case.tokens, width), x.dtype),)
+    assert triton_launches(fn, x, weights, slot, jnp.int32(merged), base) == 2    # one shrink, one expand
+
+
 @pytest.mark.parametrize("dtype, d_in, d_out, r", [("bfloat16", 4096, 11008, 64), ("float32", 100, 300, 24)])
 @pytest.mark.parametrize("row_tiles, stages", [(1, 1), (4, 3)])
 def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r, row_tiles, stages):
@@ -89,3 +107,21 @@ def test_decode_attention_lowers_to_triton(shape, pages_per_block):
     fn = functools.partial(_decode_attention, pages_per_block=pages_per_block, splits=None, warps=4, stages=2,
                            interpret=False)
     assert triton_launches(fn, q, pages, pages, jnp.zeros((rows, width), jnp.int32), jnp.zeros((rows,), jnp.int32)) == 1
+
+
+@pytest.mark.parametrize("dtype, d_in, widths, ranks, columns, width", [
+    ("bfloat16", 4096, (4096, 1024, 1024), (64, 16, 64), (0, 4096, 5120), 6144),      # q/k/v
+    ("bfloat16", 4096, (11008, 11008), (64, 64), (0, 11008), 22016),                  # gate/up
+    ("float32", 100, (96, 40), (24, 8), (0, 136), 176),                                # q, v only, ragged
+])
+@pytest.mark.parametrize("row_tiles, stages", [(1, 1), (4, 3)])
+def test_merge_parts_lowers_to_triton(dtype, d_in, widths, ranks, columns, width, row_tiles, stages):
+    from pallas_kernels.lora_reference import LoraWeight
+    from pallas_kernels.merge import _merge_parts
+    from pallas_kernels.tiling import MergeTile
+    kernel = jnp.zeros((d_in, width), dtype)
+    parts = [LoraWeight(jnp.zeros((4, d_in, r), dtype), jnp.zeros((4, r, d), dtype), jnp.ones(4), jnp.full(4, r))
+             for d, r in zip(widths, ranks)]
+    fn = functools.partial(_merge_parts, columns=columns, tile=MergeTile(row_tiles=row_tiles, stages=stages),
+                           interpret=False)
+    assert triton_launches(fn, kernel, kernel, parts, jnp.int32(1)) == 1

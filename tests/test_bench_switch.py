@@ -11,7 +11,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import switch  # noqa: E402
-from pallas_kernels import LoraWeight, merge_weight_reference  # noqa: E402
+from pallas_kernels import LoraWeight, merge_parts_reference  # noqa: E402
 
 
 def test_switch_reports_every_path_and_checks_them(tmp_path, monkeypatch):
@@ -27,11 +27,15 @@ def test_switch_reports_every_path_and_checks_them(tmp_path, monkeypatch):
 
 
 def test_gemm_addend_merge_folds_in_the_slot_up_to_its_rank():
+    """Each part's adapter lands in its columns of the fused weight (the columns between parts,
+    a part without an adapter, stay the kernel's)."""
     rng = np.random.default_rng(0)
-    kernel = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
-    w = LoraWeight(jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.float32),
-                   jnp.asarray(rng.standard_normal((2, 16, 40)), jnp.float32),
-                   jnp.asarray([0.5, 2.0], jnp.float32), jnp.asarray([16, 5], jnp.int32))
+    kernel = jnp.asarray(rng.standard_normal((24, 72)), jnp.float32)
+    parts = [LoraWeight(jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.float32),
+                        jnp.asarray(rng.standard_normal((2, 16, width)), jnp.float32),
+                        jnp.asarray([0.5, 2.0], jnp.float32), jnp.asarray(ranks, jnp.int32))
+             for width, ranks in ((40, [16, 5]), (20, [3, 16]))]
     for slot in (0, 1):
-        np.testing.assert_allclose(switch.gemm_addend_merge(kernel, w, jnp.int32(slot)),
-                                   merge_weight_reference(kernel, w, jnp.int32(slot)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(switch.gemm_addend_merge(kernel, parts, (0, 52), jnp.int32(slot)),
+                                   merge_parts_reference(kernel, kernel, parts, (0, 52), jnp.int32(slot)),
+                                   rtol=1e-5, atol=1e-5)

@@ -35,6 +35,40 @@ def test_model_round_trip_is_exact(saved):
         np.testing.assert_array_equal(a, b)
 
 
+def test_checkpoint_of_unfused_linears_loads_fused(saved, tmp_path):
+    """A checkpoint written before q/k/v and gate/up were fused (each its own linear) loads into
+    the fused layout with the same weights; one missing a part is refused, naming it."""
+    import orbax.checkpoint as ocp
+
+    from valora_jax.hf_model import fill_tree, flatten_tree
+    from valora_jax.lora import fused_layout
+
+    root, model, _, _ = saved
+    layout = fused_layout(model)
+    flat = dict(flatten_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    old = {p: v for p, v in flat.items() if p not in {f for f, _, _ in layout.values()}}
+    old |= {p: np.asarray(flat[f])[..., s: s + w] for p, (f, s, w) in layout.items()}
+    nested = {}
+    for path, value in old.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    for name, tree in (("old", nested), ("broken", fill_tree(nested, old))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((root / "model" / "config.json").read_text())
+        if name == "broken":
+            del tree["decoder"]["layers"]["1"]["up_proj"]
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save((tmp_path / name / "params").absolute(), tree)
+    loaded = load_model(tmp_path / "old")
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"decoder\.layers\.1\.up_proj\.kernel.*missing"):
+        load_model(tmp_path / "broken")
+
+
 def test_adapter_round_trip(saved, config):
     root, _, runner, adapter = saved
     again = load_adapter(root / "adapter", config, runner.module_shapes)

@@ -14,7 +14,7 @@ from conftest import assert_rel_close, micro_config
 from valora_jax import (AdapterPool, ByteTokenizer, Generator, LoraContext, ModelRunner, Request, init_model, load_adapter,
                         save_adapter, save_model)
 from valora_jax.image import preprocess_batch
-from valora_jax.lora import module_path, targeted_linears
+from valora_jax.lora import adapter_slots
 from train import forward as fwd
 from train.data import encode, eval_dataset, layout_for, train_dataset
 from train.evaluate import evaluate_adapter, module_shapes
@@ -151,12 +151,11 @@ def test_training_lowers_the_loss_and_changes_only_the_adapter(model, trained, t
     runner = ModelRunner(init_model(config, seed=1))
     runner.write_slot(2, loaded)
     served = runner.model()
-    for path, lin in targeted_linears(served):
-        key = module_path(path)
-        a, b = np.asarray(lin.lora_a[...][2]), np.asarray(lin.lora_b[...][2])
+    for key, slots in adapter_slots(served):
+        a, b = np.asarray(slots.lora_a[...][2]), np.asarray(slots.lora_b[...][2])
         assert not a[:, CFG.rank:].any() and not b[CFG.rank:].any()
         np.testing.assert_array_equal(a[:, :CFG.rank], result.lora[key]["a"])
-        assert int(lin.lora_rank[...][2]) == CFG.rank and float(lin.lora_scale[...][2]) == CFG.alpha / CFG.rank
+        assert int(slots.lora_rank[...][2]) == CFG.rank and float(slots.lora_scale[...][2]) == CFG.alpha / CFG.rank
     # the training forward (adapter folded into merged weights) equals the served unmerged LoRA path
     _, logits = fwd.forward(parts, parts.params, result.lora, scales, batch)
     b_, length = batch["tokens"].shape

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from valora_jax.decoder import Block
-from valora_jax.lora import LoraContext, module_path
+from valora_jax.lora import LoraContext, adapter_key, targeted_linears
 from valora_jax.model import LMM, split_model, with_lora
 from valora_jax.tokenizer import ByteTokenizer
 
@@ -46,25 +46,23 @@ def split_for_training(model: LMM) -> Parts:
     return Parts(graphdef, params, (lora, merged))
 
 
-def _folded(params: nnx.State, merged: nnx.State, lora, scales) -> nnx.State:
-    """The merged-weight state: kernel (+ scale * a @ b for the adapter's modules), every targeted
-    linear (built functionally: the model's variables are not mutated under a transformation)."""
-    kernels = dict(nnx.to_flat_state(params))
-    out = []
-    for path, var in nnx.to_flat_state(merged):
-        w = kernels[path[:-1] + ("kernel",)][...]
-        key = module_path(path[:-1])
-        if lora is not None and key in lora:
-            delta = scales[key] * (lora[key]["a"].astype(jnp.float32) @ lora[key]["b"].astype(jnp.float32))
-            w = (w.astype(jnp.float32) + delta).astype(w.dtype)
-        out.append((path, var.replace(w)))
-    return nnx.from_flat_state(out)
-
-
 def _model(parts: "Parts", params, lora, scales) -> LMM:
-    """The module with the adapter (None: nothing) folded into its merged weights."""
+    """The module with the adapter (None: nothing) folded into its merged weights: each targeted
+    linear's merged = kernel + scale * a @ b on the columns of each adapted part (a new merged
+    state, built functionally: the variables are not mutated under a transformation)."""
     slots, merged = parts.rest
-    return nnx.merge(parts.graphdef, params, slots, _folded(params, merged, lora, scales))
+    folded = {}
+    for path, lin in targeted_linears(nnx.merge(parts.graphdef, params, slots, merged)):
+        w = lin.kernel[...]
+        for part in lin.parts:
+            key = adapter_key(path, part)
+            if lora is not None and key in lora:
+                delta = scales[key] * (lora[key]["a"].astype(jnp.float32) @ lora[key]["b"].astype(jnp.float32))
+                cols = slice(part.start, part.start + part.width)
+                w = w.at[:, cols].set((w[:, cols].astype(jnp.float32) + delta).astype(w.dtype))
+        folded[path] = w
+    state = nnx.from_flat_state([(path, var.replace(folded[path[:-1]])) for path, var in nnx.to_flat_state(merged)])
+    return nnx.merge(parts.graphdef, params, slots, state)
 
 
 def _merged_ctx(n: int) -> LoraContext:

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from valora_jax.adapters import Adapter, TaskHead, make_adapter
-from valora_jax.lora import module_path, targeted_linears
+from valora_jax.lora import adapter_slots
 from valora_jax.model import LMM
 
 from train import forward as fwd
@@ -125,10 +125,10 @@ def init_lora(model: LMM, rank: int, seed: int) -> dict:
         raise ValueError(f"rank {rank} outside 1..max_rank={model.config.lora.max_rank}")
     key = jax.random.key(seed)
     lora = {}
-    for i, (path, lin) in enumerate(targeted_linears(model)):
-        bound = 1.0 / np.sqrt(lin.d_in)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (lin.d_in, rank), jnp.float32, -bound, bound)
-        lora[module_path(path)] = {"a": a, "b": jnp.zeros((rank, lin.d_out), jnp.float32)}
+    for i, (module, slots) in enumerate(adapter_slots(model)):
+        bound = 1.0 / np.sqrt(slots.d_in)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (slots.d_in, rank), jnp.float32, -bound, bound)
+        lora[module] = {"a": a, "b": jnp.zeros((rank, slots.d_out), jnp.float32)}
     if not lora:
         raise ValueError(f"model {model.config.name} has no LoRA target modules")
     return lora

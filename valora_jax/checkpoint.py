@@ -22,7 +22,8 @@ from flax import nnx
 
 from valora_jax.adapters import Adapter, TaskHead
 from valora_jax.config import LMMConfig
-from valora_jax.hf_model import hf_config, is_hf_checkpoint, load_hf_model
+from valora_jax.hf_model import fill_tree, flatten_tree, hf_config, is_hf_checkpoint, load_hf_model
+from valora_jax.lora import fuse_parameters, fused_layout
 from valora_jax.model import LMM, split_model
 
 ADAPTER_FORMAT = 1
@@ -65,20 +66,33 @@ def load_config(directory: str | Path) -> LMMConfig:
 
 
 def load_model(directory: str | Path) -> LMM:
-    """Restore a model saved by save_model (or read a Hugging Face LLaVA directory); LoRA slots start empty."""
+    """Restore a model saved by save_model (or read a Hugging Face LLaVA directory); LoRA slots
+    start empty. A checkpoint written before q/k/v and gate/up were fused (each its own linear)
+    is fused as it loads."""
     if is_hf_checkpoint(directory):
         return load_hf_model(directory)
     directory = Path(directory).absolute()
     config = load_config(directory)
     abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_lora, abs_merged = split_model(abstract)
-    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(abs_params))
+    expected = nnx.to_pure_dict(abs_params)
     try:
         with ocp.StandardCheckpointer() as ckptr:
+            saved = ckptr.metadata(directory / "params").item_metadata
+            target = fill_tree(saved, {p: np.zeros(m.shape, m.dtype) for p, m in flatten_tree(saved)})
             restored = ckptr.restore(directory / "params", target)
     except Exception as e:   # orbax raises many types for missing/corrupt/mismatched files
         raise ValueError(f"{directory / 'params'}: cannot restore parameters for {config.name} ({e})") from e
-    nnx.replace_by_pure_dict(abs_params, restored)
+    flat = fuse_parameters(dict(flatten_tree(restored)), fused_layout(abstract))
+    want = dict(flatten_tree(expected))
+    spec = lambda x: (tuple(x.shape), jnp.dtype(x.dtype))
+    wrong = sorted(p for p in set(want) | set(flat) if p not in want or p not in flat or spec(flat[p]) != spec(want[p]))
+    if wrong:
+        described = [f"{p}: {'missing' if p not in flat else 'unexpected' if p not in want else list(flat[p].shape)}"
+                     for p in wrong[:5]]
+        raise ValueError(f"{directory / 'params'}: parameters do not match {config.name}: {described}"
+                         f"{' ...' if len(wrong) > 5 else ''}")
+    nnx.replace_by_pure_dict(abs_params, fill_tree(expected, flat))
     zeros = lambda s: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), s)
     return nnx.merge(graphdef, abs_params, zeros(abs_lora), zeros(abs_merged))
 

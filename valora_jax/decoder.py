@@ -20,7 +20,7 @@ from flax import nnx
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.prefill_attention import prefill_attention
 from valora_jax.config import LoraConfig, TextConfig
-from valora_jax.lora import Linear, LoraContext, project
+from valora_jax.lora import Linear, LoraContext
 
 class Block(NamedTuple):
     """B rows of Q padded tokens. tokens, positions, image_rows: [B, Q] int32 (image_rows: row of
@@ -98,16 +98,20 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
         d, dh = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        lin = lambda i, o, name: Linear(i, o, rngs=rngs, dtype=dtype,
-                                        lora=lora if lora is not None and name in lora.targets else None)
+        def lin(d_in, parts: dict[str, int]):
+            """One linear, or several fused into one GEMM (adapters still address each part by name)."""
+            targeted = lora is not None and any(name in lora.targets for name in parts)
+            fused = parts if len(parts) > 1 else None
+            return Linear(d_in, sum(parts.values()), rngs=rngs, dtype=dtype, parts=fused,
+                          lora=lora if targeted else None)
+
+        q, kv = cfg.num_heads * dh, cfg.num_kv_heads * dh
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.q_proj = lin(d, cfg.num_heads * dh, "q_proj")
-        self.k_proj = lin(d, cfg.num_kv_heads * dh, "k_proj")
-        self.v_proj = lin(d, cfg.num_kv_heads * dh, "v_proj")
-        self.o_proj = lin(cfg.num_heads * dh, d, "o_proj")
+        self.qkv_proj = lin(d, {"q_proj": q, "k_proj": kv, "v_proj": kv})
+        self.o_proj = lin(q, {"o_proj": d})
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.gate_proj, self.up_proj = lin(d, cfg.mlp_size, "gate_proj"), lin(d, cfg.mlp_size, "up_proj")
-        self.down_proj = lin(cfg.mlp_size, d, "down_proj")
+        self.gate_up_proj = lin(d, {"gate_proj": cfg.mlp_size, "up_proj": cfg.mlp_size})
+        self.down_proj = lin(cfg.mlp_size, {"down_proj": d})
 
     def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None,
                  attention_backend: str = "reference"):
@@ -118,7 +122,8 @@ class DecoderLayer(nnx.Module):
         token per row (decodes) and the flash prefill kernel on the gathered pages of the others."""
         cfg = self.cfg
         h = self.input_layernorm(x)
-        q, k, v = project(h, [self.q_proj, self.k_proj, self.v_proj], ctx)
+        q, k, v = jnp.split(self.qkv_proj(h, ctx), [cfg.num_heads * cfg.head_dim,
+                                                    (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim], axis=-1)
         positions = jnp.concatenate([blk.positions.reshape(-1) for blk in blocks])     # [T]
         q = rope(q.reshape(-1, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = rope(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
@@ -151,7 +156,7 @@ class DecoderLayer(nnx.Module):
             outputs.append(out.reshape(b * nq, -1))
         x = x + self.o_proj(jnp.concatenate(outputs), ctx)
         h = self.post_attention_layernorm(x)
-        gate, up = project(h, [self.gate_proj, self.up_proj], ctx)
+        gate, up = jnp.split(self.gate_up_proj(h, ctx), 2, axis=-1)
         return x + self.down_proj(jax.nn.silu(gate) * up, ctx), cache
 
 

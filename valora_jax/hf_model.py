@@ -26,6 +26,7 @@ from flax import nnx
 
 from valora_jax.config import LMMConfig, LoraConfig, TextConfig, VisionConfig
 from valora_jax.image import CLIP_MEAN, CLIP_STD
+from valora_jax.lora import fuse_parameters, fused_layout
 from valora_jax.model import LMM, split_model
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
@@ -305,10 +306,14 @@ def _weight_files(directory: Path) -> dict[str, str]:
         raise ValueError(f"{single}: not a readable safetensors file ({e})") from e
 
 
-def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict) -> dict[str, jax.Array]:
+def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict,
+                 layout: dict[str, tuple[str, int, int]]) -> dict[str, jax.Array]:
     """Our flat parameter path -> array, read shard by shard with shape checks against
-    `expected` (flat path -> abstract leaf)."""
+    `expected` (flat path -> abstract leaf); HF's separate q/k/v (and gate/up) are fused as
+    `layout` (lora.fused_layout) says."""
     safe_open = _safetensors_open()
+    shapes = {path: leaf.shape for path, leaf in expected.items()}
+    shapes |= {path: (*shapes[fused][:-1], width) for path, (fused, _, width) in layout.items()}
     plan = _plan(config, bool(llava["multimodal_projector_bias"]), bool(llava["tie_word_embeddings"]))
     weight_map = _weight_files(directory)
     by_canon: dict[str, str] = {}
@@ -337,7 +342,7 @@ def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict
                     if key not in present:
                         raise ValueError(f"{directory / shard}: tensor {key!r} listed in the index is not in this file")
                     ours, transform = plan[canon]
-                    want = _hf_shape(expected[ours].shape, transform, config.vision.patch_size)
+                    want = _hf_shape(shapes[ours], transform, config.vision.patch_size)
                     got = tuple(f.get_slice(key).get_shape())
                     if got != want:
                         raise ValueError(f"{directory / shard}: tensor {key!r} has shape {list(got)}, expected "
@@ -351,6 +356,7 @@ def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict
         params["decoder.lm_head"] = params["decoder.embed_tokens"].T
     for lin in ("linear_1", "linear_2"):
         params.setdefault(f"projector.{lin}.bias", jnp.zeros(expected[f"projector.{lin}.bias"].shape, dtype))
+    params = fuse_parameters(params, layout)
     assert set(params) == set(expected), sorted(set(params) ^ set(expected))
     return params
 
@@ -363,18 +369,18 @@ def _safetensors_open():
     return safe_open
 
 
-def _flatten(tree: dict, prefix: str = ""):
-    """(dotted path, leaf) pairs of a nested dict."""
+def flatten_tree(tree, prefix: str = ""):
+    """(dotted path, leaf) pairs of a nested mapping."""
     for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
+        if hasattr(v, "items"):
+            yield from flatten_tree(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
 
 
-def _fill(tree: dict, values: dict[str, Any], prefix: str = "") -> dict:
-    """A copy of nested `tree` with each leaf replaced by values[dotted path]."""
-    return {k: _fill(v, values, f"{prefix}{k}.") if isinstance(v, dict) else values[f"{prefix}{k}"]
+def fill_tree(tree, values: dict[str, Any], prefix: str = "") -> dict:
+    """A copy of nested `tree` (as nested dicts) with each leaf replaced by values[dotted path]."""
+    return {k: fill_tree(v, values, f"{prefix}{k}.") if hasattr(v, "items") else values[f"{prefix}{k}"]
             for k, v in tree.items()}
 
 
@@ -386,8 +392,8 @@ def load_hf_model(directory: str | Path, *, lora: LoraConfig | None = None, dtyp
     abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_lora, abs_merged = split_model(abstract)
     tree = nnx.to_pure_dict(abs_params)
-    params = _load_params(Path(directory), config, llava, dict(_flatten(tree)))
-    nnx.replace_by_pure_dict(abs_params, _fill(tree, params))
+    params = _load_params(Path(directory), config, llava, dict(flatten_tree(tree)), fused_layout(abstract))
+    nnx.replace_by_pure_dict(abs_params, fill_tree(tree, params))
     zeros = lambda s: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), s)
     return nnx.merge(graphdef, abs_params, zeros(abs_lora), zeros(abs_merged))
 

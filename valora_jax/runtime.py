@@ -28,7 +28,7 @@ from jax import monitoring
 from valora_jax.adapters import Adapter, Layout, PackedAdapter, unpack
 from valora_jax.decoder import ATTENTION_BACKENDS, NULL_PAGE, Block
 from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
-                             merge_weight, merged_kernel, module_path, module_shapes, targeted_linears)
+                             adapter_slots, merge_parts, merged_kernel, module_path, module_shapes, targeted_linears)
 from valora_jax.model import LMM, split_model
 from valora_jax.sampling import sample
 
@@ -242,7 +242,8 @@ class ModelRunner:
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, static_argnames="layout", donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged", keep_unused=True)
-        self._merge_one = jax.jit(self._merge_one_impl, donate_argnames="merged", keep_unused=True)
+        self._merge_one = jax.jit(self._merge_one_impl, static_argnames=("columns", "whole"),
+                                  donate_argnames="merged")
 
     def model(self) -> LMM:
         """A module view of the current state (for eager use in tests and tools)."""
@@ -263,6 +264,19 @@ class ModelRunner:
     def _state_leaves(self) -> tuple:
         return self._leaves["params"], self._leaves["lora"], self._leaves["merged"]
 
+    def _decoder_leaves(self) -> tuple:
+        """The decoder's part of _state_leaves: all a step reads (the vision tower's leaves are
+        not passed, which makes a step's dispatch cheaper)."""
+        return tuple(tuple(self._leaves[name][i] for i in self._decoder_index[name])
+                     for name in ("params", "lora", "merged"))
+
+    @functools.cached_property
+    def _decoder_index(self) -> dict[str, tuple[int, ...]]:
+        """{state name: indices of the decoder's leaves among its flat leaves}."""
+        paths = {name: [path for path, _ in jax.tree_util.tree_flatten_with_path(getattr(self, name))[0]]
+                 for name in ("params", "lora", "merged")}
+        return {name: tuple(i for i, path in enumerate(p) if path[0].key == "decoder") for name, p in paths.items()}
+
     # jitted bodies ---------------------------------------------------------------------------
     def _ctx(self, slot, merged_slot, mode) -> LoraContext:
         return LoraContext(slot, merged_slot, mode, self.backend)
@@ -273,8 +287,17 @@ class ModelRunner:
                   for n, leaves in (("params", params), ("lora", lora), ("merged", merged))]
         return nnx.merge(self.graphdef, *states)
 
+    def _decoder_model(self, params, lora, merged) -> LMM:
+        """The module from the decoder's leaves alone (_decoder_leaves); the others are None."""
+        full = []
+        for name, leaves in (("params", params), ("lora", lora), ("merged", merged)):
+            given = dict(zip(self._decoder_index[name], leaves))
+            full.append(tuple(given.get(i) for i in range(len(self._leaves[name]))))
+        return self._model(*full)
+
     def _step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, mode: str):
-        model = self._model(params, lora, merged)
+        """A step over the decoder's leaves (params, lora, merged: _decoder_leaves)."""
+        model = self._decoder_model(params, lora, merged)
         return model.step(cache, blocks, image_features, self._ctx(token_slots(blocks), merged_slot, mode),
                           self.attention)
 
@@ -291,16 +314,16 @@ class ModelRunner:
     def _write_impl(self, params, lora, merged, slot, buffer, scales, layout: Layout):
         model = self._model(params, lora, merged)
         modules = unpack(buffer, scales, layout)
-        for path, lin in targeted_linears(model):
-            a, b, scale = modules.get(module_path(path), (None, None, None))
+        for key, slots in adapter_slots(model):
+            a, b, scale = modules.get(key, (None, None, None))
             if a is None:   # module the adapter does not touch: an all-zero, rank-0 slot
-                a, b, scale = jnp.zeros((lin.d_in, 0)), jnp.zeros((0, lin.d_out)), jnp.float32(0)
-            r, r_max = a.shape[1], lin.lora_a.shape[-1]
-            dt = lin.lora_a.dtype
-            lin.lora_a[...] = lin.lora_a[...].at[slot].set(jnp.pad(a.astype(dt), ((0, 0), (0, r_max - r))))
-            lin.lora_b[...] = lin.lora_b[...].at[slot].set(jnp.pad(b.astype(dt), ((0, r_max - r), (0, 0))))
-            lin.lora_scale[...] = lin.lora_scale[...].at[slot].set(scale)
-            lin.lora_rank[...] = lin.lora_rank[...].at[slot].set(r)
+                a, b, scale = jnp.zeros((slots.d_in, 0)), jnp.zeros((0, slots.d_out)), jnp.float32(0)
+            r, r_max = a.shape[1], slots.lora_a.shape[-1]
+            dt = slots.lora_a.dtype
+            slots.lora_a[...] = slots.lora_a[...].at[slot].set(jnp.pad(a.astype(dt), ((0, 0), (0, r_max - r))))
+            slots.lora_b[...] = slots.lora_b[...].at[slot].set(jnp.pad(b.astype(dt), ((0, r_max - r), (0, 0))))
+            slots.lora_scale[...] = slots.lora_scale[...].at[slot].set(scale)
+            slots.lora_rank[...] = slots.lora_rank[...].at[slot].set(r)
         return tuple(jax.tree.leaves(nnx.state(model, LoraSlot)))
 
     def _merge_impl(self, params, lora, merged, slot):
@@ -309,9 +332,9 @@ class ModelRunner:
             lin.merged[...] = merged_kernel(lin, slot, self.backend)
         return tuple(jax.tree.leaves(nnx.state(model, MergedWeight)))
 
-    def _merge_one_impl(self, merged, kernel, w, slot):
-        del merged                 # donated: its buffer takes the new merged weight
-        return merge_weight(kernel, w, slot, self.backend)
+    def _merge_one_impl(self, merged, kernel, weights, slot, columns: tuple[int, ...], whole: bool):
+        """merged_kernel over flat leaves (whole: every part of the weight is targeted)."""
+        return merge_parts(kernel, merged if whole else kernel, weights, columns, slot, self.backend)
 
     # public API ------------------------------------------------------------------------------
     def step(self, cache, blocks: Sequence[Block], image_features, mode: str = "unmerged"):
@@ -319,7 +342,7 @@ class ModelRunner:
 
         -> (hidden [R, D], logits [R, V] float32, new cache) for the last valid token of each of
         the R rows, blocks in order. The cache passed in is consumed."""
-        return self._step(*self._state_leaves(), cache, tuple(blocks), image_features, self._merged_slot_for(mode),
+        return self._step(*self._decoder_leaves(), cache, tuple(blocks), image_features, self._merged_slot_for(mode),
                           mode=mode)
 
     def sample_step(self, cache, blocks: Sequence[Block], image_features, sampling: Sampling, vocab_size: int,
@@ -327,7 +350,7 @@ class ModelRunner:
         """step() that also draws each row's next token in the same call (so the host reads R token
         ids, not R x V logits): -> (hidden [R, D], tokens [R] int32 < vocab_size, new cache)."""
         merged_slot = self._merged_slot_for(mode)
-        return self._sample_step(*self._state_leaves(), cache, tuple(blocks), image_features, merged_slot,
+        return self._sample_step(*self._decoder_leaves(), cache, tuple(blocks), image_features, merged_slot,
                                  Sampling(*(np.asarray(a) for a in sampling)), mode=mode, vocab_size=vocab_size)
 
     def _merged_slot_for(self, mode: str) -> jax.Array:
@@ -358,7 +381,7 @@ class ModelRunner:
             blocks = tuple(Block(spec((b, q), jnp.int32), spec((b, q), jnp.int32), spec((b, q), jnp.bool_),
                                  spec((b, q), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
                            for b, q, w in blocks)
-            args = (*self._state_leaves(), cache, blocks, spec((n_features, d), jnp.dtype(self.config.dtype)),
+            args = (*self._decoder_leaves(), cache, blocks, spec((n_features, d), jnp.dtype(self.config.dtype)),
                     spec((), jnp.int32))
             if vocab_size is None:
                 lowered.append(self._step.lower(*args, mode=mode))
@@ -414,19 +437,23 @@ class ModelRunner:
         self._check_mergeable(slot)
         params, lora, merged = self._leaves["params"], self._leaves["lora"], list(self._leaves["merged"])
         self.merged_slot, device_slot = -1, jnp.int32(slot)
-        for m, k, weight in self._layer_leaves:
-            merged[m] = self._merge_one(merged[m], params[k], LoraWeight(*(lora[i] for i in weight)), device_slot)
+        for m, k, parts, columns, whole in self._layer_leaves:
+            weights = tuple(LoraWeight(*(lora[i] for i in part)) for part in parts)
+            merged[m] = self._merge_one(merged[m], params[k], weights, device_slot, columns=columns, whole=whole)
         self._leaves["merged"] = tuple(merged)
         self.merged_slot = slot
 
     @functools.cached_property
-    def _layer_leaves(self) -> list[tuple[int, int, tuple[int, int, int, int]]]:
-        """Per targeted weight, the indices of its leaves: (merged, kernel in params, (lora_a,
-        lora_b, lora_scale, lora_rank) in lora)."""
+    def _layer_leaves(self) -> list[tuple[int, int, tuple[tuple[int, ...], ...], tuple[int, ...], bool]]:
+        """Per targeted weight, the indices of its leaves: (merged, kernel in params, per targeted
+        part (lora_a, lora_b, lora_scale, lora_rank) in lora), the parts' first columns, and
+        whether every part of it is targeted."""
         def index(name):     # {(module path, variable name): leaf index}; a path ends [variable].value
             paths = jax.tree_util.tree_flatten_with_path(getattr(self, name))[0]
-            return {(jax.tree_util.keystr(path[:-2]), path[-2].key): i for i, (path, _) in enumerate(paths)}
-        params, lora = index("params"), index("lora")
-        return [(i, params[(module, "kernel")],
-                 tuple(lora[(module, v)] for v in ("lora_a", "lora_b", "lora_scale", "lora_rank")))
-                for (module, _), i in index("merged").items()]
+            return {(module_path(k.key for k in path[:-2]), path[-2].key): i for i, (path, _) in enumerate(paths)}
+        params, lora, merged = index("params"), index("lora"), index("merged")
+        return [(merged[(module_path(path), "merged")], params[(module_path(path), "kernel")],
+                 tuple(tuple(lora[(module_path((*path, part.attribute)), v)]
+                             for v in ("lora_a", "lora_b", "lora_scale", "lora_rank")) for part, _ in lin.slots()),
+                 tuple(part.start for part, _ in lin.slots()), len(lin.targeted_parts) == len(lin.parts))
+                for path, lin in targeted_linears(self.model())]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from valora_jax.config import LoraConfig, VisionConfig
-from valora_jax.lora import Linear, LoraContext, project
+from valora_jax.lora import Linear, LoraContext
 
 
 def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
@@ -42,8 +42,11 @@ class VisionLayer(nnx.Module):
         self.num_heads = cfg.num_heads
         lin = lambda i, o, name: Linear(i, o, rngs=rngs, dtype=dtype, bias=True,
                                         lora=_lora_for(lora, f"vision.{name}"))
+        qkv = ("q_proj", "k_proj", "v_proj")            # one fused GEMM; adapters address each part
+        targeted = [name for name in qkv if _lora_for(lora, f"vision.{name}") is not None]
         self.layer_norm1 = LayerNorm(d, cfg.layer_norm_eps, dtype)
-        self.q_proj, self.k_proj, self.v_proj = lin(d, d, "q_proj"), lin(d, d, "k_proj"), lin(d, d, "v_proj")
+        self.qkv_proj = Linear(d, 3 * d, rngs=rngs, dtype=dtype, bias=True, parts=dict.fromkeys(qkv, d),
+                               lora=lora if targeted else None, targets=targeted)
         self.out_proj = lin(d, d, "out_proj")
         self.layer_norm2 = LayerNorm(d, cfg.layer_norm_eps, dtype)
         self.fc1, self.fc2 = lin(d, cfg.mlp_size, "fc1"), lin(cfg.mlp_size, d, "fc2")
@@ -52,8 +55,7 @@ class VisionLayer(nnx.Module):
         n, l, d = x.shape                                               # [N, L, D_v]
         dh = d // self.num_heads
         h = self.layer_norm1(x)
-        q, k, v = project(h, [self.q_proj, self.k_proj, self.v_proj], ctx)
-        q, k, v = (t.reshape(n, l, self.num_heads, dh) for t in (q, k, v))
+        q, k, v = (t.reshape(n, l, self.num_heads, dh) for t in jnp.split(self.qkv_proj(h, ctx), 3, axis=-1))
         scores = jnp.einsum("NQHd,NKHd->NHQK", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         attn = jnp.einsum("NHQK,NKHd->NQHd", probs, v).reshape(n, l, d)
