@@ -3,7 +3,7 @@ fixed model instead of a GPU (no engine, no model, no adapter copies, no image e
 
 A step in mode m takes fixed[m] + per_position[m] * P, P the token positions of its prefill
 chunks (whole rows of e2e's prefill width), modelled on the H200 LLaVA-1.5-7B e2e step logs
-(`STEP_TIMES`; bench/results/README.md, "End-to-end serving"). Ours learns them online, as it
+(`STEP_TIMES`, fitted to the committed e2e step log by `logged_step_times`). Ours learns them online, as it
 does on the GPU. What this shows is what each policy's choices of mode and rows cost when
 steps cost what they measured; what it leaves out (adapter copies, encoder, host gaps)
 is what an e2e run adds. Traces follow bench/e2e.py's workloads: 32 adapters, the odd-numbered
@@ -52,16 +52,41 @@ class StepTimes:
         return self.fixed[mode] + self.per_position[mode] * positions
 
 
-# from the e2e step logs of the policies on the adaptive kernel (bench/results/e2e_step_times.md,
-# bench/results/README.md): fixed = the decode-only step medians (mixture: the seventh attempt's;
-# ours runs mixture steps with prompts only); per position = the median over prefill steps of
-# (step - fixed) / the prefill block's positions. Prompt tokens and outputs as e2e's.
-STEP_TIMES = {
-    "vqa": StepTimes({"merged": 11.1e-3, "unmerged": 16.6e-3, "mixture": 22.1e-3},
-                     {"merged": 28.9e-6, "unmerged": 45.4e-6, "mixture": 38.8e-6}),
-    "video": StepTimes({"merged": 12.5e-3, "unmerged": 17.5e-3, "mixture": 19.7e-3},
-                       {"merged": 30.0e-6, "unmerged": 38.4e-6, "mixture": 37.3e-6}),
-}
+STEP_LOG = Path(__file__).parent / "results" / "e2e_steps.json.gz"
+ADAPTIVE_KERNEL = ("ours", "merged", "unmerged", "dlora")     # the systems whose steps run the tuned tiles
+
+
+def logged_step_times(step_log: dict, systems=ADAPTIVE_KERNEL) -> dict[str, StepTimes]:
+    """Per workload kind, StepTimes fitted to the logged steps of `systems` that neither compiled
+    nor switched: fixed[m] = the median decode-only step in mode m; per_position[m] = the median
+    over steps with prefill chunks of (step - fixed[m]) / their prefill positions (the step's
+    padded tokens less its decode block). A mode without decode-only steps (ours runs mixture
+    mostly with prompts) takes as fixed the intercept of a least-squares line through its
+    prefill steps."""
+    fields, samples = step_log["fields"], {}
+    for run in step_log["runs"]:
+        if run["policy"] not in systems:
+            continue
+        for s in (StepMetrics(**dict(zip(fields["steps"], s))) for s in run["steps"]):
+            if s.compile_time or s.switch_time:
+                continue
+            decode, prefill = samples.setdefault((run["kind"], s.mode), ([], []))
+            if s.prefill_rows:
+                prefill.append((s.padded_tokens - (LIMITS.max_rows if s.decode_rows else 0), s.compute_time))
+            else:
+                decode.append(s.compute_time)
+    out = {}
+    for (kind, mode), (decode, prefill) in sorted(samples.items()):
+        positions, seconds = (np.array(prefill, np.float64).T if prefill else (np.zeros(0), np.zeros(0)))
+        fixed = float(np.median(decode)) if decode else float(np.polyfit(positions, seconds, 1)[1])
+        times = out.setdefault(kind, StepTimes({}, {}))
+        times.fixed[mode] = fixed
+        times.per_position[mode] = float(np.median((seconds - fixed) / positions)) if prefill else 0.0
+    return out
+
+
+STEP_TIMES = logged_step_times(load_step_log(STEP_LOG))
+"""The H200 LLaVA-1.5-7B e2e runs' step times (bench/results/e2e_steps.json.gz), per kind."""
 SWITCH_S = 0.0155                     # a merge switch in one call (e2e_step_times.md: median 15.3-15.9 ms)
 PER_LAYER_SWITCH_S = 0.016            # dLoRA-like's, layer by layer (median 16.1-16.2 ms: the same work)
 PROMPT_TOKENS = {"vqa": 626, "video": 3510}

@@ -182,6 +182,7 @@ class _Seq:
     stream: object = None                     # incremental detokenizer for on_event
     adapter: tuple[str, int] | None = None    # (name, version) fixed at submission
     output_tokens: int = 1                    # the most it outputs: 1 for a task head's answer
+    faults: int = 0                           # failed steps it was in whose rows could not be told apart
 
     @property
     def pending(self) -> int:
@@ -244,6 +245,7 @@ class Engine:
         if cache is not None and shapes(cache) != shapes(jax.eval_shape(pages)):
             raise ValueError(f"cache does not match {config.num_pages} pages of this model: {shapes(cache)[:2]}...")
         self.cache = pages() if cache is None else cache
+        self._new_cache = pages
         self.images = ImageCache(config.image_cache_size)
         self.limits = BatchLimits(config.max_rows, config.token_budget, config.prefill_chunk, cfg.lora.max_loras,
                                   cfg.page_size, config.max_prefill_rows, config.prefill_width)
@@ -253,6 +255,8 @@ class Engine:
         self.request_metrics: list[RequestMetrics] = []
         self.step_metrics: list[StepMetrics] = []
         self.policy_failures, self.last_policy_error = 0, None     # decisions that raised (see step)
+        self.step_failures, self.last_step_error = 0, None         # model steps that raised (see _isolate)
+        self.failing_steps = 0             # consecutive steps none of whose rows ran (a device or model fault)
 
     # submission ---------------------------------------------------------------------------------
     def prepare(self, request: Request) -> PreparedRequest:
@@ -424,9 +428,17 @@ class Engine:
             rows = self._allocate_pages(rows)
             if not rows:
                 return None
-            self._encode_images([s for s, _ in rows], slots)
             kv = sum(s.computed + n for s, n in rows)          # cache positions the step's attention reads
-            padded = self._run(rows, slots, mode)
+            failures = self.step_failures
+            try:
+                self._encode_images([s for s, _ in rows], slots)
+                padded = self._run(rows, slots, mode)
+            except Exception as e:        # a fault fails only the requests it belongs to
+                rows, padded = self._isolate(rows, slots, e)
+                mode = "unmerged"
+                if not rows:
+                    return None
+            self.failing_steps = 0
         finally:
             for name in slots:
                 self.pool.unpin(name)
@@ -439,10 +451,56 @@ class Engine:
                            sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
                            float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded,
                            self.cost.step_time_of(mode, features))
-        if not compiled:                         # a compiling step says nothing about what the mode costs
+        if not compiled and failures == self.step_failures:   # a compiling or failed step says nothing
+                                                               # about what the mode costs
             self.cost.observe(mode, features, step.compute_time)
         self.step_metrics.append(step)
         return step
+
+    def _isolate(self, rows, slots, error: Exception) -> tuple[list, int]:
+        """After the step over `rows` raised `error`: each row again alone and unmerged (the step's
+        mode or any row may be at fault); a row that fails alone fails its request, naming the
+        error, and the others go on. When the failure consumed the KV cache (a fault on the
+        device), the cache is rebuilt and every live request recomputes from its start instead,
+        a request failing once it has been in two such steps. -> (the rows that ran, their
+        padded positions); counts the failure (step_failures, failing_steps)."""
+        log.exception("engine step over %d rows failed; retrying each alone", len(rows))
+        self.step_failures += 1
+        self.last_step_error = f"{type(error).__name__}: {error}"
+        if self._recover_cache():
+            for seq, _ in rows:
+                seq.faults += 1
+                if seq.faults >= 2 and seq.id in self._seqs:
+                    self._finish(seq, "error", f"engine step failed: {self.last_step_error}")
+            self.failing_steps += 1
+            return [], 0
+        ran, padded = [], 0
+        for seq, n in rows:
+            try:
+                self._encode_images([seq], slots)
+                padded += self._run([(seq, n)], slots, "unmerged")
+                ran.append((seq, n))
+            except Exception as e:
+                log.exception("request %s failed alone", seq.id)
+                seq.faults += 1
+                lost = self._recover_cache()     # a fault on the device: every request recomputes
+                if seq.id in self._seqs and (not lost or seq.faults >= 2):
+                    self._finish(seq, "error", f"engine step failed: {type(e).__name__}: {e}")
+                if lost:
+                    break
+        self.failing_steps = 0 if ran else self.failing_steps + 1
+        return ran, padded
+
+    def _recover_cache(self) -> bool:
+        """Whether a failed call consumed the KV cache (its buffers were donated); if so a fresh
+        cache replaces it and every live request gives up its pages to recompute from its start."""
+        if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+            return False
+        self.cache = self._new_cache()
+        for seq in self._seqs.values():
+            if seq.pages:
+                self._preempt(seq)
+        return True
 
     def _place_adapters(self, rows, merged: str | None) -> dict[str, int]:
         """Acquire and pin every adapter of the step; a load that fails fails its requests."""

@@ -66,7 +66,8 @@ class _Metrics:
         self.slots_used = Gauge("valora_adapter_slots_used", "Device adapter slots holding an adapter", registry=r)
         self.slots = Gauge("valora_adapter_slots", "Device adapter slots (max_loras)", registry=r)
         self.adapters = Gauge("valora_adapters_loaded", "Adapters registered (host store)", registry=r)
-        self.step_failures = Counter("valora_step_failures", "Engine steps that raised", registry=r)
+        self.step_failures = Counter("valora_step_failures", "Engine steps that raised (each then retried row by "
+                                     "row, failing only the requests that fail alone)", registry=r)
         self.policy_failures = Counter("valora_policy_failures",
                                        "Scheduling decisions that raised (those steps ran unmerged)", registry=r)
         self.slots.set(max_loras)
@@ -88,6 +89,7 @@ class EngineService:
         self._failing_steps = 0                # steps failed in a row (0 once one succeeds)
         self._step_started: float | None = None    # time.monotonic() of the step under way
         self._policy_failures = 0              # engine.policy_failures already counted
+        self._step_failures = 0                # engine.step_failures already counted
         self._cond = threading.Condition()
         self._commands: list[tuple[Callable[[Engine], Any], concurrent.futures.Future]] = []
         self._live: set[str] = set()           # ids submitted and not finished (engine thread only)
@@ -127,15 +129,18 @@ class EngineService:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def health(self) -> tuple[bool, dict]:
-        """(healthy, report): unhealthy while shutting down, while the last step failed, or while
-        a step has run longer than stall_after_s."""
+        """(healthy, report): unhealthy while shutting down, while the last step failed (raised, or
+        ran none of its rows: Engine.failing_steps), or while a step has run longer than
+        stall_after_s."""
         started = self._step_started
         running = time.monotonic() - started if started is not None else 0.0
-        report = {"model": self.model_name, "adapters": len(self.adapters), "last_error": self.last_error,
-                  "failing_steps": self._failing_steps, "step_running_s": round(running, 3)}
+        failing = self._failing_steps + self.engine.failing_steps
+        report = {"model": self.model_name, "adapters": len(self.adapters),
+                  "last_error": self.last_error or self.engine.last_step_error,
+                  "failing_steps": failing, "step_running_s": round(running, 3)}
         if self._draining or not self.alive:
             return False, {"status": "shutting down", **report}
-        if self._failing_steps:
+        if failing:
             return False, {"status": "failing", **report}
         if running > self.stall_after_s:
             return False, {"status": "stalled", **report}
@@ -275,6 +280,9 @@ class EngineService:
             m.policy_failures.inc(engine.policy_failures - self._policy_failures)
             self._policy_failures = engine.policy_failures
             self.last_error = f"policy: {engine.last_policy_error}"
+        if engine.step_failures > self._step_failures:
+            m.step_failures.inc(engine.step_failures - self._step_failures)
+            self._step_failures = engine.step_failures
         live = []
         for r in engine.request_metrics:
             if r.finished is None:

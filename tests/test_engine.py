@@ -3,6 +3,7 @@ across mode switches, adapter loads mid-stream, preemption, cancellation, faults
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -204,6 +205,67 @@ def test_failing_adapter_load_fails_only_its_requests(generator, config, monkeyp
     for i, r in zip(ids[1:], good):
         assert engine.result(i).token_ids == generator.generate([r])[0].token_ids
     generator.pool.unregister("broken")
+
+
+def _faulty_step(generator, monkeypatch, fails):
+    """runner.sample_step raising RuntimeError("device fault") whenever fails(blocks, mode) holds."""
+    step = generator.runner.sample_step
+
+    def faulty(cache, blocks, features, sampling, vocab_size, mode="unmerged"):
+        if fails(blocks, mode):
+            raise RuntimeError("device fault")
+        return step(cache, blocks, features, sampling, vocab_size, mode)
+
+    monkeypatch.setattr(generator.runner, "sample_step", faulty)
+
+
+def test_a_step_fault_fails_only_the_requests_it_belongs_to(generator, expected, monkeypatch):
+    """A step that raises is retried row by row: the rows of the request that breaks it fail
+    (naming the error); every other request, batched with it before, gets its solo answer."""
+    engine = _engine(generator, "unmerged")
+    slot = lambda: generator.pool.slot_of(("task2", generator.pool.versions["task2"]))
+    _faulty_step(generator, monkeypatch, lambda blocks, mode: any(
+        (np.asarray(b.slot)[np.asarray(b.valid).any(axis=1)] == slot()).any() for b in blocks))
+    reqs = _requests(10)
+    results = engine.generate(reqs)
+    for r, want, got in zip(reqs, expected, results):
+        if r.adapter == "task2":
+            assert got.finish_reason == "error" and "device fault" in got.error
+        else:
+            assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+    assert engine.step_failures > 0 and "device fault" in engine.last_step_error
+    assert engine.failing_steps == 0 and engine.allocator.num_free == SMALL.num_pages - 1
+
+
+def test_a_fault_of_a_mode_reruns_its_rows_unmerged(generator, expected, monkeypatch):
+    """Steps that fail only in merged or mixture mode are rerun unmerged: every request gets its
+    solo answer."""
+    _faulty_step(generator, monkeypatch, lambda blocks, mode: mode != "unmerged")
+    engine = Engine(generator.runner, generator.pool, config=SMALL, policy=_Cycling())
+    for want, got in zip(expected, engine.generate(_requests(10))):
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+    assert engine.step_failures > 0 == engine.failing_steps
+
+
+def test_a_fault_that_consumes_the_kv_cache_recomputes_every_request(generator, expected, monkeypatch):
+    """A device fault after the cache was donated: the engine rebuilds the cache and every live
+    request recomputes from its start, with the same answers; nothing leaks."""
+    step, calls = generator.runner.sample_step, []
+
+    def consuming(cache, blocks, features, sampling, vocab_size, mode="unmerged"):
+        calls.append(mode)
+        if len(calls) == 4:                       # a step mid-run, some requests decoding
+            for leaf in jax.tree.leaves(cache):
+                leaf.delete()
+            raise RuntimeError("device fault")
+        return step(cache, blocks, features, sampling, vocab_size, mode)
+
+    monkeypatch.setattr(generator.runner, "sample_step", consuming)
+    engine = _engine(generator, "unmerged")
+    for want, got in zip(expected, engine.generate(_requests(10))):
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+    assert engine.step_failures == 1 and engine.allocator.num_free == SMALL.num_pages - 1
+    assert sum(m.preemptions for m in engine.request_metrics) > 0
 
 
 def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatch):
