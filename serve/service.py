@@ -59,6 +59,9 @@ class _Metrics:
         self.switch_time = Counter("valora_mode_switch_seconds", "Time spent merging weights", registry=r)
         self.load_time = Counter("valora_adapter_load_seconds", "Time spent placing adapters in device slots",
                                  registry=r)
+        self.compiling_steps = Counter("valora_compiling_steps", "Steps that compiled a shape while serving "
+                                       "(one start-up did not precompile)", registry=r)
+        self.compile_time = Counter("valora_compile_seconds", "XLA compilation inside serving steps", registry=r)
         self.preemptions = Counter("valora_preemptions", "Requests preempted for KV-cache pages", registry=r)
         self.output_tokens = Counter("valora_output_tokens", "Generated tokens", registry=r)
         self.waiting = Gauge("valora_queue_depth", "Requests waiting to start", registry=r)
@@ -275,6 +278,11 @@ class EngineService:
                 m.switches.inc()
                 m.switch_time.inc(s.switch_time)
             m.load_time.inc(s.load_time)
+            if s.compile_time > 0:
+                m.compiling_steps.inc()
+                m.compile_time.inc(s.compile_time)
+                log.warning("a %s step of %d decode and %d prefill rows compiled for %.2f s while serving",
+                            s.mode, s.decode_rows, s.prefill_rows, s.compile_time)
         engine.step_metrics.clear()
         if engine.policy_failures > self._policy_failures:
             m.policy_failures.inc(engine.policy_failures - self._policy_failures)

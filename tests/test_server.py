@@ -361,6 +361,24 @@ def test_a_failing_step_fails_its_requests_and_health_until_a_step_succeeds(stac
     assert stalled.status_code == 503 and stalled.json()["status"] == "stalled"
 
 
+def test_a_step_that_compiles_while_serving_is_counted_and_logged(stack, caplog):
+    """A step that compiled a shape start-up did not is counted in /metrics and logged."""
+    from serve.metrics import StepMetrics
+
+    metric = lambda name: sum(float(r.split()[-1]) for r in stack.http().get("/metrics").text.splitlines()
+                              if r.startswith(name))
+    steps, seconds = metric("valora_compiling_steps_total"), metric("valora_compile_seconds_total")
+    compiled = StepMetrics(0.0, 2.0, 0.0, "mixture", "task0", 3, 1, 40, 20.0, 2, 1.5)
+    with caplog.at_level("WARNING", logger="valora.serve"):
+        stack.service.call(lambda engine: engine.step_metrics.append(compiled)).result(10)
+        deadline = time.monotonic() + 10
+        while metric("valora_compiling_steps_total") != steps + 1:
+            assert time.monotonic() < deadline, "the compiling step was not counted"
+            time.sleep(0.02)
+    assert metric("valora_compile_seconds_total") == seconds + 1.5
+    assert "a mixture step of 3 decode and 1 prefill rows compiled for 1.50 s while serving" in caplog.text
+
+
 def test_a_non_streaming_client_that_gives_up_cancels_its_request_cleanly(stack, monkeypatch):
     """A client that stops waiting for a whole answer cancels its request: the engine counts it
     cancelled and the server answers 499 without raising (no 500)."""
