@@ -226,7 +226,7 @@ def test_a_step_fault_fails_only_the_requests_it_belongs_to(generator, expected,
     slot = lambda: generator.pool.slot_of(("task2", generator.pool.versions["task2"]))
     _faulty_step(generator, monkeypatch, lambda blocks, mode: any(
         (np.asarray(b.slot)[np.asarray(b.valid).any(axis=1)] == slot()).any() for b in blocks))
-    reqs = _requests(10)
+    reqs = _requests(6)
     results = engine.generate(reqs)
     for r, want, got in zip(reqs, expected, results):
         if r.adapter == "task2":
@@ -242,7 +242,7 @@ def test_a_fault_of_a_mode_reruns_its_rows_unmerged(generator, expected, monkeyp
     solo answer."""
     _faulty_step(generator, monkeypatch, lambda blocks, mode: mode != "unmerged")
     engine = Engine(generator.runner, generator.pool, config=SMALL, policy=_Cycling())
-    for want, got in zip(expected, engine.generate(_requests(10))):
+    for want, got in zip(expected, engine.generate(_requests(6))):
         assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
     assert engine.step_failures > 0 == engine.failing_steps
 
