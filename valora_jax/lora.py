@@ -130,10 +130,10 @@ class Linear(nnx.Module):
         targeted, a fused linear's part when its name is in `targets` (default lora.targets)."""
         if parts is not None and sum(parts.values()) != d_out:
             raise ValueError(f"parts {parts} do not add up to D_out={d_out}")
-        starts = [0, *itertools.accumulate((parts or {None: d_out}).values())]
+        widths = parts or {None: d_out}
+        starts = itertools.accumulate(widths.values(), initial=0)
         self.d_in, self.d_out = d_in, d_out
-        self.parts = tuple(Part(name, start, width)
-                           for (name, width), start in zip((parts or {None: d_out}).items(), starts))
+        self.parts = tuple(Part(name, start, width) for (name, width), start in zip(widths.items(), starts))
         self.kernel = nnx.Param((init_std * jax.random.normal(rngs.params(), (d_in, d_out))).astype(dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
         targets = lora.targets if targets is None and lora is not None else targets
@@ -142,7 +142,7 @@ class Linear(nnx.Module):
         for p in self.targeted_parts:
             setattr(self, p.attribute, LoraSlots(d_in, p.width, lora, dtype))
         self.targeted = bool(self.targeted_parts)
-        self.merged = (MergedWeight(jnp.array(self.kernel[...])) if self.targeted and lora.mergeable else None)
+        self.merged = MergedWeight(jnp.array(self.kernel[...])) if self.targeted and lora.mergeable else None
 
     def slots(self) -> list[tuple[Part, LoraSlots]]:
         """(part, its adapter slots) of every targeted part, in column order."""
