@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh overhead                    (a 7B decode step's host dispatch, XLA flag variants)
 #   bash bench/gpu_session.sh floor                       (serve's 7B steps against their floors)
 #   bash bench/gpu_session.sh layout                      (a plain-JAX 7B decode step: weight layouts, scan vs loop)
+#   bash bench/gpu_session.sh soak                        (valora serve under mixed load and faults; SOAK_MINUTES, 20)
 #   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
 #   bash bench/gpu_session.sh adapter-copy                (one adapter's host-to-device copy, beside a serving loop)
 #   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
@@ -57,6 +58,7 @@ for stage in "$@"; do
                       ${OVERHEAD_VARIANTS:+--variants $OVERHEAD_VARIANTS} ;;
         floor)   $limit python3 bench/step_floor.py --out bench/results/step_floor ;;
         layout)  $limit python3 bench/layer_layout.py --out bench/results/layer_layout ;;
+        soak)    $limit python3 bench/soak.py --minutes "${SOAK_MINUTES:-20}" --out bench/results/soak_gpu ;;
         copy)    $limit python3 bench/pallas_copy.py --out bench/results/pallas_copy ;;
         adapter-copy) $limit python3 bench/adapter_copy.py --out bench/results/adapter_copy ;;
         attention) $limit python3 -m bench.gpu_smoke --kernels attention &&

@@ -66,6 +66,7 @@ class _Metrics:
         self.output_tokens = Counter("valora_output_tokens", "Generated tokens", registry=r)
         self.waiting = Gauge("valora_queue_depth", "Requests waiting to start", registry=r)
         self.running = Gauge("valora_running_requests", "Requests started and not finished", registry=r)
+        self.kv_pages_used = Gauge("valora_kv_pages_used", "KV-cache pages held by live requests", registry=r)
         self.slots_used = Gauge("valora_adapter_slots_used", "Device adapter slots holding an adapter", registry=r)
         self.slots = Gauge("valora_adapter_slots", "Device adapter slots (max_loras)", registry=r)
         self.adapters = Gauge("valora_adapters_loaded", "Adapters registered (host store)", registry=r)
@@ -304,6 +305,7 @@ class EngineService:
                 if value is not None:
                     hist.observe(value)
         engine.request_metrics[:] = live
+        m.kv_pages_used.set(engine.allocator.num_pages - 1 - engine.allocator.num_free)
         waiting = self.queued = engine.waiting
         m.waiting.set(waiting)
         m.running.set(engine.live - waiting)
