@@ -182,7 +182,7 @@ class _Seq:
     stream: object = None                     # incremental detokenizer for on_event
     adapter: tuple[str, int] | None = None    # (name, version) fixed at submission
     output_tokens: int = 1                    # the most it outputs: 1 for a task head's answer
-    faults: int = 0                           # failed steps it was in whose rows could not be told apart
+    faults: int = 0                           # failed steps it ran in that lost the KV cache (two fail it)
 
     @property
     def pending(self) -> int:
@@ -488,7 +488,8 @@ class Engine:
                     self._finish(seq, "error", f"engine step failed: {type(e).__name__}: {e}")
                 if lost:
                     break
-        self.failing_steps = 0 if ran else self.failing_steps + 1
+        if not ran:
+            self.failing_steps += 1
         return ran, padded
 
     def _recover_cache(self) -> bool:
