@@ -266,9 +266,15 @@ class ModelRunner:
 
     def _decoder_leaves(self) -> tuple:
         """The decoder's part of _state_leaves: all a step reads (the vision tower's leaves are
-        not passed, which makes a step's dispatch cheaper)."""
-        return tuple(tuple(self._leaves[name][i] for i in self._decoder_index[name])
-                     for name in ("params", "lora", "merged"))
+        not passed, which makes a step's dispatch cheaper). Picked again only after a slot write
+        or merge replaced the leaves, not on every step."""
+        state = self._state_leaves()
+        picked = self.__dict__.get("_decoder_picked")
+        if picked is None or any(a is not b for a, b in zip(picked[0], state)):
+            picked = self._decoder_picked = (state, tuple(
+                tuple(leaves[i] for i in self._decoder_index[name])
+                for name, leaves in zip(("params", "lora", "merged"), state)))
+        return picked[1]
 
     @functools.cached_property
     def _decoder_index(self) -> dict[str, tuple[int, ...]]:
