@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from valora_jax import (AdapterPool, Generator, ModelRunner, Request, RowSpec, init_model, init_pages,  # noqa: E402
+from serve.generate import Generator  # noqa: E402
+from valora_jax import (AdapterPool, ModelRunner, Request, RowSpec, init_model, init_pages,  # noqa: E402
                         llava_1_5_7b, pack_block, random_adapter, tiny, use_serving_xla_flags)
 from valora_jax.versions import stack_versions  # noqa: E402
 

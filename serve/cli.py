@@ -114,7 +114,8 @@ def cmd_info(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from valora_jax import Generator, Request
+    from serve.generate import Generator
+    from valora_jax import Request
 
     runner, pool, origin = _setup(args)
     use = args.use or (_parse_adapter(args.adapter[0])[0] if len(args.adapter) == 1 else None)

@@ -324,11 +324,36 @@ class Engine:
         return len(self._seqs)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        """Submit every request, run until all finish, return completions in order."""
-        ids = [self.submit(r) for r in requests]
-        while self.has_work:
+        """Submit every request, run until all finish, return completions in order. A bad
+        request raises ValueError naming it before any of them is queued; beyond the queue's
+        room, requests are submitted as earlier ones start."""
+        prepared = [self.prepare(r) for r in requests]
+        for p in prepared:
+            if p.request.adapter is not None:
+                self.pool.key(p.request.adapter)
+        ids = []
+        try:
+            for p in prepared:
+                while self.waiting >= self.config.max_queue:
+                    self._step_or_raise()
+                ids.append(self.submit(p))
+            while any(i in self._seqs for i in ids):
+                self._step_or_raise()
+        except BaseException:
+            for i in ids:                    # nothing of a failed call stays queued
+                self.cancel(i)
             self.step()
+            for i in ids:
+                self._results.pop(i, None)
+            raise
         return [self._results.pop(i) for i in ids]
+
+    def _step_or_raise(self) -> None:
+        """step(); RuntimeError if it ran nothing and changed nothing (the policy schedules none
+        of the live requests: running on would never end)."""
+        before = [(s.id, s.computed) for s in self._seqs.values()]
+        if self.step() is None and before == [(s.id, s.computed) for s in self._seqs.values()]:
+            raise RuntimeError(f"policy {type(self.policy).__name__} scheduled none of {len(before)} live requests")
 
     def calibrate(self, requests: list[Request], passes: int = 2) -> int:
         """Run `requests` `passes` times on this idle engine under the probe schedule

@@ -452,6 +452,24 @@ class ProbePolicy(Policy):
         return Decision(mode, a, rows)
 
 
+class FixedModePolicy(Policy):
+    """Every step in one mode, for callers that fix it (serve.generate.Generator): unmerged, or
+    merged / mixture with `adapter` folded in (merged runs only that adapter's requests)."""
+
+    name = "fixed"
+
+    def __init__(self, mode: str, adapter=None):
+        if mode not in MODES or (mode != "unmerged") != (adapter is not None):
+            raise ValueError(f"mode {mode!r} with adapter {adapter!r}: merged and mixture need one, unmerged none")
+        self.mode, self.adapter = mode, adapter
+
+    def decide(self, state):
+        a = self.adapter
+        if self.mode == "merged":
+            return Decision("merged", a, pack(state, eligible=lambda s: s.adapter == a))
+        return Decision(self.mode, a, pack(state, reserved=[a] if a is not None else ()))
+
+
 @dataclasses.dataclass(frozen=True)
 class ServingSystem:
     """A serving system to compare: its scheduling policy and the engine mechanics it runs on."""

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from valora_jax import AdapterPool, Generator, ModelRunner, VisionConfig, init_model, random_adapter, tiny
+from serve.generate import Generator
+from tests.oracle import reference_completion
+from valora_jax import AdapterPool, ModelRunner, VisionConfig, init_model, random_adapter, tiny
 from valora_jax.config import ALL_TARGETS, TextConfig
 
 pytest_plugins = ["tests.skip_guard", "pytester"]
@@ -80,6 +82,15 @@ def generator(config, runner, adapters):
     for a in adapters:
         pool.register(a)
     return Generator(runner, pool, num_pages=128)
+
+
+@pytest.fixture(scope="session")
+def oracle(runner, generator):
+    """oracle(request) -> its Completion by full recomputation (tests/oracle.py), on the runner's
+    base weights and the generator's pool's current version of its adapter."""
+    pool = generator.pool
+    return lambda request: reference_completion(runner.model(), request.adapter and pool.get(request.adapter),
+                                                request, generator.tokenizer)
 
 
 def random_image(seed: int, size: int = 40) -> np.ndarray:

@@ -25,9 +25,9 @@ def _requests(n=10, offset=0):
 
 
 @pytest.fixture(scope="module")
-def expected(generator):
-    """Each request generated alone by the batch generator."""
-    return [generator.generate([r])[0] for r in _requests(10)]
+def expected(oracle):
+    """Each request generated alone by full recomputation (tests/oracle.py)."""
+    return [oracle(r) for r in _requests(10)]
 
 
 def _engine(generator, policy="ours", config=SMALL):
@@ -120,17 +120,17 @@ def test_requests_prepared_on_other_threads_serve_like_plain_ones(generator, exp
 
 
 @pytest.mark.parametrize("policy", ["slora", "punica"])
-def test_preemption_under_kv_pressure_recomputes_exactly(generator, policy):
+def test_preemption_under_kv_pressure_recomputes_exactly(oracle, generator, policy):
     """24-token outputs on a 9-page cache (72 tokens): prompts start only when their pages are
     free, then the growing decodes run out and preempt the newest requests, which recompute."""
     reqs = [Request(f"g{i} " + "w" * (i * 5 % 16), adapter=ADAPTERS[i % 4], max_tokens=24, seed=i) for i in range(6)]
     engine = _engine(generator, policy, dataclasses.replace(SMALL, num_pages=10))
     for req, got in zip(reqs, engine.generate(reqs)):
-        assert got.token_ids == generator.generate([req])[0].token_ids
+        assert got.token_ids == oracle(req).token_ids
     assert engine.summary()["preemptions"] > 0 and engine.allocator.num_free == 9
 
 
-def test_adapter_loaded_and_replaced_mid_stream(generator, config):
+def test_adapter_loaded_and_replaced_mid_stream(oracle, generator, config):
     pool = generator.pool
     engine = _engine(generator)
     early = [engine.submit(r) for r in _requests(4)]
@@ -148,17 +148,17 @@ def test_adapter_loaded_and_replaced_mid_stream(generator, config):
     new_task1 = engine.submit(Request("task1 before", adapter="task1", max_tokens=5))
     while engine.has_work:
         engine.step()
-    assert engine.result(late_id).token_ids == generator.generate([late])[0].token_ids
-    new_out = generator.generate([Request("task1 before", adapter="task1", max_tokens=5)])[0]
+    assert engine.result(late_id).token_ids == oracle(late).token_ids
+    new_out = oracle(Request("task1 before", adapter="task1", max_tokens=5))
     assert engine.result(new_task1).token_ids == new_out.token_ids
     pool.register(old)                                    # restore task1 for the other tests
     assert engine.result(running_task1).token_ids == \
-        generator.generate([Request("task1 before", adapter="task1", max_tokens=5)])[0].token_ids
+        oracle(Request("task1 before", adapter="task1", max_tokens=5)).token_ids
     assert all(engine.result(i) for i in early)
     pool.unregister("late")
 
 
-def test_image_features_are_not_reused_after_an_adapter_reload(generator, config):
+def test_image_features_are_not_reused_after_an_adapter_reload(oracle, generator, config):
     engine = _engine(generator)
     shapes = generator.runner.module_shapes
     engine.register_adapter(random_adapter(config, shapes, "vis", 4, seed=1, std=0.3))
@@ -168,7 +168,7 @@ def test_image_features_are_not_reused_after_an_adapter_reload(generator, config
     engine.register_adapter(random_adapter(config, shapes, "vis", 4, seed=2, std=0.3))
     second = engine.generate([req])[0]
     assert len(engine.images) == cached                   # the old version's features were dropped
-    assert second.token_ids == generator.generate([req])[0].token_ids
+    assert second.token_ids == oracle(req).token_ids
     assert first.token_ids != second.token_ids
     generator.pool.unregister("vis")
 
@@ -185,7 +185,7 @@ def test_cancellation_frees_everything(generator):
     assert engine.allocator.num_free == SMALL.num_pages - 1 and not engine.cancel("req-unknown")
 
 
-def test_failing_adapter_load_fails_only_its_requests(generator, config, monkeypatch):
+def test_failing_adapter_load_fails_only_its_requests(oracle, generator, config, monkeypatch):
     engine = _engine(generator)
     engine.register_adapter(random_adapter(config, generator.runner.module_shapes, "broken", 4, seed=5))
     write = generator.pool._write_slot
@@ -203,7 +203,7 @@ def test_failing_adapter_load_fails_only_its_requests(generator, config, monkeyp
     failed = engine.result(ids[0])
     assert failed.finish_reason == "error" and "device write failed" in failed.error
     for i, r in zip(ids[1:], good):
-        assert engine.result(i).token_ids == generator.generate([r])[0].token_ids
+        assert engine.result(i).token_ids == oracle(r).token_ids
     generator.pool.unregister("broken")
 
 
@@ -297,7 +297,7 @@ def test_adapter_load_time_is_recorded_apart_from_the_step(generator, monkeypatc
     assert engine.summary()["load_time"] >= 0.2
 
 
-def test_requests_of_an_adapter_still_being_copied_wait_while_others_run(generator, monkeypatch):
+def test_requests_of_an_adapter_still_being_copied_wait_while_others_run(oracle, generator, monkeypatch):
     """A host-to-device adapter copy holds up only its own requests; with nothing else to run,
     the step waits for it."""
     import threading
@@ -320,10 +320,10 @@ def test_requests_of_an_adapter_still_being_copied_wait_while_others_run(generat
         engine.step()
     for rid, request in [(running, Request("x", adapter="task1", max_tokens=4)),
                          (waiting, Request("y", adapter="task2", max_tokens=2))]:
-        assert engine.result(rid).token_ids == generator.generate([request])[0].token_ids
+        assert engine.result(rid).token_ids == oracle(request).token_ids
 
 
-def test_with_nothing_ready_a_step_waits_for_the_first_copy_only(generator, monkeypatch):
+def test_with_nothing_ready_a_step_waits_for_the_first_copy_only(oracle, generator, monkeypatch):
     import threading
     from valora_jax import adapters
     engine = _engine(generator, "unmerged")
@@ -343,7 +343,7 @@ def test_with_nothing_ready_a_step_waits_for_the_first_copy_only(generator, monk
         engine.step()
     for rid, request in [(first, Request("x", adapter="task1", max_tokens=2)),
                          (second, Request("y", adapter="task2", max_tokens=2))]:
-        assert engine.result(rid).token_ids == generator.generate([request])[0].token_ids
+        assert engine.result(rid).token_ids == oracle(request).token_ids
 
 
 def test_submission_errors_and_overload(generator):
@@ -364,7 +364,29 @@ def test_submission_errors_and_overload(generator):
     assert all(engine.result(i).finish_reason in ("stop", "length") for i in ids)
 
 
-def test_task_head_requests_finish_after_prefill(generator, config):
+def test_generate_queues_nothing_of_a_bad_call_and_waits_for_queue_room(generator):
+    engine = _engine(generator, config=dataclasses.replace(SMALL, max_queue=2))
+    for bad, message in ((Request("", max_tokens=2), "prompt"), (Request("hi", adapter="nope"), "'nope'"),
+                         (Request("hi", max_tokens=500), "KV pages")):
+        with pytest.raises(ValueError, match=message):
+            engine.generate([Request("fine", max_tokens=2), bad])
+        assert not engine.has_work and engine.allocator.num_free == SMALL.num_pages - 1
+    done = engine.generate([Request(f"r{i}", max_tokens=2) for i in range(5)])     # more than the queue holds
+    assert [c.finish_reason in ("stop", "length") for c in done] == [True] * 5
+
+
+def test_generate_refuses_to_spin_on_a_policy_that_schedules_nothing(generator):
+    class Idle(Policy):
+        def decide(self, state):
+            return Decision("unmerged", None, ())
+
+    engine = _engine(generator, Idle())
+    with pytest.raises(RuntimeError, match="Idle scheduled none of 1 live requests"):
+        engine.generate([Request("hi", max_tokens=2)])
+    assert not engine.has_work
+
+
+def test_task_head_requests_finish_after_prefill(oracle, generator, config):
     engine = _engine(generator)
     rng = np.random.default_rng(1)
     head = TaskHead(rng.standard_normal((config.text.hidden_size, 4)).astype(np.float32), np.zeros(4, np.float32),
@@ -380,7 +402,7 @@ def test_task_head_requests_finish_after_prefill(generator, config):
     engine.step()
     assert seen == [{rid: 1, other: 3}]
     assert engine.result(rid).label in head.labels and engine.result(other) is None
-    assert engine.result(rid).label == generator.generate([req])[0].label
+    assert engine.result(rid).label == oracle(req).label
     while engine.has_work:
         engine.step()
     summary, answer, chat = engine.summary(), engine.request_metrics[0], engine.request_metrics[1]

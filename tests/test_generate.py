@@ -1,4 +1,5 @@
-"""generate(): batch and mode invariance, sampling, stops, task heads, bad input, no page leaks."""
+"""Generator.generate(): the oracle's outputs, batch and mode invariance, sampling, stops, task heads,
+bad input, no page leaks."""
 
 import dataclasses
 
@@ -20,6 +21,12 @@ def _requests():
 @pytest.fixture(scope="module")
 def together(generator):
     return generator.generate(_requests())
+
+
+def test_a_batch_gives_each_request_its_full_recompute_output(oracle, together):
+    for req, got in zip(_requests(), together):
+        want = oracle(req)
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
 
 
 def test_each_request_alone_equals_its_batch(generator, together):
@@ -105,7 +112,7 @@ def test_merged_mode_needs_one_adapter(generator):
 
 
 def test_shape_buckets_bound_compilations(generator):
-    step = generator.runner._step
+    step = generator.runner._sample_step
     before = step._cache_size()
     lengths = range(1, 41, 3)
     for n in lengths:
@@ -143,14 +150,14 @@ def test_precompiled_step_variants_are_not_compiled_again(generator, caplog):
 
     from valora_jax import RowSpec, pack_block
 
-    runner, cache = generator.runner, generator.cache
+    runner, cache = generator.runner, generator.engine.cache
     blocks = [pack_block([RowSpec([5], 3, None, -1, [1])], min_rows=4, min_pages=8),
               pack_block([RowSpec(list(range(1, 21)), 0, None, 0, [2, 3])], min_tokens=32, min_pages=8)]
     features = jnp.zeros((16, runner.config.text.hidden_size), jnp.dtype(runner.config.dtype))
     shape = (tuple((*b.tokens.shape, b.page_table.shape[1]) for b in blocks), 16, "unmerged")
     assert runner.precompile(cache, [shape], threads=2) == 1
     with jax.log_compiles(), caplog.at_level("WARNING"):
-        *_, generator.cache = runner.step(cache, blocks, features)
+        *_, generator.engine.cache = runner.step(cache, blocks, features)
     assert "_step_impl" not in caplog.text
 
 

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from conftest import assert_rel_close, micro_config
-from valora_jax import (AdapterPool, ByteTokenizer, Generator, LoraContext, ModelRunner, Request, init_model, load_adapter,
+from serve.generate import Generator
+from valora_jax import (AdapterPool, ByteTokenizer, LoraContext, ModelRunner, Request, init_model, load_adapter,
                         save_adapter, save_model)
 from valora_jax.image import preprocess_batch
 from valora_jax.lora import adapter_slots

@@ -4,7 +4,6 @@ from valora_jax.adapters import Adapter, AdapterPool, PoolFull, TaskHead, make_a
 from valora_jax.checkpoint import load_adapter, load_model, save_adapter, save_model
 from valora_jax.config import (ALL_TARGETS, DECODER_TARGETS, PRESETS, LMMConfig, LoraConfig, TextConfig,
                                VisionConfig, llava_1_5_7b, llava_1_5_13b, tiny)
-from valora_jax.generate import Generator
 from valora_jax.hf_model import hf_config, import_hf, is_hf_checkpoint, load_hf_model
 from valora_jax.hf_peft import import_peft, read_peft
 from valora_jax.hf_tokenizer import HFTokenizer, load_tokenizer

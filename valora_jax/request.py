@@ -1,6 +1,6 @@
 """Requests, their validation and tokenisation, per-request decoding state, and completions.
 
-Shared by the batch `Generator` and the serving engine: `RequestState.prepare` checks a
+Shared by the serving engine and the tests' oracle: `RequestState.prepare` checks a
 request against the model and tokenizer (raising ValueError naming the bad value) before
 anything else happens, and `append` applies the stop rules to each new token.
 """

@@ -4,8 +4,6 @@ A request's random stream depends only on its own seed and on how many tokens it
 generated, never on which other requests share the batch.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,34 +34,3 @@ def sample(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, seed: ja
     choice = jax.vmap(draw)(seed, step, sorted_logits)                       # index into sorted
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, greedy)
-
-
-@functools.partial(jax.jit, static_argnames="vocab_size")
-def _sample_rows(logits, rows, temperature, top_p, seed, step, *, vocab_size: int):
-    """sample() over logits[rows], ids >= vocab_size masked; rows [N] int32."""
-    return sample(logits[rows].at[:, vocab_size:].set(-jnp.inf), temperature, top_p, seed, step)
-
-
-def make_sampler(vocab_size: int, min_rows: int = 1):
-    """sampler(logits [R, V], states, rows=None) -> np.ndarray [len(states)] of next tokens for
-    logits[rows] (default: the first len(states) rows), drawing with each RequestState's own
-    temperature, top_p, seed and step (= tokens generated so far); logits of ids >= vocab_size
-    (padding rows of the embedding table) are never drawn. The row count is padded to a power
-    of two >= min_rows, so a server compiles one sampler per bucket, shared by every sampler."""
-
-    from valora_jax.runtime import bucket      # runtime samples inside its steps with sample()
-
-    def sampler(logits: jax.Array, states, rows=None) -> np.ndarray:
-        n = len(states)
-        rows = np.arange(n) if rows is None else np.asarray(rows)
-        pad = bucket(n, min_rows) - n
-        reqs = [st.request for st in states]
-        rows = np.concatenate([rows, np.zeros(pad, rows.dtype)]).astype(np.int32)
-        temperature = np.array([r.temperature for r in reqs] + [0.0] * pad, np.float32)
-        top_p = np.array([r.top_p for r in reqs] + [1.0] * pad, np.float32)
-        seed = np.array([r.seed for r in reqs] + [0] * pad, np.uint32)
-        step = np.array([len(st.out) for st in states] + [0] * pad, np.int32)
-        return np.asarray(_sample_rows(logits, rows, temperature, top_p, seed, step, vocab_size=vocab_size))[:n]
-
-    return sampler
-
