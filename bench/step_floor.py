@@ -8,7 +8,8 @@ its prefill_width), on a LLaVA-1.5-7B preset with random weights and 8 adapters 
 the pool. Each row times `steps` back-to-back steps (the cache passed on, nothing waited for
 in between): the time per step is the larger of the host's dispatch and
 the device's work. Each row also times steps waited for one by one (as the engine waits for
-each step's tokens before it dispatches the next) and the host time until such a call returns.
+each step's tokens before it dispatches the next) and the host time until such a call returns,
+and each decode-only row its steps run several to a call (a decode loop: one dispatch for them).
 
 Floors, measured in the same run: memory-bound steps (decode) move at least every base weight
 they multiply by, the K/V bytes their rows read and write and, unmerged, the adapters' A and B,
@@ -37,6 +38,8 @@ from valora_jax.runtime import Sampling, split_row, use_serving_xla_flags  # noq
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 ADAPTERS, RANK = 8, 16
+LOOPS = (4, 8)
+"""Decode steps per call timed for each decode-only row (ModelRunner.decode_loop, EngineConfig.decode_loop)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +81,7 @@ def _blocks(shape: StepShape, config, page_size: int, rng):
     rows = config.max_rows if shape.rows == -1 else shape.rows
     if rows:
         specs = [RowSpec([int(rng.integers(0, 32000))], shape.keys - 1, None, i % shape.adapters,
-                         pages(shape.keys)) for i in range(rows)]
+                         pages(shape.keys + max(LOOPS))) for i in range(rows)]
         blocks.append(pack_block(specs, min_rows=config.min_rows, min_pages=config.min_pages))
     if shape.prefill:
         specs = [RowSpec(rng.integers(0, 32000, shape.prompt).tolist(), 0, None, i % shape.adapters,
@@ -141,6 +144,21 @@ def _time_steps(runner, cache, blocks, features, mode: str, steps: int):
                    "dispatch_ms": ms(dispatch)}
 
 
+def _time_loop(runner, cache, block, mode: str, loop: int, steps: int):
+    """(cache, ms a step) of decode steps run `loop` to a call, the calls back to back."""
+    sampling = Sampling.greedy(block.valid.shape[0])
+    run = lambda cache: runner.decode_loop(cache, block, sampling, runner.config.text.vocab_size, loop, mode)
+    out = run(cache)                                                # compiles
+    jax.block_until_ready(out)
+    cache, calls = out[1], max(1, steps // loop)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        out = run(cache)
+        cache = out[1]
+    jax.block_until_ready(out)
+    return cache, 1e3 * (time.perf_counter() - t0) / (calls * loop)
+
+
 def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
     on_gpu = jax.default_backend() == "gpu"
     copy_rate = copy_bandwidth() if on_gpu else 1e11        # measured before the model takes the memory
@@ -164,12 +182,16 @@ def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
         if used > config.num_pages:
             raise ValueError(f"{shape.name} needs {used} pages; the serving configuration has {config.num_pages}")
         cache, times = _time_steps(runner, cache, blocks, empty, shape.mode, steps)
+        for loop in LOOPS if not shape.prefill else ():
+            cache, times[f"loop{loop}_step_ms"] = _time_loop(runner, cache, blocks[0], shape.mode, loop, steps)
         floor = _floor(shape, cfg, rows, copy_rate, matmul_rate, sizes)
         records.append({**dataclasses.asdict(shape), "rows": rows, **times, **floor,
                         "over_floor": times["step_ms"] / floor["floor_ms"]})
         print(f"{shape.name:36s} {times['step_ms']:8.2f} ms back to back, {times['blocking_step_ms']:8.2f} waited "
               f"for (dispatch {times['dispatch_ms']:6.2f}), floor {floor['floor_ms']:7.2f} ms ({floor['bound']}): "
-              f"{times['step_ms'] / floor['floor_ms']:.2f}x", flush=True)
+              f"{times['step_ms'] / floor['floor_ms']:.2f}x; in loops "
+              f"{', '.join(f'of {k}: {times[f'loop{k}_step_ms']:.2f}' for k in LOOPS if f'loop{k}_step_ms' in times)}",
+              flush=True)
     return {"preset": preset, "engine_config": dataclasses.asdict(config), "backend": runner.backend,
             "attention": runner.attention, "copy_bytes_per_s": copy_rate, "matmul_flops_per_s": matmul_rate,
             "sizes": sizes, "records": records}
@@ -182,10 +204,14 @@ def report(result: dict) -> str:
              f"{result['copy_bytes_per_s'] / 1e12:.2f} TB/s · bf16 matmul {result['matmul_flops_per_s'] / 1e12:.0f} "
              f"TFLOP/s · XLA_FLAGS `{result['xla_flags']}`", "",
              "| step | rows | step ms, back to back | step ms, waited for | host dispatch ms | floor ms | bound "
-             "| back to back / floor |", "|---|---|---|---|---|---|---|---|"]
+             "| back to back / floor | " + " | ".join(f"ms a step, {k} a call (/ floor)" for k in LOOPS) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(LOOPS)]
     for r in result["records"]:
+        loops = [f"{r[f'loop{k}_step_ms']:.2f} ({r[f'loop{k}_step_ms'] / r['floor_ms']:.2f}x)"
+                 if f"loop{k}_step_ms" in r else "–" for k in LOOPS]
         lines.append(f"| {r['name']} | {r['rows']} | {r['step_ms']:.2f} | {r['blocking_step_ms']:.2f} "
-                     f"| {r['dispatch_ms']:.2f} | {r['floor_ms']:.2f} | {r['bound']} | {r['over_floor']:.2f}x |")
+                     f"| {r['dispatch_ms']:.2f} | {r['floor_ms']:.2f} | {r['bound']} | {r['over_floor']:.2f}x | "
+                     + " | ".join(loops) + " |")
     return "\n".join(lines) + "\n"
 
 

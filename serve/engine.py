@@ -82,9 +82,15 @@ class EngineConfig:
     with minimums that cover every row, serving then compiles nothing."""
     per_layer_switch: bool = False
     """Merge and unmerge one targeted weight at a time (dLoRA's switch) instead of in one call."""
+    decode_loop: int = 1
+    """Decode steps run in one device call (`ModelRunner.decode_loop`, its dispatch paid once) when
+    a step's rows are decodes of every live request, each with that many tokens still to output;
+    1: every step its own call. The tokens of a loop stream together, and a request that arrives
+    meanwhile starts after it."""
 
     def __post_init__(self):
-        for name in ("max_rows", "token_budget", "prefill_chunk", "prefill_width", "max_prefill_rows", "max_queue"):
+        for name in ("max_rows", "token_budget", "prefill_chunk", "prefill_width", "max_prefill_rows", "max_queue",
+                     "decode_loop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.precompile and self.min_rows < self.max_rows:
@@ -136,8 +142,11 @@ def precompile(runner: ModelRunner, config: EngineConfig, modes=MODES, threads: 
     caches, where the steps find them."""
     cfg = runner.config
     cache = jax.eval_shape(lambda: init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype)))
-    lowered = (runner.lower_steps(cache, config.step_shapes(modes), vocab_size)
-               + runner.lower_encoder(config.encoder_batches))
+    lowered = runner.lower_steps(cache, config.step_shapes(modes), vocab_size) + runner.lower_encoder(
+        config.encoder_batches)
+    if config.decode_loop > 1:
+        decode = [(rows, pages, mode) for ((rows, _, pages),), _, mode in config.step_shapes(modes)[:len(modes)]]
+        lowered += runner.lower_decode_loops(cache, decode, vocab_size, config.decode_loop)
     return compile_lowered(lowered, threads)
 
 
@@ -450,16 +459,19 @@ class Engine:
             mode = "unmerged"            # the merged adapter could not be placed: plain LoRA is exact too
         try:
             switch = self._switch(mode, decision.merged_adapter, slots)
-            rows = self._allocate_pages(rows)
+            loop = self._loop_steps(rows)
+            kept = self._allocate_pages(rows, ahead=loop)
+            loop = loop if len(kept) == len(rows) else 1
+            rows = kept
             if not rows:
                 return None
-            kv = sum(s.computed + n for s, n in rows)          # cache positions the step's attention reads
+            kv = sum(s.computed + n for s, n in rows)          # cache positions the (first) step's attention reads
             failures = self.step_failures
             try:
                 self._encode_images([s for s, _ in rows], slots)
-                padded = self._run(rows, slots, mode)
+                padded = self._run(rows, slots, mode) if loop == 1 else self._run_loop(rows, slots, mode, loop)
             except Exception as e:        # a fault fails only the requests it belongs to
-                rows, padded = self._isolate(rows, slots, e)
+                rows, padded, loop = *self._isolate(rows, slots, e), 1
                 mode = "unmerged"
                 if not rows:
                     return None
@@ -473,12 +485,12 @@ class Engine:
         features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv,
                                       self.limits.positions([n for _, n in rows]))
         step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
-                           sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), sum(n for _, n in rows),
+                           sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), loop * sum(n for _, n in rows),
                            float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded,
-                           self.cost.step_time_of(mode, features))
+                           loop * self.cost.step_time_of(mode, features), loop)
         if not compiled and failures == self.step_failures:   # a compiling or failed step says nothing
                                                                # about what the mode costs
-            self.cost.observe(mode, features, step.compute_time)
+            self.cost.observe(mode, features, step.compute_time / loop)
         self.step_metrics.append(step)
         return step
 
@@ -561,12 +573,24 @@ class Engine:
             self.cost.observe_switch(seconds)
         return seconds
 
-    def _allocate_pages(self, rows):
-        """Pages for every row's new tokens; when the cache is full, preempt the newest live
-        requests (they recompute later), dropping rows that still do not fit."""
+    def _loop_steps(self, rows) -> int:
+        """The decode steps the rows run in one call: config.decode_loop when they are decodes of
+        every live request and each has that many tokens still to output, else 1."""
+        steps = self.config.decode_loop
+        if steps == 1 or len(rows) != len(self._seqs):
+            return 1
+        decoding = lambda s, n: n == 1 and s.state.out and s.computed == len(s.state.tokens) - 1
+        if all(decoding(s, n) and len(s.state.out) + steps <= s.state.request.max_tokens for s, n in rows):
+            return steps
+        return 1
+
+    def _allocate_pages(self, rows, ahead: int = 1):
+        """Pages for every row's new tokens (at least `ahead` of them); when the cache is full,
+        preempt the newest live requests (they recompute later), dropping rows that still do not
+        fit."""
         kept = []
         for seq, n in rows:
-            need = self.allocator.pages_for(seq.computed + n) - len(seq.pages)
+            need = self.allocator.pages_for(seq.computed + max(n, ahead)) - len(seq.pages)
             while need > self.allocator.num_free:
                 victims = [s for s in reversed(self._seqs.values())
                            if s.pages and s is not seq and all(s is not k for k, _ in kept)]
@@ -643,16 +667,40 @@ class Engine:
             first = blocks[0].valid.shape[0] if decode else 0
             row_index += (first + np.cumsum([len(ps) for ps in pieces]) - 1).tolist()
         rows = [(seq, spec, i) for (seq, spec), i in zip(decode + prefill, row_index)]
-        sampling = Sampling.greedy(sum(block.valid.shape[0] for block in blocks))
-        for seq, spec, i in rows:          # each row draws as its request asks; a row whose step ends its
-                                           # known tokens takes the token (_advance), the others drop it
-            request = seq.state.request
-            sampling.temperature[i], sampling.top_p[i] = request.temperature, request.top_p
-            sampling.seed[i], sampling.step[i] = request.seed, len(seq.state.out)
+        sampling = self._sampling([(seq, i) for seq, _, i in rows], sum(block.valid.shape[0] for block in blocks))
         hidden, tokens, self.cache = self.runner.sample_step(self.cache, blocks, feats, sampling,
                                                              self.tokenizer.vocab_size, mode)
         self._advance(rows, hidden, tokens)
         return sum(block.valid.size for block in blocks)
+
+    def _run_loop(self, rows, slots, mode: str, steps: int) -> int:
+        """Run the decode rows `steps` steps in one call (ModelRunner.decode_loop); the token
+        positions it computed, padding included. A row's tokens after its stop are dropped."""
+        specs = [RowSpec(seq.state.tokens[seq.computed:], seq.computed, None, slots.get(seq.adapter, -1), seq.pages)
+                 for seq, _ in rows]
+        block = pack_block(specs, min_rows=self.config.min_rows, min_pages=self.config.min_pages)
+        sampling = self._sampling([(seq, i) for i, (seq, _) in enumerate(rows)], block.valid.shape[0])
+        tokens, self.cache = self.runner.decode_loop(self.cache, block, sampling, self.tokenizer.vocab_size, steps,
+                                                     mode)
+        tokens, now = np.asarray(tokens), self.clock()
+        for i, (seq, _) in enumerate(rows):
+            for token in tokens[:, i]:
+                seq.computed += 1
+                self._emit(seq, int(token), now)
+                if seq.state.finish is not None:
+                    break
+        return steps * block.valid.size
+
+    @staticmethod
+    def _sampling(rows, n: int) -> Sampling:
+        """How each (seq, row index) of a step of n rows draws: as its request asks, at its step
+        (tokens output so far); the other rows greedily (their tokens are dropped)."""
+        sampling = Sampling.greedy(n)
+        for seq, i in rows:
+            request = seq.state.request
+            sampling.temperature[i], sampling.top_p[i] = request.temperature, request.top_p
+            sampling.seed[i], sampling.step[i] = request.seed, len(seq.state.out)
+        return sampling
 
     def _advance(self, rows, hidden, tokens) -> None:
         """Rows that ended their known tokens take their sampled token (read back: the step's
@@ -665,23 +713,25 @@ class Engine:
                  if seq.adapter is not None and not seq.state.out and self.pool.get(seq.adapter).head is not None}
         tokens = np.asarray(tokens)
         hidden_np = np.asarray(hidden, np.float32) if heads else None
-        sampling = [(seq, i) for seq, i in done_prefill if seq.id not in heads]
         now = self.clock()
         for seq, i in done_prefill:
             if seq.id in heads:
-                head = heads[seq.id]
-                seq.state.label = head.answer(hidden_np[i])
-                seq.state.finish = "stop"
-        for seq, i in sampling:
-            seq.state.append(int(tokens[i]), self.tokenizer)
-            seq.metrics.first_token = seq.metrics.first_token or now
-        for seq, _ in done_prefill:
-            seq.metrics.output_tokens = len(seq.state.out)
-            if seq.on_event is not None and seq.state.out and seq.state.finish is None:
-                seq.on_event(seq.id, seq.stream.push(seq.state.out[-1]), None)
-            if seq.state.finish is not None:
+                seq.state.label, seq.state.finish = heads[seq.id].answer(hidden_np[i]), "stop"
                 seq.metrics.first_token = seq.metrics.first_token or now
-                self._finish(seq, seq.state.finish)
+                self._finish(seq, "stop")
+            else:
+                self._emit(seq, int(tokens[i]), now)
+
+    def _emit(self, seq: _Seq, token: int, now: float) -> None:
+        """A row's sampled token: recorded under its request's stop rules, streamed, and the
+        request finished when a rule fires."""
+        seq.state.append(token, self.tokenizer)
+        seq.metrics.first_token = seq.metrics.first_token or now
+        seq.metrics.output_tokens = len(seq.state.out)
+        if seq.on_event is not None and seq.state.out and seq.state.finish is None:
+            seq.on_event(seq.id, seq.stream.push(seq.state.out[-1]), None)
+        if seq.state.finish is not None:
+            self._finish(seq, seq.state.finish)
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         seq.state.finish, seq.state.error = reason, error

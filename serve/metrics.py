@@ -68,6 +68,7 @@ class StepMetrics:
     padded_tokens: int = 0     # token positions the step's blocks hold, padding included (what the device runs)
     predicted_time: float = 0.0   # compute_time as the engine's step-time model (ours': the policy's) predicted
                                   # it before observing this step
+    steps: int = 1             # decode steps the call ran (a decode loop: > 1, `tokens` counting all of them)
 
     @property
     def compute_time(self) -> float:
@@ -83,12 +84,13 @@ def _stats(values) -> dict:
 
 
 def _step_means(steps: list[StepMetrics]) -> dict | None:
-    """Mean compute time, rows, tokens and adapters of some steps; None if none."""
+    """Mean compute time, rows, tokens and adapters of some steps (a decode loop's per step);
+    None if none."""
     if not steps:
         return None
     mean = lambda f: float(np.mean([f(s) for s in steps]))
-    return {"ms": 1e3 * mean(lambda s: s.compute_time), "decode_rows": mean(lambda s: s.decode_rows),
-            "prefill_rows": mean(lambda s: s.prefill_rows), "tokens": mean(lambda s: s.tokens),
+    return {"ms": 1e3 * mean(lambda s: s.compute_time / s.steps), "decode_rows": mean(lambda s: s.decode_rows),
+            "prefill_rows": mean(lambda s: s.prefill_rows), "tokens": mean(lambda s: s.tokens / s.steps),
             "adapters": mean(lambda s: s.adapters)}
 
 
@@ -109,8 +111,8 @@ def summarize(requests: list[RequestMetrics], steps: list[StepMetrics]) -> dict:
         "queue_time": _stats(r.queue_time for r in done),
         "throughput_rps": len(done) / span if span > 0 else None,
         "output_tokens_per_s": sum(r.output_tokens for r in done) / span if span > 0 else None,
-        "steps": len(steps),
-        "mode_steps": {m: sum(s.mode == m for s in steps) for m in MODES},
+        "steps": sum(s.steps for s in steps),
+        "mode_steps": {m: sum(s.steps for s in steps if s.mode == m) for m in MODES},
         "mode_step_means": {m: _step_means([s for s in steps if s.mode == m and not s.compile_time]) for m in MODES},
         "switches": sum(s.switch_time > 0 for s in steps),
         "switch_time": sum(s.switch_time for s in steps),

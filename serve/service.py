@@ -274,7 +274,7 @@ class EngineService:
         """Move finished request metrics and step metrics into Prometheus (the engine's lists stay short)."""
         m, engine = self.metrics, self.engine
         for s in engine.step_metrics:
-            m.steps.labels(s.mode).inc()
+            m.steps.labels(s.mode).inc(s.steps)
             if s.switch_time > 0:
                 m.switches.inc()
                 m.switch_time.inc(s.switch_time)

@@ -1,6 +1,7 @@
 """The serving engine on the micro model: outputs equal generate() alone under every policy and
 across mode switches, adapter loads mid-stream, preemption, cancellation, faults, no leaks."""
 
+import collections
 import dataclasses
 
 import jax
@@ -521,22 +522,51 @@ def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(gene
     prefill and both blocks; image batches), into the runner's own jit caches: serving then
     compiles no step and no encoder call."""
     config = dataclasses.replace(SMALL, min_rows=4, min_pages=16, min_features=64, encoder_batches=(1, 2, 4),
-                                 precompile=True)
+                                 precompile=True, decode_loop=2)
     runner = generator.runner.twin()                         # its own jit caches: nothing compiled yet
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     for name in ADAPTERS[1:]:
         pool.register(generator.pool.store[name])
     model_calls = lambda: {f: s for f, s in compile_seconds_by_function().items() if f in STEP_FUNCTIONS}
     before = model_calls()
-    assert precompile(runner, config, ("unmerged",)) == len(config.step_shapes(("unmerged",))) + 3
+    assert precompile(runner, config, ("unmerged",)) == len(config.step_shapes(("unmerged",))) + 3 + 1
     compiled = model_calls()
     assert all(compiled.get(f, 0) > before.get(f, 0) for f in STEP_FUNCTIONS)
     engine = Engine(runner, pool, config=config, policy="unmerged")
-    engine.generate(_requests(12))
+    engine.generate(_requests(12) + [Request("long", max_tokens=8)])
     assert len(engine.step_metrics) > 5 and model_calls() == compiled
+    assert any(s.steps == 2 for s in engine.step_metrics)
 
 
-STEP_FUNCTIONS = ("jit(_sample_step_impl)", "jit(_encode_impl)")
+STEP_FUNCTIONS = ("jit(_sample_step_impl)", "jit(_encode_impl)", "jit(_decode_loop_impl)")
+
+
+def test_decode_loops_give_each_request_its_oracle_output(oracle, generator):
+    """Decode steps run four to a call once every live request decodes with four tokens to go;
+    tokens past a stop are dropped, streams carry every token, a late request starts after the loop."""
+    reqs = [Request("loop a", [random_image(4)], adapter="task0", max_tokens=11),
+            Request("loop b", adapter="task1", max_tokens=9, temperature=0.8, seed=5),
+            Request("loop c", adapter=None, max_tokens=10)]
+    engine = _engine(generator, "ours", dataclasses.replace(SMALL, decode_loop=4))
+    streamed = collections.defaultdict(str)
+    ids = [engine.submit(r, on_event=lambda i, text, done: streamed.__setitem__(i, streamed[i] + text)) for r in reqs]
+    while engine.has_work:
+        if engine.step_metrics and engine.step_metrics[-1].steps == 4 and len(ids) == 3:
+            ids.append(engine.submit(Request("late", adapter="task2", max_tokens=3)))
+        engine.step()
+    loops = [s for s in engine.step_metrics if s.steps > 1]
+    assert loops and all(s.steps == 4 and s.tokens == 4 * s.decode_rows and not s.prefill_rows for s in loops)
+    for req, i in zip(reqs + [Request("late", adapter="task2", max_tokens=3)], ids):
+        got, want = engine.result(i), oracle(req)
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+        assert got.text.startswith(streamed[i]) and len(streamed[i]) >= len(got.text) - 4   # all but the last token
+    stop = engine.result(ids[2]).text[3:5]
+    if stop:           # a stop string inside a loop: the tokens after it are dropped
+        cut = _engine(generator, "ours", dataclasses.replace(SMALL, decode_loop=4)).generate(
+            [dataclasses.replace(reqs[2], stop=[stop])])[0]
+        assert cut.finish_reason == "stop" and engine.result(ids[2]).text.startswith(cut.text) and stop not in cut.text
+    assert engine.summary()["steps"] == sum(s.steps for s in engine.step_metrics)
+    assert engine.allocator.num_free == SMALL.num_pages - 1
 
 
 def test_a_named_system_brings_its_switch_and_needs_its_kernel(generator, monkeypatch):

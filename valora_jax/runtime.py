@@ -3,6 +3,7 @@
 `ModelRunner` splits an `LMM` into base params, LoRA slots and merged weights, and compiles
   step(cache, blocks, mode)     one prefill/decode step over the paged cache (cache donated)
   sample_step(..., sampling)    the same step, each row's next token sampled inside it (serving)
+  decode_loop(..., steps)       several decode steps in one call, each feeding its tokens to the next
   encode_images(pixels, slots)  vision tower + projector
   write_slot(slot, adapter)     place an adapter's weights in a device slot (slots donated)
   merge(slot)                   fold a slot's adapter into every targeted weight in one call
@@ -239,6 +240,8 @@ class ModelRunner:
         self._step = jax.jit(self._step_impl, static_argnames="mode", donate_argnames="cache")
         self._sample_step = jax.jit(self._sample_step_impl, static_argnames=("mode", "vocab_size"),
                                     donate_argnames="cache")
+        self._decode_loop = jax.jit(self._decode_loop_impl, static_argnames=("mode", "vocab_size", "steps"),
+                                    donate_argnames="cache")
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, static_argnames="layout", donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged", keep_unused=True)
@@ -313,6 +316,23 @@ class ModelRunner:
                                                 mode)
         return hidden, sample(logits.at[:, vocab_size:].set(-jnp.inf), *sampling), cache
 
+    def _decode_loop_impl(self, params, lora, merged, cache, block, merged_slot, sampling, mode: str,
+                          vocab_size: int, steps: int):
+        model = self._decoder_model(params, lora, merged)
+        ctx = self._ctx(token_slots([block]), merged_slot, mode)
+        no_features = jnp.zeros((0, self.config.text.hidden_size), jnp.dtype(self.config.dtype))
+
+        def one_step(i, carry):
+            cache, block, sampling, out = carry
+            _, logits, cache = model.step(cache, [block], no_features, ctx, self.attention)
+            tokens = sample(logits.at[:, vocab_size:].set(-jnp.inf), *sampling)
+            block = block._replace(tokens=tokens[:, None], positions=block.positions + 1)
+            return cache, block, sampling._replace(step=sampling.step + 1), out.at[i].set(tokens)
+
+        out = jnp.zeros((steps, block.tokens.shape[0]), jnp.int32)
+        cache, *_, out = jax.lax.fori_loop(0, steps, one_step, (cache, block, sampling, out))
+        return out, cache
+
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
         model = self._model(params, lora, merged)
         return model.encode_images(pixels, self._ctx(slot, merged_slot, mode))
@@ -359,6 +379,19 @@ class ModelRunner:
         return self._sample_step(*self._decoder_leaves(), cache, tuple(blocks), image_features, merged_slot,
                                  Sampling(*(np.asarray(a) for a in sampling)), mode=mode, vocab_size=vocab_size)
 
+    def decode_loop(self, cache, block: Block, sampling: Sampling, vocab_size: int, steps: int,
+                    mode: str = "unmerged"):
+        """`steps` decode steps of one decode block (one token a row) in one call, each step's
+        sampled tokens the next one's input at the next position: -> (tokens [steps, R] int32,
+        new cache). Every row runs every step (a caller drops the tokens after a row's stop);
+        each row's page table must already hold its `steps` new positions. The dispatch of one
+        call is paid once for all the steps."""
+        if block.tokens.shape[1] != 1:
+            raise ValueError(f"a decode loop runs one token a row, got a block of {block.tokens.shape[1]}")
+        return self._decode_loop(*self._decoder_leaves(), cache, block, self._merged_slot_for(mode),
+                                 Sampling(*(np.asarray(a) for a in sampling)), mode=mode, vocab_size=vocab_size,
+                                 steps=steps)
+
     def _merged_slot_for(self, mode: str) -> jax.Array:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -395,6 +428,21 @@ class ModelRunner:
                 rows = sum(blk.slot.shape[0] for blk in blocks)
                 sampling = Sampling(*(spec((rows,), a.dtype) for a in Sampling.greedy(1)))
                 lowered.append(self._sample_step.lower(*args, sampling, mode=mode, vocab_size=vocab_size))
+        return lowered
+
+    def lower_decode_loops(self, cache, shapes, vocab_size: int, steps: int) -> list:
+        """decode_loop variants of `steps` steps, traced and lowered as `lower_steps` does:
+        shapes (rows, pages, mode) per variant, a decode block of `rows` rows of one token over
+        page tables of `pages` columns."""
+        spec = jax.ShapeDtypeStruct
+        cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
+        lowered = []
+        for b, w, mode in shapes:
+            block = Block(spec((b, 1), jnp.int32), spec((b, 1), jnp.int32), spec((b, 1), jnp.bool_),
+                          spec((b, 1), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
+            sampling = Sampling(*(spec((b,), a.dtype) for a in Sampling.greedy(1)))
+            lowered.append(self._decode_loop.lower(*self._decoder_leaves(), cache, block, spec((), jnp.int32),
+                                                   sampling, mode=mode, vocab_size=vocab_size, steps=steps))
         return lowered
 
     def lower_encoder(self, counts, mode: str = "unmerged") -> list:
