@@ -190,7 +190,8 @@ def cmd_serve(args) -> None:
                 raise SystemExit(f"error: adapter {name!r}: {e}")
             print(f"warning: skipping embedded adapter {name!r}: {e}", file=sys.stderr)
     try:
-        config = serving_config(runner.config, max_images=Limits().max_images, max_queue=args.max_queue)
+        loop = {} if args.decode_loop is None else {"decode_loop": args.decode_loop}
+        config = serving_config(runner.config, max_images=Limits().max_images, max_queue=args.max_queue, **loop)
         engine = Engine(runner, pool, config=config, policy=args.policy, tokenizer=_tokenizer_for(args.model))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--policy", default="ours", choices=tuple(SYSTEMS),
                      help="serving system: its orchestration policy, switch and LoRA kernel (serve.policies.SYSTEMS)")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 429")
+    srv.add_argument("--decode-loop", type=int, metavar="N",
+                     help="decode steps per device call while every request decodes (default: the platform's)")
     srv.add_argument("--calibration-requests", type=int, default=16, metavar="N",
                      help="with policy ours: requests of a start-up probe that measures each mode's step time "
                           "before serving (0: none; ours then learns from the prior)")

@@ -38,6 +38,7 @@ def test_generate_with_an_image(capsys, tmp_path):
     (["info", "--model", "/no/model"], "/no/model"),
     (["info", "--backend", "pallas"], "LoRA backend 'pallas' runs compiled GPU kernels"),
     (["generate", "--prompt", "hi", "--attention", "pallas"], "attention backend 'pallas' runs compiled GPU kernels"),
+    (["serve", "--decode-loop", "0", "--port", "0"], "decode_loop must be >= 1, got 0"),
 ])
 def test_bad_input_exits_with_a_message(argv, message):
     with pytest.raises(SystemExit, match=message):
