@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import (ARRIVALS, KINDS, POPULARITY, GcPauses, SkippingClock, Workload,  # noqa: E402
                              make_trace, replay)
-from serve.engine import Engine, EngineConfig, precompile, serving_config  # noqa: E402
+from serve.config import EngineConfig, precompile, serving_config  # noqa: E402
+from serve.engine import Engine  # noqa: E402
 from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 from serve.policies import SYSTEMS, CostModel  # noqa: E402
 from valora_jax import PRESETS, AdapterPool, ModelRunner, TaskHead, init_model, make_adapter  # noqa: E402
@@ -130,7 +131,7 @@ def main(argv=None):
                     help="requests of each policy's and kind's warm-up trace (default: 2 x --max-rows)")
     ap.add_argument("--probe-requests", type=int, default=48,
                     help="requests of each kind that calibrate ours' step-time model (Engine.calibrate)")
-    for name in ENGINE_FIELDS:              # default: the serving configuration's (serve.engine.serving_config)
+    for name in ENGINE_FIELDS:              # default: the serving configuration's (serve.config.serving_config)
         ap.add_argument("--" + name.replace("_", "-"), type=int, help=f"EngineConfig.{name} (default: valora serve's)")
     ap.add_argument("--encoder-batches", help="numbers of images an encoder call is compiled for before the warm-up, "
                                               "comma-separated (default: valora serve's)")

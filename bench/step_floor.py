@@ -2,7 +2,7 @@
 
   python bench/step_floor.py --out bench/results/step_floor
 
-The runner and the block shapes are serve's (backends `auto`, `serve.engine.serving_config`:
+The runner and the block shapes are serve's (backends `auto`, `serve.config.serving_config`:
 decode blocks padded to its max_rows, page tables to its min_pages, prefill chunks in rows of
 its prefill_width), on a LLaVA-1.5-7B preset with random weights and 8 adapters of rank 16 in
 the pool. Each row times `steps` back-to-back steps (the cache passed on, nothing waited for
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import save_result  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth, time_op  # noqa: E402
-from serve.engine import serving_config  # noqa: E402
+from serve.config import serving_config  # noqa: E402
 from valora_jax import PRESETS, ModelRunner, RowSpec, init_model, init_pages, pack_block, random_adapter  # noqa: E402
 from valora_jax.runtime import Sampling, split_row, use_serving_xla_flags  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402

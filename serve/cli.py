@@ -171,7 +171,8 @@ def _calibration_requests(config, adapters: list[str], n: int) -> list:
 
 def cmd_serve(args) -> None:
     from serve.api_schema import Limits
-    from serve.engine import Engine, precompile, serving_config
+    from serve.config import precompile, serving_config
+    from serve.engine import Engine
     from serve.policies import SYSTEMS
     from serve.server import Server, create_app
     from serve.service import EngineService

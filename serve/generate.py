@@ -8,7 +8,8 @@ call to one mode (policies.FixedModePolicy).
 
 from typing import Sequence
 
-from serve.engine import Engine, EngineConfig
+from serve.config import EngineConfig
+from serve.engine import Engine
 from serve.policies import FixedModePolicy
 from valora_jax.adapters import AdapterPool
 from valora_jax.lora import MODES

@@ -4,7 +4,7 @@ do, the blocks are packed as serve packs them, and a tiny run reports every row.
 import numpy as np
 
 from bench import step_floor as bench
-from serve.engine import serving_config
+from serve.config import serving_config
 from valora_jax import tiny
 
 

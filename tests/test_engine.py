@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import random_image
-from serve.engine import Engine, EngineConfig, Overloaded, precompile, serving_config
+from serve.config import EngineConfig, precompile, serving_config
+from serve.engine import Engine, Overloaded
 from serve.policies import SYSTEMS, CostModel, Decision, Policy, pack
 from valora_jax import AdapterPool, Request, TaskHead, random_adapter
 from valora_jax.lora import MODES

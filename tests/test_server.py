@@ -27,7 +27,8 @@ from PIL import Image
 
 from conftest import micro_config, random_image
 from serve.api_schema import Limits
-from serve.engine import Engine, EngineConfig
+from serve.config import EngineConfig
+from serve.engine import Engine
 from serve.server import Server, create_app
 from serve.service import EngineService
 from valora_jax import (AdapterPool, ModelRunner, Request, TaskHead, init_model, random_adapter,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bench.workloads import GcPauses, SkippingClock, Workload, adapter_probabilities, arrival_times, make_trace, replay
-from serve.engine import Engine, EngineConfig
+from serve.config import EngineConfig
+from serve.engine import Engine
 from valora_jax.runtime import frozen_heap
 
 
