@@ -19,7 +19,7 @@ from serve.metrics import RequestMetrics, StepMetrics  # noqa: E402
 ARGS = ["--preset", "tiny", "--backend", "reference", "--attention", "reference", "--policies", "ours,unmerged",
         "--kinds", "vqa", "--arrivals", "poisson", "--popularity", "hot80", "--requests", "3",
         "--warmup-requests", "2", "--probe-requests", "4", "--adapters", "3", "--max-loras", "4", "--ranks", "8,16",
-        "--num-pages", "256", "--max-rows", "2", "--prefill-chunk", "32", "--token-budget", "64", "--min-rows", "2",
+        "--num-pages", "256", "--max-rows", "2", "--prefill-chunk", "32", "--token-budget", "32", "--min-rows", "2",
         "--prefill-width", "16", "--min-pages", "16", "--min-features", "256", "--compile-threads", "2",
         "--encoder-batches", "1"]
 

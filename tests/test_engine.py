@@ -426,7 +426,7 @@ def test_streaming_events_concatenate_to_the_completion(generator):
 
 
 def test_no_page_leaks_after_1000_requests(generator):
-    engine = _engine(generator, "ours", dataclasses.replace(SMALL, max_rows=32, token_budget=512, num_pages=96,
+    engine = _engine(generator, "unmerged", dataclasses.replace(SMALL, max_rows=32, token_budget=512, num_pages=96,
                                                            max_queue=1000))
     reqs = [Request(f"#{i}", adapter=ADAPTERS[i % 4], max_tokens=1 + i % 2) for i in range(1000)]
     ids = [engine.submit(r) for r in reqs]
@@ -522,8 +522,8 @@ def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(gene
     """precompile compiles every step shape and encoder batch an engine of its config meets (decode,
     prefill and both blocks; image batches), into the runner's own jit caches: serving then
     compiles no step and no encoder call."""
-    config = dataclasses.replace(SMALL, min_rows=4, min_pages=16, min_features=64, encoder_batches=(1, 2, 4),
-                                 precompile=True, decode_loop=2)
+    config = dataclasses.replace(SMALL, token_budget=32, min_rows=4, min_pages=16, min_features=64,
+                                 encoder_batches=(1, 2, 4), precompile=True, decode_loop=2)
     runner = generator.runner.twin()                         # its own jit caches: nothing compiled yet
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     for name in ADAPTERS[1:]:
