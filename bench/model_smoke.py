@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serve.config import EngineConfig  # noqa: E402
 from serve.generate import Generator  # noqa: E402
 from valora_jax import (AdapterPool, ModelRunner, Request, RowSpec, init_model, init_pages,  # noqa: E402
                         llava_1_5_7b, pack_block, random_adapter, tiny, use_serving_xla_flags)
@@ -45,12 +46,15 @@ def _tiny_agreement() -> dict:
         for i, r in enumerate((8, 32)):
             pool.register(random_adapter(cfg, runner.module_shapes, f"a{i}", r, seed=i))
         gen = Generator(runner, pool)
+        looped = Generator(runner, pool, config=EngineConfig(decode_loop=4))     # decode steps 4 to a call
         outputs[name] = {
             "unmerged": [c.token_ids for c in gen.generate(requests)],
+            "decode_loop": [c.token_ids for c in looped.generate(requests)],
             "mixture": [c.token_ids for c in gen.generate(requests, mode="mixture", merged_adapter="a0")],
             "merged": [c.token_ids for c in gen.generate(requests[:1], mode="merged")],
         }
     same = {mode: outputs["pallas"][mode] == outputs["reference"][mode] for mode in outputs["reference"]}
+    same["decode_loop_as_single_steps"] = outputs["pallas"]["decode_loop"] == outputs["reference"]["unmerged"]
     return {"same_greedy_tokens": same}
 
 
