@@ -38,8 +38,8 @@ from valora_jax.runtime import Sampling, split_row, use_serving_xla_flags  # noq
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 ADAPTERS, RANK = 8, 16
-LOOPS = (4, 8)
-"""Decode steps per call timed for each decode-only row (ModelRunner.decode_loop, EngineConfig.decode_loop)."""
+LOOPS = (8,)
+"""Decode steps per call timed for each full decode block (ModelRunner.decode_loop, EngineConfig.decode_loop)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +182,7 @@ def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
         if used > config.num_pages:
             raise ValueError(f"{shape.name} needs {used} pages; the serving configuration has {config.num_pages}")
         cache, times = _time_steps(runner, cache, blocks, empty, shape.mode, steps)
-        for loop in LOOPS if not shape.prefill else ():
+        for loop in LOOPS if shape.rows == -1 and not shape.prefill else ():
             cache, times[f"loop{loop}_step_ms"] = _time_loop(runner, cache, blocks[0], shape.mode, loop, steps)
         floor = _floor(shape, cfg, rows, copy_rate, matmul_rate, sizes)
         records.append({**dataclasses.asdict(shape), "rows": rows, **times, **floor,

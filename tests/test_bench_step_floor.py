@@ -33,11 +33,13 @@ def test_blocks_are_packed_as_the_serving_configuration_packs_them():
 
 
 def test_a_tiny_run_reports_every_row():
-    shapes = [bench.StepShape("decode 2 x 16 keys, merged", "merged", rows=2, keys=16),
+    shapes = [bench.StepShape("decode full x 16 keys, merged", "merged", rows=-1, keys=16),
               bench.StepShape("prefill 1 x 20, unmerged", "unmerged", prefill=1, prompt=20, adapters=2)]
     result = {"command": "python bench/step_floor.py", "device": "cpu", "jax": "0", "xla_flags": "",
               **bench.measure("tiny", 1, shapes)}
     text = bench.report(result)
     assert result["backend"] == "reference" and len(result["records"]) == 2
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in result["records"])
-    assert "| decode 2 x 16 keys, merged | 2 |" in text and "| prefill 1 x 20, unmerged | 0 |" in text
+    decode, prefill = result["records"]
+    assert all(decode[f"loop{k}_step_ms"] > 0 for k in bench.LOOPS) and not any("loop" in key for key in prefill)
+    assert "| decode full x 16 keys, merged | 32 |" in text and "| prefill 1 x 20, unmerged | 0 |" in text
