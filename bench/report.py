@@ -281,6 +281,15 @@ def step_floor(d):
                   f"{name}.merged_ms": num(step["merged"]["step_ms"]),
                   f"{name}.floor_ms": num(step["merged"]["floor_ms"])})
         v["adapters"] = str(step["unmerged"]["adapters"])
+    loops = sorted(int(k[4:-8]) for k in full[0] if k.startswith("loop") and k.endswith("_step_ms"))
+    if loops:                                    # decode steps run several to a call (ModelRunner.decode_loop)
+        k = f"loop{loops[-1]}_step_ms"
+        short = {r["mode"]: r for r in full if r["keys"] == min(r["keys"] for r in full)}
+        v.update({"loop": str(loops[-1]), "loop_ms": span([r[k] for r in full], 1),
+                  "loop_over": span([r[k] / r["floor_ms"] for r in full], 2, x),
+                  "loop.short.unmerged_ms": num(short["unmerged"][k]),
+                  "short.unmerged_ms": num(short["unmerged"]["step_ms"]),
+                  "short.unmerged_blocking_ms": num(short["unmerged"]["blocking_step_ms"])})
     return v
 
 

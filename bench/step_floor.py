@@ -150,11 +150,11 @@ def _time_loop(runner, cache, block, mode: str, loop: int, steps: int):
     run = lambda cache: runner.decode_loop(cache, block, sampling, runner.config.text.vocab_size, loop, mode)
     out = run(cache)                                                # compiles
     jax.block_until_ready(out)
-    cache, calls = out[1], max(1, steps // loop)
+    cache, calls = out[2], max(1, steps // loop)
     t0 = time.perf_counter()
     for _ in range(calls):
         out = run(cache)
-        cache = out[1]
+        cache = out[2]
     jax.block_until_ready(out)
     return cache, 1e3 * (time.perf_counter() - t0) / (calls * loop)
 

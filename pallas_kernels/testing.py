@@ -16,7 +16,7 @@ from pallas_kernels.atmm import _lora_delta
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 from pallas_kernels.lora_reference import (PAD_SLOT, LoraWeight, lora_delta_reference, merge_parts_reference,
                                            merge_weight_reference)
-from pallas_kernels.merge import _merge, _merge_parts
+from pallas_kernels.merge import _merge, merge_parts
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from pallas_kernels.tiling import MergeTile, TileConfig, pick_tile
 
@@ -306,8 +306,8 @@ def check_merge_parts(case: MergePartsCase, seed: int = 0, interpret: bool = Fal
     merged = jnp.asarray(np.where(owned[None, :], np.nan, old), case.dtype)
     worst = 0.0
     for s in range(case.slots):
-        got = np.asarray(_merge_parts(kernel, merged, parts, jnp.int32(s), columns=tuple(case.columns),
-                                      tile=case.tile, interpret=interpret))
+        got = np.asarray(merge_parts(kernel, merged, parts, case.columns, jnp.int32(s), tile=case.tile,
+                                     interpret=interpret))
         with jax.default_matmul_precision("highest"):
             want = np.asarray(merge_parts_reference(kernel, merged, parts, case.columns, jnp.int32(s)), np.float32)
         assert got.dtype == kernel.dtype and got.shape == kernel.shape, (got.dtype, got.shape)

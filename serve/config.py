@@ -72,6 +72,12 @@ class EngineConfig:
             raise ValueError(f"prefill_chunk ({self.prefill_chunk}) must be a multiple of prefill_width "
                              f"({self.prefill_width}), and token_budget ({self.token_budget}) at least one row")
 
+    @property
+    def max_step_rows(self) -> int:
+        """The most rows a step's blocks hold (decode rows, padded, and prefill rows): the length of
+        the token vector a step hands the next one (runtime.Feed)."""
+        return bucket(self.max_rows, self.min_rows) + self.token_budget // self.prefill_width
+
     def step_shapes(self, modes) -> list:
         """The step variants (ModelRunner.lower_steps' shapes) an engine of this config meets
         when its minimums cover every row (decode rows, prefill tokens, pages, image features):
@@ -114,9 +120,10 @@ def precompile(runner: ModelRunner, config: EngineConfig, modes=MODES, threads: 
     caches, where the steps find them."""
     cfg = runner.config
     cache = jax.eval_shape(lambda: init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype)))
-    lowered = runner.lower_steps(cache, config.step_shapes(modes), vocab_size) + runner.lower_encoder(
+    feed = config.max_step_rows
+    lowered = runner.lower_steps(cache, config.step_shapes(modes), vocab_size, feed) + runner.lower_encoder(
         config.encoder_batches)
     if config.decode_loop > 1:
         decode = [(rows, pages, mode) for ((rows, _, pages),), _, mode in config.step_shapes(modes)[:len(modes)]]
-        lowered += runner.lower_decode_loops(cache, decode, vocab_size, config.decode_loop)
+        lowered += runner.lower_decode_loops(cache, decode, vocab_size, config.decode_loop, feed)
     return compile_lowered(lowered, threads)

@@ -9,9 +9,12 @@ Each `step()`:
      of all of it are free), preempting (for recompute) the newest requests when the running
      ones outgrow the cache;
   4. images of newly started requests are encoded (cached by image hash and vision adapter);
-  5. one jitted call runs the decode block and the prefill block (each prefill chunk in
-     whole rows of `prefill_width` tokens); rows that reached the end of their known tokens
-     sample a token, task-head adapters answer after their prefill.
+  5. one jitted call is dispatched for the decode block and the prefill block (each prefill
+     chunk in whole rows of `prefill_width` tokens); rows that reached the end of their known
+     tokens sample a token, task-head adapters answer after their prefill;
+  6. the tokens of the step dispatched before are read and applied (stop rules, streams), while
+     the device runs this one: a decode row whose token is still on the device takes it there
+     (runtime.Feed), so the host's work on a step overlaps the device's on the step before.
 Requests are submitted at any time (`submit`) and followed through `result` or an
 `on_event(request_id, text_delta, completion)` callback (completion is set on the last one).
 A request's CPU work (checks, tokenisation, image preprocessing and hashing) can be done first
@@ -24,6 +27,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import math
 import time
 from typing import Callable
 
@@ -39,7 +43,7 @@ from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.lora import PAD_SLOT
 from valora_jax.request import Completion, Request, RequestState
-from valora_jax.runtime import ModelRunner, RowSpec, Sampling, bucket, compile_seconds, pack_block, split_row
+from valora_jax.runtime import Feed, ModelRunner, RowSpec, Sampling, bucket, compile_seconds, pack_block, split_row
 from valora_jax.tokenizer import ByteTokenizer
 
 log = logging.getLogger("valora.engine")
@@ -87,10 +91,37 @@ class _Seq:
     adapter: tuple[str, int] | None = None    # (name, version) fixed at submission
     output_tokens: int = 1                    # the most it outputs: 1 for a task head's answer
     faults: int = 0                           # failed steps it ran in that lost the KV cache (two fail it)
+    inflight: int = 0                         # its tokens sampled by the dispatched step, not read yet
+    inflight_row: int = -1                    # where the last of them stands in that step's tokens
+    epoch: int = 0                            # bumped when it recomputes: tokens of older steps are dropped
 
     @property
     def pending(self) -> int:
-        return len(self.state.tokens) - self.computed
+        """Tokens not yet in the KV cache (the last in-flight token counts, as it will be known)."""
+        return len(self.state.tokens) + self.inflight - self.computed
+
+    @property
+    def generated(self) -> int:
+        """Tokens it has output, those in flight included."""
+        return len(self.state.out) + self.inflight
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    """A step on the device whose tokens the host has not read yet. takes: (seq, row, tokens, epoch)
+    for each row whose step ends its known tokens (row: its column of `tokens`; tokens: how many it
+    samples; epoch: the request's, at dispatch); tokens: [steps, R] device array ([R]: one step); feed: the next
+    step's feed tokens [L]; hidden [R, D] when some row answers with a task head (heads: seq id
+    -> head); metrics: StepMetrics fields but the duration."""
+
+    takes: list
+    tokens: jax.Array
+    feed: jax.Array
+    hidden: jax.Array | None
+    heads: dict
+    metrics: dict
+    seqs: list                    # every row's request
+    features: np.ndarray | None = None   # what the step-time model learns it from (None: nothing)
 
 
 class ImageCache:
@@ -161,6 +192,9 @@ class Engine:
         self.policy_failures, self.last_policy_error = 0, None     # decisions that raised (see step)
         self.step_failures, self.last_step_error = 0, None         # model steps that raised (see _isolate)
         self.failing_steps = 0             # consecutive steps none of whose rows ran (a device or model fault)
+        self._pending: _Dispatched | None = None      # the dispatched step whose tokens are not read yet
+        self._no_feed = jnp.zeros((config.max_step_rows,), jnp.int32)
+        self._last_read: float | None = None           # when the last step's tokens were read
 
     # submission ---------------------------------------------------------------------------------
     def prepare(self, request: Request) -> PreparedRequest:
@@ -243,6 +277,8 @@ class Engine:
                 ids.append(self.submit(p))
             while any(i in self._seqs for i in ids):
                 self._step_or_raise()
+            if not self._seqs:
+                self._read_pending()         # a step of rows whose requests had ended
         except BaseException:
             for i in ids:                    # nothing of a failed call stays queued
                 self.cancel(i)
@@ -255,8 +291,9 @@ class Engine:
     def _step_or_raise(self) -> None:
         """step(); RuntimeError if it ran nothing and changed nothing (the policy schedules none
         of the live requests: running on would never end)."""
-        before = [(s.id, s.computed) for s in self._seqs.values()]
-        if self.step() is None and before == [(s.id, s.computed) for s in self._seqs.values()]:
+        progress = lambda: [(s.id, s.computed, s.inflight) for s in self._seqs.values()]
+        before = progress()
+        if self.step() is None and before == progress():
             raise RuntimeError(f"policy {type(self.policy).__name__} scheduled none of {len(before)} live requests")
 
     def calibrate(self, requests: list[Request], passes: int = 2) -> int:
@@ -319,23 +356,28 @@ class Engine:
 
     # the step -----------------------------------------------------------------------------------
     def step(self) -> StepMetrics | None:
-        """Run one scheduling step; None when there was nothing to run.
+        """Run one scheduling step: decide, dispatch the step to the device, then read the tokens
+        of the step dispatched before it (so the host's work on a step overlaps the device's
+        work on the one before). Returns the metrics of the step whose tokens were read (None
+        when none was).
 
         The policy sees only requests whose adapter is ready (resident, or its device copy made):
         a request whose adapter is still being copied waits, and the others run meanwhile. Only
         when no request is ready does the step wait, for the first copy to finish (counted in its
-        load_time)."""
+        load_time). A request whose in-flight token is certain to end it (its last token, a task
+        head's answer) waits for that token to be read."""
         start, compiled_before = self.clock(), compile_seconds(this_thread=True)
         for seq in [s for s in self._seqs.values() if s.cancelled]:
             self._finish(seq, "cancelled")
-        if not self._seqs:
-            return None
-        ready = lambda: [s for s in self._seqs.values() if s.adapter is None or self.pool.ready(s.adapter)]
+        ready = lambda: [s for s in self._seqs.values()
+                         if not self._ends_when_read(s) and (s.adapter is None or self.pool.ready(s.adapter))]
         while not (runnable := ready()):          # nothing else to run: waiting for a copy stalls no one
+            if self._pending is not None or not self._seqs:
+                return self._read_pending()
             self.pool.wait_staged({s.adapter for s in self._seqs.values()}, first=True)
         now = self.clock()
         views = tuple(SeqView(s.id, s.adapter, s.metrics.arrival, s.pending, now - s.metrics.arrival - s.served,
-                              s.output_tokens, s.computed, len(s.state.out)) for s in runnable)
+                              s.output_tokens, s.computed, s.generated) for s in runnable)
         state = SchedulerState(now, views, self.merged_adapter, self.limits, self.allocator.num_free, self.cost)
         try:
             decision = self.policy.decide(state)
@@ -345,6 +387,10 @@ class Engine:
             self.last_policy_error = f"{type(e).__name__}: {e}"
             decision = Decision("unmerged", None, pack(state))
         rows = [(self._seqs[i], n) for i, n in decision.rows]
+        read = None
+        if any(s.inflight and not (n == 1 and s.pending == 1) for s, n in rows):
+            read = self._read_pending()          # a row that recomputes needs its in-flight tokens first
+            rows = [(s, n) for s, n in rows if s.id in self._seqs]
         placing = self.clock()
         slots = self._place_adapters(rows, decision.merged_adapter if decision.mode != "unmerged" else None)
         load = (now - start) + (self.clock() - placing)
@@ -359,59 +405,137 @@ class Engine:
             loop = loop if len(kept) == len(rows) else 1
             rows = kept
             if not rows:
-                return None
+                return self._read_pending() or read
             kv = sum(s.computed + n for s, n in rows)          # cache positions the (first) step's attention reads
+            features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv,
+                                          self.limits.positions([n for _, n in rows]))
             failures = self.step_failures
             try:
                 self._encode_images([s for s, _ in rows], slots)
-                padded = self._run(rows, slots, mode) if loop == 1 else self._run_loop(rows, slots, mode, loop)
+                dispatched = self._run(rows, slots, mode) if loop == 1 else self._run_loop(rows, slots, mode, loop)
             except Exception as e:        # a fault fails only the requests it belongs to
-                rows, padded, loop = *self._isolate(rows, slots, e), 1
-                mode = "unmerged"
-                if not rows:
-                    return None
+                return self._isolate(rows, slots, e) or read
             self.failing_steps = 0
         finally:
             for name in slots:
                 self.pool.unpin(name)
-        duration, compiled = self.clock() - start, compile_seconds(this_thread=True) - compiled_before
-        for seq, _ in rows:
+        compiled = compile_seconds(this_thread=True) - compiled_before
+        dispatched.features = features if not compiled and failures == self.step_failures else None
+        dispatched.metrics.update(
+            start=start, switch_time=switch, mode=mode,
+            merged_adapter=decision.merged_adapter if mode != "unmerged" else None,
+            decode_rows=sum(n == 1 for _, n in rows), prefill_rows=sum(n > 1 for _, n in rows),
+            tokens=loop * sum(n for _, n in rows), lora_tokens=float(features[2]),
+            adapters=len({s.adapter for s, _ in rows} - {None}), compile_time=compiled, load_time=load,
+            kv_positions=kv, predicted_time=loop * self.cost.step_time_of(mode, features), steps=loop)
+        previous, self._pending = self._pending, dispatched
+        return self._read(previous, between=switch + load + compiled, learn=not (switch or compiled)) or read
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a dispatched step's tokens are still to be read (the next step() reads them)."""
+        return self._pending is not None
+
+    def _ends_when_read(self, seq: _Seq) -> bool:
+        """Its in-flight tokens end it (its last token, or a task head's answer): it waits for them."""
+        return seq.inflight > 0 and seq.generated >= seq.output_tokens
+
+    def _read_pending(self) -> StepMetrics | None:
+        pending, self._pending = self._pending, None
+        return self._read(pending)
+
+    def _read(self, d: _Dispatched | None, between: float = 0.0, learn: bool = True) -> StepMetrics | None:
+        """Wait for a dispatched step and apply its tokens: each row's under its request's stop
+        rules (a request that recomputes since drops them), task heads' answers; its metrics
+        recorded. Its duration: its own switch and adapter loads, and the time from its dispatch,
+        or from the read of the step before when that came later (steps follow back to back),
+        to its read, less `between`, the seconds another step's switch, loads and compiles took in
+        that time. The step-time model learns from it unless `learn` is False. None for None, or
+        when reading raised (_lost)."""
+        if d is None:
+            return None
+        try:
+            tokens = np.asarray(d.tokens).reshape(d.metrics["steps"], -1)
+            hidden = np.asarray(d.hidden, np.float32) if d.heads else None
+        except Exception as e:        # a fault on the device shows when its results are read
+            self._lost(d, e)
+            return None
+        now = self.clock()
+        for seq, row, count, epoch in d.takes:
+            if seq.epoch != epoch:
+                continue
+            seq.inflight -= count
+            if seq.id not in self._seqs:
+                continue
+            if seq.id in d.heads:
+                seq.state.label = d.heads[seq.id].answer(hidden[row])
+                seq.metrics.first_token = seq.metrics.first_token or now
+                self._finish(seq, "stop")
+                continue
+            for token in tokens[:count, row]:
+                self._emit(seq, int(token), now)
+                if seq.state.finish is not None:
+                    break
+        begin = max(d.metrics["start"], self._last_read or -math.inf)
+        own = d.metrics["switch_time"] + d.metrics["load_time"] if begin > d.metrics["start"] else 0.0
+        duration = own + max(now - begin - between, 0.0)
+        self._last_read = now
+        for seq in d.seqs:
             seq.served += duration
-        features = self.cost.features(mode, decision.merged_adapter, [(s.adapter, n) for s, n in rows], kv,
-                                      self.limits.positions([n for _, n in rows]))
-        step = StepMetrics(start, duration, switch, mode, decision.merged_adapter if mode != "unmerged" else None,
-                           sum(n == 1 for _, n in rows), sum(n > 1 for _, n in rows), loop * sum(n for _, n in rows),
-                           float(features[2]), len({s.adapter for s, _ in rows} - {None}), compiled, load, kv, padded,
-                           loop * self.cost.step_time_of(mode, features), loop)
-        if not compiled and failures == self.step_failures:   # a compiling or failed step says nothing
-                                                               # about what the mode costs
-            self.cost.observe(mode, features, step.compute_time / loop)
+        step = StepMetrics(duration=duration, **d.metrics)
+        if d.features is not None and learn and step.compute_time > 0:
+            # a compiling or failed step says nothing about what the mode costs, nor one whose time
+            # another step's switch or compile overlapped
+            self.cost.observe(step.mode, d.features, step.compute_time / step.steps)
         self.step_metrics.append(step)
         return step
 
-    def _isolate(self, rows, slots, error: Exception) -> tuple[list, int]:
-        """After the step over `rows` raised `error`: each row again alone and unmerged (the step's
-        mode or any row may be at fault); a row that fails alone fails its request, naming the
-        error, and the others go on. When the failure consumed the KV cache (a fault on the
-        device), the cache is rebuilt and every live request recomputes from its start instead,
-        a request failing once it has been in two such steps. -> (the rows that ran, their
-        padded positions); counts the failure (step_failures, failing_steps)."""
+    def _lost(self, d: _Dispatched, error: Exception) -> None:
+        """A dispatched step failed on the device (seen when its tokens were read): its requests
+        recompute from their start (the cache is rebuilt if the fault consumed it), and one in
+        its second such step fails, naming the error."""
+        log.exception("reading an engine step over %d rows failed", len(d.seqs))
+        self.step_failures += 1
+        self.failing_steps += 1
+        self.last_step_error = f"{type(error).__name__}: {error}"
+        self._recover_cache()
+        for seq in d.seqs:
+            seq.faults += 1
+            if seq.id in self._seqs:
+                if seq.faults >= 2:
+                    self._finish(seq, "error", f"engine step failed: {self.last_step_error}")
+                elif seq.pages or seq.inflight:
+                    self._preempt(seq)
+
+    def _isolate(self, rows, slots, error: Exception) -> StepMetrics | None:
+        """After dispatching the step over `rows` raised `error`: the step before it is read, then
+        each row runs again alone and unmerged (the step's mode or any row may be at fault); a
+        row that fails alone fails its request, naming the error, and the others go on. When the
+        failure consumed the KV cache (a fault on the device), the cache is rebuilt and every live
+        request recomputes from its start instead, a request failing once it has been in two
+        such steps. Counts the failure (step_failures, failing_steps); -> the metrics of the last
+        step read."""
         log.exception("engine step over %d rows failed; retrying each alone", len(rows))
         self.step_failures += 1
         self.last_step_error = f"{type(error).__name__}: {error}"
+        epochs = {seq.id: seq.epoch for seq, _ in rows}
+        read = self._read_pending()             # (a request it makes recompute gave up its pages: left out)
+        rows = [(seq, n) for seq, n in rows if seq.id in self._seqs and seq.epoch == epochs[seq.id]]
         if self._recover_cache():
             for seq, _ in rows:
                 seq.faults += 1
                 if seq.faults >= 2 and seq.id in self._seqs:
                     self._finish(seq, "error", f"engine step failed: {self.last_step_error}")
             self.failing_steps += 1
-            return [], 0
-        ran, padded = [], 0
+            return read
+        ran = False
         for seq, n in rows:
+            if seq.id not in self._seqs:
+                continue
             try:
                 self._encode_images([seq], slots)
-                padded += self._run([(seq, n)], slots, "unmerged")
-                ran.append((seq, n))
+                read = self._read(self._run([(seq, n)], slots, "unmerged")) or read
+                ran = True
             except Exception as e:
                 log.exception("request %s failed alone", seq.id)
                 seq.faults += 1
@@ -422,7 +546,7 @@ class Engine:
                     break
         if not ran:
             self.failing_steps += 1
-        return ran, padded
+        return read
 
     def _recover_cache(self) -> bool:
         """Whether a failed call consumed the KV cache (its buffers were donated); if so a fresh
@@ -470,12 +594,13 @@ class Engine:
 
     def _loop_steps(self, rows) -> int:
         """The decode steps the rows run in one call: config.decode_loop when they are decodes of
-        every live request and each has that many tokens still to output, else 1."""
+        every live request (but those whose in-flight tokens end them) and each has that many
+        tokens still to output, else 1."""
         steps = self.config.decode_loop
-        if steps == 1 or len(rows) != len(self._seqs):
+        if steps == 1 or len(rows) != sum(not self._ends_when_read(s) for s in self._seqs.values()):
             return 1
-        decoding = lambda s, n: n == 1 and s.state.out and s.computed == len(s.state.tokens) - 1
-        if all(decoding(s, n) and len(s.state.out) + steps <= s.state.request.max_tokens for s, n in rows):
+        decoding = lambda s, n: n == 1 and s.generated and s.pending == 1
+        if all(decoding(s, n) and s.generated + steps <= s.state.request.max_tokens for s, n in rows):
             return steps
         return 1
 
@@ -498,8 +623,10 @@ class Engine:
         return kept
 
     def _preempt(self, seq: _Seq) -> None:
+        """Free its pages: it recomputes from its start, its tokens still in flight dropped (drawn
+        again alike: sampling depends only on the request and its step)."""
         self.allocator.free(seq.pages)
-        seq.pages, seq.computed = [], 0
+        seq.pages, seq.computed, seq.inflight, seq.epoch = [], 0, 0, seq.epoch + 1
         seq.metrics.preemptions += 1
 
     def _encode_images(self, seqs, slots) -> None:
@@ -534,13 +661,16 @@ class Engine:
             feats = _place_rows(feats, image, jnp.int32(row))
         return feats
 
-    def _run(self, rows, slots, mode: str) -> int:
-        """Run the rows in one model step; the token positions of its blocks, padding included."""
+    def _run(self, rows, slots, mode: str) -> _Dispatched:
+        """Dispatch the rows as one model step (a row of a request whose token is still in flight
+        takes it from the step before, on the device: runtime.Feed); the rows that reach the end
+        of their known tokens sample their next token (or answer with their task head), read later
+        (_read)."""
         now = self.clock()
         decode, prefill, features, offset = [], [], [], 0
         for seq, n in rows:
             seq.metrics.first_scheduled = seq.metrics.first_scheduled or now
-            chunk = seq.state.tokens[seq.computed: seq.computed + n]
+            chunk = [0] if seq.inflight else seq.state.tokens[seq.computed: seq.computed + n]   # [0]: fed
             image_rows = None
             if seq.features is not None and seq.computed < len(seq.state.prompt_ids):
                 local = np.asarray(seq.state.image_rows + [-1] * len(seq.state.out))[seq.computed: seq.computed + n]
@@ -563,59 +693,65 @@ class Engine:
             row_index += (first + np.cumsum([len(ps) for ps in pieces]) - 1).tolist()
         rows = [(seq, spec, i) for (seq, spec), i in zip(decode + prefill, row_index)]
         sampling = self._sampling([(seq, i) for seq, _, i in rows], sum(block.valid.shape[0] for block in blocks))
+        feed = self._feed([seq for seq, _ in decode], blocks[0].valid.shape[0] if decode else 0)
         hidden, tokens, self.cache = self.runner.sample_step(self.cache, blocks, feats, sampling,
-                                                             self.tokenizer.vocab_size, mode)
-        self._advance(rows, hidden, tokens)
-        return sum(block.valid.size for block in blocks)
+                                                             self.tokenizer.vocab_size, mode, feed=feed)
+        takes, heads = [], {}
+        for seq, spec, i in rows:
+            if seq.pending == len(spec.tokens):   # it reaches the end of its known tokens: it samples
+                if seq.adapter is not None and not seq.generated and self.pool.get(seq.adapter).head is not None:
+                    heads[seq.id] = self.pool.get(seq.adapter).head
+                takes.append((seq, i, 1, seq.epoch))
+                seq.inflight, seq.inflight_row = seq.inflight + 1, i
+            seq.computed += len(spec.tokens)
+        metrics = self._metrics(mode, [(seq, len(spec.tokens)) for seq, spec, _ in rows], 1,
+                                sum(block.valid.size for block in blocks))
+        return _Dispatched(takes, tokens, tokens, hidden if heads else None, heads, metrics,
+                           [seq for seq, _, _ in rows])
 
-    def _run_loop(self, rows, slots, mode: str, steps: int) -> int:
-        """Run the decode rows `steps` steps in one call (ModelRunner.decode_loop); the token
-        positions it computed, padding included. A row's tokens after its stop are dropped."""
-        specs = [RowSpec(seq.state.tokens[seq.computed:], seq.computed, None, slots.get(seq.adapter, -1), seq.pages)
-                 for seq, _ in rows]
+    def _run_loop(self, rows, slots, mode: str, steps: int) -> _Dispatched:
+        """Dispatch the decode rows `steps` steps in one call (ModelRunner.decode_loop); their
+        tokens are read later (_read), a row's tokens after its stop dropped."""
+        specs = [RowSpec([0] if seq.inflight else seq.state.tokens[seq.computed:], seq.computed, None,
+                         slots.get(seq.adapter, -1), seq.pages) for seq, _ in rows]
         block = pack_block(specs, min_rows=self.config.min_rows, min_pages=self.config.min_pages)
         sampling = self._sampling([(seq, i) for i, (seq, _) in enumerate(rows)], block.valid.shape[0])
-        tokens, self.cache = self.runner.decode_loop(self.cache, block, sampling, self.tokenizer.vocab_size, steps,
-                                                     mode)
-        tokens, now = np.asarray(tokens), self.clock()
+        feed = self._feed([seq for seq, _ in rows], block.valid.shape[0])
+        tokens, last, self.cache = self.runner.decode_loop(self.cache, block, sampling, self.tokenizer.vocab_size,
+                                                           steps, mode, feed=feed)
+        takes = []
         for i, (seq, _) in enumerate(rows):
-            for token in tokens[:, i]:
-                seq.computed += 1
-                self._emit(seq, int(token), now)
-                if seq.state.finish is not None:
-                    break
-        return steps * block.valid.size
+            takes.append((seq, i, steps, seq.epoch))
+            seq.inflight, seq.inflight_row = seq.inflight + steps, i
+            seq.computed += steps
+        metrics = self._metrics(mode, [(seq, 1) for seq, _ in rows], steps, steps * block.valid.size)
+        return _Dispatched(takes, tokens, last, None, {}, metrics, [seq for seq, _ in rows])
 
-    @staticmethod
-    def _sampling(rows, n: int) -> Sampling:
+    def _feed(self, decode: list, rows: int) -> Feed:
+        """The feed of a step whose decode block holds `decode` (then padding, `rows` in all): each
+        in-flight request's token from the tokens of the step before."""
+        index = np.full(rows, -1, np.int32)
+        index[: len(decode)] = [seq.inflight_row if seq.inflight else -1 for seq in decode]
+        return Feed(self._pending.feed if self._pending is not None else self._no_feed, index)
+
+    def _metrics(self, mode: str, rows, steps: int, padded: int) -> dict:
+        """StepMetrics fields (but the duration) of a step dispatched now over rows (seq, tokens)
+        for `steps` steps; the scheduling step fills in what it knows besides."""
+        return dict(start=self.clock(), switch_time=0.0, mode=mode, merged_adapter=None,
+                    decode_rows=sum(n == 1 for _, n in rows), prefill_rows=sum(n > 1 for _, n in rows),
+                    tokens=steps * sum(n for _, n in rows), lora_tokens=0.0,
+                    adapters=len({s.adapter for s, _ in rows} - {None}), padded_tokens=padded, steps=steps)
+
+    def _sampling(self, rows, n: int) -> Sampling:
         """How each (seq, row index) of a step of n rows draws: as its request asks, at its step
-        (tokens output so far); the other rows greedily (their tokens are dropped)."""
+        (tokens output so far, those in flight included); the other rows greedily (their tokens
+        are dropped)."""
         sampling = Sampling.greedy(n)
         for seq, i in rows:
             request = seq.state.request
             sampling.temperature[i], sampling.top_p[i] = request.temperature, request.top_p
-            sampling.seed[i], sampling.step[i] = request.seed, len(seq.state.out)
+            sampling.seed[i], sampling.step[i] = request.seed, seq.generated
         return sampling
-
-    def _advance(self, rows, hidden, tokens) -> None:
-        """Rows that ended their known tokens take their sampled token (read back: the step's
-        duration, what the step-time model learns, is its own), or their task head's label."""
-        done_prefill = [(seq, i) for seq, spec, i in rows
-                        if seq.computed + len(spec.tokens) == len(seq.state.tokens)]
-        for seq, spec, _ in rows:
-            seq.computed += len(spec.tokens)
-        heads = {seq.id: self.pool.get(seq.adapter).head for seq, _ in done_prefill
-                 if seq.adapter is not None and not seq.state.out and self.pool.get(seq.adapter).head is not None}
-        tokens = np.asarray(tokens)
-        hidden_np = np.asarray(hidden, np.float32) if heads else None
-        now = self.clock()
-        for seq, i in done_prefill:
-            if seq.id in heads:
-                seq.state.label, seq.state.finish = heads[seq.id].answer(hidden_np[i]), "stop"
-                seq.metrics.first_token = seq.metrics.first_token or now
-                self._finish(seq, "stop")
-            else:
-                self._emit(seq, int(tokens[i]), now)
 
     def _emit(self, seq: _Seq, token: int, now: float) -> None:
         """A row's sampled token: recorded under its request's stop rules, streamed, and the

@@ -243,7 +243,7 @@ class EngineService:
                         future.set_result(fn(self.engine))
                     except BaseException as e:     # handed to the caller
                         future.set_exception(e)
-            idle = self.engine.has_work and self._step() is None
+            idle = self.engine.has_work and self._step() is None and not self.engine.in_flight
             try:
                 self._update_gauges()
             except Exception:                      # metrics must never stop the engine

@@ -161,6 +161,38 @@ class Sampling(NamedTuple):
                    np.zeros(rows, np.int32))
 
 
+class Feed(NamedTuple):
+    """Tokens a step takes from the device rather than the host (the engine dispatches a step
+    before it has read the tokens of the one before): tokens [L] int32, the padded output of an
+    earlier step given a feed of L tokens; index [B] int32 per row of the step's first block,
+    which must be a decode block (one token a row): the entry of `tokens` that is the row's token,
+    -1 where the block's own token stands."""
+
+    tokens: jax.Array
+    index: np.ndarray
+
+
+def _fed(block: Block, feed: Feed | None) -> Block:
+    """The decode block with its fed rows' tokens taken from feed.tokens."""
+    if feed is None or not feed.index.shape[0]:
+        return block
+    fed = jnp.where(feed.index >= 0, feed.tokens[jnp.maximum(feed.index, 0)], block.tokens[:, 0])
+    return block._replace(tokens=fed[:, None])
+
+
+def _padded(tokens: jax.Array, feed: Feed | None) -> jax.Array:
+    """A step's tokens [R], padded to feed's L with zeros when it has a feed (to feed the next)."""
+    return tokens if feed is None else jnp.zeros(feed.tokens.shape, tokens.dtype).at[: tokens.shape[0]].set(tokens)
+
+
+def _feed_spec(tokens: int | None, first: Block) -> Feed | None:
+    """The abstract Feed of `tokens` tokens for a step whose first block is `first` (abstract)."""
+    if tokens is None:
+        return None
+    rows = first.tokens.shape[0] if first.tokens.shape[1] == 1 else 0
+    return Feed(jax.ShapeDtypeStruct((tokens,), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32))
+
+
 def token_slots(blocks: Sequence[Block]) -> jax.Array:
     """[sum of B*Q] int32: each token's adapter slot, its row's, PAD_SLOT for the padding tokens
     (which then cost the LoRA branch nothing, in mixture mode too)."""
@@ -310,14 +342,16 @@ class ModelRunner:
         return model.step(cache, blocks, image_features, self._ctx(token_slots(blocks), merged_slot, mode),
                           self.attention)
 
-    def _sample_step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, sampling,
+    def _sample_step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, sampling, feed,
                           mode: str, vocab_size: int):
+        blocks = (_fed(blocks[0], feed), *blocks[1:])
         hidden, logits, cache = self._step_impl(params, lora, merged, cache, blocks, image_features, merged_slot,
                                                 mode)
-        return hidden, sample(logits.at[:, vocab_size:].set(-jnp.inf), *sampling), cache
+        return hidden, _padded(sample(logits.at[:, vocab_size:].set(-jnp.inf), *sampling), feed), cache
 
-    def _decode_loop_impl(self, params, lora, merged, cache, block, merged_slot, sampling, mode: str,
+    def _decode_loop_impl(self, params, lora, merged, cache, block, merged_slot, sampling, feed, mode: str,
                           vocab_size: int, steps: int):
+        block = _fed(block, feed)
         model = self._decoder_model(params, lora, merged)
         ctx = self._ctx(token_slots([block]), merged_slot, mode)
         no_features = jnp.zeros((0, self.config.text.hidden_size), jnp.dtype(self.config.dtype))
@@ -331,7 +365,7 @@ class ModelRunner:
 
         out = jnp.zeros((steps, block.tokens.shape[0]), jnp.int32)
         cache, *_, out = jax.lax.fori_loop(0, steps, one_step, (cache, block, sampling, out))
-        return out, cache
+        return out, _padded(out[-1], feed), cache
 
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
         model = self._model(params, lora, merged)
@@ -372,25 +406,40 @@ class ModelRunner:
                           mode=mode)
 
     def sample_step(self, cache, blocks: Sequence[Block], image_features, sampling: Sampling, vocab_size: int,
-                    mode: str = "unmerged"):
+                    mode: str = "unmerged", feed: Feed | None = None):
         """step() that also draws each row's next token in the same call (so the host reads R token
-        ids, not R x V logits): -> (hidden [R, D], tokens [R] int32 < vocab_size, new cache)."""
+        ids, not R x V logits): -> (hidden [R, D], tokens [R] int32 < vocab_size, new cache). With
+        a `feed` of L tokens, the first block's fed rows take their tokens from it, and the tokens
+        come back padded to [L] (to feed the next step)."""
         merged_slot = self._merged_slot_for(mode)
         return self._sample_step(*self._decoder_leaves(), cache, tuple(blocks), image_features, merged_slot,
-                                 Sampling(*(np.asarray(a) for a in sampling)), mode=mode, vocab_size=vocab_size)
+                                 Sampling(*(np.asarray(a) for a in sampling)), self._checked(feed, blocks[0]),
+                                 mode=mode, vocab_size=vocab_size)
 
     def decode_loop(self, cache, block: Block, sampling: Sampling, vocab_size: int, steps: int,
-                    mode: str = "unmerged"):
+                    mode: str = "unmerged", feed: Feed | None = None):
         """`steps` decode steps of one decode block (one token a row) in one call, each step's
         sampled tokens the next one's input at the next position: -> (tokens [steps, R] int32,
-        new cache). Every row runs every step (a caller drops the tokens after a row's stop);
-        each row's page table must already hold its `steps` new positions. The dispatch of one
-        call is paid once for all the steps."""
+        the last step's tokens (padded to [L] given a feed of L tokens, as sample_step), new
+        cache). Every row runs every step (a caller drops the tokens after a row's stop); each
+        row's page table must already hold its `steps` new positions. The dispatch of one call is
+        paid once for all the steps."""
         if block.tokens.shape[1] != 1:
             raise ValueError(f"a decode loop runs one token a row, got a block of {block.tokens.shape[1]}")
         return self._decode_loop(*self._decoder_leaves(), cache, block, self._merged_slot_for(mode),
-                                 Sampling(*(np.asarray(a) for a in sampling)), mode=mode, vocab_size=vocab_size,
-                                 steps=steps)
+                                 Sampling(*(np.asarray(a) for a in sampling)), self._checked(feed, block),
+                                 mode=mode, vocab_size=vocab_size, steps=steps)
+
+    @staticmethod
+    def _checked(feed: Feed | None, first: Block) -> Feed | None:
+        if feed is None:
+            return None
+        index = np.asarray(feed.index, np.int32)
+        rows = first.tokens.shape[0] if first.tokens.shape[1] == 1 else 0
+        if index.shape != (rows,) or (index >= feed.tokens.shape[0]).any():
+            raise ValueError(f"feed index {index.tolist()} does not fit a first block of {rows} one-token rows "
+                             f"and {feed.tokens.shape[0]} fed tokens")
+        return Feed(feed.tokens, index)
 
     def _merged_slot_for(self, mode: str) -> jax.Array:
         if mode not in MODES:
@@ -404,9 +453,9 @@ class ModelRunner:
         of `lower_steps`. Returns the number of variants compiled."""
         return compile_lowered(self.lower_steps(cache, shapes), threads)
 
-    def lower_steps(self, cache, shapes, vocab_size: int | None = None) -> list:
+    def lower_steps(self, cache, shapes, vocab_size: int | None = None, feed: int | None = None) -> list:
         """The step variants `shapes`, traced and lowered (not compiled): of sample_step with
-        `vocab_size` when given, else of step.
+        `vocab_size` when given (and a feed of `feed` tokens, when given), else of step.
 
         shapes: (blocks, n_features, mode) per variant, blocks a tuple of (rows, tokens, pages) per
         block, as pack_block makes them; cache: the cache the steps will run on (only its shapes
@@ -427,13 +476,14 @@ class ModelRunner:
             else:
                 rows = sum(blk.slot.shape[0] for blk in blocks)
                 sampling = Sampling(*(spec((rows,), a.dtype) for a in Sampling.greedy(1)))
-                lowered.append(self._sample_step.lower(*args, sampling, mode=mode, vocab_size=vocab_size))
+                lowered.append(self._sample_step.lower(*args, sampling, _feed_spec(feed, blocks[0]), mode=mode,
+                                                       vocab_size=vocab_size))
         return lowered
 
-    def lower_decode_loops(self, cache, shapes, vocab_size: int, steps: int) -> list:
-        """decode_loop variants of `steps` steps, traced and lowered as `lower_steps` does:
-        shapes (rows, pages, mode) per variant, a decode block of `rows` rows of one token over
-        page tables of `pages` columns."""
+    def lower_decode_loops(self, cache, shapes, vocab_size: int, steps: int, feed: int | None = None) -> list:
+        """decode_loop variants of `steps` steps (with a feed of `feed` tokens, when given),
+        traced and lowered as `lower_steps` does: shapes (rows, pages, mode) per variant, a decode
+        block of `rows` rows of one token over page tables of `pages` columns."""
         spec = jax.ShapeDtypeStruct
         cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
         lowered = []
@@ -442,7 +492,8 @@ class ModelRunner:
                           spec((b, 1), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
             sampling = Sampling(*(spec((b,), a.dtype) for a in Sampling.greedy(1)))
             lowered.append(self._decode_loop.lower(*self._decoder_leaves(), cache, block, spec((), jnp.int32),
-                                                   sampling, mode=mode, vocab_size=vocab_size, steps=steps))
+                                                   sampling, _feed_spec(feed, block), mode=mode,
+                                                   vocab_size=vocab_size, steps=steps))
         return lowered
 
     def lower_encoder(self, counts, mode: str = "unmerged") -> list:
