@@ -512,9 +512,9 @@ def test_policies_know_the_positions_each_step_computes(generator, monkeypatch):
     seen, run = [], engine._run
 
     def recording(rows, slots, mode):
-        padded = run(rows, slots, mode)
-        seen.append(([n for _, n in rows], padded))
-        return padded
+        dispatched = run(rows, slots, mode)
+        seen.append(([n for _, n in rows], dispatched.metrics["padded_tokens"]))
+        return dispatched
 
     monkeypatch.setattr(engine, "_run", recording)
     engine.generate(_requests(10))
