@@ -424,10 +424,7 @@ class Engine:
         dispatched.metrics.update(
             start=start, switch_time=switch, mode=mode,
             merged_adapter=decision.merged_adapter if mode != "unmerged" else None,
-            decode_rows=sum(n == 1 for _, n in rows), prefill_rows=sum(n > 1 for _, n in rows),
-            tokens=loop * sum(n for _, n in rows), lora_tokens=float(features[2]),
-            adapters=len({s.adapter for s, _ in rows} - {None}), compile_time=compiled, load_time=load,
-            kv_positions=kv, predicted_time=loop * self.cost.step_time_of(mode, features), steps=loop)
+            lora_tokens=float(features[2]), compile_time=compiled, load_time=load, kv_positions=kv, predicted_time=loop * self.cost.step_time_of(mode, features), steps=loop)
         previous, self._pending = self._pending, dispatched
         return self._read(previous, between=switch + load + compiled, learn=not (switch or compiled)) or read
 
@@ -699,8 +696,9 @@ class Engine:
         takes, heads = [], {}
         for seq, spec, i in rows:
             if seq.pending == len(spec.tokens):   # it reaches the end of its known tokens: it samples
-                if seq.adapter is not None and not seq.generated and self.pool.get(seq.adapter).head is not None:
-                    heads[seq.id] = self.pool.get(seq.adapter).head
+                head = self.pool.get(seq.adapter).head if seq.adapter is not None and not seq.generated else None
+                if head is not None:
+                    heads[seq.id] = head
                 takes.append((seq, i, 1, seq.epoch))
                 seq.inflight, seq.inflight_row = seq.inflight + 1, i
             seq.computed += len(spec.tokens)
