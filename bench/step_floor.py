@@ -22,6 +22,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ SHAPES = [
 """rows=-1: the serving configuration's max_rows (a full decode block)."""
 
 
-def _blocks(shape: StepShape, config, page_size: int, rng):
+def blocks_of(shape: StepShape, config, page_size: int, rng):
     """The step's blocks as the engine packs them, each row on its own pages after page 0."""
     blocks, next_page = [], 1
 
@@ -91,7 +92,7 @@ def _blocks(shape: StepShape, config, page_size: int, rng):
     return blocks, rows, next_page
 
 
-def _floor(shape: StepShape, cfg, rows: int, copy_rate: float, matmul_rate: float, sizes: dict) -> dict:
+def floor_of(shape: StepShape, cfg, rows: int, copy_rate: float, matmul_rate: float, sizes: dict) -> dict:
     """{"bytes", "flops", "floor_ms", "bound"} of the step. sizes: bytes of the decoder layers'
     weights, the LM head and one adapter's A and B (all bfloat16)."""
     text = cfg.text
@@ -159,7 +160,21 @@ def _time_loop(runner, cache, block, mode: str, loop: int, steps: int):
     return cache, 1e3 * (time.perf_counter() - t0) / (calls * loop)
 
 
-def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
+class Setup(NamedTuple):
+    """What every measured step shares: serve's runner on the preset with ADAPTERS adapters in its
+    pool (slot 0 merged), its configuration, an empty cache of its pages, the measured rates."""
+
+    cfg: object
+    config: object
+    runner: ModelRunner
+    cache: object
+    empty: jax.Array
+    sizes: dict
+    copy_rate: float
+    matmul_rate: float
+
+
+def setup(preset: str) -> Setup:
     on_gpu = jax.default_backend() == "gpu"
     copy_rate = copy_bandwidth() if on_gpu else 1e11        # measured before the model takes the memory
     matmul_rate = _matmul_rate() if on_gpu else 1e12
@@ -176,15 +191,22 @@ def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
     del model
     cache = init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype))
     empty = jnp.zeros((0, cfg.text.hidden_size), jnp.dtype(cfg.dtype))
+    return Setup(cfg, config, runner, cache, empty, sizes, copy_rate, matmul_rate)
+
+
+def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
+    ctx = setup(preset)
+    cfg, config, runner, cache, empty = ctx.cfg, ctx.config, ctx.runner, ctx.cache, ctx.empty
+    copy_rate, matmul_rate, sizes = ctx.copy_rate, ctx.matmul_rate, ctx.sizes
     rng, records = np.random.default_rng(0), []
     for shape in shapes:
-        blocks, rows, used = _blocks(shape, config, cfg.page_size, rng)
+        blocks, rows, used = blocks_of(shape, config, cfg.page_size, rng)
         if used > config.num_pages:
             raise ValueError(f"{shape.name} needs {used} pages; the serving configuration has {config.num_pages}")
         cache, times = _time_steps(runner, cache, blocks, empty, shape.mode, steps)
         for loop in LOOPS if shape.rows == -1 and not shape.prefill else ():
             cache, times[f"loop{loop}_step_ms"] = _time_loop(runner, cache, blocks[0], shape.mode, loop, steps)
-        floor = _floor(shape, cfg, rows, copy_rate, matmul_rate, sizes)
+        floor = floor_of(shape, cfg, rows, copy_rate, matmul_rate, sizes)
         records.append({**dataclasses.asdict(shape), "rows": rows, **times, **floor,
                         "over_floor": times["step_ms"] / floor["floor_ms"]})
         print(f"{shape.name:36s} {times['step_ms']:8.2f} ms back to back, {times['blocking_step_ms']:8.2f} waited "

@@ -13,18 +13,18 @@ def test_floor_counts_weights_adapters_kv_and_flops():
     text = cfg.text
     kv_token = text.num_layers * 2 * text.num_kv_heads * text.head_dim * 2
     sizes = {"layers": 1000, "lm_head": 100, "adapter": 10}
-    decode = bench._floor(bench.StepShape("d", "unmerged", rows=4, keys=8, adapters=3), cfg, 4, 1.0, 1e30, sizes)
+    decode = bench.floor_of(bench.StepShape("d", "unmerged", rows=4, keys=8, adapters=3), cfg, 4, 1.0, 1e30, sizes)
     assert decode["bytes"] == 1000 + 100 + 3 * 10 + 4 * 9 * kv_token and decode["bound"] == "memory"
-    merged = bench._floor(bench.StepShape("d", "merged", rows=4, keys=8), cfg, 4, 1.0, 1e30, sizes)
+    merged = bench.floor_of(bench.StepShape("d", "merged", rows=4, keys=8), cfg, 4, 1.0, 1e30, sizes)
     assert merged["bytes"] == decode["bytes"] - 30
-    prefill = bench._floor(bench.StepShape("p", "merged", prefill=2, prompt=3), cfg, 0, 1e30, 1.0, sizes)
+    prefill = bench.floor_of(bench.StepShape("p", "merged", prefill=2, prompt=3), cfg, 0, 1e30, 1.0, sizes)
     attention = 4 * text.head_dim * text.num_heads * text.num_layers * 2 * (1 + 2 + 3)
     assert prefill["flops"] == 1000 * 6 + 100 * 2 + attention and prefill["bound"] == "compute"
 
 
 def test_blocks_are_packed_as_the_serving_configuration_packs_them():
     config = serving_config(tiny(), "gpu")
-    blocks, rows, used = bench._blocks(bench.StepShape("x", "merged", rows=-1, keys=40, prefill=2, prompt=600),
+    blocks, rows, used = bench.blocks_of(bench.StepShape("x", "merged", rows=-1, keys=40, prefill=2, prompt=600),
                                        config, 16, np.random.default_rng(0))
     decode, prefill = blocks
     assert rows == config.max_rows and decode.tokens.shape == (config.min_rows, 1)

@@ -345,3 +345,23 @@ def test_sampling_inside_the_step_draws_what_the_sampler_draws(config, loaded):
     _, tokens, _ = loaded.sample_step(cache(), [block], empty, sampling, vocab_size=200)
     want = sample(logits.at[:, 200:].set(-jnp.inf), *map(jnp.asarray, sampling))
     assert np.asarray(tokens).tolist() == np.asarray(want).tolist() and max(np.asarray(tokens)) < 200
+
+
+def test_page_writes_store_valid_tokens_and_drop_padding():
+    """Each valid token lands at its page and offset; padding (many rows' worth, all at position
+    0) writes nothing, the null page included; other slots keep what they held."""
+    from valora_jax.decoder import write_pages
+
+    rng = np.random.default_rng(3)
+    h, pages_n, size, dh = 2, 6, 4, 8
+    pages = jnp.asarray(rng.standard_normal((h, pages_n, size, dh)), jnp.float32)
+    table = np.array([[3, 1, 0], [5, 0, 0], [0, 0, 0]], np.int32)          # row 2: all padding
+    positions = np.array([[2, 3, 4, 5], [1, 0, 0, 0], [0, 0, 0, 0]], np.int32)
+    valid = np.array([[True] * 4, [True, False, False, False], [False] * 4])
+    new = jnp.asarray(rng.standard_normal((3, 4, h, dh)), jnp.float32)
+    got, want = np.asarray(write_pages(pages, new, positions, valid, table)), np.array(pages)
+    for b, q in zip(*np.nonzero(valid)):
+        p = positions[b, q]
+        want[:, table[b, p // size], p % size] = np.asarray(new[b, q])
+    np.testing.assert_array_equal(got, want)
+    assert (got[:, 0] == np.asarray(pages)[:, 0]).all()

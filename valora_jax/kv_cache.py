@@ -2,8 +2,7 @@
 
 Each layer has `k, v [H_kv, P, page_size, Dh]`; a sequence owns a list of pages, in order,
 and its page table row maps position `pos` to `page_table[pos // page_size]`. Page 0
-(`decoder.NULL_PAGE`) is reserved: padding tokens write there and unused table entries
-point there.
+(`decoder.NULL_PAGE`) is reserved: unused table entries point there, and it is never written.
 """
 
 import jax.numpy as jnp
