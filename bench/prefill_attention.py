@@ -1,14 +1,16 @@
-"""Prefill attention on LLaVA-1.5-7B shapes: the flash kernel under several launches against the
-dense masked attention the reference backend runs, in one run on the same inputs.
+"""Prefill attention on LLaVA-1.5-7B shapes: the paged flash kernel under several launches against
+the gather + dense masked attention the reference backend runs, in one run on the same inputs.
 
   python bench/prefill_attention.py --out bench/results/prefill_attention
 
 Each shape is a step's block of prefill chunks: `rows` rows of `queries` query slots (32 heads
-of 128) over a gathered context of `context` keys (the padded page table), the chunk starting
+of 128) over page tables of `context` keys (as wide as the engine pads them; 16-key pages
+scattered at random over a cache of exactly the rows' pages and the null page 0), the chunk starting
 at `start` (earlier chunks cached) with `real` real queries per row and padding after them.
-Both variants take the gathered K/V, so the gather (the same for both) is not timed. Times are
-bulk-timed medians (pallas_kernels.timing), less the harness's own cost; TFLOP/s counts the
-causal work the queries need (4 Dh H per attended key).
+The flash kernel reads the pages through the page table; `dense` gathers each row's whole table
+into a dense context first, and that gather is timed with it. Times are bulk-timed medians
+(pallas_kernels.timing), less the harness's own cost; TFLOP/s counts the causal work the
+queries need (4 Dh H per attended key).
 """
 
 import argparse
@@ -29,7 +31,7 @@ from pallas_kernels.prefill_attention import prefill_attention, prefill_attentio
 from pallas_kernels.timing import BulkTimer, compile_all, harness_overhead  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
-HEADS, HEAD_DIM = 32, 128
+HEADS, HEAD_DIM, PAGE = 32, 128, 16
 LAUNCHES = [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 128, 8, 3)]
 """(block_q, block_k, warps, stages) of the flash kernel."""
 
@@ -44,6 +46,10 @@ class Shape:
 
     def label(self) -> str:
         return f"{self.rows}x{self.queries} over {self.context} keys, chunk at {self.start}, {self.real} real"
+
+    def width(self) -> int:
+        """Pages of each row's table."""
+        return -(-self.context // PAGE)
 
     def attended_keys(self) -> int:
         return self.rows * sum(min(self.start + i, self.context - 1) + 1 for i in range(self.real))
@@ -60,12 +66,17 @@ SHAPES = [
 
 
 def _inputs(shape: Shape, seed: int):
+    """(q, k_pages, v_pages, page_table, positions), bfloat16, each row's pages scattered over the
+    cache."""
     rng = np.random.default_rng(seed)
-    normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32), jnp.bfloat16)
+    width = shape.width()
+    pages = 1 + shape.rows * width
+    table = (1 + rng.permutation(shape.rows * width)).reshape(shape.rows, width)
     positions = np.full((shape.rows, shape.queries), -1, np.int32)
     positions[:, :shape.real] = shape.start + np.arange(shape.real)
-    return (normal(shape.rows, shape.queries, HEADS, HEAD_DIM), normal(shape.rows, shape.context, HEADS, HEAD_DIM),
-            normal(shape.rows, shape.context, HEADS, HEAD_DIM), jnp.asarray(positions))
+    return (normal(shape.rows, shape.queries, HEADS, HEAD_DIM), normal(HEADS, pages, PAGE, HEAD_DIM),
+            normal(HEADS, pages, PAGE, HEAD_DIM), jnp.asarray(table, jnp.int32), jnp.asarray(positions))
 
 
 def variants() -> dict:

@@ -63,10 +63,26 @@ SHAPES = [
     StepShape("decode full x 640 keys, merged", "merged", rows=-1, keys=640),
     StepShape("decode full x 640 keys, unmerged", "unmerged", rows=-1, keys=640),
     StepShape("decode 1 x 16 keys, merged", "merged", rows=1, keys=16, adapters=1),
-    StepShape("prefill 4 x 640, merged", "merged", prefill=4, prompt=640),
-    StepShape("prefill 4 x 640, unmerged", "unmerged", prefill=4, prompt=640),
+    StepShape("prefill 4 x 640 (first step), merged", "merged", prefill=4, prompt=640),
+    StepShape("prefill 4 x 640 (first step), unmerged", "unmerged", prefill=4, prompt=640),
 ]
-"""rows=-1: the serving configuration's max_rows (a full decode block)."""
+"""rows=-1: the serving configuration's max_rows (a full decode block). A prefill step takes the
+chunks of the prompts that the serving configuration's token budget holds (`first_chunks`)."""
+
+
+def first_chunks(shape: StepShape, config) -> list[int]:
+    """The tokens of each prompt that a prefill-only first step computes, as serve.policies.pack
+    fills it: oldest first, within the token budget, prefill_chunk and max_prefill_rows, a chunk
+    that stops inside its prompt ending at a whole row of prefill_width."""
+    chunks, left, width = [], config.token_budget, config.prefill_width
+    for _ in range(min(shape.prefill, config.max_prefill_rows)):
+        n = min(shape.prompt, config.prefill_chunk, left)
+        n = n if n == shape.prompt else n // width * width
+        if n < 1:
+            break
+        chunks.append(n)
+        left -= -(-n // width) * width
+    return chunks
 
 
 def blocks_of(shape: StepShape, config, page_size: int, rng):
@@ -85,23 +101,26 @@ def blocks_of(shape: StepShape, config, page_size: int, rng):
                          pages(shape.keys + max(LOOPS))) for i in range(rows)]
         blocks.append(pack_block(specs, min_rows=config.min_rows, min_pages=config.min_pages))
     if shape.prefill:
-        specs = [RowSpec(rng.integers(0, 32000, shape.prompt).tolist(), 0, None, i % shape.adapters,
-                         pages(shape.prompt)) for i in range(shape.prefill)]
+        specs = [RowSpec(rng.integers(0, 32000, n).tolist(), 0, None, i % shape.adapters, pages(shape.prompt))
+                 for i, n in enumerate(first_chunks(shape, config))]
         pieces = [p for spec in specs for p in split_row(spec, config.prefill_width)]
-        blocks.append(pack_block(pieces, min_pages=config.min_pages, width=config.prefill_width))
+        blocks.append(pack_block(pieces, min_rows=config.prefill_rows(len(pieces)), min_pages=config.min_pages,
+                                 width=config.prefill_width))
     return blocks, rows, next_page
 
 
-def floor_of(shape: StepShape, cfg, rows: int, copy_rate: float, matmul_rate: float, sizes: dict) -> dict:
-    """{"bytes", "flops", "floor_ms", "bound"} of the step. sizes: bytes of the decoder layers'
-    weights, the LM head and one adapter's A and B (all bfloat16)."""
+def floor_of(shape: StepShape, cfg, rows: int, chunks: list[int], copy_rate: float, matmul_rate: float,
+             sizes: dict) -> dict:
+    """{"bytes", "flops", "floor_ms", "bound"} of the step: `rows` decode rows and prefill `chunks`
+    (tokens of each prompt from its start). sizes: bytes of the decoder layers' weights, the LM
+    head and one adapter's A and B (all bfloat16)."""
     text = cfg.text
     kv_token = text.num_layers * 2 * text.num_kv_heads * text.head_dim * 2           # bytes of one key + value
-    prompts = shape.prefill * shape.prompt
+    prompts = sum(chunks)
     bytes_ = sizes["layers"] + sizes["lm_head"] + (shape.mode != "merged") * sizes["adapter"] * shape.adapters
     bytes_ += rows * (shape.keys + 1) * kv_token + 2 * prompts * kv_token
-    attended = rows * shape.keys + shape.prefill * shape.prompt * (shape.prompt + 1) // 2
-    flops = (sizes["layers"] * (rows + prompts) + sizes["lm_head"] * (rows + shape.prefill)   # 2 FLOPs / 2 bytes
+    attended = rows * shape.keys + sum(n * (n + 1) // 2 for n in chunks)
+    flops = (sizes["layers"] * (rows + prompts) + sizes["lm_head"] * (rows + len(chunks))   # 2 FLOPs / 2 bytes
              + 4 * text.head_dim * text.num_heads * text.num_layers * attended)
     memory_s, compute_s = bytes_ / copy_rate, flops / matmul_rate
     return {"bytes": bytes_, "flops": flops, "floor_ms": 1e3 * max(memory_s, compute_s),
@@ -206,7 +225,7 @@ def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
         cache, times = _time_steps(runner, cache, blocks, empty, shape.mode, steps)
         for loop in LOOPS if shape.rows == -1 and not shape.prefill else ():
             cache, times[f"loop{loop}_step_ms"] = _time_loop(runner, cache, blocks[0], shape.mode, loop, steps)
-        floor = floor_of(shape, cfg, rows, copy_rate, matmul_rate, sizes)
+        floor = floor_of(shape, cfg, rows, first_chunks(shape, config), copy_rate, matmul_rate, sizes)
         records.append({**dataclasses.asdict(shape), "rows": rows, **times, **floor,
                         "over_floor": times["step_ms"] / floor["floor_ms"]})
         print(f"{shape.name:36s} {times['step_ms']:8.2f} ms back to back, {times['blocking_step_ms']:8.2f} waited "

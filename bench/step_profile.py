@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import save_result  # noqa: E402
-from bench.step_floor import SHAPES, blocks_of, floor_of, setup  # noqa: E402
+from bench.step_floor import SHAPES, blocks_of, first_chunks, floor_of, setup  # noqa: E402
 from valora_jax.runtime import Sampling, use_serving_xla_flags  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
@@ -109,7 +109,8 @@ def measure(preset: str, steps: int, trace_dir: Path, shapes=SHAPES) -> dict:
         blocks, rows, _ = blocks_of(shape, ctx.config, ctx.cfg.page_size, rng)
         cache, wall_ms, kernels = _profile(ctx.runner, cache, blocks, ctx.empty, shape.mode, steps,
                                            trace_dir / f"shape{i}")
-        floor = floor_of(shape, ctx.cfg, rows, ctx.copy_rate, ctx.matmul_rate, ctx.sizes)
+        floor = floor_of(shape, ctx.cfg, rows, first_chunks(shape, ctx.config), ctx.copy_rate, ctx.matmul_rate,
+                         ctx.sizes)
         summary = summarize(kernels, steps)
         records.append({"name": shape.name, "mode": shape.mode, "rows": rows, "wall_ms": wall_ms, **floor, **summary})
         print(f"{shape.name:36s} wall {wall_ms:7.2f} ms, busy {summary['busy_ms']:7.2f}, floor {floor['floor_ms']:7.2f}, "

@@ -1,6 +1,6 @@
 """Pallas GPU kernels of valora-jax: ATMM, the adaptive-tiling multi-adapter LoRA matmul, the
-swift merge of an adapter into a weight, flash attention for prefill chunks and paged attention
-for decode rows."""
+swift merge of an adapter into a weight, paged flash attention for prefill chunks and paged
+attention for decode rows."""
 
 from pallas_kernels.atmm import lora_delta
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference

@@ -3,7 +3,8 @@ by tests/ and bench/gpu_smoke.py), for single and fused (columns) linears.
 
 Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
 (a kernel that reads it fails), slot 0 of every pool may be empty (rank 0), token layouts mimic
-serving batches. The kernel's outputs are poisoned with NaN before it runs.
+serving batches, prefill-attention caches hold NaN wherever no row attends. The kernel's outputs
+are poisoned with NaN before it runs.
 """
 
 import dataclasses
@@ -341,8 +342,9 @@ MERGE_PARTS_CASES = [
 
 @dataclasses.dataclass(frozen=True)
 class AttentionCase:
-    """One prefill-attention problem: `rows` rows of `queries` padded query slots over a gathered
-    context of `context` keys, H query and H_kv key/value heads of dim Dh."""
+    """One prefill-attention problem: `rows` rows of `queries` padded query slots over page tables
+    covering `context` keys (rounded up to whole pages of `page_size`), H query and H_kv key/value
+    heads of dim Dh; block_q / block_k as prefill_attention takes them."""
 
     rows: int
     queries: int
@@ -353,47 +355,82 @@ class AttentionCase:
     dtype: str = "float32"
     block_q: int = 64
     block_k: int = 64
+    page_size: int = 16
+
+    def width(self) -> int:
+        """Pages of each row's table."""
+        return -(-self.context // self.page_size)
 
 
 def _attention_positions(case: AttentionCase, rng) -> np.ndarray:
-    """Per row, a chunk of consecutive positions starting anywhere in the context (earlier
-    chunks already cached), followed by padding (-1); one row may run past the context."""
+    """Per row, a chunk of consecutive positions starting anywhere in the table's keys (earlier
+    chunks already cached), followed by padding (-1); with two rows or more the last runs past the
+    table's keys (it attends every page), with three or more the second is all padding."""
+    keys = case.width() * case.page_size
     pos = np.full((case.rows, case.queries), -1, np.int32)
     for r in range(case.rows):
+        if r == 1 and case.rows > 2:
+            continue
         n = int(rng.integers(1, case.queries + 1))
-        start = int(rng.integers(0, max(1, case.context - n + 1)))
+        start = int(rng.integers(0, max(1, keys - n + 1)))
         if r == case.rows - 1 and case.rows > 1:
-            start = case.context - 1                                    # positions past the keys
+            start = keys - 1                                            # positions past the keys
         pos[r, :n] = start + np.arange(n)
     return pos
 
 
-def check_attention(case: AttentionCase, seed: int = 0, interpret: bool = False) -> float:
-    """The prefill-attention kernel against its reference on fresh random data; returns the worst
-    relative error over the real (non-padding) queries. Raises AssertionError on NaN anywhere or
-    an error beyond TOLERANCE[dtype]."""
+def attention_problem(case: AttentionCase, seed: int = 0) -> tuple:
+    """(q, k_pages, v_pages, page_table, positions) of fresh random data. Each row's pages (those
+    holding keys up to its largest position) are drawn without replacement from the cache, so
+    they are scattered and shuffled and rows share none; the rest of each table is garbage page
+    ids (out of range too). Every page no row uses (the first and last ones included, where
+    out-of-range ids clip to) and every slot past a row's largest position holds NaN."""
     rng = np.random.default_rng(seed)
-    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), case.dtype)
-    q = normal(case.rows, case.queries, case.heads, case.head_dim)
-    k, v = (normal(case.rows, case.context, case.kv_heads, case.head_dim) for _ in range(2))
-    positions = jnp.asarray(_attention_positions(case, rng))
-    got = np.asarray(prefill_attention(q, k, v, positions, block_q=case.block_q, block_k=case.block_k,
+    width = case.width()
+    positions = _attention_positions(case, rng)
+    last = np.minimum(positions.max(axis=1), width * case.page_size - 1)               # -1: a row of padding
+    used = -(-(last + 1) // case.page_size)
+    pages = 2 + int(used.sum()) + 3                                     # spares, and NaN pages at both ends
+    owned = rng.choice(np.arange(1, pages - 1), int(used.sum()), replace=False)
+    table = rng.integers(-5, pages + 5, (case.rows, width))
+    shape = (case.kv_heads, pages, case.page_size, case.head_dim)
+    k, v = (np.full(shape, np.nan, np.float32) for _ in range(2))
+    for r, (n, own) in enumerate(zip(used, np.split(owned, np.cumsum(used)[:-1]))):
+        table[r, :n] = own
+        for t in (k, v):
+            t[:, own] = rng.standard_normal((case.kv_heads, n, case.page_size, case.head_dim))
+            if n:
+                t[:, own[-1], last[r] % case.page_size + 1:] = np.nan           # slots past the row's last key
+    q = rng.standard_normal((case.rows, case.queries, case.heads, case.head_dim))
+    return (jnp.asarray(q, case.dtype), jnp.asarray(k, case.dtype), jnp.asarray(v, case.dtype),
+            jnp.asarray(table, jnp.int32), jnp.asarray(positions))
+
+
+def check_attention(case: AttentionCase, seed: int = 0, interpret: bool = False) -> float:
+    """The prefill-attention kernel against its reference on fresh random data (attention_problem);
+    returns the worst relative error over the real (non-padding) queries. Raises AssertionError on
+    NaN anywhere in the kernel's output or the reference's real queries, or an error beyond
+    TOLERANCE[dtype]."""
+    q, k, v, table, positions = attention_problem(case, seed)
+    got = np.asarray(prefill_attention(q, k, v, table, positions, block_q=case.block_q, block_k=case.block_k,
                                        interpret=interpret), np.float32)
     with jax.default_matmul_precision("highest"):
-        want = np.asarray(prefill_attention_reference(q, k, v, positions), np.float32)
+        want = np.asarray(prefill_attention_reference(q, k, v, table, positions), np.float32)
     assert not np.isnan(got).any(), f"{np.isnan(got).sum()} NaN in the output"
     real = np.asarray(positions) >= 0
+    assert not np.isnan(want[real]).any(), f"{np.isnan(want[real]).sum()} NaN in the reference"
     err = float(np.linalg.norm(got[real] - want[real]) / max(np.linalg.norm(want[real]), 1e-30))
     assert err <= TOLERANCE[case.dtype], f"relative error {err:.3g} > {TOLERANCE[case.dtype]}"
     return err
 
 
 ATTENTION_CASES = [
-    AttentionCase(1, 1, 16),                                            # one query, one key block
-    AttentionCase(3, 5, 48, block_q=16, block_k=16),                     # ragged Q and C, several blocks
-    AttentionCase(2, 64, 200, heads=4, kv_heads=4, block_k=32),          # C not a power of two
-    AttentionCase(2, 100, 256, heads=8, kv_heads=1, head_dim=16, dtype="bfloat16", block_q=32),
+    AttentionCase(1, 1, 16),                                            # one query, one page
+    AttentionCase(3, 5, 48, block_q=16, block_k=16, page_size=4),       # ragged Q, 4 pages per step, a padding row
+    AttentionCase(2, 64, 200, heads=4, kv_heads=4, block_k=32),          # 13 pages: the table padded to whole steps
+    AttentionCase(2, 100, 256, heads=8, kv_heads=1, head_dim=16, dtype="bfloat16", block_q=32, page_size=8),
     AttentionCase(4, 32, 128, heads=2, kv_heads=2, head_dim=32, dtype="float16", block_q=16, block_k=128),
+    AttentionCase(3, 20, 96, heads=4, kv_heads=2, head_dim=16, block_q=16, block_k=16, page_size=32),  # page > block
 ]
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from valora_jax.config import LMMConfig
 from valora_jax.kv_cache import init_pages
 from valora_jax.lora import MODES
-from valora_jax.runtime import ModelRunner, bucket, compile_lowered
+from valora_jax.runtime import ModelRunner, bucket, compile_lowered, fine_bucket
 from valora_jax.tokenizer import ByteTokenizer
 
 
@@ -29,9 +29,9 @@ class EngineConfig:
     """Longest prefill chunk of one sequence in one step (a multiple of prefill_width)."""
     prefill_width: int = 64
     """Tokens per row of the prefill block: a chunk takes ceil(tokens / width) rows of its
-    sequence, so a step computes each chunk rounded up to whole rows, and its prefill block
-    has one row count per shape to compile. Chunks that leave part of a prompt for later steps
-    are whole rows."""
+    sequence, so a step computes each chunk rounded up to whole rows, and the block's rows are
+    padded to `prefill_rows` (few shapes to compile). Chunks that leave part of a prompt for
+    later steps are whole rows."""
     max_prefill_rows: int = 4
     """Most prefill chunks (one per sequence) in one step."""
     num_pages: int = 512
@@ -78,6 +78,11 @@ class EngineConfig:
         the token vector a step hands the next one (runtime.Feed)."""
         return bucket(self.max_rows, self.min_rows) + self.token_budget // self.prefill_width
 
+    def prefill_rows(self, rows: int) -> int:
+        """The rows a prefill block of `rows` rows is padded to: runtime.fine_bucket(rows), at most
+        the rows the token budget holds."""
+        return min(fine_bucket(rows), self.token_budget // self.prefill_width)
+
     def step_shapes(self, modes) -> list:
         """The step variants (ModelRunner.lower_steps' shapes) an engine of this config meets
         when its minimums cover every row (decode rows, prefill tokens, pages, image features):
@@ -85,7 +90,8 @@ class EngineConfig:
         (rows, tokens, pages) padded as Engine packs them."""
         pages = bucket(self.min_pages)
         decode = (bucket(self.max_rows, self.min_rows), 1, pages)
-        prefills = [(rows, self.prefill_width, pages) for rows in range(1, self.token_budget // self.prefill_width + 1)]
+        row_counts = sorted({self.prefill_rows(n) for n in range(1, self.token_budget // self.prefill_width + 1)})
+        prefills = [(rows, self.prefill_width, pages) for rows in row_counts]
         blocks = [(decode,)] + [(p,) for p in prefills] + [(decode, p) for p in prefills]
         features = bucket(0, self.min_features) if self.min_features else 0
         return [(b, features, mode) for b in blocks for mode in modes]
@@ -98,14 +104,14 @@ def serving_config(model: LMMConfig, platform: str | None = None, max_images: in
     replacing fields.
 
     On a GPU: steps of up to 32 decode rows and 2048 token positions (4 prefill chunks in rows of
-    512), page tables of at least 256 pages (4096 keys), room for the image features of 4 prompts
+    128), page tables of at least 256 pages (4096 keys), room for the image features of 4 prompts
     of max_images images, 4096 KV pages, and every step shape and encoder batch of 1-16 images
     compiled before serving, so that serving compiles no step. Elsewhere (CPU): EngineConfig's
     small defaults, shapes compiled as they come."""
     if (platform or jax.default_backend()) != "gpu":
         return dataclasses.replace(EngineConfig(), **overrides)
     prefill_rows = 4
-    base = EngineConfig(max_rows=32, token_budget=2048, prefill_chunk=2048, prefill_width=512,
+    base = EngineConfig(max_rows=32, token_budget=2048, prefill_chunk=2048, prefill_width=128,
                         max_prefill_rows=prefill_rows, num_pages=4096, min_rows=32, min_pages=256,
                         min_features=prefill_rows * max_images * model.tokens_per_image,
                         encoder_batches=(1, 2, 4, 8, 16), precompile=True)

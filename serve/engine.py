@@ -685,7 +685,8 @@ class Engine:
         if prefill:
             pieces = [split_row(spec, cfg.prefill_width) for _, spec in prefill]
             rows_of_pieces = [p for ps in pieces for p in ps]
-            blocks.append(pack_block(rows_of_pieces, min_pages=cfg.min_pages, width=cfg.prefill_width))
+            blocks.append(pack_block(rows_of_pieces, min_rows=cfg.prefill_rows(len(rows_of_pieces)),
+                                     min_pages=cfg.min_pages, width=cfg.prefill_width))
             first = blocks[0].valid.shape[0] if decode else 0
             row_index += (first + np.cumsum([len(ps) for ps in pieces]) - 1).tolist()
         rows = [(seq, spec, i) for (seq, spec), i in zip(decode + prefill, row_index)]

@@ -76,17 +76,19 @@ def test_merge_kernel_lowers_to_triton(dtype, d_in, d_out, r, row_tiles, stages)
     assert triton_launches(fn, kernel, w, jnp.int32(1)) == 1
 
 
-@pytest.mark.parametrize("shape, blocks", [((2, 512, 32, 32, 128, 4096), (64, 64)), ((3, 300, 8, 2, 64, 2000), (128, 32)),
-                                           ((1, 1, 4, 4, 16, 16), (64, 64))],
-                         ids=["llava-chunks", "gqa-ragged", "one-query"])
+@pytest.mark.parametrize("shape, blocks", [((2, 512, 32, 32, 128, 16, 256), (64, 64)),
+                                           ((3, 300, 8, 2, 64, 16, 125), (128, 32)),
+                                           ((2, 40, 4, 4, 32, 64, 3), (16, 16)), ((1, 1, 4, 4, 16, 8, 1), (64, 64))],
+                         ids=["llava-chunks", "gqa-ragged", "page-over-block", "one-query"])
 def test_prefill_attention_lowers_to_triton(shape, blocks):
     from pallas_kernels.prefill_attention import _prefill_attention
-    rows, queries, heads, kv_heads, head_dim, context = shape
+    rows, queries, heads, kv_heads, head_dim, page_size, width = shape
     q = jnp.zeros((rows, queries, heads, head_dim), jnp.bfloat16)
-    k = jnp.zeros((rows, context, kv_heads, head_dim), jnp.bfloat16)
+    pages = jnp.zeros((kv_heads, 2 * rows * width + 1, page_size, head_dim), jnp.bfloat16)
     fn = functools.partial(_prefill_attention, block_q=blocks[0], block_k=blocks[1], warps=8, stages=2,
-                                   interpret=False)
-    assert triton_launches(fn, q, k, k, jnp.zeros((rows, queries), jnp.int32)) == 1
+                           interpret=False)
+    table, positions = jnp.zeros((rows, width), jnp.int32), jnp.zeros((rows, queries), jnp.int32)
+    assert triton_launches(fn, q, pages, pages, table, positions) == 1
 
 
 @pytest.mark.parametrize("masked", [False, True])

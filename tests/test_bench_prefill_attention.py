@@ -1,5 +1,6 @@
-"""bench/prefill_attention.py off the GPU: its shapes count the keys their queries attend, every
-variant computes the same attention, and the report shows failures beside the timings."""
+"""bench/prefill_attention.py off the GPU: its shapes count the keys their queries attend, its
+inputs scatter every row's pages over the cache, every variant computes the same attention, and
+the report shows failures beside the timings."""
 
 import jax
 import numpy as np
@@ -12,14 +13,22 @@ def test_attended_keys_follow_the_causal_chunk():
     assert bench.Shape(2, 4, 8, 6, 4).attended_keys() == 2 * (7 + 8 + 8 + 8)        # capped at the context
 
 
+def test_inputs_give_each_row_its_own_pages():
+    shape = bench.Shape(3, 8, 100, 0, 8)
+    q, k, v, table, positions = bench._inputs(shape, seed=1)
+    assert table.shape == (3, shape.width()) == (3, 7) and k.shape == v.shape == (bench.HEADS, 22, 16, bench.HEAD_DIM)
+    assert sorted(np.asarray(table).ravel()) == list(range(1, 22))                  # every page once, page 0 none
+    assert q.shape == (3, 8, bench.HEADS, bench.HEAD_DIM) and positions.shape == (3, 8)
+
+
 def test_every_variant_computes_the_same_attention(monkeypatch):
     monkeypatch.setattr(bench, "HEADS", 2)
     monkeypatch.setattr(bench, "HEAD_DIM", 16)
-    q, k, v, positions = bench._inputs(bench.Shape(2, 32, 64, 20, 25), seed=0)
+    inputs = bench._inputs(bench.Shape(2, 32, 64, 20, 25), seed=0)
     outputs = {}
     for name, fn in bench.variants().items():
         kwargs = {} if name == "dense" else {"interpret": True}
-        outputs[name] = np.asarray(fn(q, k, v, positions, **kwargs), np.float32)[:, :25]
+        outputs[name] = np.asarray(fn(*inputs, **kwargs), np.float32)[:, :25]
     for name, out in outputs.items():
         np.testing.assert_allclose(out, outputs["dense"], atol=0.03, err_msg=name)
 

@@ -123,7 +123,8 @@ class DecoderLayer(nnx.Module):
         cache = (k_pages, v_pages) of this layer, or None when every block is dense.
         attention_backend: how paged blocks attend: "reference" gathers their pages and computes
         dense masked attention; "pallas" runs the paged decode-attention kernel on blocks of one
-        token per row (decodes) and the flash prefill kernel on the gathered pages of the others."""
+        token per row (decodes) and the flash prefill kernel over the pages of the others (both read
+        the pages through the page table)."""
         cfg = self.cfg
         h = self.input_layernorm(x)
         q, k, v = jnp.split(self.qkv_proj(h, ctx), [cfg.num_heads * cfg.head_dim,
@@ -149,14 +150,13 @@ class DecoderLayer(nnx.Module):
                     lengths = jnp.where(blk.valid[:, 0], blk.positions[:, 0] + 1, 0).astype(jnp.int32)
                     out = decode_attention(qb[:, 0], k_pages, v_pages, blk.page_table, lengths,
                                            interpret=attention_backend == "pallas-interpret")
+                elif attention_backend != "reference":
+                    out = prefill_attention(qb, k_pages, v_pages, blk.page_table, blk.positions,
+                                            interpret=attention_backend == "pallas-interpret")
                 else:
                     keys, values = (gather_pages(p, blk.page_table).astype(q.dtype) for p in (k_pages, v_pages))
-                    if attention_backend == "reference":
-                        mask = jnp.arange(keys.shape[1])[None, None, :] <= blk.positions[:, :, None]  # [B, Q, C]
-                        out = attention(qb, keys, values, mask)
-                    else:
-                        out = prefill_attention(qb, keys, values, blk.positions,
-                                                interpret=attention_backend == "pallas-interpret")
+                    mask = jnp.arange(keys.shape[1])[None, None, :] <= blk.positions[:, :, None]  # [B, Q, C]
+                    out = attention(qb, keys, values, mask)
             outputs.append(out.reshape(b * nq, -1))
         x = x + self.o_proj(jnp.concatenate(outputs), ctx)
         h = self.post_attention_layernorm(x)

@@ -134,6 +134,13 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def fine_bucket(n: int) -> int:
+    """Smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times them) >= n:
+    a third of the padding of `bucket` at worst, for twice the shapes."""
+    n, power = max(n, 1), bucket(n)
+    return 3 * power // 4 if 3 * power // 4 >= n else power
+
+
 class RowSpec(NamedTuple):
     """One row of a step: `tokens` at positions start, start+1, ...; image_rows per token (None:
     all text); slot: adapter slot; pages: the sequence's KV pages in order."""
@@ -212,13 +219,13 @@ def split_row(row: RowSpec, width: int) -> list[RowSpec]:
 def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, min_pages: int = 1,
                width: int | None = None) -> Block:
     """Pad rows into a Block of bucketed shape [bucket(rows, min_rows), bucket(longest row,
-    min_tokens)], or of shape [rows, width] given a `width` (rows of at most that many tokens,
-    as split_row makes them); page tables padded with the null page to bucket(most pages,
-    min_pages) columns; padding rows are all invalid. Larger minimums mean fewer distinct
-    shapes to compile."""
+    min_tokens)], or of shape [max(rows, min_rows), width] given a `width` (rows of at most that
+    many tokens, as split_row makes them); page tables padded with the null page to
+    bucket(most pages, min_pages) columns; padding rows are all invalid. Larger minimums mean
+    fewer distinct shapes to compile."""
     if width is not None and max(len(r.tokens) for r in rows) > width:
         raise ValueError(f"a row of {max(len(r.tokens) for r in rows)} tokens does not fit width {width}")
-    b = len(rows) if width is not None else bucket(len(rows), min_rows)
+    b = max(len(rows), min_rows) if width is not None else bucket(len(rows), min_rows)
     q = width or bucket(max(len(r.tokens) for r in rows), min_tokens)
     columns = bucket(max(len(r.pages) for r in rows), min_pages)
     tokens, positions = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
