@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh overhead                    (a 7B decode step's host dispatch, XLA flag variants)
 #   bash bench/gpu_session.sh floor                       (serve's 7B steps against their floors)
 #   bash bench/gpu_session.sh profile                     (the same steps' GPU kernels by kind, from the profiler)
+#   bash bench/gpu_session.sh cold-start                  (valora serve's start at 7B to its first answer)
 #   bash bench/gpu_session.sh layout                      (a plain-JAX 7B decode step: weight layouts, scan vs loop)
 #   bash bench/gpu_session.sh soak                        (valora serve under mixed load and faults; SOAK_MINUTES, 20)
 #   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
@@ -59,6 +60,7 @@ for stage in "$@"; do
                       ${OVERHEAD_VARIANTS:+--variants $OVERHEAD_VARIANTS} ;;
         floor)   $limit python3 bench/step_floor.py --out bench/results/step_floor ;;
         profile) $limit python3 bench/step_profile.py --out bench/results/step_profile --trace-dir "$OUT/traces" ;;
+        cold-start) $limit python3 bench/cold_start.py --out bench/results/cold_start ;;
         layout)  $limit python3 bench/layer_layout.py --out bench/results/layer_layout ;;
         soak)    $limit python3 bench/soak.py --minutes "${SOAK_MINUTES:-20}" --out bench/results/soak_gpu ;;
         copy)    $limit python3 bench/pallas_copy.py --out bench/results/pallas_copy ;;

@@ -169,14 +169,16 @@ def _calibration_requests(config, adapters: list[str], n: int) -> list:
             for i in range(n)]
 
 
-def cmd_serve(args) -> None:
+def serving_engine(args):
+    """The engine `valora serve` runs for its parsed arguments, ready to take traffic: the model,
+    the runner on its backends, the adapters, serve's configuration for this platform, every
+    step shape precompiled where that configuration says so, and ours' step-time model
+    calibrated. Each phase is said on stderr."""
     from serve.api_schema import Limits
     from serve.config import precompile, serving_config
     from serve.engine import Engine
     from serve.policies import SYSTEMS
-    from serve.server import Server, create_app
-    from serve.service import EngineService
-    from valora_jax import MODES, AdapterPool, frozen_heap, load_adapter
+    from valora_jax import MODES, AdapterPool, load_adapter
 
     model, origin = _load_model(args.model)
     if args.max_loras is not None:
@@ -206,13 +208,22 @@ def cmd_serve(args) -> None:
         steps = engine.calibrate(_calibration_requests(runner.config, sorted(pool.store), args.calibration_requests))
         print(f"ours' step-time model calibrated on {steps} probe steps in {time.perf_counter() - tic:.1f} s",
               file=sys.stderr)
+    print(f"model: {runner.config.name} ({origin}); adapters: {sorted(pool.store) or 'none'}; "
+          f"{runner.config.lora.max_loras} adapter slots; policy {args.policy}; adapter root {args.adapter_root}",
+          file=sys.stderr)
+    return engine
+
+
+def cmd_serve(args) -> None:
+    from serve.server import Server, create_app
+    from serve.service import EngineService
+    from valora_jax import frozen_heap
+
+    engine = serving_engine(args)
     app = create_app(EngineService(engine), adapter_root=args.adapter_root,
                      api_key=args.api_key or os.environ.get("VALORA_API_KEY") or None,
                      media_roots=tuple(args.allowed_local_media_path))
     print(f"stack: {_stack()}", file=sys.stderr)
-    print(f"model: {runner.config.name} ({origin}); adapters: {sorted(pool.store) or 'none'}; "
-          f"{runner.config.lora.max_loras} adapter slots; policy {args.policy}; adapter root {args.adapter_root}",
-          file=sys.stderr)
     with frozen_heap():                     # what start-up built is never scanned while serving
         Server(app, args.host, args.port).run()
 
@@ -247,11 +258,11 @@ def cmd_import_peft(args) -> None:
           f"{len(adapter.weights)} modules) for {adapter.base_id} into {args.out}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The `valora` command line."""
     from serve.policies import SYSTEMS
     from valora_jax.decoder import ATTENTION_BACKENDS
     from valora_jax.lora import BACKENDS
-    from valora_jax.runtime import use_serving_xla_flags
 
     parser = argparse.ArgumentParser(prog="valora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,7 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     from train.cli import add_commands as add_training_commands   # train-adapter, generate-adapters, eval
 
     add_training_commands(sub, _load_model)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from valora_jax.runtime import use_serving_xla_flags
+
+    args = build_parser().parse_args(argv)
     use_serving_xla_flags()
     _enable_compilation_cache()
     args.func(args)
