@@ -365,3 +365,18 @@ def test_page_writes_store_valid_tokens_and_drop_padding():
         want[:, table[b, p // size], p % size] = np.asarray(new[b, q])
     np.testing.assert_array_equal(got, want)
     assert (got[:, 0] == np.asarray(pages)[:, 0]).all()
+
+
+def test_a_step_passes_only_the_arrays_its_mode_reads(loaded):
+    """Unmerged steps leave out the merged copies, merged steps the adapter slots and the base
+    kernels their merged copies stand in for, mixture steps those base kernels (and none passes the
+    vision tower's): fewer arrays to dispatch."""
+    from valora_jax.lora import targeted_linears
+
+    leaves = {mode: loaded._decoder_leaves(mode) for mode in ("unmerged", "merged", "mixture")}
+    targeted = len(targeted_linears(loaded.model().decoder))
+    assert leaves["unmerged"][2] == () and leaves["merged"][1] == ()
+    assert len(leaves["merged"][0]) == len(leaves["mixture"][0]) == len(leaves["unmerged"][0]) - targeted
+    assert len(leaves["mixture"][1]) == len(leaves["unmerged"][1]) > 0
+    assert len(leaves["merged"][2]) == len(leaves["mixture"][2]) == targeted
+    assert len(leaves["unmerged"][0]) < len(loaded._leaves["params"])         # no vision tower

@@ -240,6 +240,11 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
     return Block(tokens, positions, valid, image_rows, slot, page_table)
 
 
+def _path_key(path) -> tuple[str, str]:
+    """(module path, variable name) of a flat nnx-state leaf's key path (which ends [variable].value)."""
+    return module_path(k.key for k in path[:-2]), path[-2].key
+
+
 def _flat_state(name: str, doc: str) -> property:
     """A runner attribute kept as flat leaves (what the jitted functions take: passing nnx states
     would flatten thousands of leaves in Python on every call) and seen as an nnx state."""
@@ -306,24 +311,34 @@ class ModelRunner:
     def _state_leaves(self) -> tuple:
         return self._leaves["params"], self._leaves["lora"], self._leaves["merged"]
 
-    def _decoder_leaves(self) -> tuple:
-        """The decoder's part of _state_leaves: all a step reads (the vision tower's leaves are
-        not passed, which makes a step's dispatch cheaper). Picked again only after a slot write
+    def _decoder_leaves(self, mode: str) -> tuple:
+        """The leaves a step in `mode` reads (_step_index), as (params, lora, merged) tuples: the
+        fewer arrays a call passes, the cheaper its dispatch. Picked again only after a slot write
         or merge replaced the leaves, not on every step."""
         state = self._state_leaves()
-        picked = self.__dict__.get("_decoder_picked")
+        picked = self.__dict__.setdefault("_decoder_picked", {}).get(mode)
         if picked is None or any(a is not b for a, b in zip(picked[0], state)):
-            picked = self._decoder_picked = (state, tuple(
-                tuple(leaves[i] for i in self._decoder_index[name])
+            picked = self._decoder_picked[mode] = (state, tuple(
+                tuple(leaves[i] for i in self._step_index[mode][name])
                 for name, leaves in zip(("params", "lora", "merged"), state)))
         return picked[1]
 
     @functools.cached_property
-    def _decoder_index(self) -> dict[str, tuple[int, ...]]:
-        """{state name: indices of the decoder's leaves among its flat leaves}."""
-        paths = {name: [path for path, _ in jax.tree_util.tree_flatten_with_path(getattr(self, name))[0]]
+    def _step_index(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """{mode: {state name: indices of the leaves a step in that mode reads}}: the decoder's
+        (the vision tower's are not passed), less the adapter slots in merged mode, the merged
+        copies in unmerged mode, and the base kernels that a merged copy stands in for in merged
+        and mixture modes."""
+        paths = {name: [(path[0].key, _path_key(path)) for path, _ in
+                        jax.tree_util.tree_flatten_with_path(getattr(self, name))[0]]
                  for name in ("params", "lora", "merged")}
-        return {name: tuple(i for i, path in enumerate(p) if path[0].key == "decoder") for name, p in paths.items()}
+        replaced = {(module_path(path), "kernel") for path, lin in targeted_linears(self.model())
+                    if lin.merged is not None}
+        reads = {"unmerged": ("params", "lora"), "merged": ("params", "merged"), "mixture": ("params", "lora", "merged")}
+        return {mode: {name: tuple(i for i, (top, key) in enumerate(p)
+                                   if top == "decoder" and name in reads[mode]
+                                   and not (mode != "unmerged" and name == "params" and key in replaced))
+                       for name, p in paths.items()} for mode in MODES}
 
     # jitted bodies ---------------------------------------------------------------------------
     def _ctx(self, slot, merged_slot, mode) -> LoraContext:
@@ -335,17 +350,17 @@ class ModelRunner:
                   for n, leaves in (("params", params), ("lora", lora), ("merged", merged))]
         return nnx.merge(self.graphdef, *states)
 
-    def _decoder_model(self, params, lora, merged) -> LMM:
-        """The module from the decoder's leaves alone (_decoder_leaves); the others are None."""
+    def _decoder_model(self, params, lora, merged, mode: str) -> LMM:
+        """The module from the leaves a step in `mode` reads (_decoder_leaves); the others are None."""
         full = []
         for name, leaves in (("params", params), ("lora", lora), ("merged", merged)):
-            given = dict(zip(self._decoder_index[name], leaves))
+            given = dict(zip(self._step_index[mode][name], leaves))
             full.append(tuple(given.get(i) for i in range(len(self._leaves[name]))))
         return self._model(*full)
 
     def _step_impl(self, params, lora, merged, cache, blocks, image_features, merged_slot, mode: str):
-        """A step over the decoder's leaves (params, lora, merged: _decoder_leaves)."""
-        model = self._decoder_model(params, lora, merged)
+        """A step over the leaves a step in `mode` reads (params, lora, merged: _decoder_leaves)."""
+        model = self._decoder_model(params, lora, merged, mode)
         return model.step(cache, blocks, image_features, self._ctx(token_slots(blocks), merged_slot, mode),
                           self.attention)
 
@@ -359,7 +374,7 @@ class ModelRunner:
     def _decode_loop_impl(self, params, lora, merged, cache, block, merged_slot, sampling, feed, mode: str,
                           vocab_size: int, steps: int):
         block = _fed(block, feed)
-        model = self._decoder_model(params, lora, merged)
+        model = self._decoder_model(params, lora, merged, mode)
         ctx = self._ctx(token_slots([block]), merged_slot, mode)
         no_features = jnp.zeros((0, self.config.text.hidden_size), jnp.dtype(self.config.dtype))
 
@@ -409,7 +424,7 @@ class ModelRunner:
 
         -> (hidden [R, D], logits [R, V] float32, new cache) for the last valid token of each of
         the R rows, blocks in order. The cache passed in is consumed."""
-        return self._step(*self._decoder_leaves(), cache, tuple(blocks), image_features, self._merged_slot_for(mode),
+        return self._step(*self._decoder_leaves(mode), cache, tuple(blocks), image_features, self._merged_slot_for(mode),
                           mode=mode)
 
     def sample_step(self, cache, blocks: Sequence[Block], image_features, sampling: Sampling, vocab_size: int,
@@ -419,7 +434,7 @@ class ModelRunner:
         a `feed` of L tokens, the first block's fed rows take their tokens from it, and the tokens
         come back padded to [L] (to feed the next step)."""
         merged_slot = self._merged_slot_for(mode)
-        return self._sample_step(*self._decoder_leaves(), cache, tuple(blocks), image_features, merged_slot,
+        return self._sample_step(*self._decoder_leaves(mode), cache, tuple(blocks), image_features, merged_slot,
                                  Sampling(*(np.asarray(a) for a in sampling)), self._checked(feed, blocks[0]),
                                  mode=mode, vocab_size=vocab_size)
 
@@ -433,7 +448,7 @@ class ModelRunner:
         paid once for all the steps."""
         if block.tokens.shape[1] != 1:
             raise ValueError(f"a decode loop runs one token a row, got a block of {block.tokens.shape[1]}")
-        return self._decode_loop(*self._decoder_leaves(), cache, block, self._merged_slot_for(mode),
+        return self._decode_loop(*self._decoder_leaves(mode), cache, block, self._merged_slot_for(mode),
                                  Sampling(*(np.asarray(a) for a in sampling)), self._checked(feed, block),
                                  mode=mode, vocab_size=vocab_size, steps=steps)
 
@@ -476,7 +491,7 @@ class ModelRunner:
             blocks = tuple(Block(spec((b, q), jnp.int32), spec((b, q), jnp.int32), spec((b, q), jnp.bool_),
                                  spec((b, q), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
                            for b, q, w in blocks)
-            args = (*self._decoder_leaves(), cache, blocks, spec((n_features, d), jnp.dtype(self.config.dtype)),
+            args = (*self._decoder_leaves(mode), cache, blocks, spec((n_features, d), jnp.dtype(self.config.dtype)),
                     spec((), jnp.int32))
             if vocab_size is None:
                 lowered.append(self._step.lower(*args, mode=mode))
@@ -498,7 +513,7 @@ class ModelRunner:
             block = Block(spec((b, 1), jnp.int32), spec((b, 1), jnp.int32), spec((b, 1), jnp.bool_),
                           spec((b, 1), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
             sampling = Sampling(*(spec((b,), a.dtype) for a in Sampling.greedy(1)))
-            lowered.append(self._decode_loop.lower(*self._decoder_leaves(), cache, block, spec((), jnp.int32),
+            lowered.append(self._decode_loop.lower(*self._decoder_leaves(mode), cache, block, spec((), jnp.int32),
                                                    sampling, _feed_spec(feed, block), mode=mode,
                                                    vocab_size=vocab_size, steps=steps))
         return lowered
@@ -560,9 +575,9 @@ class ModelRunner:
         """Per targeted weight, the indices of its leaves: (merged, kernel in params, per targeted
         part (lora_a, lora_b, lora_scale, lora_rank) in lora), the parts' first columns, and
         whether every part of it is targeted."""
-        def index(name):     # {(module path, variable name): leaf index}; a path ends [variable].value
+        def index(name):     # {(module path, variable name): leaf index}
             paths = jax.tree_util.tree_flatten_with_path(getattr(self, name))[0]
-            return {(module_path(k.key for k in path[:-2]), path[-2].key): i for i, (path, _) in enumerate(paths)}
+            return {_path_key(path): i for i, (path, _) in enumerate(paths)}
         params, lora, merged = index("params"), index("lora"), index("merged")
         return [(merged[(module_path(path), "merged")], params[(module_path(path), "kernel")],
                  tuple(tuple(lora[(module_path((*path, part.attribute)), v)]
