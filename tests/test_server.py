@@ -221,7 +221,8 @@ def test_models_lists_base_and_adapters(stack):
     assert ids[0] == BASE and {"task0", "counter"} <= set(ids)
 
 
-def test_adapters_loaded_replaced_and_unloaded_at_run_time(stack):
+def test_adapters_loaded_replaced_and_unloaded_at_run_time(stack, capfd):
+    """Loads, replacements and unloads at run time, with no checkpoint-reader noise on stderr."""
     config, shapes = stack.runner.config, stack.runner.module_shapes
     for i in (1, 2):
         save_adapter(stack.adapter_root / f"dyn{i}", random_adapter(config, shapes, f"dyn{i}", 8, seed=40 + i, std=0.3))
@@ -266,6 +267,7 @@ def test_adapters_loaded_replaced_and_unloaded_at_run_time(stack):
     assert load("bad", "missing").status_code == 404
     (stack.adapter_root / "empty").mkdir()
     assert load("bad", "empty").status_code == 400
+    assert "Event loop is closed" not in capfd.readouterr().err
 
 
 # limits, disconnects, overload -------------------------------------------------------------------
