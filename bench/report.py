@@ -272,8 +272,9 @@ def step_floor(d):
          "dispatch_ms": span([r["dispatch_ms"] for r in decode], 1),
          "blocking_ms": span([r["blocking_step_ms"] for r in decode], 1),
          "prefill": x(pre["over_floor"]), "prefill.prompts": str(pre["prefill"]), "prefill.prompt": str(pre["prompt"]),
-         "prefill.tokens": str(pre["prefill"] * pre["prompt"]),
-         "prefill.positions": str(pre["prefill"] * -(-pre["prompt"] // width) * width)}   # whole rows of `width`
+         "prefill.tokens": str(pre.get("prefill_tokens", pre["prefill"] * pre["prompt"])),   # older records:
+         "prefill.positions": str(pre.get("prefill_positions",                              # every prompt whole,
+                                          pre["prefill"] * -(-pre["prompt"] // width) * width))}  # in rows of `width`
     for name, keys in (("long", max(r["keys"] for r in full)), ("short", min(r["keys"] for r in full))):
         step = {r["mode"]: r for r in full if r["keys"] == keys}
         v.update({f"{name}_keys": str(keys), f"{name}.merged": x(step["merged"]["over_floor"]),

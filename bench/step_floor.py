@@ -225,8 +225,10 @@ def measure(preset: str, steps: int, shapes=SHAPES) -> dict:
         cache, times = _time_steps(runner, cache, blocks, empty, shape.mode, steps)
         for loop in LOOPS if shape.rows == -1 and not shape.prefill else ():
             cache, times[f"loop{loop}_step_ms"] = _time_loop(runner, cache, blocks[0], shape.mode, loop, steps)
-        floor = floor_of(shape, cfg, rows, first_chunks(shape, config), copy_rate, matmul_rate, sizes)
-        records.append({**dataclasses.asdict(shape), "rows": rows, **times, **floor,
+        chunks = first_chunks(shape, config)
+        floor = floor_of(shape, cfg, rows, chunks, copy_rate, matmul_rate, sizes)
+        records.append({**dataclasses.asdict(shape), "rows": rows, **times, **floor, "prefill_tokens": sum(chunks),
+                        "prefill_positions": int(blocks[-1].valid.size) if chunks else 0,
                         "over_floor": times["step_ms"] / floor["floor_ms"]})
         print(f"{shape.name:36s} {times['step_ms']:8.2f} ms back to back, {times['blocking_step_ms']:8.2f} waited "
               f"for (dispatch {times['dispatch_ms']:6.2f}), floor {floor['floor_ms']:7.2f} ms ({floor['bound']}): "

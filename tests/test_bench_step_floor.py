@@ -50,4 +50,5 @@ def test_a_tiny_run_reports_every_row():
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in result["records"])
     decode, prefill = result["records"]
     assert all(decode[f"loop{k}_step_ms"] > 0 for k in bench.LOOPS) and not any("loop" in key for key in prefill)
+    assert (decode["prefill_tokens"], prefill["prefill_tokens"], prefill["prefill_positions"]) == (0, 20, 64)
     assert "| decode full x 16 keys, merged | 32 |" in text and "| prefill 1 x 20, unmerged | 0 |" in text
