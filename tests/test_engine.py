@@ -14,7 +14,7 @@ from serve.engine import Engine, Overloaded
 from serve.policies import SYSTEMS, CostModel, Decision, Policy, pack
 from valora_jax import AdapterPool, Request, TaskHead, random_adapter
 from valora_jax.lora import MODES
-from valora_jax.runtime import bucket, compile_seconds_by_function
+from valora_jax.runtime import bucket, compile_seconds_by_function, fine_bucket
 
 SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, prefill_width=16, num_pages=64)
 ADAPTERS = [None, "task0", "task1", "task2"]
@@ -541,6 +541,16 @@ def test_step_shapes_cover_every_step_the_engine_runs(generator, monkeypatch):
     monkeypatch.setattr(generator.runner, "sample_step", recording)
     _engine(generator, config=config).generate(_requests(10))
     assert seen and set(seen) <= shapes, set(seen) - shapes
+
+
+def test_prefill_blocks_pad_their_rows_to_a_few_counts():
+    """A prefill block's rows are padded to 1, 2, 3, 4, 6, 8, 12, ... (at most a third of them
+    padding), never past the rows the token budget holds; step_shapes lists exactly those."""
+    assert [fine_bucket(n) for n in range(1, 18)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24]
+    config = EngineConfig(token_budget=640, prefill_width=64)                # 10 rows at most
+    assert [config.prefill_rows(n) for n in range(1, 11)] == [1, 2, 3, 4, 6, 6, 8, 8, 10, 10]
+    prefill_rows = {rows for blocks, _, _ in config.step_shapes(("unmerged",)) for rows, q, _ in blocks if q == 64}
+    assert prefill_rows == {1, 2, 3, 4, 6, 8, 10}
 
 
 def test_serving_config_is_the_small_default_off_a_gpu_and_precompiled_shapes_on_one(config):
