@@ -78,9 +78,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 def write_pages(pages: jax.Array, new: jax.Array, positions: jax.Array, valid: jax.Array,
                 page_table: jax.Array) -> jax.Array:
     """pages [H_kv, P, page, Dh] with new [B, Q, H_kv, Dh] stored at each valid token's position;
-    padding tokens write nothing. Valid tokens of a step hold distinct positions of distinct
-    pages, so the scatter is declared unique: plain stores (padding tokens all writing one
-    place would make it serialize on atomics: 15 ms a layer's K at a 4096-position prefill)."""
+    padding tokens write nothing. Valid tokens of a step hold distinct (page, offset) pairs, so
+    the scatter is declared unique: plain stores (padding tokens all writing one place made it
+    serialize on atomics, 37 ms of a 7B prefill step of 4096 positions)."""
     page_size = pages.shape[2]
     col = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
     page = jnp.where(valid, jnp.take_along_axis(page_table, col, axis=1), pages.shape[1])   # [B, Q]; P: dropped
