@@ -113,9 +113,9 @@ def measure(preset: str, steps: int, trace_dir: Path, shapes=SHAPES) -> dict:
                          ctx.sizes)
         summary = summarize(kernels, steps)
         records.append({"name": shape.name, "mode": shape.mode, "rows": rows, "wall_ms": wall_ms, **floor, **summary})
-        print(f"{shape.name:36s} wall {wall_ms:7.2f} ms, busy {summary['busy_ms']:7.2f}, floor {floor['floor_ms']:7.2f}, "
-              f"{summary['launches']:.0f} kernels: " + ", ".join(f"{k} {v['ms']:.2f}" for k, v in summary["kinds"].items()),
-              flush=True)
+        kinds = ", ".join(f"{k} {v['ms']:.2f}" for k, v in summary["kinds"].items())
+        print(f"{shape.name:36s} wall {wall_ms:7.2f} ms, busy {summary['busy_ms']:7.2f}, "
+              f"floor {floor['floor_ms']:7.2f}, {summary['launches']:.0f} kernels: {kinds}", flush=True)
     return {"preset": preset, "steps": steps, "backend": ctx.runner.backend, "attention": ctx.runner.attention,
             "copy_bytes_per_s": ctx.copy_rate, "records": records}
 

@@ -334,7 +334,8 @@ class ModelRunner:
                  for name in ("params", "lora", "merged")}
         replaced = {(module_path(path), "kernel") for path, lin in targeted_linears(self.model())
                     if lin.merged is not None}
-        reads = {"unmerged": ("params", "lora"), "merged": ("params", "merged"), "mixture": ("params", "lora", "merged")}
+        reads = {"unmerged": ("params", "lora"), "merged": ("params", "merged"),
+                 "mixture": ("params", "lora", "merged")}
         return {mode: {name: tuple(i for i, (top, key) in enumerate(p)
                                    if top == "decoder" and name in reads[mode]
                                    and not (mode != "unmerged" and name == "params" and key in replaced))
@@ -424,8 +425,8 @@ class ModelRunner:
 
         -> (hidden [R, D], logits [R, V] float32, new cache) for the last valid token of each of
         the R rows, blocks in order. The cache passed in is consumed."""
-        return self._step(*self._decoder_leaves(mode), cache, tuple(blocks), image_features, self._merged_slot_for(mode),
-                          mode=mode)
+        return self._step(*self._decoder_leaves(mode), cache, tuple(blocks), image_features,
+                          self._merged_slot_for(mode), mode=mode)
 
     def sample_step(self, cache, blocks: Sequence[Block], image_features, sampling: Sampling, vocab_size: int,
                     mode: str = "unmerged", feed: Feed | None = None):
