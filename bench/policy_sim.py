@@ -38,7 +38,7 @@ from serve.policies import SYSTEMS, BatchLimits, CostModel, Policy, SchedulerSta
 
 
 LIMITS = BatchLimits(max_rows=32, token_budget=2048, prefill_chunk=2048, max_adapters=16, max_prefill_rows=4,
-                     prefill_width=512)      # e2e's
+                     prefill_width=512)      # those of the committed e2e step log's runs
 
 
 @dataclasses.dataclass(frozen=True)
