@@ -179,6 +179,7 @@ def serving_engine(args):
     from serve.engine import Engine
     from serve.policies import SYSTEMS
     from valora_jax import MODES, AdapterPool, load_adapter
+    from valora_jax.adapters import layout_of
 
     model, origin = _load_model(args.model)
     if args.max_loras is not None:
@@ -201,7 +202,7 @@ def serving_engine(args):
     if config.precompile:
         tic = time.perf_counter()
         n = precompile(runner, config, MODES if runner.config.lora.mergeable else ("unmerged",),
-                       vocab_size=engine.tokenizer.vocab_size)
+                       vocab_size=engine.tokenizer.vocab_size, layouts=[layout_of(a) for a in pool.store.values()])
         print(f"{n} step variants and encoder batches compiled in {time.perf_counter() - tic:.0f} s", file=sys.stderr)
     if args.policy == "ours" and pool.store and args.calibration_requests > 0:
         tic = time.perf_counter()

@@ -119,16 +119,19 @@ def serving_config(model: LMMConfig, platform: str | None = None, max_images: in
 
 
 def precompile(runner: ModelRunner, config: EngineConfig, modes=MODES, threads: int = 8,
-               vocab_size: int = ByteTokenizer().vocab_size) -> int:
+               vocab_size: int = ByteTokenizer().vocab_size, layouts=()) -> int:
     """Compile the step variants an engine of `config` on `runner` meets in `modes`
-    (EngineConfig.step_shapes; sampling from `vocab_size` ids, its tokenizer's) and its encoder
-    batches, several at a time; how many compiled. Compiled executables land in the runner's jit
-    caches, where the steps find them."""
+    (EngineConfig.step_shapes; sampling from `vocab_size` ids, its tokenizer's), its encoder
+    batches, the slot writes of adapters of `layouts` (adapters.layout_of) and of an empty slot,
+    and the merge where `modes` merge, several at a time; how many compiled. Compiled
+    executables land in the runner's jit caches, where the calls find them."""
     cfg = runner.config
     cache = jax.eval_shape(lambda: init_pages(cfg.text, config.num_pages, cfg.page_size, jnp.dtype(cfg.dtype)))
     feed = config.max_step_rows
-    lowered = runner.lower_steps(cache, config.step_shapes(modes), vocab_size, feed) + runner.lower_encoder(
-        config.encoder_batches)
+    lowered = (runner.lower_steps(cache, config.step_shapes(modes), vocab_size, feed)
+               + runner.lower_encoder(config.encoder_batches) + runner.lower_writes(((), *layouts)))
+    if set(modes) - {"unmerged"}:
+        lowered += runner.lower_merge()
     if config.decode_loop > 1:
         decode = [(rows, pages, mode) for ((rows, _, pages),), _, mode in config.step_shapes(modes)[:len(modes)]]
         lowered += runner.lower_decode_loops(cache, decode, vocab_size, config.decode_loop, feed)

@@ -20,8 +20,9 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from serve.engine import Engine
-from valora_jax.adapters import Adapter
+from valora_jax.adapters import Adapter, layout_of
 from valora_jax.request import Completion, Request
+from valora_jax.runtime import compile_lowered
 
 log = logging.getLogger("valora.serve")
 
@@ -207,7 +208,18 @@ class EngineService:
             pass
 
     async def register_adapter(self, adapter: Adapter) -> int:
-        """Load or replace an adapter; returns its version."""
+        """Load or replace an adapter; returns its version. Where the engine precompiles, the slot
+        write of the adapter's layout is compiled first, on a thread of its own (a write of a new
+        layout then stalls no step)."""
+        if self.engine.config.precompile:
+            runner = self.engine.runner
+
+            def compile_write():
+                adapter.validate(runner.config, runner.module_shapes)       # a bad adapter: ValueError first
+                compile_lowered(runner.lower_writes([layout_of(adapter)]), 1)
+
+            await asyncio.to_thread(compile_write)
+
         def register(engine: Engine) -> int:
             version = engine.register_adapter(adapter)
             self.adapters = tuple(sorted(engine.pool.store))

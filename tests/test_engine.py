@@ -13,6 +13,7 @@ from serve.config import EngineConfig, precompile, serving_config
 from serve.engine import Engine, Overloaded
 from serve.policies import SYSTEMS, CostModel, Decision, Policy, pack
 from valora_jax import AdapterPool, Request, TaskHead, random_adapter
+from valora_jax.adapters import layout_of
 from valora_jax.lora import MODES
 from valora_jax.runtime import bucket, compile_seconds_by_function, fine_bucket
 
@@ -566,8 +567,8 @@ def test_serving_config_is_the_small_default_off_a_gpu_and_precompiled_shapes_on
 
 def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(generator):
     """precompile compiles every step shape and encoder batch an engine of its config meets (decode,
-    prefill and both blocks; image batches), into the runner's own jit caches: serving then
-    compiles no step and no encoder call."""
+    prefill and both blocks; image batches) and the slot writes of its adapters' layouts, into the
+    runner's own jit caches: serving then compiles no step, no encoder call and no slot write."""
     config = dataclasses.replace(SMALL, token_budget=32, min_rows=4, min_pages=16, min_features=64,
                                  encoder_batches=(1, 2, 4), precompile=True, decode_loop=2)
     runner = generator.runner.twin()                         # its own jit caches: nothing compiled yet
@@ -576,7 +577,10 @@ def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(gene
         pool.register(generator.pool.store[name])
     model_calls = lambda: {f: s for f, s in compile_seconds_by_function().items() if f in STEP_FUNCTIONS}
     before = model_calls()
-    assert precompile(runner, config, ("unmerged",)) == len(config.step_shapes(("unmerged",))) + 3 + 1
+    layouts = {layout_of(a) for a in pool.store.values()}
+    assert len(layouts) > 1                                  # adapters of several ranks
+    assert precompile(runner, config, ("unmerged",), layouts=layouts) == \
+        len(config.step_shapes(("unmerged",))) + 3 + 1 + len(layouts) + 1
     compiled = model_calls()
     assert all(compiled.get(f, 0) > before.get(f, 0) for f in STEP_FUNCTIONS)
     engine = Engine(runner, pool, config=config, policy="unmerged")
@@ -585,7 +589,18 @@ def test_precompiled_steps_and_encoder_batches_do_not_compile_while_serving(gene
     assert any(s.steps == 2 for s in engine.step_metrics)
 
 
-STEP_FUNCTIONS = ("jit(_sample_step_impl)", "jit(_encode_impl)", "jit(_decode_loop_impl)")
+STEP_FUNCTIONS = ("jit(_sample_step_impl)", "jit(_encode_impl)", "jit(_decode_loop_impl)", "jit(_write_impl)")
+
+
+def test_precompile_compiles_the_merge_where_its_modes_merge(generator):
+    runner = generator.runner.twin()
+    calls = lambda: compile_seconds_by_function()["jit(_merge_impl)"]
+    before = calls()
+    precompile(runner, dataclasses.replace(SMALL, max_rows=1, token_budget=16), ("merged",))
+    compiled = calls()
+    assert compiled > before
+    runner.merge(1)
+    assert calls() == compiled
 
 
 def test_decode_loops_give_each_request_its_oracle_output(oracle, generator):

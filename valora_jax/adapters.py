@@ -152,6 +152,11 @@ Layout = tuple[tuple[str, int, int, int], ...]
 """(module path, d_in, rank, d_out) of each module a packed adapter holds, in buffer order."""
 
 
+def layout_of(adapter: Adapter) -> Layout:
+    """The adapter's packed layout: (module path, d_in, rank, d_out) of each module, sorted."""
+    return tuple((p, *adapter.weights[p][0].shape, adapter.weights[p][1].shape[1]) for p in sorted(adapter.weights))
+
+
 def unpack(buffer, scales, layout: Layout) -> dict[str, tuple]:
     """module path -> (A [d_in, r], B [r, d_out], scale): slices of a packed buffer (numpy views on
     the host; inside a jitted function, static slices)."""
@@ -180,8 +185,7 @@ class PackedAdapter:
     @classmethod
     def of(cls, adapter: Adapter, dtype) -> "PackedAdapter":
         """Pack an adapter's weights (in sorted module order) as `dtype`."""
-        paths = sorted(adapter.weights)
-        layout = tuple((p, *adapter.weights[p][0].shape, adapter.weights[p][1].shape[1]) for p in paths)
+        paths, layout = sorted(adapter.weights), layout_of(adapter)
         parts = [w for p in paths for w in adapter.weights[p]]
         buffer = np.concatenate([np.asarray(w, dtype).reshape(-1) for w in parts]) if parts else np.zeros(0, dtype)
         return cls(adapter.name, buffer, np.array([adapter.scales[p] for p in paths], np.float32), layout)

@@ -519,6 +519,25 @@ class ModelRunner:
                                                    vocab_size=vocab_size, steps=steps))
         return lowered
 
+    def lower_writes(self, layouts) -> list:
+        """write_slot of adapters of each distinct layout in `layouts` (adapters.Layout; () is the
+        write that clears a slot), traced and lowered (not compiled), as `lower_steps` does."""
+        spec = jax.ShapeDtypeStruct
+        state = jax.tree.map(lambda a: spec(a.shape, a.dtype), self._state_leaves())
+        lowered = []
+        for layout in dict.fromkeys(layouts):
+            size = sum((d_in + d_out) * r for _, d_in, r, d_out in layout)
+            buffer = spec((size,), jnp.dtype(self.config.dtype) if layout else jnp.float32)
+            lowered.append(self._write.lower(*state, spec((), jnp.int32), buffer, spec((len(layout),), jnp.float32),
+                                             layout=layout))
+        return lowered
+
+    def lower_merge(self) -> list:
+        """merge, traced and lowered (not compiled), as `lower_steps` does."""
+        spec = jax.ShapeDtypeStruct
+        return [self._merge.lower(*jax.tree.map(lambda a: spec(a.shape, a.dtype), self._state_leaves()),
+                                  spec((), jnp.int32))]
+
     def lower_encoder(self, counts, mode: str = "unmerged") -> list:
         """encode_images on batches of each of `counts` images, traced and lowered (not compiled),
         as `lower_steps` does for steps."""
