@@ -580,6 +580,34 @@ def test_fuzz_raw_bodies_on_every_endpoint(stack):
     _still_serving(stack)
 
 
+def test_a_precompiling_engine_compiles_a_loaded_adapters_slot_write_before_it_is_registered(stack):
+    """Where the engine precompiles, a run-time adapter of a new layout has its slot write compiled
+    off the engine thread at load, so serving it compiles no write; a bad adapter is refused by
+    name before anything compiles."""
+    from valora_jax.runtime import compile_seconds_by_function
+
+    runner = stack.runner.twin()
+    config = dataclasses.replace(ENGINE, min_rows=ENGINE.max_rows, precompile=True)
+    service = EngineService(Engine(runner, AdapterPool(runner.config, runner.module_shapes, runner.write_slot),
+                                   config=config))
+    writes = lambda: compile_seconds_by_function()["jit(_write_impl)"]
+    fresh = random_adapter(runner.config, runner.module_shapes, "fresh", 12, seed=77, std=0.2)   # a new rank
+    bad = dataclasses.replace(fresh, name="bad", base_id="another model")
+    service.start()
+    try:
+        before = writes()
+        with pytest.raises(ValueError, match="another model"):
+            asyncio.run(service.register_adapter(bad))
+        assert writes() == before
+        assert asyncio.run(service.register_adapter(fresh)) == 1
+        compiled = writes()
+        assert compiled > before
+        service.call(lambda engine: engine.generate([Request("hi", adapter="fresh", max_tokens=2)])).result(120)
+        assert writes() == compiled
+    finally:
+        service.stop(60)
+
+
 # shutdown, CLI and auth --------------------------------------------------------------------------
 def test_graceful_shutdown_finishes_requests_in_flight(stack):
     """A second server on the same runner (base model only, while the first is idle)."""
