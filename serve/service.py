@@ -209,23 +209,17 @@ class EngineService:
 
     async def register_adapter(self, adapter: Adapter) -> int:
         """Load or replace an adapter; returns its version. Where the engine precompiles, the slot
-        write of the adapter's layout is compiled first, on a thread of its own (a write of a new
-        layout then stalls no step)."""
-        if self.engine.config.precompile:
-            runner = self.engine.runner
-
-            def compile_write():
-                adapter.validate(runner.config, runner.module_shapes)       # a bad adapter: ValueError first
-                compile_lowered(runner.lower_writes([layout_of(adapter)]), 1)
-
-            await asyncio.to_thread(compile_write)
-
+        write of the adapter's layout is compiled before this returns, on a thread of its own (a
+        write of a new layout then stalls no step)."""
         def register(engine: Engine) -> int:
-            version = engine.register_adapter(adapter)
+            version = engine.register_adapter(adapter)          # validates: a bad adapter compiles nothing
             self.adapters = tuple(sorted(engine.pool.store))
             return version
 
-        return await self.run(register)
+        version = await self.run(register)
+        if self.engine.config.precompile:
+            await asyncio.to_thread(compile_lowered, self.engine.runner.lower_writes([layout_of(adapter)]), 1)
+        return version
 
     async def unregister_adapter(self, name: str) -> None:
         """Raises UnknownModel, or AdapterInUse while live requests use it."""

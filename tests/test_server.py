@@ -580,10 +580,10 @@ def test_fuzz_raw_bodies_on_every_endpoint(stack):
     _still_serving(stack)
 
 
-def test_a_precompiling_engine_compiles_a_loaded_adapters_slot_write_before_it_is_registered(stack):
+def test_a_precompiling_engine_compiles_a_loaded_adapters_slot_write_as_it_loads(stack):
     """Where the engine precompiles, a run-time adapter of a new layout has its slot write compiled
-    off the engine thread at load, so serving it compiles no write; a bad adapter is refused by
-    name before anything compiles."""
+    off the engine thread before its load returns, so serving it compiles no write; a bad adapter
+    is refused by name and compiles nothing."""
     from valora_jax.runtime import compile_seconds_by_function
 
     runner = stack.runner.twin()

@@ -240,6 +240,12 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
     return Block(tokens, positions, valid, image_rows, slot, page_table)
 
 
+def _abstract(tree):
+    """The tree with each array replaced by its shape and dtype (what lowering needs; also safe
+    to take while another thread donates the arrays)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
 def _path_key(path) -> tuple[str, str]:
     """(module path, variable name) of a flat nnx-state leaf's key path (which ends [variable].value)."""
     return module_path(k.key for k in path[:-2]), path[-2].key
@@ -485,7 +491,7 @@ class ModelRunner:
         are used). Once compiled, the first real step of each variant finds its executable in
         the jit's caches."""
         spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-        cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
+        cache = _abstract(cache)
         d = self.config.text.hidden_size
         lowered = []
         for blocks, n_features, mode in shapes:
@@ -508,7 +514,7 @@ class ModelRunner:
         traced and lowered as `lower_steps` does: shapes (rows, pages, mode) per variant, a decode
         block of `rows` rows of one token over page tables of `pages` columns."""
         spec = jax.ShapeDtypeStruct
-        cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), cache)
+        cache = _abstract(cache)
         lowered = []
         for b, w, mode in shapes:
             block = Block(spec((b, 1), jnp.int32), spec((b, 1), jnp.int32), spec((b, 1), jnp.bool_),
@@ -522,21 +528,16 @@ class ModelRunner:
     def lower_writes(self, layouts) -> list:
         """write_slot of adapters of each distinct layout in `layouts` (adapters.Layout; () is the
         write that clears a slot), traced and lowered (not compiled), as `lower_steps` does."""
-        spec = jax.ShapeDtypeStruct
-        state = jax.tree.map(lambda a: spec(a.shape, a.dtype), self._state_leaves())
-        lowered = []
-        for layout in dict.fromkeys(layouts):
-            size = sum((d_in + d_out) * r for _, d_in, r, d_out in layout)
-            buffer = spec((size,), jnp.dtype(self.config.dtype) if layout else jnp.float32)
-            lowered.append(self._write.lower(*state, spec((), jnp.int32), buffer, spec((len(layout),), jnp.float32),
-                                             layout=layout))
-        return lowered
+        spec, state = jax.ShapeDtypeStruct, _abstract(self._state_leaves())
+        return [self._write.lower(*state, spec((), jnp.int32),
+                                  spec((sum((d_in + d_out) * r for _, d_in, r, d_out in layout),),
+                                       jnp.dtype(self.config.dtype)),
+                                  spec((len(layout),), jnp.float32), layout=layout)
+                for layout in dict.fromkeys(layouts)]
 
     def lower_merge(self) -> list:
         """merge, traced and lowered (not compiled), as `lower_steps` does."""
-        spec = jax.ShapeDtypeStruct
-        return [self._merge.lower(*jax.tree.map(lambda a: spec(a.shape, a.dtype), self._state_leaves()),
-                                  spec((), jnp.int32))]
+        return [self._merge.lower(*_abstract(self._state_leaves()), jax.ShapeDtypeStruct((), jnp.int32))]
 
     def lower_encoder(self, counts, mode: str = "unmerged") -> list:
         """encode_images on batches of each of `counts` images, traced and lowered (not compiled),
@@ -554,9 +555,10 @@ class ModelRunner:
         """Place `adapter` (or nothing) in device slot `slot` of every targeted module."""
         if not 0 <= slot < self.config.lora.max_loras:
             raise ValueError(f"slot {slot} outside 0..{self.config.lora.max_loras - 1}")
+        dtype = jnp.dtype(self.config.dtype)
         if isinstance(adapter, Adapter):
-            adapter = PackedAdapter.of(adapter, jnp.dtype(self.config.dtype))
-        buffer, scales, layout = (jnp.zeros(0), jnp.zeros(0), ()) if adapter is None else \
+            adapter = PackedAdapter.of(adapter, dtype)
+        buffer, scales, layout = (jnp.zeros(0, dtype), jnp.zeros(0), ()) if adapter is None else \
             (jnp.asarray(adapter.buffer), jnp.asarray(adapter.scales), adapter.layout)
         self._leaves["lora"] = self._write(*self._state_leaves(), jnp.int32(slot), buffer, scales, layout=layout)
         if slot == self.merged_slot:
