@@ -35,7 +35,8 @@ from bench import save_result  # noqa: E402
 from pallas_kernels.timing import copy_bandwidth, time_op  # noqa: E402
 from serve.config import serving_config  # noqa: E402
 from valora_jax import PRESETS, ModelRunner, RowSpec, init_model, init_pages, pack_block, random_adapter  # noqa: E402
-from valora_jax.runtime import Sampling, split_row, use_serving_xla_flags  # noqa: E402
+from valora_jax.blocks import split_row  # noqa: E402
+from valora_jax.runtime import Sampling, use_serving_xla_flags  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 ADAPTERS, RANK = 8, 16

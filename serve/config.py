@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from valora_jax.config import LMMConfig
 from valora_jax.kv_cache import init_pages
 from valora_jax.lora import MODES
-from valora_jax.runtime import ModelRunner, bucket, compile_lowered, fine_bucket
+from valora_jax.blocks import bucket, fine_bucket
+from valora_jax.runtime import ModelRunner, compile_lowered
 from valora_jax.tokenizer import ByteTokenizer
 
 
@@ -79,7 +80,7 @@ class EngineConfig:
         return bucket(self.max_rows, self.min_rows) + self.token_budget // self.prefill_width
 
     def prefill_rows(self, rows: int) -> int:
-        """The rows a prefill block of `rows` rows is padded to: runtime.fine_bucket(rows), at most
+        """The rows a prefill block of `rows` rows is padded to: blocks.fine_bucket(rows), at most
         the rows the token budget holds."""
         return min(fine_bucket(rows), self.token_budget // self.prefill_width)
 

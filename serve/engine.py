@@ -43,7 +43,8 @@ from valora_jax.adapters import Adapter, AdapterPool, PoolFull
 from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.lora import PAD_SLOT
 from valora_jax.request import Completion, Request, RequestState
-from valora_jax.runtime import Feed, ModelRunner, RowSpec, Sampling, bucket, compile_seconds, pack_block, split_row
+from valora_jax.blocks import RowSpec, bucket, pack_block, split_row
+from valora_jax.runtime import Feed, ModelRunner, Sampling, compile_seconds
 from valora_jax.tokenizer import ByteTokenizer
 
 log = logging.getLogger("valora.engine")

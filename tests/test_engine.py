@@ -15,7 +15,8 @@ from serve.policies import SYSTEMS, CostModel, Decision, Policy, pack
 from valora_jax import AdapterPool, Request, TaskHead, random_adapter
 from valora_jax.adapters import layout_of
 from valora_jax.lora import MODES
-from valora_jax.runtime import bucket, compile_seconds_by_function, fine_bucket
+from valora_jax.blocks import bucket, fine_bucket
+from valora_jax.runtime import compile_seconds_by_function
 
 SMALL = EngineConfig(max_rows=4, token_budget=64, prefill_chunk=32, prefill_width=16, num_pages=64)
 ADAPTERS = [None, "task0", "task1", "task2"]

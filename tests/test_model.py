@@ -11,7 +11,8 @@ from valora_jax import (LoraContext, ModelRunner, RowSpec, count_params, init_mo
 from valora_jax.config import llava_1_5_7b, llava_1_5_13b
 from valora_jax.image import preprocess_batch
 from valora_jax.lora import PAD_SLOT
-from valora_jax.runtime import split_row, token_slots
+from valora_jax.blocks import split_row
+from valora_jax.runtime import token_slots
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,6 @@ from valora_jax.lora import BACKENDS, MODES, Linear, LoraContext
 from valora_jax.request import Completion, Request, RequestState
 from valora_jax.model import LMM, count_params, init_model
 from valora_jax.decoder import Block
-from valora_jax.runtime import (ModelRunner, RowSpec, bucket, frozen_heap, pack_block, resolve_backends,
-                                use_serving_xla_flags)
+from valora_jax.blocks import RowSpec, bucket, pack_block
+from valora_jax.runtime import ModelRunner, frozen_heap, resolve_backends, use_serving_xla_flags
 from valora_jax.tokenizer import ByteTokenizer
