@@ -7,6 +7,9 @@
 #   bash bench/gpu_session.sh cold-start                  (valora serve's start at 7B to its first answer)
 #   bash bench/gpu_session.sh layout                      (a plain-JAX 7B decode step: weight layouts, scan vs loop)
 #   bash bench/gpu_session.sh soak                        (valora serve under mixed load and faults; SOAK_MINUTES, 20)
+#   bash bench/gpu_session.sh soak-start soak-wait        (the same in the background: it outlives the call, and
+#                                                          calls of soak-wait that follow while the machine is
+#                                                          warm bring its report back once it ended)
 #   bash bench/gpu_session.sh copy                        (the rate a plain Pallas kernel streams memory at)
 #   bash bench/gpu_session.sh adapter-copy                (one adapter's host-to-device copy, beside a serving loop)
 #   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
@@ -23,7 +26,8 @@
 #   bash bench/gpu_session.sh train   (resumable: unpack $OUT/checkpoints.tar.* here, carry checkpoints/.work)
 # Packages the GPU machine lacks come as wheels in the git-ignored .whl/ (carry it): grain and its
 # needs in .whl/ (installed into /tmp/site first), tokamax and its needs in .whl/tokamax/ (installed
-# into /tmp/site-tokamax for the kernels stage alone); `bash bench/fetch_wheels.sh` fills it.
+# into /tmp/site-tokamax for the kernels stage alone), the HTTP server's in .whl/server/ (installed into
+# /tmp/site-server for the soak stages alone); `bash bench/fetch_wheels.sh` fills it.
 # Each stage's log goes to $OUT/<stage>.log; results land in bench/results/ and the tile table
 # in pallas_kernels/configs/, and both are packed into $OUT/results.tgz (after each stage) to bring back.
 set -uo pipefail
@@ -44,6 +48,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then            # once a machine: sessions may
 fi
 E2E="python3 bench/e2e.py --preset llava-1.5-7b --append"
 E2E_DIR=/tmp/valora-e2e     # the background e2e's results, outside the repo (each call's copy of it replaces tracked files)
+SOAK="python3 bench/soak.py --minutes ${SOAK_MINUTES:-20}"
+SOAK_DIR=/tmp/valora-soak   # the background soak's report and log, likewise
+with_server() {             # runs "$@" with the HTTP server's packages importable
+    if ls .whl/server/*.whl >/dev/null 2>&1 && [ ! -e /tmp/site-server/.installed ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-server \
+            .whl/server/*.whl && touch /tmp/site-server/.installed || return
+    fi
+    PYTHONPATH=/tmp/site-server:${PYTHONPATH:-} "$@"
+}
 python3 -c 'import jax; print(jax.__version__, jax.devices())'
 # SESSION_DEADLINE_S: interrupt a stage this many seconds after the session began (set it below the
 # device call's limit), so that what it saved so far is still packed below
@@ -62,7 +75,14 @@ for stage in "$@"; do
         profile) $limit python3 bench/step_profile.py --out bench/results/step_profile --trace-dir "$OUT/traces" ;;
         cold-start) $limit python3 bench/cold_start.py --out bench/results/cold_start ;;
         layout)  $limit python3 bench/layer_layout.py --out bench/results/layer_layout ;;
-        soak)    $limit python3 bench/soak.py --minutes "${SOAK_MINUTES:-20}" --out bench/results/soak_gpu ;;
+        soak)    with_server $limit $SOAK --out bench/results/soak_gpu ;;
+        soak-start) mkdir -p $SOAK_DIR
+                 with_server setsid nohup $SOAK --out $SOAK_DIR/soak_gpu </dev/null >$SOAK_DIR/soak.log 2>&1 &
+                 sleep 2; echo "soak started for ${SOAK_MINUTES:-20} minutes" ;;
+        soak-wait) while pgrep -f bench/soak.py >/dev/null && [ $((deadline - SECONDS)) -gt 20 ]; do sleep 5; done
+                 pgrep -f bench/soak.py >/dev/null && echo "soak still running" || echo "soak ended"
+                 tail -n 20 $SOAK_DIR/soak.log
+                 cp $SOAK_DIR/soak_gpu.json $SOAK_DIR/soak_gpu.md bench/results/ 2>/dev/null || echo "no soak report yet" ;;
         copy)    $limit python3 bench/pallas_copy.py --out bench/results/pallas_copy ;;
         adapter-copy) $limit python3 bench/adapter_copy.py --out bench/results/adapter_copy ;;
         attention) $limit python3 -m bench.gpu_smoke --kernels attention &&
