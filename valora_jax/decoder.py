@@ -1,4 +1,5 @@
-"""Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) over a paged KV cache.
+"""Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) over a paged KV cache;
+with TextConfig's options also Qwen2's (q/k/v biases, multimodal rotary positions, tied LM head).
 
 A step's tokens are one flat [T, D] array made of blocks: a `Block` is B rows of Q padded
 tokens (say, one block of decode rows with Q=1 and one of prefill chunks with Q=256), so
@@ -15,6 +16,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels.decode_attention import decode_attention
@@ -25,7 +27,9 @@ from valora_jax.lora import Linear, LoraContext
 class Block(NamedTuple):
     """B rows of Q padded tokens. tokens, positions, image_rows: [B, Q] int32 (image_rows: row of
     the step's image features replacing the token's embedding, -1 = text); valid: [B, Q] bool;
-    slot: [B] int32 adapter slot per row; page_table: [B, Pmax] int32, or None for dense attention."""
+    slot: [B] int32 adapter slot per row; page_table: [B, Pmax] int32, or None for dense attention;
+    rope_positions: [B, Q, A] int32 rotary positions per axis of M-RoPE (TextConfig.mrope_section,
+    A axes), or None: each token's position on every axis."""
 
     tokens: jax.Array
     positions: jax.Array
@@ -33,6 +37,7 @@ class Block(NamedTuple):
     image_rows: jax.Array
     slot: jax.Array
     page_table: jax.Array | None
+    rope_positions: jax.Array | None = None
 
 
 NULL_PAGE = 0  # what unused page-table entries point at; never holds real data
@@ -50,16 +55,39 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * y.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention. x [T, H, Dh], positions [T]."""
-    dh = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)       # [Dh/2]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq                      # [T, Dh/2]
+def rope_angles(positions: jax.Array, head_dim: int, theta: float, sections: Sequence[int] = ()) -> jax.Array:
+    """Rotary angles [T, Dh/2] float32: position x inv_freq_i, inv_freq_i = theta^(-2i/Dh). With
+    sections (M-RoPE), positions are [T, len(sections)] and frequency i takes the position of
+    the axis whose section holds it (sections[0] frequencies the first axis', and so on);
+    without, positions are [T]."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)   # [Dh/2]
+    positions = positions.astype(jnp.float32)
+    if sections:
+        axis = np.repeat(np.arange(len(sections)), sections)                            # [Dh/2]
+        return positions[:, axis] * inv_freq
+    return positions[:, None] * inv_freq
+
+
+def rotate(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotary embedding, rotate-half convention: x [T, H, Dh] by angles [T, Dh/2]."""
     angles = jnp.concatenate([angles, angles], -1)[:, None, :]                      # [T, 1, Dh]
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
     return (xf * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _step_rope_angles(cfg: TextConfig, blocks: Sequence[Block]) -> jax.Array:
+    """The rotary angles [T, Dh/2] of the blocks' tokens, flattened in order."""
+    if not cfg.mrope_section:
+        positions = jnp.concatenate([blk.positions.reshape(-1) for blk in blocks])
+    else:
+        axes = len(cfg.mrope_section)
+        positions = jnp.concatenate([
+            (blk.rope_positions if blk.rope_positions is not None
+             else jnp.broadcast_to(blk.positions[..., None], (*blk.positions.shape, axes))).reshape(-1, axes)
+            for blk in blocks])
+    return rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -102,16 +130,16 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
         d, dh = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        def lin(d_in, parts: dict[str, int]):
+        def lin(d_in, parts: dict[str, int], bias: bool = False):
             """One linear, or several fused into one GEMM (adapters still address each part by name)."""
             targeted = lora is not None and any(name in lora.targets for name in parts)
             fused = parts if len(parts) > 1 else None
-            return Linear(d_in, sum(parts.values()), rngs=rngs, dtype=dtype, parts=fused,
+            return Linear(d_in, sum(parts.values()), rngs=rngs, dtype=dtype, parts=fused, bias=bias,
                           lora=lora if targeted else None)
 
         q, kv = cfg.num_heads * dh, cfg.num_kv_heads * dh
         self.input_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.qkv_proj = lin(d, {"q_proj": q, "k_proj": kv, "v_proj": kv})
+        self.qkv_proj = lin(d, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=cfg.qkv_bias)
         self.o_proj = lin(q, {"o_proj": d})
         self.post_attention_layernorm = RMSNorm(d, cfg.rms_norm_eps, dtype)
         self.gate_up_proj = lin(d, {"gate_proj": cfg.mlp_size, "up_proj": cfg.mlp_size})
@@ -129,9 +157,9 @@ class DecoderLayer(nnx.Module):
         h = self.input_layernorm(x)
         q, k, v = jnp.split(self.qkv_proj(h, ctx), [cfg.num_heads * cfg.head_dim,
                                                     (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim], axis=-1)
-        positions = jnp.concatenate([blk.positions.reshape(-1) for blk in blocks])     # [T]
-        q = rope(q.reshape(-1, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
-        k = rope(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+        angles = _step_rope_angles(cfg, blocks)                                         # [T, Dh/2]
+        q = rotate(q.reshape(-1, cfg.num_heads, cfg.head_dim), angles)
+        k = rotate(k.reshape(-1, cfg.num_kv_heads, cfg.head_dim), angles)
         v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
         outputs, start = [], 0
         for blk in blocks:
@@ -165,7 +193,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """Embedding, decoder layers, final norm, untied LM head."""
+    """Embedding, decoder layers, final norm, LM head (the embedding table when tied)."""
 
     def __init__(self, cfg: TextConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -173,8 +201,8 @@ class Decoder(nnx.Module):
                                       .astype(dtype))
         self.layers = nnx.List([DecoderLayer(cfg, lora, dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = nnx.Param((0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size)))
-                                 .astype(dtype))
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(
+            (0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size))).astype(dtype))
 
     def __call__(self, x: jax.Array, blocks: Sequence[Block], ctx: LoraContext, cache=None,
                  attention_backend: str = "reference"):
@@ -187,4 +215,6 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> float32 logits [..., V]."""
+        if self.lm_head is None:
+            return jnp.dot(hidden, self.embed_tokens[...].T, preferred_element_type=jnp.float32)
         return jnp.dot(hidden, self.lm_head[...], preferred_element_type=jnp.float32)

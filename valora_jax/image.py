@@ -4,6 +4,9 @@
 image, rejecting oversized images from their header before any pixel is decoded.
 `preprocess` matches CLIP's processor: resize the short side to `size` (keep aspect),
 centre-crop `size x size`, scale to [0, 1], normalise by mean/std; channels last.
+`qwen_patches` matches the Qwen-VL processors: resize to the nearest multiple of
+patch_size * spatial_merge_size within the pixel budget (`smart_resize`), scale, normalise,
+cut into the flattened patches the Qwen-VL tower takes (`qwen_vision`).
 """
 
 from __future__ import annotations
@@ -155,3 +158,47 @@ def _centre_crop(img: Image.Image, size: int) -> Image.Image:
     if (left, top, w, h) == (0, 0, size, size):
         return img
     return img.crop((left, top, left + size, top + size))
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor`, scaled (aspect kept) into
+    [min_pixels, max_pixels] pixels: the Qwen-VL processors' rule."""
+    if min(height, width) < 1 or max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {width}x{height} pixels: each side must be >= 1 and the aspect ratio <= 200")
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = np.sqrt(height * width / max_pixels)
+        h = max(factor, int(np.floor(height / beta / factor)) * factor)
+        w = max(factor, int(np.floor(width / beta / factor)) * factor)
+    elif h * w < min_pixels:
+        beta = np.sqrt(min_pixels / (height * width))
+        h, w = int(np.ceil(height * beta / factor)) * factor, int(np.ceil(width * beta / factor)) * factor
+    return h, w
+
+
+def qwen_patches(frames: ImageSource | Sequence[ImageSource], cfg, *, max_pixels: int = MAX_PIXELS,
+                 resample: str = "bicubic") -> tuple[np.ndarray, tuple[int, int, int]]:
+    """An image (or a clip: a sequence of frames, all resized to the first's size) as the
+    Qwen-VL tower's input: (patches [t*h*w, 3*T*p*p] float32, grid (t, h, w)).
+
+    cfg: a QwenVisionConfig (patch_size p, temporal_patch_size T, spatial_merge_size m, pixel
+    budget, mean, std). Each frame is resized (`smart_resize`, factor p*m), scaled to [0, 1] and
+    normalised; the frames (an image is one) are repeated at the end up to a multiple of T.
+    Patches run frame by frame, over the merge units row-major, then over each unit's m x m
+    patches row-major; a patch's values over channel, frame, pixel row, pixel column."""
+    clip = isinstance(frames, (list, tuple))
+    images = [load_image(f, max_pixels=max_pixels) for f in (frames if clip else [frames])]
+    if not images:
+        raise ValueError("a clip needs at least one frame")
+    p, m, tp = cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size
+    w0, h0 = images[0].size
+    height, width = smart_resize(h0, w0, p * m, cfg.min_pixels, cfg.max_pixels)
+    mean, std = _check_stats(cfg.image_mean, "image_mean"), _check_stats(cfg.image_std, "image_std")
+    pixels = np.stack([np.asarray(img.resize((width, height), resample=_RESAMPLE[resample])
+                                  if img.size != (width, height) else img, np.float32) / 255.0
+                       for img in images])                                             # [F, H, W, 3]
+    pixels = ((pixels - mean) / std).transpose(0, 3, 1, 2)                              # [F, 3, H, W]
+    pixels = np.concatenate([pixels, np.repeat(pixels[-1:], -len(pixels) % tp, axis=0)])
+    t, h, w = len(pixels) // tp, height // p, width // p
+    patches = pixels.reshape(t, tp, 3, h // m, m, p, w // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(patches.reshape(t * h * w, 3 * tp * p * p), np.float32), (t, h, w)

@@ -1,4 +1,5 @@
-"""The LLaVA-style LMM: vision tower + projector + decoder, as one Flax NNX module.
+"""The LMM as one Flax NNX module: a LLaVA-style vision tower + projector, or a Qwen-VL tower
+(`visual`), and the decoder.
 
 Image features replace the prompt's image placeholder tokens: each token's `image_rows`
 entry names the row of `image_features [F, D]` that replaces its embedding (-1 = a text
@@ -15,6 +16,7 @@ from flax import nnx
 from valora_jax.config import LMMConfig, LoraConfig
 from valora_jax.decoder import Block, Decoder
 from valora_jax.lora import LoraContext, MergedWeight, LoraSlot
+from valora_jax.qwen_vision import Grid, QwenVisionTower
 from valora_jax.vision import Projector, VisionTower
 
 
@@ -23,13 +25,25 @@ class LMM(nnx.Module):
         self.config = config
         dtype = jnp.dtype(config.dtype)
         lora = config.lora
-        self.vision_tower = VisionTower(config.vision, lora, dtype, rngs)
-        self.projector = Projector(config.vision.hidden_size, config.text.hidden_size, lora, dtype, rngs)
+        if config.is_qwen:
+            self.visual = QwenVisionTower(config.vision, config.text.hidden_size, lora, dtype, rngs)
+        else:
+            self.vision_tower = VisionTower(config.vision, lora, dtype, rngs)
+            self.projector = Projector(config.vision.hidden_size, config.text.hidden_size, lora, dtype, rngs)
         self.decoder = Decoder(config.text, lora, dtype, rngs)
 
     def encode_images(self, pixels: jax.Array, ctx: LoraContext) -> jax.Array:
-        """pixels [N, H, W, 3] normalised, ctx.slot [N] (vision adapter per image) -> [N, P, D]."""
+        """LLaVA: pixels [N, H, W, 3] normalised, ctx.slot [N] (vision adapter per image) -> [N, P, D]."""
+        if self.config.is_qwen:
+            raise ValueError(f"{self.config.family} encodes patches of any grid: use encode_patches")
         return self.projector(self.vision_tower(pixels, ctx), ctx)
+
+    def encode_patches(self, patches: jax.Array, grids: Sequence[Grid], ctx: LoraContext) -> jax.Array:
+        """Qwen-VL: patches [P, C*T*p*p] of images of `grids` (static), ctx.slot [len(grids)] ->
+        features [P / m^2, D], each image's tokens in order (qwen_vision)."""
+        if not self.config.is_qwen:
+            raise ValueError("LLaVA encodes whole images: use encode_images")
+        return self.visual(patches, grids, ctx)
 
     def embed(self, blocks: Sequence[Block], image_features: jax.Array) -> jax.Array:
         """The blocks' tokens flattened in order -> embeddings [T, D]; image tokens take rows of
@@ -42,11 +56,13 @@ class LMM(nnx.Module):
         image = image_features[jnp.clip(rows, 0)].astype(text.dtype)
         return jnp.where((rows >= 0)[:, None], image, text)
 
-    def __call__(self, tokens, positions, valid, image_rows, image_features, ctx: LoraContext) -> jax.Array:
+    def __call__(self, tokens, positions, valid, image_rows, image_features, ctx: LoraContext,
+                 rope_positions=None) -> jax.Array:
         """Full forward without a cache: float32 logits [B, Q, V] for every token.
 
-        tokens/positions/image_rows [B, Q], valid [B, Q] bool, ctx.slot [B*Q]."""
-        blocks = [Block(tokens, positions, valid, image_rows, None, None)]
+        tokens/positions/image_rows [B, Q], valid [B, Q] bool, ctx.slot [B*Q], rope_positions
+        [B, Q, 3] (M-RoPE) or None."""
+        blocks = [Block(tokens, positions, valid, image_rows, None, None, rope_positions)]
         hidden, _ = self.decoder(self.embed(blocks, image_features), blocks, ctx)
         return self.decoder.logits(hidden).reshape(*tokens.shape, -1)
 

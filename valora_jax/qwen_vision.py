@@ -1,0 +1,208 @@
+"""The Qwen-VL family's vision tower (Qwen2-VL, Qwen2.5-VL): images at their own resolution.
+
+An image resized to (H, W) pixels (multiples of patch_size * spatial_merge_size, `image.qwen_patches`)
+is a grid (t, h, w) of patches (t = frames / temporal_patch_size, h = H / patch_size, ...), given
+as patches [t*h*w, C*T*p*p] in the processor's order: frame, then the (h/m) x (w/m) grid of merge
+units row-major, then the m x m patches of a unit row-major (m = spatial_merge_size); a patch's
+values run over channel, frame, pixel row, pixel column. The tower:
+
+    x   = patches @ patch_embedding                                   [P, D_v]
+    x  += attention(norm(x)) with 2-D rotary positions (row, column)  per block, attending within
+          the patch's frame, or in Qwen2.5-VL within its window of (window_size / (p*m))^2 merge
+          units except in the full_attention_layers
+    x  += mlp(norm(x))                                                SwiGLU (2.5) / quick-GELU (2)
+    out = merger(x): norm, the m^2 patches of each unit concatenated, Linear -> GELU -> Linear
+                                                                      [P / m^2, D] (decoder width)
+
+Windows are attention masks here, not the reordering of HF's implementation: the same maths.
+Several images (any sizes) run in one call; attention never crosses an image or a frame.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from valora_jax.config import LoraConfig, QwenVisionConfig
+from valora_jax.decoder import RMSNorm, rotate
+from valora_jax.lora import Linear, LoraContext
+from valora_jax.vision import LayerNorm, quick_gelu
+
+Grid = tuple[int, int, int]
+"""(frames t, patch rows h, patch columns w) of one image or clip."""
+
+
+def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
+    return lora if lora is not None and name in lora.targets else None
+
+
+def patch_layout(cfg: QwenVisionConfig, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host-side index maths of the patches of `grids`, in the processor's order:
+    (row [P], column [P] of each patch in its frame, and segment [2, P]: the attention group of each
+    patch in a full-attention block (its frame) and in a windowed block (its window; the frame
+    again where the config has no windows)). Segments of different images never coincide."""
+    m = cfg.spatial_merge_size
+    rows, cols, frames, windows = [], [], [], []
+    ws = cfg.window_size // (cfg.patch_size * m) if cfg.window_size else 0
+    frame0 = window0 = 0
+    for t, h, w in grids:
+        if h % m or w % m:
+            raise ValueError(f"grid {(t, h, w)}: h and w must be multiples of spatial_merge_size {m}")
+        r = np.arange(h).reshape(h // m, m)[:, None, :, None]                    # [h/m, 1, m, 1]
+        c = np.arange(w).reshape(w // m, m)[None, :, None, :]                    # [1, w/m, 1, m]
+        r, c = np.broadcast_arrays(r, c)                                         # [h/m, w/m, m, m]
+        rows.append(np.tile(r.reshape(-1), t))
+        cols.append(np.tile(c.reshape(-1), t))
+        per_frame = h * w
+        frames.append(frame0 + np.repeat(np.arange(t), per_frame))
+        if ws:
+            nw = -(-(w // m) // ws)                                              # windows per window row
+            unit_window = ((r[..., 0, 0] // m // ws) * nw + (c[..., 0, 0] // m // ws))   # [h/m, w/m]
+            in_frame = np.repeat(unit_window.reshape(-1), m * m)                 # [h*w]
+            n_windows = -(-(h // m) // ws) * nw
+            windows.append(window0 + (np.arange(t)[:, None] * n_windows + in_frame[None, :]).reshape(-1))
+            window0 += t * n_windows
+        frame0 += t
+    row, col, frame = (np.concatenate(a).astype(np.int32) for a in (rows, cols, frames))
+    window = np.concatenate(windows).astype(np.int32) if ws else frame
+    return row, col, np.stack([frame, window])
+
+
+def vision_rope_angles(row: np.ndarray, col: np.ndarray, head_dim: int, theta: float = 10000.0) -> np.ndarray:
+    """2-D rotary angles [P, head_dim / 2] float32: the first half of the frequencies turn with
+    the patch's row, the second with its column (inv_freq_i = theta^(-4i / head_dim))."""
+    dim = head_dim // 2
+    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)         # [head_dim / 4]
+    return np.concatenate([row[:, None] * inv_freq, col[:, None] * inv_freq], -1).astype(np.float32)
+
+
+class QwenVisionBlock(nnx.Module):
+    """x += proj(attention(qkv(norm1 x))); x += mlp(norm2 x)."""
+
+    def __init__(self, cfg: QwenVisionConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.mlp_size
+        self.num_heads = cfg.num_heads
+        norm = (lambda: RMSNorm(d, cfg.norm_eps, dtype)) if cfg.gated_mlp else (lambda: LayerNorm(d, cfg.norm_eps, dtype))
+        lin = lambda i, o, name: Linear(i, o, rngs=rngs, dtype=dtype, bias=True, lora=_lora_for(lora, f"vision.{name}"))
+        self.norm1, self.norm2 = norm(), norm()
+        self.qkv, self.proj = lin(d, 3 * d, "qkv"), lin(d, d, "proj")
+        if cfg.gated_mlp:             # gate and up as one GEMM; adapters address each part
+            targeted = [n for n in ("gate_proj", "up_proj") if _lora_for(lora, f"vision.{n}") is not None]
+            self.gate_up_proj = Linear(d, 2 * f, rngs=rngs, dtype=dtype, bias=True,
+                                       parts={"gate_proj": f, "up_proj": f}, lora=lora if targeted else None,
+                                       targets=targeted)
+            self.down_proj = lin(f, d, "down_proj")
+        else:
+            self.fc1, self.fc2 = lin(d, f, "fc1"), lin(f, d, "fc2")
+
+    def mlp(self, x: jax.Array, ctx: LoraContext) -> jax.Array:
+        if hasattr(self, "gate_up_proj"):
+            gate, up = jnp.split(self.gate_up_proj(x, ctx), 2, axis=-1)
+            return self.down_proj(jax.nn.silu(gate) * up, ctx)
+        return self.fc2(quick_gelu(self.fc1(x, ctx)), ctx)
+
+    def __call__(self, x: jax.Array, angles: jax.Array, segment: jax.Array, ctx: LoraContext) -> jax.Array:
+        """x [P, D_v], angles [P, Dh/2], segment [P] (patches attend within theirs) -> [P, D_v]."""
+        p, d = x.shape
+        dh = d // self.num_heads
+        q, k, v = (t.reshape(p, self.num_heads, dh) for t in jnp.split(self.qkv(self.norm1(x), ctx), 3, axis=-1))
+        q, k = rotate(q, angles), rotate(k, angles)
+        scores = jnp.einsum("QHd,KHd->HQK", q, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
+        scores = jnp.where((segment[:, None] == segment[None, :])[None], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        x = x + self.proj(jnp.einsum("HQK,KHd->QHd", probs, v).reshape(p, d), ctx)
+        return x + self.mlp(self.norm2(x), ctx)
+
+
+class PatchMerger(nnx.Module):
+    """norm -> the m^2 patches of each merge unit concatenated -> Linear -> GELU -> Linear."""
+
+    def __init__(self, cfg: QwenVisionConfig, d_text: int, dtype, rngs: nnx.Rngs):
+        d, units = cfg.hidden_size, cfg.spatial_merge_size ** 2
+        self.units = units
+        self.ln_q = RMSNorm(d, cfg.norm_eps, dtype) if cfg.gated_mlp else LayerNorm(d, cfg.norm_eps, dtype)
+        self.linear_1 = Linear(d * units, d * units, rngs=rngs, dtype=dtype, bias=True)
+        self.linear_2 = Linear(d * units, d_text, rngs=rngs, dtype=dtype, bias=True)
+
+    def __call__(self, x: jax.Array, ctx: LoraContext) -> jax.Array:
+        """x [P, D_v], ctx.slot [P / m^2] -> [P / m^2, D]."""
+        h = self.ln_q(x).reshape(-1, x.shape[-1] * self.units)
+        return self.linear_2(jax.nn.gelu(self.linear_1(h, ctx), approximate=False), ctx)
+
+
+class QwenVisionTower(nnx.Module):
+    """Patch embedding (no bias), the blocks, the patch merger (see the module docstring)."""
+
+    def __init__(self, cfg: QwenVisionConfig, d_text: int, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.patch_embedding = nnx.Param(
+            (0.02 * jax.random.normal(rngs.params(), (cfg.patch_dim, cfg.hidden_size))).astype(dtype))
+        self.blocks = nnx.List([QwenVisionBlock(cfg, lora, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.merger = PatchMerger(cfg, d_text, dtype, rngs)
+
+    def __call__(self, patches: jax.Array, grids: Sequence[Grid], ctx: LoraContext) -> jax.Array:
+        """patches [P, C*T*p*p] of images of (static) `grids`, ctx.slot [len(grids)] (the vision
+        adapter of each image) -> features [P / m^2, D] (each image's tokens in its patches' order)."""
+        cfg = self.cfg
+        sizes = [t * h * w for t, h, w in grids]
+        if patches.shape != (sum(sizes), cfg.patch_dim):
+            raise ValueError(f"patches {patches.shape} do not match grids {list(grids)}: expected "
+                             f"[{sum(sizes)}, {cfg.patch_dim}]")
+        row, col, segments = patch_layout(cfg, grids)
+        angles = jnp.asarray(vision_rope_angles(row, col, cfg.hidden_size // cfg.num_heads))
+        full = set(cfg.full_attention_layers) if cfg.window_size else set(range(cfg.num_layers))
+        patch_ctx = ctx.for_tokens(jnp.repeat(ctx.slot, np.array(sizes), total_repeat_length=sum(sizes)))
+        x = patches.astype(self.patch_embedding.dtype) @ self.patch_embedding[...]
+        for i, block in enumerate(self.blocks):
+            x = block(x, angles, jnp.asarray(segments[0 if i in full else 1]), patch_ctx)
+        units = cfg.spatial_merge_size ** 2
+        unit_ctx = ctx.for_tokens(jnp.repeat(ctx.slot, np.array(sizes) // units,
+                                             total_repeat_length=sum(sizes) // units))
+        return self.merger(x, unit_ctx)
+
+
+def mrope_positions(tokens: Sequence[int], image_id: int, video_id: int, cfg: QwenVisionConfig,
+                    image_grids: Sequence[Grid] = (), video_grids: Sequence[Grid] = (),
+                    video_seconds: Sequence[float] = (), scaled_time: bool = True) -> tuple[np.ndarray, int]:
+    """The M-RoPE positions [L, 3] (temporal, row, column) of a prompt's tokens, and its delta:
+    the positions of the tokens after the prompt are (index + delta) on every axis.
+
+    Runs of image_id (video_id) tokens are the images (clips) of image_grids (video_grids), in
+    order, each of t * h * w / m^2 tokens. A text token's position is 1 + the largest position
+    before it, on all three axes; a media token's is (time, unit row, unit column) + the
+    position its run starts at. time = frame index t, or with scaled_time (Qwen2.5-VL)
+    int(t * seconds per frame pair * tokens_per_second) (video_seconds[i]; 0 for images)."""
+    m = cfg.spatial_merge_size
+    tokens = np.asarray(tokens)
+    queues = {image_id: [(g, 0.0) for g in image_grids],
+              video_id: list(zip(video_grids, video_seconds or [0.0] * len(video_grids)))}
+    if len(queues[video_id]) != len(video_grids):
+        raise ValueError(f"{len(video_seconds)} video_seconds for {len(video_grids)} clips")
+    parts, next_pos, i = [], 0, 0
+    while i < len(tokens):
+        j = i
+        while j < len(tokens) and tokens[j] not in queues:
+            j += 1
+        parts.append(np.repeat(next_pos + np.arange(j - i)[:, None], 3, axis=1))      # text
+        next_pos += j - i
+        if j == len(tokens):
+            break
+        kind = int(tokens[j])
+        if not queues[kind]:
+            raise ValueError(f"more {'image' if kind == image_id else 'video'} runs in the prompt than grids given")
+        (t, h, w), seconds = queues[kind].pop(0)
+        n = t * (h // m) * (w // m)
+        if j + n > len(tokens) or np.any(tokens[j:j + n] != kind) or (j + n < len(tokens) and tokens[j + n] == kind):
+            raise ValueError(f"a run of {kind} tokens at {j} is not the {n} tokens of grid {(t, h, w)}")
+        time = np.arange(t) * (seconds * cfg.tokens_per_second if scaled_time else 1.0)
+        tt, hh, ww = np.meshgrid(time.astype(np.int64), np.arange(h // m), np.arange(w // m), indexing="ij")
+        parts.append(next_pos + np.stack([tt, hh, ww], -1).reshape(-1, 3))
+        next_pos = int(parts[-1].max()) + 1
+        i = j + n
+    left = [k for k, q in queues.items() if q]
+    if left:
+        raise ValueError(f"{sum(len(queues[k]) for k in left)} grids without their tokens in the prompt")
+    positions = np.concatenate(parts).astype(np.int32) if parts else np.zeros((0, 3), np.int32)
+    return positions, next_pos - len(tokens)
