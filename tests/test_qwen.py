@@ -3,7 +3,6 @@ patch layout and windows, image patches, and the decoder's Qwen2 options against
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -150,7 +149,10 @@ def test_tower_runs_images_of_any_size_together(family):
     rng = np.random.default_rng(1)
     grids = [(1, 4, 6), (1, 8, 4)]
     patches = [rng.standard_normal((t * h * w, cfg.vision.patch_dim)).astype(np.float32) for t, h, w in grids]
-    none = lambda n: LoraContext.unmerged(jnp.full((n,), -1, jnp.int32))
+
+    def none(n):
+        return LoraContext.unmerged(jnp.full((n,), -1, jnp.int32))
+
     both = model.encode_patches(jnp.concatenate(patches), grids, none(2))
     assert both.shape == (6 + 8, TEXT.hidden_size)
     alone = [model.encode_patches(jnp.asarray(p), [g], none(1)) for p, g in zip(patches, grids)]

@@ -84,9 +84,12 @@ class QwenVisionBlock(nnx.Module):
     def __init__(self, cfg: QwenVisionConfig, lora: LoraConfig | None, dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.mlp_size
         self.num_heads = cfg.num_heads
-        norm = (lambda: RMSNorm(d, cfg.norm_eps, dtype)) if cfg.gated_mlp else (lambda: LayerNorm(d, cfg.norm_eps, dtype))
-        lin = lambda i, o, name: Linear(i, o, rngs=rngs, dtype=dtype, bias=True, lora=_lora_for(lora, f"vision.{name}"))
-        self.norm1, self.norm2 = norm(), norm()
+        norm = RMSNorm if cfg.gated_mlp else LayerNorm
+
+        def lin(d_in, d_out, name):
+            return Linear(d_in, d_out, rngs=rngs, dtype=dtype, bias=True, lora=_lora_for(lora, f"vision.{name}"))
+
+        self.norm1, self.norm2 = norm(d, cfg.norm_eps, dtype), norm(d, cfg.norm_eps, dtype)
         self.qkv, self.proj = lin(d, 3 * d, "qkv"), lin(d, d, "proj")
         if cfg.gated_mlp:             # gate and up as one GEMM; adapters address each part
             targeted = [n for n in ("gate_proj", "up_proj") if _lora_for(lora, f"vision.{n}") is not None]
@@ -122,7 +125,7 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: QwenVisionConfig, d_text: int, dtype, rngs: nnx.Rngs):
         d, units = cfg.hidden_size, cfg.spatial_merge_size ** 2
         self.units = units
-        self.ln_q = RMSNorm(d, cfg.norm_eps, dtype) if cfg.gated_mlp else LayerNorm(d, cfg.norm_eps, dtype)
+        self.ln_q = (RMSNorm if cfg.gated_mlp else LayerNorm)(d, cfg.norm_eps, dtype)
         self.linear_1 = Linear(d * units, d * units, rngs=rngs, dtype=dtype, bias=True)
         self.linear_2 = Linear(d * units, d_text, rngs=rngs, dtype=dtype, bias=True)
 
