@@ -22,11 +22,12 @@ from valora_jax.config import LMMConfig
 
 def target_of(path: str) -> str:
     """Target-module name of a module path: decoder.layers.3.q_proj -> q_proj,
-    vision_tower.layers.0.fc1 -> vision.fc1, projector.linear_1 -> projector.linear_1."""
+    vision_tower.layers.0.fc1 -> vision.fc1 (and visual.blocks.0.qkv -> vision.qkv of the Qwen-VL
+    tower), projector.linear_1 -> projector.linear_1."""
     parts = path.split(".")
     if parts[0] == "decoder":
         return parts[-1]
-    if parts[0] == "vision_tower":
+    if parts[0] in ("vision_tower", "visual"):
         return f"vision.{parts[-1]}"
     return path
 

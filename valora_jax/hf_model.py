@@ -1,4 +1,6 @@
-"""Hugging Face LLaVA checkpoints (LlavaForConditionalGeneration) as valora_jax models.
+"""Hugging Face LLaVA checkpoints (LlavaForConditionalGeneration), and through `hf_qwen` the
+Qwen-VL family's (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration), as
+valora_jax models. The rest of this docstring is LLaVA's layout; `hf_qwen` describes Qwen-VL's.
 
 A checkpoint directory holds config.json (model_type "llava" with text_config / vision_config),
 safetensors weights (model.safetensors, or shards listed in model.safetensors.index.json),
@@ -24,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from valora_jax import hf_qwen
 from valora_jax.config import LMMConfig, LoraConfig, TextConfig, VisionConfig
 from valora_jax.image import CLIP_MEAN, CLIP_STD
 from valora_jax.lora import fuse_parameters, fused_layout
@@ -93,7 +96,7 @@ def _sub_configs(cfg: dict, path: Path) -> tuple[dict, dict, dict]:
     """(llava, text, vision) settings with the HF defaults filled in; refuses what we cannot run."""
     if cfg.get("model_type") != "llava":
         raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not supported; expected 'llava' "
-                         f"({ARCHITECTURE})")
+                         f"({ARCHITECTURE}), 'qwen2_5_vl' or 'qwen2_vl'")
     archs = cfg.get("architectures") or [ARCHITECTURE]
     if ARCHITECTURE not in archs:
         raise ValueError(f"{path}: architectures {archs} is not supported; expected {ARCHITECTURE!r}")
@@ -181,12 +184,19 @@ def hf_config(directory: str | Path, *, lora: LoraConfig | None = None, dtype: s
 
 
 def _read_hf(directory: Path, lora, dtype, name) -> tuple[LMMConfig, dict]:
-    """(LMMConfig, LLaVA-level settings with defaults) of an HF directory."""
+    """(LMMConfig, model-level settings with defaults: tie_word_embeddings, LLaVA's
+    multimodal_projector_bias, ...) of an HF directory."""
     path = directory / "config.json"
     cfg = _read_json(path)
-    llava, text, vision = _sub_configs(cfg, path)
     if dtype not in (None, "float32", "bfloat16"):
         raise ValueError(f"dtype {dtype!r} is not supported; expected 'float32' or 'bfloat16'")
+    name = name or cfg.get("_name_or_path") or directory.resolve().name
+    if hf_qwen.family_of(cfg):
+        text = cfg.get("text_config") or cfg
+        processor = (_read_json(directory / "preprocessor_config.json")
+                     if (directory / "preprocessor_config.json").exists() else {})
+        return hf_qwen.read_config(cfg, path, processor, name=name, lora=lora, dtype=dtype or _hf_dtype(cfg, text))
+    llava, text, vision = _sub_configs(cfg, path)
     mean, std = _image_settings(directory, vision["image_size"])
     try:
         vision_config = VisionConfig(
@@ -202,29 +212,31 @@ def _read_hf(directory: Path, lora, dtype, name) -> tuple[LMMConfig, dict]:
             rope_theta=float(text["rope_theta"]), rms_norm_eps=float(text["rms_norm_eps"]))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    config = LMMConfig(name=name or cfg.get("_name_or_path") or directory.resolve().name, vision=vision_config,
-                       text=text_config, lora=lora or LoraConfig(), dtype=dtype or _hf_dtype(cfg, text))
+    config = LMMConfig(name=name, vision=vision_config, text=text_config, lora=lora or LoraConfig(),
+                       dtype=dtype or _hf_dtype(cfg, text))
     return config, llava
 
 
 # weights ------------------------------------------------------------------------------------
-def canonical_name(key: str) -> str | None:
-    """An HF LLaVA tensor or module name in any key layout as text.* / vision.* / projector.* /
-    lm_head.*, or None when it belongs to none of them."""
-    for prefix, canon in _PREFIXES:
+def canonical_name(key: str, family: str = "llava") -> str | None:
+    """An HF tensor or module name of the family in any key layout as text.* / vision.* /
+    projector.* (LLaVA) / lm_head.*, or None when it belongs to none of them."""
+    for prefix, canon in (_PREFIXES if family == "llava" else hf_qwen.PREFIXES):
         if key.startswith(prefix):
             return canon + key[len(prefix):]
     return None
 
 
-def module_path(hf_module: str) -> str | None:
+def module_path(hf_module: str, family: str = "llava") -> str | None:
     """Our module path of an HF linear: model.language_model.layers.3.self_attn.q_proj ->
     decoder.layers.3.q_proj; vision_tower.vision_model.encoder.layers.0.mlp.fc1 ->
-    vision_tower.layers.0.fc1; multi_modal_projector.linear_1 -> projector.linear_1. None for
-    modules that are not such linears (embeddings, lm_head, norms, ...)."""
-    canon = canonical_name(hf_module)
+    vision_tower.layers.0.fc1; multi_modal_projector.linear_1 -> projector.linear_1 (Qwen-VL:
+    hf_qwen.module_path). None for modules that are not such linears (embeddings, lm_head, norms, ...)."""
+    canon = canonical_name(hf_module, family)
     if canon is None:
         return None
+    if family != "llava":
+        return hf_qwen.module_path(canon)
     m = re.fullmatch(r"text\.layers\.(\d+)\.(.+)", canon)
     if m and m.group(2) in _TEXT_LINEARS:
         return f"decoder.layers.{m.group(1)}.{_TEXT_LINEARS[m.group(2)]}"
@@ -266,12 +278,15 @@ def _plan(config: LMMConfig, projector_bias: bool, tied: bool) -> dict[str, tupl
     return plan
 
 
-def _hf_shape(shape: tuple[int, ...], transform: str, patch: int) -> tuple[int, ...]:
+def _hf_shape(shape: tuple[int, ...], transform: str, config: LMMConfig) -> tuple[int, ...]:
     """The HF tensor shape that becomes our `shape` under `transform`."""
+    p = config.vision.patch_size
     if transform == "T":
         return shape[::-1]
     if transform == "patch":
-        return (shape[1], 3, patch, patch)
+        return (shape[1], 3, p, p)
+    if transform == "patch3d":
+        return (shape[1], 3, config.vision.temporal_patch_size, p, p)
     return shape
 
 
@@ -280,6 +295,8 @@ def _convert(x: jax.Array, transform: str, dtype) -> jax.Array:
         x = x.T
     elif transform == "patch":                       # [D, 3, p, p] -> [p, p, 3, D] -> [p*p*3, D]
         x = x.transpose(2, 3, 1, 0).reshape(-1, x.shape[0])
+    elif transform == "patch3d":                     # [D, 3, T, p, p] -> [3*T*p*p, D]
+        x = x.reshape(x.shape[0], -1).T
     return jnp.asarray(x, dtype)
 
 
@@ -306,7 +323,7 @@ def _weight_files(directory: Path) -> dict[str, str]:
         raise ValueError(f"{single}: not a readable safetensors file ({e})") from e
 
 
-def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict,
+def _load_params(directory: Path, config: LMMConfig, settings: dict, expected: dict,
                  layout: dict[str, tuple[str, int, int]]) -> dict[str, jax.Array]:
     """Our flat parameter path -> array, read shard by shard with shape checks against
     `expected` (flat path -> abstract leaf); HF's separate q/k/v (and gate/up) are fused as
@@ -314,19 +331,23 @@ def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict
     safe_open = _safetensors_open()
     shapes = {path: leaf.shape for path, leaf in expected.items()}
     shapes |= {path: (*shapes[fused][:-1], width) for path, (fused, _, width) in layout.items()}
-    plan = _plan(config, bool(llava["multimodal_projector_bias"]), bool(llava["tie_word_embeddings"]))
+    tied = bool(settings["tie_word_embeddings"])
+    if config.is_qwen:
+        plan, skipped = hf_qwen.plan(config, tied), hf_qwen.SKIPPED
+    else:
+        plan, skipped = _plan(config, bool(settings["multimodal_projector_bias"]), tied), _SKIPPED
     weight_map = _weight_files(directory)
     by_canon: dict[str, str] = {}
     for key in weight_map:
-        canon = canonical_name(key)
+        canon = canonical_name(key, config.family)
         if canon in plan:
             if canon in by_canon:
                 raise ValueError(f"{directory}: tensors {by_canon[canon]!r} and {key!r} both map to {canon!r}")
             by_canon[canon] = key
-        elif canon is None or not (_SKIPPED.fullmatch(canon) or (canon == "lm_head.weight" and
-                                                                 llava["tie_word_embeddings"])):
-            raise ValueError(f"{directory}: unexpected tensor {key!r} (file {weight_map[key]}) in a LLaVA checkpoint "
-                             f"with {config.text.num_layers} decoder and {config.vision.num_layers} vision layers")
+        elif canon is None or not (skipped.fullmatch(canon) or (canon == "lm_head.weight" and tied)):
+            raise ValueError(f"{directory}: unexpected tensor {key!r} (file {weight_map[key]}) in a {config.family} "
+                             f"checkpoint with {config.text.num_layers} decoder and {config.vision.num_layers} "
+                             "vision layers")
     missing = sorted(set(plan) - set(by_canon))
     if missing:
         raise ValueError(f"{directory}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
@@ -342,7 +363,7 @@ def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict
                     if key not in present:
                         raise ValueError(f"{directory / shard}: tensor {key!r} listed in the index is not in this file")
                     ours, transform = plan[canon]
-                    want = _hf_shape(shapes[ours], transform, config.vision.patch_size)
+                    want = _hf_shape(shapes[ours], transform, config)
                     got = tuple(f.get_slice(key).get_shape())
                     if got != want:
                         raise ValueError(f"{directory / shard}: tensor {key!r} has shape {list(got)}, expected "
@@ -352,10 +373,11 @@ def _load_params(directory: Path, config: LMMConfig, llava: dict, expected: dict
             raise
         except Exception as e:
             raise ValueError(f"{directory / shard}: not a readable safetensors file ({e})") from e
-    if llava["tie_word_embeddings"]:
-        params["decoder.lm_head"] = params["decoder.embed_tokens"].T
-    for lin in ("linear_1", "linear_2"):
-        params.setdefault(f"projector.{lin}.bias", jnp.zeros(expected[f"projector.{lin}.bias"].shape, dtype))
+    if not config.is_qwen:        # LLaVA keeps an untied head (a copy) and projector biases (zero if absent)
+        if tied:
+            params["decoder.lm_head"] = params["decoder.embed_tokens"].T
+        for lin in ("linear_1", "linear_2"):
+            params.setdefault(f"projector.{lin}.bias", jnp.zeros(expected[f"projector.{lin}.bias"].shape, dtype))
     params = fuse_parameters(params, layout)
     assert set(params) == set(expected), sorted(set(params) ^ set(expected))
     return params
@@ -388,11 +410,11 @@ def load_hf_model(directory: str | Path, *, lora: LoraConfig | None = None, dtyp
                   name: str | None = None) -> LMM:
     """An LMM with the weights of a Hugging Face LLaVA directory (no conversion step); LoRA
     slots start empty. Options as in `hf_config`."""
-    config, llava = _read_hf(Path(directory), lora, dtype, name)
+    config, settings = _read_hf(Path(directory), lora, dtype, name)
     abstract = nnx.eval_shape(lambda: LMM(config, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_lora, abs_merged = split_model(abstract)
     tree = nnx.to_pure_dict(abs_params)
-    params = _load_params(Path(directory), config, llava, dict(flatten_tree(tree)), fused_layout(abstract))
+    params = _load_params(Path(directory), config, settings, dict(flatten_tree(tree)), fused_layout(abstract))
     nnx.replace_by_pure_dict(abs_params, fill_tree(tree, params))
     zeros = lambda s: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), s)
     return nnx.merge(graphdef, abs_params, zeros(abs_lora), zeros(abs_merged))

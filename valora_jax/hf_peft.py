@@ -135,10 +135,10 @@ def read_peft(src: str | Path, config: LMMConfig, *, name: str | None = None, ch
             raise ValueError(f"{weights_path}: tensor {key!r} is not a LoRA A/B weight (embedding LoRA, DoRA "
                              "magnitudes and biases are not supported)")
         module = m.group("module")
-        path = module_path(module)
+        path = module_path(module, config.family)
         if path is None:
             raise ValueError(f"{weights_path}: module {module!r} (tensor {key!r}) is not a LoRA target valora_jax "
-                             "carries (decoder attention/MLP, CLIP attention/MLP, projector linears)")
+                             "carries (decoder attention/MLP, vision-tower attention/MLP, LLaVA's projector linears)")
         if path not in carried:
             raise ValueError(f"{weights_path}: module {module!r} (tensor {key!r}) does not exist in {config.name!r} "
                              f"({config.text.num_layers} decoder, {config.vision.num_layers} vision layers)")
