@@ -59,13 +59,16 @@ def _place_rows(buffer: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Arr
 @dataclasses.dataclass(frozen=True)
 class PreparedRequest:
     """A request checked against the model, tokenised, its images preprocessed (read-only
-    pixels [N, H, W, 3]) and hashed (sha256 per image): what `Engine.prepare` returns."""
+    pixels: RequestState's) and hashed (sha256 per image): what `Engine.prepare` returns."""
 
     request: Request
     prompt_ids: tuple[int, ...]
     image_rows: tuple[int, ...]
-    pixels: np.ndarray
+    pixels: np.ndarray | tuple[np.ndarray, ...]
     digests: tuple[str, ...]
+    grids: tuple[tuple[int, int, int], ...] = ()
+    rope: np.ndarray | None = None
+    rope_delta: int = 0
 
 
 class Overloaded(RuntimeError):
@@ -202,9 +205,12 @@ class Engine:
         """The CPU work of submitting `request`, safe on any thread (it reads only the model
         config and the tokenizer). Raises ValueError naming a bad value."""
         state = RequestState.prepare(request, self.runner.config, self.tokenizer)
-        state.pixels.flags.writeable = False
-        return PreparedRequest(request, tuple(state.prompt_ids), tuple(state.image_rows), state.pixels,
-                               tuple(hashlib.sha256(px.tobytes()).hexdigest() for px in state.pixels))
+        for array in [*(state.pixels if isinstance(state.pixels, tuple) else [state.pixels]), state.rope]:
+            if array is not None:
+                array.flags.writeable = False
+        digests = tuple(hashlib.sha256(px.tobytes() + str(px.shape).encode()).hexdigest() for px in state.pixels)
+        return PreparedRequest(request, tuple(state.prompt_ids), tuple(state.image_rows), state.pixels, digests,
+                               state.grids, state.rope, state.rope_delta)
 
     def submit(self, request: Request | PreparedRequest, on_event: Callable | None = None,
                request_id: str | None = None, arrival: float | None = None) -> str:
@@ -215,7 +221,8 @@ class Engine:
         prepared = request if isinstance(request, PreparedRequest) else self.prepare(request)
         request = prepared.request
         key = None if request.adapter is None else self.pool.key(request.adapter)
-        state = RequestState(request, list(prepared.prompt_ids), list(prepared.image_rows), prepared.pixels)
+        state = RequestState(request, list(prepared.prompt_ids), list(prepared.image_rows), prepared.pixels,
+                             grids=prepared.grids, rope=prepared.rope, rope_delta=prepared.rope_delta)
         one_pass = key is not None and self.pool.get(key).head is not None
         most = len(state.prompt_ids) + (1 if one_pass else request.max_tokens)
         usable = self.allocator.num_pages - 1                   # page 0 is the null page
@@ -633,14 +640,20 @@ class Engine:
         missing = {}
         for seq in todo:
             vkey = self._vision_key(seq.adapter)
-            for digest, px in zip(seq.digests, seq.state.pixels):
+            for digest, px, grid in itertools.zip_longest(seq.digests, seq.state.pixels, seq.state.grids):
                 if self.images.get((digest, vkey)) is None:
-                    missing[(digest, vkey)] = (px, slots.get(seq.adapter, -1) if vkey else -1)
-        if missing:
+                    missing[(digest, vkey)] = (px, grid, slots.get(seq.adapter, -1) if vkey else -1)
+        if missing and self.runner.config.is_qwen:            # images of any size, host features
+            feats = self.runner.encode_patches([px for px, _, _ in missing.values()],
+                                               [grid for _, grid, _ in missing.values()],
+                                               [s for _, _, s in missing.values()])
+            for key, f in zip(missing, feats):
+                self.images.put(key, f)
+        elif missing:
             n = bucket(len(missing))
             pixels = np.zeros((n, *todo[0].state.pixels.shape[1:]), np.float32)
-            pixels[: len(missing)] = [px for px, _ in missing.values()]
-            slots_of_images = [s for _, s in missing.values()] + [PAD_SLOT] * (n - len(missing))
+            pixels[: len(missing)] = [px for px, _, _ in missing.values()]
+            slots_of_images = [s for _, _, s in missing.values()] + [PAD_SLOT] * (n - len(missing))
             feats = self.runner.encode_images(pixels, slots_of_images)
             for i, key in enumerate(missing):
                 self.images.put(key, feats[i])
@@ -654,6 +667,11 @@ class Engine:
         the images' mix (concatenating them compiled once per combination of sizes)."""
         cfg = self.runner.config
         size = bucket(n_rows, self.config.min_features) if placed or self.config.min_features else 0
+        if cfg.is_qwen:                     # host features of any number of tokens: placed on the host
+            feats = np.zeros((size, cfg.text.hidden_size), jnp.dtype(cfg.dtype))
+            for row, image in placed:
+                feats[row: row + len(image)] = image
+            return jnp.asarray(feats)
         feats = jnp.zeros((size, cfg.text.hidden_size), jnp.dtype(cfg.dtype))
         for row, image in placed:
             feats = _place_rows(feats, image, jnp.int32(row))
@@ -674,9 +692,11 @@ class Engine:
                 local = np.asarray(seq.state.image_rows + [-1] * len(seq.state.out))[seq.computed: seq.computed + n]
                 if (local >= 0).any():
                     image_rows = np.where(local >= 0, local + offset, -1)
-                    features += [(offset + i * f.shape[0], f) for i, f in enumerate(seq.features)]
+                    starts = offset + np.cumsum([0] + [f.shape[0] for f in seq.features[:-1]])
+                    features += [(int(start), f) for start, f in zip(starts, seq.features)]
                     offset += sum(f.shape[0] for f in seq.features)
-            spec = RowSpec(chunk, seq.computed, image_rows, slots.get(seq.adapter, -1), seq.pages)
+            spec = RowSpec(chunk, seq.computed, image_rows, slots.get(seq.adapter, -1), seq.pages,
+                           seq.state.rope_positions(seq.computed, len(chunk)))
             (decode if n == 1 else prefill).append((seq, spec))
         feats = self._image_features(features, offset)
         cfg, blocks, row_index = self.config, [], []       # row_index: where each row's last token is
@@ -713,7 +733,8 @@ class Engine:
         """Dispatch the decode rows `steps` steps in one call (ModelRunner.decode_loop); their
         tokens are read later (_read), a row's tokens after its stop dropped."""
         specs = [RowSpec([0] if seq.inflight else seq.state.tokens[seq.computed:], seq.computed, None,
-                         slots.get(seq.adapter, -1), seq.pages) for seq, _ in rows]
+                         slots.get(seq.adapter, -1), seq.pages, seq.state.rope_positions(seq.computed, 1))
+                 for seq, _ in rows]
         block = pack_block(specs, min_rows=self.config.min_rows, min_pages=self.config.min_pages)
         sampling = self._sampling([(seq, i) for i, (seq, _) in enumerate(rows)], block.valid.shape[0])
         feed = self._feed([seq for seq, _ in rows], block.valid.shape[0])

@@ -135,3 +135,29 @@ def test_config_of_each_fixture():
         assert cfg.text.tie_word_embeddings == (family == "qwen2_5_vl")
         assert cfg.vision.gated_mlp == (family == "qwen2_5_vl")
         assert (cfg.vision.min_pixels, cfg.vision.max_pixels) == (3136, 50176)
+
+
+@pytest.mark.parametrize("decode_loop", [1, 4])
+def test_engine_greedy_tokens_equal_transformers(loaded, decode_loop):
+    """The recorded chats through the serving engine (our tokenizer, image processing and M-RoPE
+    positions; images of different sizes batched, paged attention, the prompt in chunks, decodes
+    one a step or several a device loop) give transformers' 16 greedy tokens."""
+    from serve.config import EngineConfig
+    from serve.engine import Engine
+    from valora_jax import AdapterPool, Request
+    from valora_jax.hf_tokenizer import load_tokenizer
+
+    name, runner, _ = loaded
+    pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
+    engine = Engine(runner, pool, config=EngineConfig(num_pages=64, prefill_chunk=16, prefill_width=16, decode_loop=decode_loop),
+                    policy="unmerged", tokenizer=load_tokenizer(FIXTURES / name))
+    requests, want = [], []
+    for case in json.loads((FIXTURES / "qwen_tokenizer_cases.json").read_text())["processor_prompts"]:
+        if case["model"] != name or case["case"] == "video":
+            continue
+        key = f"{name}/{case['case']}/"
+        images = (list(REFS[key + "raw_images"]) if case["case"] == "one_image"
+                  else [REFS[key + "raw_image0"], REFS[key + "raw_image1"]])
+        requests.append(Request(messages=case["messages"], images=images, max_tokens=16, ignore_eos=True))
+        want.append(REFS[key + "greedy"].tolist())
+    assert [list(c.token_ids) for c in engine.generate(requests)] == want

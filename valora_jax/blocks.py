@@ -26,13 +26,15 @@ def fine_bucket(n: int) -> int:
 
 class RowSpec(NamedTuple):
     """One row of a step: `tokens` at positions start, start+1, ...; image_rows per token (None:
-    all text); slot: adapter slot; pages: the sequence's KV pages in order."""
+    all text); slot: adapter slot; pages: the sequence's KV pages in order; rope: M-RoPE
+    positions [tokens, 3] (None: the model has none)."""
 
     tokens: Sequence[int]
     start: int
     image_rows: Sequence[int] | None
     slot: int
     pages: Sequence[int]
+    rope: np.ndarray | None = None
 
 
 def split_row(row: RowSpec, width: int) -> list[RowSpec]:
@@ -41,7 +43,8 @@ def split_row(row: RowSpec, width: int) -> list[RowSpec]:
     A block's keys/values are all written before any of its rows attends, so each piece sees
     the ones before it."""
     return [row._replace(tokens=row.tokens[i: i + width], start=row.start + i,
-                         image_rows=None if row.image_rows is None else row.image_rows[i: i + width])
+                         image_rows=None if row.image_rows is None else row.image_rows[i: i + width],
+                         rope=None if row.rope is None else row.rope[i: i + width])
             for i in range(0, len(row.tokens), width)]
 
 
@@ -50,8 +53,9 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
     """Pad rows into a Block of bucketed shape [bucket(rows, min_rows), bucket(longest row,
     min_tokens)], or of shape [max(rows, min_rows), width] given a `width` (rows of at most that
     many tokens, as split_row makes them); page tables padded with the null page to
-    bucket(most pages, min_pages) columns; padding rows are all invalid. Larger minimums mean
-    fewer distinct shapes to compile."""
+    bucket(most pages, min_pages) columns; padding rows are all invalid; rope_positions [B, Q, 3]
+    where the rows have M-RoPE positions (padding: 0). Larger minimums mean fewer distinct shapes
+    to compile."""
     if width is not None and max(len(r.tokens) for r in rows) > width:
         raise ValueError(f"a row of {max(len(r.tokens) for r in rows)} tokens does not fit width {width}")
     b = max(len(rows), min_rows) if width is not None else bucket(len(rows), min_rows)
@@ -60,10 +64,13 @@ def pack_block(rows: Sequence[RowSpec], min_tokens: int = 1, min_rows: int = 1, 
     tokens, positions = np.zeros((b, q), np.int32), np.zeros((b, q), np.int32)
     image_rows, valid = np.full((b, q), -1, np.int32), np.zeros((b, q), bool)
     slot, page_table = np.full((b,), -1, np.int32), np.full((b, columns), NULL_PAGE, np.int32)
+    rope = np.zeros((b, q, 3), np.int32) if rows[0].rope is not None else None
     for i, r in enumerate(rows):
         n = len(r.tokens)
         tokens[i, :n], positions[i, :n], valid[i, :n] = r.tokens, np.arange(r.start, r.start + n), True
         if r.image_rows is not None:
             image_rows[i, :n] = r.image_rows
+        if rope is not None:
+            rope[i, :n] = r.rope
         slot[i], page_table[i, : len(r.pages)] = r.slot, r.pages
-    return Block(tokens, positions, valid, image_rows, slot, page_table)
+    return Block(tokens, positions, valid, image_rows, slot, page_table, rope)

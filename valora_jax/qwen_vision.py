@@ -15,7 +15,9 @@ values run over channel, frame, pixel row, pixel column. The tower:
                                                                       [P / m^2, D] (decoder width)
 
 Windows are attention masks here, not the reordering of HF's implementation: the same maths.
-Several images (any sizes) run in one call; attention never crosses an image or a frame.
+Several images (any sizes) run in one call, their layout (rows, columns, attention segments)
+computed on the host (`patch_layout`) and passed as arrays, so one compiled tower serves any
+mix of sizes that fits its number of patches; attention never crosses an image or a frame.
 """
 
 from typing import Sequence
@@ -70,12 +72,13 @@ def patch_layout(cfg: QwenVisionConfig, grids: Sequence[Grid]) -> tuple[np.ndarr
     return row, col, np.stack([frame, window])
 
 
-def vision_rope_angles(row: np.ndarray, col: np.ndarray, head_dim: int, theta: float = 10000.0) -> np.ndarray:
+def vision_rope_angles(row: jax.Array, col: jax.Array, head_dim: int, theta: float = 10000.0) -> jax.Array:
     """2-D rotary angles [P, head_dim / 2] float32: the first half of the frequencies turn with
     the patch's row, the second with its column (inv_freq_i = theta^(-4i / head_dim))."""
     dim = head_dim // 2
-    inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)         # [head_dim / 4]
-    return np.concatenate([row[:, None] * inv_freq, col[:, None] * inv_freq], -1).astype(np.float32)
+    inv_freq = 1.0 / theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)       # [head_dim / 4]
+    row, col = jnp.asarray(row, jnp.float32), jnp.asarray(col, jnp.float32)
+    return jnp.concatenate([row[:, None] * inv_freq, col[:, None] * inv_freq], -1)
 
 
 class QwenVisionBlock(nnx.Module):
@@ -145,25 +148,20 @@ class QwenVisionTower(nnx.Module):
         self.blocks = nnx.List([QwenVisionBlock(cfg, lora, dtype, rngs) for _ in range(cfg.num_layers)])
         self.merger = PatchMerger(cfg, d_text, dtype, rngs)
 
-    def __call__(self, patches: jax.Array, grids: Sequence[Grid], ctx: LoraContext) -> jax.Array:
-        """patches [P, C*T*p*p] of images of (static) `grids`, ctx.slot [len(grids)] (the vision
-        adapter of each image) -> features [P / m^2, D] (each image's tokens in its patches' order)."""
+    def __call__(self, patches: jax.Array, row: jax.Array, col: jax.Array, segments: jax.Array,
+                 ctx: LoraContext) -> jax.Array:
+        """patches [P, C*T*p*p] in the processor's order with each patch's row [P] and column [P]
+        in its frame and segments [2, P] (`patch_layout`; padding patches: a segment of their
+        own), ctx.slot [P] (the vision adapter of each patch's image) -> features [P / m^2, D].
+        P must be a multiple of m^2 (an image's patches are)."""
         cfg = self.cfg
-        sizes = [t * h * w for t, h, w in grids]
-        if patches.shape != (sum(sizes), cfg.patch_dim):
-            raise ValueError(f"patches {patches.shape} do not match grids {list(grids)}: expected "
-                             f"[{sum(sizes)}, {cfg.patch_dim}]")
-        row, col, segments = patch_layout(cfg, grids)
-        angles = jnp.asarray(vision_rope_angles(row, col, cfg.hidden_size // cfg.num_heads))
+        units = cfg.spatial_merge_size ** 2
+        angles = vision_rope_angles(row, col, cfg.hidden_size // cfg.num_heads)
         full = set(cfg.full_attention_layers) if cfg.window_size else set(range(cfg.num_layers))
-        patch_ctx = ctx.for_tokens(jnp.repeat(ctx.slot, np.array(sizes), total_repeat_length=sum(sizes)))
         x = patches.astype(self.patch_embedding.dtype) @ self.patch_embedding[...]
         for i, block in enumerate(self.blocks):
-            x = block(x, angles, jnp.asarray(segments[0 if i in full else 1]), patch_ctx)
-        units = cfg.spatial_merge_size ** 2
-        unit_ctx = ctx.for_tokens(jnp.repeat(ctx.slot, np.array(sizes) // units,
-                                             total_repeat_length=sum(sizes) // units))
-        return self.merger(x, unit_ctx)
+            x = block(x, angles, segments[0 if i in full else 1], ctx)
+        return self.merger(x, ctx.for_tokens(ctx.slot[::units]))
 
 
 def mrope_positions(tokens: Sequence[int], image_id: int, video_id: int, cfg: QwenVisionConfig,

@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from valora_jax.config import LMMConfig
-from valora_jax.image import preprocess_batch
+from valora_jax.image import preprocess_batch, qwen_patches
+from valora_jax.qwen_vision import mrope_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +48,23 @@ class Completion:
 @dataclasses.dataclass
 class RequestState:
     """A request in flight. prompt_ids: chat-formatted ids with image placeholders expanded;
-    image_rows: per prompt token, the row img * tokens_per_image + patch of this request's image
-    features, or -1 for text; pixels: [N, H, W, 3] preprocessed images."""
+    image_rows: per prompt token, the row of this request's image features (its images' tokens
+    one after the other), or -1 for text; pixels: LLaVA: [N, H, W, 3] preprocessed images;
+    Qwen-VL: each image's patches [t*h*w, C*T*p*p], of grids[i] = (t, h, w); rope: Qwen-VL's
+    M-RoPE positions [len(prompt_ids), 3] of the prompt, rope_delta: the offset of the tokens
+    after it (`rope_positions`)."""
 
     request: Request
     prompt_ids: list[int]
     image_rows: list[int]
-    pixels: np.ndarray
+    pixels: np.ndarray | tuple[np.ndarray, ...]
     out: list[int] = dataclasses.field(default_factory=list)
     finish: str | None = None
     label: str | None = None
     error: str | None = None
+    grids: tuple[tuple[int, int, int], ...] = ()
+    rope: np.ndarray | None = None
+    rope_delta: int = 0
 
     @classmethod
     def prepare(cls, req: Request, config: LMMConfig, tokenizer) -> "RequestState":
@@ -69,8 +76,13 @@ class RequestState:
             raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
         if req.temperature < 0 or not 0 < req.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {req.temperature}, {req.top_p}")
-        v = config.vision
-        pixels = preprocess_batch(list(req.images), size=v.image_size, mean=v.image_mean, std=v.image_std)
+        v, grids = config.vision, ()
+        if config.is_qwen:
+            pixels, grids = zip(*[qwen_patches(image, v) for image in req.images]) if req.images else ((), ())
+            counts = [t * h * w // v.spatial_merge_size ** 2 for t, h, w in grids]
+        else:
+            pixels = preprocess_batch(list(req.images), size=v.image_size, mean=v.image_mean, std=v.image_std)
+            counts = config.tokens_per_image
         if req.messages is None:
             ids = tokenizer.prompt_ids(req.prompt, len(req.images))
         else:
@@ -78,13 +90,25 @@ class RequestState:
             if ids.count(tokenizer.image_id) != len(req.images):
                 raise ValueError(f"the messages have {ids.count(tokenizer.image_id)} image parts but "
                                  f"{len(req.images)} images were given")
-        ids = tokenizer.expand_image_tokens(ids, config.tokens_per_image)
+        ids = tokenizer.expand_image_tokens(ids, counts)
         if len(ids) + req.max_tokens > config.text.max_position:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {req.max_tokens} exceeds the "
                              f"context of {config.text.max_position} tokens")
         is_image = np.asarray(ids) == tokenizer.image_id
         rows = np.where(is_image, np.cumsum(is_image) - 1, -1)
-        return cls(req, ids, rows.tolist(), pixels)
+        if not config.is_qwen:
+            return cls(req, ids, rows.tolist(), pixels)
+        rope, delta = mrope_positions(ids, tokenizer.image_id, -1, v, image_grids=grids,
+                                      scaled_time=config.family == "qwen2_5_vl")
+        return cls(req, ids, rows.tolist(), tuple(pixels), grids=tuple(grids), rope=rope, rope_delta=delta)
+
+    def rope_positions(self, start: int, n: int) -> np.ndarray | None:
+        """M-RoPE positions [n, 3] of tokens start..start+n-1 (the prompt's, then each later
+        token's index + rope_delta on every axis), or None for a model without them."""
+        if self.rope is None:
+            return None
+        later = np.arange(max(start, len(self.rope)), start + n) + self.rope_delta
+        return np.concatenate([self.rope[start: start + n], np.repeat(later[:, None], 3, axis=1)]).astype(np.int32)
 
     @property
     def tokens(self) -> list[int]:

@@ -29,7 +29,9 @@ from valora_jax.adapters import Adapter, Layout, PackedAdapter, unpack
 from valora_jax.decoder import ATTENTION_BACKENDS, Block
 from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
                              adapter_slots, merge_parts, merged_kernel, module_path, module_shapes, targeted_linears)
+from valora_jax.blocks import bucket
 from valora_jax.model import LMM, split_model
+from valora_jax.qwen_vision import Grid, patch_layout
 from valora_jax.sampling import sample
 
 
@@ -234,6 +236,7 @@ class ModelRunner:
         self._decode_loop = jax.jit(self._decode_loop_impl, static_argnames=("mode", "vocab_size", "steps"),
                                     donate_argnames="cache")
         self._encode = jax.jit(self._encode_impl, static_argnames="mode")
+        self._encode_patches = jax.jit(self._encode_patches_impl, static_argnames="mode")
         self._write = jax.jit(self._write_impl, static_argnames="layout", donate_argnames="lora")
         self._merge = jax.jit(self._merge_impl, donate_argnames="merged", keep_unused=True)
         self._merge_one = jax.jit(self._merge_one_impl, static_argnames=("columns", "whole"),
@@ -330,7 +333,8 @@ class ModelRunner:
             cache, block, sampling, out = carry
             _, logits, cache = model.step(cache, [block], no_features, ctx, self.attention)
             tokens = sample(logits.at[:, vocab_size:].set(-jnp.inf), *sampling)
-            block = block._replace(tokens=tokens[:, None], positions=block.positions + 1)
+            block = block._replace(tokens=tokens[:, None], positions=block.positions + 1,
+                                   rope_positions=None if block.rope_positions is None else block.rope_positions + 1)
             return cache, block, sampling._replace(step=sampling.step + 1), out.at[i].set(tokens)
 
         out = jnp.zeros((steps, block.tokens.shape[0]), jnp.int32)
@@ -340,6 +344,10 @@ class ModelRunner:
     def _encode_impl(self, params, lora, merged, pixels, slot, merged_slot, mode):
         model = self._model(params, lora, merged)
         return model.encode_images(pixels, self._ctx(slot, merged_slot, mode))
+
+    def _encode_patches_impl(self, params, lora, merged, patches, row, col, segments, slot, merged_slot, mode):
+        model = self._model(params, lora, merged)
+        return model.visual(patches, row, col, segments, self._ctx(slot, merged_slot, mode))
 
     def _write_impl(self, params, lora, merged, slot, buffer, scales, layout: Layout):
         model = self._model(params, lora, merged)
@@ -436,9 +444,7 @@ class ModelRunner:
         d = self.config.text.hidden_size
         lowered = []
         for blocks, n_features, mode in shapes:
-            blocks = tuple(Block(spec((b, q), jnp.int32), spec((b, q), jnp.int32), spec((b, q), jnp.bool_),
-                                 spec((b, q), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
-                           for b, q, w in blocks)
+            blocks = tuple(self._block_spec(b, q, w) for b, q, w in blocks)
             args = (*self._decoder_leaves(mode), cache, blocks, spec((n_features, d), jnp.dtype(self.config.dtype)),
                     spec((), jnp.int32))
             if vocab_size is None:
@@ -458,13 +464,20 @@ class ModelRunner:
         cache = _abstract(cache)
         lowered = []
         for b, w, mode in shapes:
-            block = Block(spec((b, 1), jnp.int32), spec((b, 1), jnp.int32), spec((b, 1), jnp.bool_),
-                          spec((b, 1), jnp.int32), spec((b,), jnp.int32), spec((b, w), jnp.int32))
+            block = self._block_spec(b, 1, w)
             sampling = Sampling(*(spec((b,), a.dtype) for a in Sampling.greedy(1)))
             lowered.append(self._decode_loop.lower(*self._decoder_leaves(mode), cache, block, spec((), jnp.int32),
                                                    sampling, _feed_spec(feed, block), mode=mode,
                                                    vocab_size=vocab_size, steps=steps))
         return lowered
+
+    def _block_spec(self, rows: int, tokens: int, pages: int) -> Block:
+        """The shapes and dtypes of a block of pack_block (M-RoPE positions where the model has them)."""
+        spec = jax.ShapeDtypeStruct
+        i32 = lambda *shape: spec(shape, jnp.int32)
+        rope = i32(rows, tokens, 3) if self.config.text.mrope_section else None
+        return Block(i32(rows, tokens), i32(rows, tokens), spec((rows, tokens), jnp.bool_), i32(rows, tokens),
+                     i32(rows), i32(rows, pages), rope)
 
     def lower_writes(self, layouts) -> list:
         """write_slot of adapters of each distinct layout in `layouts` (adapters.Layout; () is the
@@ -481,16 +494,61 @@ class ModelRunner:
         return [self._merge.lower(*_abstract(self._state_leaves()), jax.ShapeDtypeStruct((), jnp.int32))]
 
     def lower_encoder(self, counts, mode: str = "unmerged") -> list:
-        """encode_images on batches of each of `counts` images, traced and lowered (not compiled),
-        as `lower_steps` does for steps."""
-        size, spec = self.config.vision.image_size, jax.ShapeDtypeStruct
+        """The encoder on batches of each of `counts` images (Qwen-VL: of as many of the
+        largest images' patches, bucketed as encode_patches does), traced and lowered (not
+        compiled), as `lower_steps` does for steps."""
+        spec, v = jax.ShapeDtypeStruct, self.config.vision
+        if self.config.is_qwen:
+            most = v.max_tokens_per_image * v.spatial_merge_size ** 2
+            sizes = sorted({self._patch_bucket(n * most) for n in counts})
+            i32 = lambda *shape: spec(shape, jnp.int32)
+            return [self._encode_patches.lower(*self._state_leaves(), spec((n, v.patch_dim), jnp.float32), i32(n),
+                                               i32(n), i32(2, n), i32(n), i32(), mode=mode) for n in sizes]
+        size = v.image_size
         return [self._encode.lower(*self._state_leaves(), spec((n, size, size, 3), jnp.float32), spec((n,), jnp.int32),
                                    spec((), jnp.int32), mode=mode) for n in counts]
 
     def encode_images(self, pixels, slot, mode: str = "unmerged") -> jax.Array:
-        """pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
+        """LLaVA: pixels [N, H, W, 3], slot [N] -> features [N, P, D]."""
         return self._encode(*self._state_leaves(), pixels, jnp.asarray(slot, jnp.int32),
                             jnp.int32(self.merged_slot), mode=mode)
+
+    ENCODER_PATCHES = 8192
+    """Qwen-VL: the most patches one tower call takes (the tower's attention is dense over them)."""
+
+    def _patch_bucket(self, n: int) -> int:
+        return min(bucket(n, 64), max(self.ENCODER_PATCHES, n))
+
+    def encode_patches(self, patches: Sequence[np.ndarray], grids: Sequence[Grid], slot,
+                       mode: str = "unmerged") -> list[np.ndarray]:
+        """Qwen-VL: each image's patches [t*h*w, C*T*p*p] of `grids`, slot [N] (vision adapter
+        per image) -> each image's features [t*h*w / m^2, D] (host arrays). Images run together,
+        up to ENCODER_PATCHES patches a call (an image larger than that alone), packed into a
+        bucketed number of patches: one compile per bucket, whatever the mix of sizes."""
+        v = self.config.vision
+        units, out = v.spatial_merge_size ** 2, []
+        groups, group, total = [], [], 0
+        for i, p in enumerate(patches):
+            if group and total + len(p) > self.ENCODER_PATCHES:
+                groups.append(group)
+                group, total = [], 0
+            group.append(i)
+            total += len(p)
+        groups += [group] if group else []
+        for group in groups:
+            sizes = [len(patches[i]) for i in group]
+            n, padded = sum(sizes), self._patch_bucket(sum(sizes))
+            row, col, segments = (np.zeros(shape, np.int32) for shape in ((padded,), (padded,), (2, padded)))
+            row[:n], col[:n], segments[:, :n] = patch_layout(v, [grids[i] for i in group])
+            segments[:, n:] = -1                                     # padding attends only padding
+            buffer = np.zeros((padded, v.patch_dim), np.float32)
+            buffer[:n] = np.concatenate([patches[i] for i in group])
+            slots = np.full(padded, PAD_SLOT, np.int32)
+            slots[:n] = np.repeat(np.asarray(slot, np.int32)[group], sizes)
+            feats = np.asarray(self._encode_patches(*self._state_leaves(), buffer, row, col, segments, slots,
+                                                    jnp.int32(self.merged_slot), mode=mode))
+            out += np.split(feats[: n // units], np.cumsum(sizes)[:-1] // units)
+        return out
 
     def write_slot(self, slot: int, adapter: Adapter | PackedAdapter | None) -> None:
         """Place `adapter` (or nothing) in device slot `slot` of every targeted module."""

@@ -18,6 +18,8 @@ import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<pad>", "<bos>", "<eos>", "<image>",
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
@@ -76,17 +78,23 @@ class ChatTokenizer(abc.ABC):
             parts.append({"type": "text", "text": text})
         return self.chat_prompt([{"role": "user", "content": parts}])
 
-    def expand_image_tokens(self, ids: Iterable[int], tokens_per_image: int) -> list[int]:
-        """`ids` with every `<image>` id repeated `tokens_per_image` times."""
-        if (isinstance(tokens_per_image, bool) or not isinstance(tokens_per_image, int)
-                or tokens_per_image < 1):
-            raise ValueError(f"tokens_per_image must be an int >= 1, got {tokens_per_image!r}")
+    def expand_image_tokens(self, ids: Iterable[int], tokens_per_image: int | Sequence[int]) -> list[int]:
+        """`ids` with every `<image>` id repeated `tokens_per_image` times, or with a sequence,
+        the i-th `<image>` id repeated tokens_per_image[i] times (one count per image)."""
+        ids = list(ids)
+        n_images = ids.count(self.image_id)
+        counts = [tokens_per_image] * n_images if isinstance(tokens_per_image, (int, np.integer)) \
+            else list(tokens_per_image)
+        if len(counts) != n_images:
+            raise ValueError(f"{len(counts)} token counts for {n_images} images")
+        bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1]
+        if bad or (isinstance(tokens_per_image, bool)
+                   or (isinstance(tokens_per_image, (int, np.integer)) and tokens_per_image < 1)):
+            raise ValueError(f"tokens_per_image must be an int >= 1, got {bad[0] if bad else tokens_per_image!r}")
         out: list[int] = []
+        images = iter(counts)
         for t in ids:
-            if t == self.image_id:
-                out.extend([self.image_id] * tokens_per_image)
-            else:
-                out.append(t)
+            out.extend([t] * next(images) if t == self.image_id else [t])
         return out
 
 
