@@ -432,7 +432,8 @@ class Engine:
         dispatched.metrics.update(
             start=start, switch_time=switch, mode=mode,
             merged_adapter=decision.merged_adapter if mode != "unmerged" else None,
-            lora_tokens=float(features[2]), compile_time=compiled, load_time=load, kv_positions=kv, predicted_time=loop * self.cost.step_time_of(mode, features), steps=loop)
+            lora_tokens=float(features[2]), compile_time=compiled, load_time=load, kv_positions=kv,
+            predicted_time=loop * self.cost.step_time_of(mode, features), steps=loop)
         previous, self._pending = self._pending, dispatched
         return self._read(previous, between=switch + load + compiled, learn=not (switch or compiled)) or read
 

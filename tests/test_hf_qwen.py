@@ -149,8 +149,8 @@ def test_engine_greedy_tokens_equal_transformers(loaded, decode_loop):
 
     name, runner, _ = loaded
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
-    engine = Engine(runner, pool, config=EngineConfig(num_pages=64, prefill_chunk=16, prefill_width=16, decode_loop=decode_loop),
-                    policy="unmerged", tokenizer=load_tokenizer(FIXTURES / name))
+    config = EngineConfig(num_pages=64, prefill_chunk=16, prefill_width=16, decode_loop=decode_loop)
+    engine = Engine(runner, pool, config=config, policy="unmerged", tokenizer=load_tokenizer(FIXTURES / name))
     requests, want = [], []
     for case in json.loads((FIXTURES / "qwen_tokenizer_cases.json").read_text())["processor_prompts"]:
         if case["model"] != name or case["case"] == "video":
