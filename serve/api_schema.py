@@ -6,10 +6,12 @@ number, "yes" not a boolean), NaN/inf are refused; anything a client can get wro
 `APIError` with the HTTP status and OpenAI error type to answer.
 Images come from `image_url` parts: `data:image/png|jpeg;base64,...` URLs, or `file://` URLs
 inside the configured media roots; remote URLs are never fetched. Each image is checked for
-its encoded size and, from its header before decoding, its pixel count.
+its encoded size and, from its header before decoding, its pixel count. Videos (models of the
+Qwen-VL family) come from `video_url` parts the same way (`data:video/<type>;base64,...` or
+`file://`), decoded with PyAV and sampled at `Limits.video_fps` frames a second.
 
-A conversation goes to the engine as chat messages in the tokenizer's format, each image part
-becoming an image placeholder where it stands ("developer" turns count as "system").
+A conversation goes to the engine as chat messages in the tokenizer's format, each image (video)
+part becoming an image (video) placeholder where it stands ("developer" turns count as "system").
 """
 
 import base64
@@ -25,7 +27,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from valora_jax.image import load_image
-from valora_jax.request import Request
+from valora_jax.request import Clip, Request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +42,14 @@ class Limits:
     """Largest width * height of an image, checked from its header before decoding."""
     max_images: int = 8
     """Most images in one request."""
+    max_videos: int = 2
+    """Most videos in one request."""
+    max_video_bytes: int = 64 << 20
+    """Largest encoded video (after base64 decoding)."""
+    max_video_frames: int = 128
+    """Most frames sampled from one video (a longer video is refused)."""
+    video_fps: float = 2.0
+    """Frames a second sampled from a video."""
     default_max_tokens: int = 256
     """max_tokens when a request sets none (capped by the context left after the prompt)."""
 
@@ -77,9 +87,18 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
+class VideoURL(_Body):
+    url: str
+
+
+class VideoPart(_Body):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: str | list[Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]] | None = None
     name: str | None = None               # the participant's name (accepted, not used)
 
 
@@ -187,9 +206,17 @@ def parse(model: type[BaseModel], data) -> BaseModel:
 
 
 # translation -------------------------------------------------------------------------------------
-def chat_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
-    """(the conversation in the tokenizer's chat format, image URLs in order)."""
-    converted, urls = [], []
+@dataclasses.dataclass(frozen=True)
+class MediaURLs:
+    """The URLs of a request's image and video parts, each kind in order."""
+
+    images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
+
+
+def chat_messages(messages: list[Message]) -> tuple[list[dict], MediaURLs]:
+    """(the conversation in the tokenizer's chat format, its image and video URLs)."""
+    converted, images, videos = [], [], []
     for m in messages:
         if isinstance(m.content, str) or m.content is None:
             content = m.content or ""
@@ -197,28 +224,34 @@ def chat_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
             content = []
             for p in m.content:
                 if isinstance(p, ImagePart):
-                    urls.append(p.image_url.url)
+                    images.append(p.image_url.url)
                     content.append({"type": "image"})
+                elif isinstance(p, VideoPart):
+                    videos.append(p.video_url.url)
+                    content.append({"type": "video"})
                 else:
                     content.append({"type": "text", "text": p.text})
         converted.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    return converted, urls
+    return converted, MediaURLs(tuple(images), tuple(videos))
 
 
 def make_request(body: _Sampling, images: list, adapter: str | None, seed: int, tokenizer, config,
-                 limits: Limits, *, prompt: str = "", messages: list[dict] | None = None) -> Request:
+                 limits: Limits, *, prompt: str = "", messages: list[dict] | None = None,
+                 videos: tuple[Clip, ...] = ()) -> Request:
     """The engine Request for a text `prompt` or chat `messages`; max_tokens defaults to
-    limits.default_max_tokens within the context left."""
+    limits.default_max_tokens within the context left (counting each image at the model's
+    largest, and each video's frame pairs as images)."""
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if max_tokens is None:
         ids = tokenizer.prompt_ids(prompt, len(images)) if messages is None else tokenizer.chat_prompt(messages)
-        n = len(tokenizer.expand_image_tokens(ids, config.tokens_per_image))
+        n = len(tokenizer.expand_image_tokens(ids, config.tokens_per_image)) + sum(
+            -(-len(clip.frames) // 2) * config.tokens_per_image for clip in videos)
         left = config.text.max_position - n
         if left < 1:
             raise APIError(400, f"prompt of {n} tokens fills the context of {config.text.max_position} tokens",
                            code="context_length_exceeded")
         max_tokens = min(limits.default_max_tokens, left)
-    return Request(prompt, images, adapter=adapter, max_tokens=max_tokens, messages=messages,
+    return Request(prompt, images, adapter=adapter, max_tokens=max_tokens, messages=messages, videos=videos,
                    temperature=1.0 if body.temperature is None else body.temperature,
                    top_p=1.0 if body.top_p is None else body.top_p, seed=seed % 2 ** 32, stop=body.stops)
 
@@ -228,44 +261,96 @@ _DATA_URL = re.compile(r"data:(image/(?:png|jpeg|jpg));base64,(.*)", re.DOTALL)
 _FORMATS = ("PNG", "JPEG")
 
 
+_VIDEO_DATA_URL = re.compile(r"data:(video/[a-zA-Z0-9.+-]+);base64,(.*)", re.DOTALL)
+
+
 def load_image_url(url: str, limits: Limits, media_roots: tuple[Path, ...] = ()) -> Image.Image:
     """Decode one image_url (data URL, or file:// inside a media root) into an RGB image."""
+    return decode_image(_url_bytes(url, "image", _DATA_URL, "data:image/png|jpeg;base64,...", limits.max_image_bytes,
+                                   media_roots), limits)
+
+
+def load_video_url(url: str, limits: Limits, media_roots: tuple[Path, ...] = ()) -> Clip:
+    """Decode one video_url (data URL, or file:// inside a media root) into a Clip of frames
+    sampled at limits.video_fps."""
+    return decode_video(_url_bytes(url, "video", _VIDEO_DATA_URL, "data:video/<type>;base64,...",
+                                   limits.max_video_bytes, media_roots), limits)
+
+
+def _url_bytes(url: str, kind: str, data_url: re.Pattern, form: str, max_bytes: int,
+               media_roots: tuple[Path, ...]) -> bytes:
+    """The bytes an image or video URL names: a base64 data URL of `form`, or a file:// URL inside
+    a media root (remote URLs are never fetched); APIError 400 / 413 otherwise."""
     if url.startswith("data:"):
-        match = _DATA_URL.fullmatch(url)
+        match = data_url.fullmatch(url)
         if match is None:
-            raise APIError(400, f"image data URL must be data:image/png|jpeg;base64,...; got {url[:40]!r}...")
+            raise APIError(400, f"{kind} data URL must be {form}; got {url[:40]!r}...")
         encoded = match.group(2)
-        if len(encoded) * 3 // 4 > limits.max_image_bytes + 3:
-            raise APIError(413, f"image of about {len(encoded) * 3 // 4} bytes exceeds the limit of "
-                                f"{limits.max_image_bytes} bytes")
+        if len(encoded) * 3 // 4 > max_bytes + 3:
+            raise APIError(413, f"{kind} of about {len(encoded) * 3 // 4} bytes exceeds the limit of {max_bytes} bytes")
         try:
-            data = base64.b64decode(encoded, validate=True)
+            return base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as e:
-            raise APIError(400, f"image data URL is not valid base64: {e}") from None
-    elif url.startswith("file://"):
-        data = _read_local(unquote(urlparse(url).path), limits, media_roots)
-    elif re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", url):
-        raise APIError(400, f"remote image URLs are not fetched: {url[:80]!r}; send a base64 data URL")
-    else:
-        raise APIError(400, f"image_url must be a data URL or a file:// URL, got {url[:80]!r}")
-    return decode_image(data, limits)
+            raise APIError(400, f"{kind} data URL is not valid base64: {e}") from None
+    if url.startswith("file://"):
+        return _read_local(unquote(urlparse(url).path), kind, max_bytes, media_roots)
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        raise APIError(400, f"remote {kind} URLs are not fetched: {url[:80]!r}; send a base64 data URL")
+    raise APIError(400, f"{kind}_url must be a data URL or a file:// URL, got {url[:80]!r}")
 
 
-def _read_local(path: str, limits: Limits, media_roots: tuple[Path, ...]) -> bytes:
-    """The bytes of a local image, only if it resolves inside one of the media roots."""
+def _read_local(path: str, kind: str, max_bytes: int, media_roots: tuple[Path, ...]) -> bytes:
+    """The bytes of a local image or video, only if it resolves inside one of the media roots."""
     resolved = Path(path).resolve()
     if not any(resolved.is_relative_to(root.resolve()) for root in media_roots):
-        raise APIError(400, f"local image {path!r} is outside the allowed media roots "
+        raise APIError(400, f"local {kind} {path!r} is outside the allowed media roots "
                             f"({[str(r) for r in media_roots] or 'none configured'})")
     if not resolved.is_file():
-        raise APIError(400, f"local image {path!r} is not a file")
+        raise APIError(400, f"local {kind} {path!r} is not a file")
     try:
         size = resolved.stat().st_size
-        if size > limits.max_image_bytes:
-            raise APIError(413, f"image {path!r} of {size} bytes exceeds the limit of {limits.max_image_bytes} bytes")
+        if size > max_bytes:
+            raise APIError(413, f"{kind} {path!r} of {size} bytes exceeds the limit of {max_bytes} bytes")
         return resolved.read_bytes()
     except OSError as e:
-        raise APIError(400, f"cannot read local image {path!r}: {e.strerror}") from None
+        raise APIError(400, f"cannot read local {kind} {path!r}: {e.strerror}") from None
+
+
+def decode_video(data: bytes, limits: Limits) -> Clip:
+    """Video bytes (any container and codec FFmpeg reads) -> a Clip of RGB frames, one every
+    1 / limits.video_fps seconds from the first; its frame size is checked before decoding."""
+    if len(data) > limits.max_video_bytes:
+        raise APIError(413, f"video of {len(data)} bytes exceeds the limit of {limits.max_video_bytes} bytes")
+    try:
+        import av
+    except ImportError:
+        raise APIError(400, "this server cannot decode videos: it needs PyAV (pip install 'valora-jax[video]')")
+    frames, next_time = [], 0.0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise APIError(400, "the video has no video stream")
+            stream = container.streams.video[0]
+            w, h = stream.codec_context.width, stream.codec_context.height
+            if w * h > limits.max_image_pixels:
+                raise APIError(413, f"video frames are {w}x{h} = {w * h} pixels, more than the limit of "
+                                    f"{limits.max_image_pixels}")
+            for frame in container.decode(stream):
+                time = frame.time if frame.time is not None else next_time
+                if time + 1e-6 < next_time:
+                    continue
+                if len(frames) == limits.max_video_frames:
+                    raise APIError(413, f"video longer than {limits.max_video_frames} frames at {limits.video_fps} "
+                                        f"a second ({limits.max_video_frames / limits.video_fps:g} s)")
+                frames.append(frame.to_ndarray(format="rgb24"))
+                next_time = len(frames) / limits.video_fps
+    except APIError:
+        raise
+    except Exception as e:     # FFmpeg raises many types for garbage input
+        raise APIError(400, f"not a readable video ({len(data)} bytes): {e}") from None
+    if not frames:
+        raise APIError(400, "the video has no frames")
+    return Clip(tuple(frames), limits.video_fps)
 
 
 def decode_image(data: bytes, limits: Limits) -> Image.Image:

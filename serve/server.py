@@ -35,7 +35,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from serve.api_schema import (APIError, ChatRequest, CompletionRequest, Limits, LoadAdapterRequest,
-                              UnloadAdapterRequest, chat_messages, load_image_url, make_request, parse)
+                              MediaURLs, UnloadAdapterRequest, chat_messages, load_image_url, load_video_url,
+                              make_request, parse)
 from serve.engine import AdapterInUse, Overloaded
 from serve.service import EngineService, ShuttingDown, UnknownModel
 from valora_jax.checkpoint import load_adapter
@@ -87,7 +88,7 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", "server_error").body(), 500)
 
     # generation -----------------------------------------------------------------------------
-    async def _admit(body, urls: list[str], rid: str, **text) -> asyncio.Queue:
+    async def _admit(body, urls: MediaURLs, rid: str, **text) -> asyncio.Queue:
         """Admission first (429 while the requests queued and on their way there fill the queue,
         before any image is decoded), then the request prepared and submitted; its event queue."""
         if service.queued + service.admitting >= service.engine.config.max_queue:
@@ -99,22 +100,27 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
         finally:
             service.admitting -= 1
 
-    async def _prepare(body, urls: list[str], **text):
-        """The engine Request (text: prompt= or messages=): adapter from `model`, images decoded
-        off the event loop."""
+    async def _prepare(body, urls: MediaURLs, **text):
+        """The engine Request (text: prompt= or messages=): adapter from `model`, images and
+        videos decoded off the event loop."""
         if body.model != service.model_name and body.model not in service.adapters:
             raise APIError(404, f"the model {body.model!r} does not exist; models: "
                                 f"{[service.model_name, *service.adapters]}", "not_found_error",
                            code="model_not_found", param="model")
-        if len(urls) > limits.max_images:
-            raise APIError(400, f"{len(urls)} images in one request; the limit is {limits.max_images}")
+        for kind, given, most in (("images", urls.images, limits.max_images),
+                                  ("videos", urls.videos, limits.max_videos)):
+            if len(given) > most:
+                raise APIError(400, f"{len(given)} {kind} in one request; the limit is {most}")
+        if urls.videos and tokenizer.video_id is None:
+            raise APIError(400, f"the model {service.model_name!r} takes no video")
 
         def build():
-            images = [load_image_url(u, limits, roots) for u in urls]
+            images = [load_image_url(u, limits, roots) for u in urls.images]
+            videos = tuple(load_video_url(u, limits, roots) for u in urls.videos)
             seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 32)
             try:
                 return make_request(body, images, None if body.model == service.model_name else body.model,
-                                    seed, tokenizer, config, limits, **text)
+                                    seed, tokenizer, config, limits, videos=videos, **text)
             except ValueError as e:
                 raise APIError(400, str(e)) from None
 
@@ -236,7 +242,7 @@ def create_app(service: EngineService, *, adapter_root: str | Path | None = None
         body = parse(CompletionRequest, await _json(http))
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = await _admit(body, [], rid, prompt=prompt)
+        events = await _admit(body, MediaURLs(), rid, prompt=prompt)
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:
             def chunk(text, reason, usage=None):

@@ -46,17 +46,25 @@ def _merged(n: int) -> LoraContext:
     return LoraContext(jnp.zeros((n,), jnp.int32), jnp.int32(0), "merged", "reference")
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens, image_rows, pixels, length):
-    """tokens / image_rows [L] (the sequence padded), pixels [N, H, W, 3] -> (final hidden [D],
-    float32 logits [V]) at position length - 1."""
-    model = nnx.merge(graphdef, state)
+def _features(model: LMM, state: RequestState) -> jax.Array:
+    """The request's image (and clip) features [F, D], in the order of its placeholders."""
     d = model.config.text.hidden_size
-    feats = (model.encode_images(pixels, _merged(pixels.shape[0])).reshape(-1, d) if pixels.shape[0]
-             else jnp.zeros((0, d), jnp.dtype(model.config.dtype)))
+    if not len(state.pixels):
+        return jnp.zeros((0, d), jnp.dtype(model.config.dtype))
+    if model.config.is_qwen:
+        return model.encode_patches(jnp.concatenate(state.pixels), state.grids, _merged(len(state.grids)))
+    return model.encode_images(jnp.asarray(state.pixels, jnp.float32), _merged(len(state.pixels))).reshape(-1, d)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, image_rows, feats, rope, length):
+    """tokens / image_rows [L] (the sequence padded), feats [F, D], rope [L, 3] M-RoPE positions
+    (or None) -> (final hidden [D], float32 logits [V]) at position length - 1."""
+    model = nnx.merge(graphdef, state)
     n = tokens.shape[0]
     positions = jnp.arange(n, dtype=jnp.int32)
-    blk = Block(tokens[None], positions[None], (positions < length)[None], image_rows[None], None, None)
+    blk = Block(tokens[None], positions[None], (positions < length)[None], image_rows[None], None, None,
+                None if rope is None else rope[None])
     hidden, _ = model.decoder(model.embed([blk], feats), [blk], _merged(n))
     return hidden[length - 1], model.decoder.logits(hidden[length - 1])
 
@@ -65,15 +73,16 @@ def reference_completion(model: LMM, adapter: Adapter | None, request: Request, 
     """`request` (on `adapter`, whose name it gives) completed alone by full recomputation."""
     tokenizer = tokenizer or ByteTokenizer()
     state = RequestState.prepare(request, model.config, tokenizer)
-    graphdef, weights = nnx.split(folded(model, adapter))
+    merged = folded(model, adapter)
+    graphdef, weights = nnx.split(merged)
     size = 64 * -(-(len(state.prompt_ids) + request.max_tokens) // 64)      # one compile per 64 positions
     image_rows = np.full(size, -1, np.int32)
     image_rows[: len(state.image_rows)] = state.image_rows
-    pixels = jnp.asarray(state.pixels, jnp.float32)
+    feats, rope = _features(merged, state), state.rope_positions(0, size)
     while state.finish is None:
         tokens = np.zeros(size, np.int32)
         tokens[: len(state.tokens)] = state.tokens
-        hidden, logits = _forward(graphdef, weights, tokens, image_rows, pixels, jnp.int32(len(state.tokens)))
+        hidden, logits = _forward(graphdef, weights, tokens, image_rows, feats, rope, jnp.int32(len(state.tokens)))
         if adapter is not None and adapter.head is not None:
             state.label, state.finish = adapter.head.answer(np.asarray(hidden)), "stop"
             break

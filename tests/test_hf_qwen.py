@@ -161,3 +161,45 @@ def test_engine_greedy_tokens_equal_transformers(loaded, decode_loop):
         requests.append(Request(messages=case["messages"], images=images, max_tokens=16, ignore_eos=True))
         want.append(REFS[key + "greedy"].tolist())
     assert [list(c.token_ids) for c in engine.generate(requests)] == want
+
+
+@pytest.mark.parametrize("policy", ["unmerged", "merged"])
+def test_engine_serves_clips_images_and_adapters_as_the_oracle(loaded, policy):
+    """A clip, images of different sizes, the decoder adapter and the vision-tower adapter
+    served together give each request what the full-recompute oracle gives it alone; Qwen2-VL's
+    clip also gives transformers' greedy tokens (Qwen2.5-VL's clip positions the text after it
+    as the model's release does: see test_patches_and_positions_match_the_processor)."""
+    from oracle import reference_completion
+    from serve.config import EngineConfig
+    from serve.engine import Engine
+    from valora_jax import AdapterPool, Request
+    from valora_jax.hf_tokenizer import load_tokenizer
+    from valora_jax.request import Clip
+
+    name, runner, _ = loaded
+    runner = runner.twin()
+    tokenizer = load_tokenizer(FIXTURES / name)
+    pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
+    adapters = {a: read_peft(FIXTURES / f"{name}-{a}", runner.config, name=a) for a in MODELS[name]}
+    for adapter in adapters.values():
+        pool.register(adapter)
+    engine = Engine(runner, pool, config=EngineConfig(num_pages=64, prefill_chunk=32, prefill_width=32),
+                    policy=policy, tokenizer=tokenizer)
+    cases = {c["case"]: c for c in json.loads((FIXTURES / "qwen_tokenizer_cases.json").read_text())["processor_prompts"]
+             if c["model"] == name}
+    key = f"{name}/"
+    clip = Request(messages=cases["video"]["messages"], videos=[Clip(list(REFS[key + "video/raw_video"]))],
+                   max_tokens=8, ignore_eos=True)
+    requests = [clip,
+                Request(messages=cases["one_image"]["messages"], images=list(REFS[key + "one_image/raw_images"]),
+                        adapter="lora", max_tokens=6, ignore_eos=True),
+                Request(messages=cases["two_images"]["messages"], adapter=list(adapters)[-1], max_tokens=6,
+                        images=[REFS[key + "two_images/raw_image0"], REFS[key + "two_images/raw_image1"]],
+                        ignore_eos=True)]
+    got = engine.generate(requests)
+    model = runner.model()
+    for request, completion in zip(requests, got):
+        want = reference_completion(model, adapters.get(request.adapter), request, tokenizer)
+        assert completion.token_ids == want.token_ids, request.adapter
+    if name == "qwen2-vl":
+        assert list(got[0].token_ids) == REFS[key + "video/greedy"][:8].tolist()

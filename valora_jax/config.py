@@ -11,6 +11,7 @@ with random weights).
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any
 
 DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -134,6 +135,13 @@ class QwenVisionConfig:
     def max_tokens_per_image(self) -> int:
         """Decoder tokens of the largest image (max_pixels)."""
         return self.max_pixels // (self.patch_size * self.spatial_merge_size) ** 2
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square images start-up calibration and the benchmarks draw: 448 pixels, or
+        less to stay within max_pixels (a multiple of patch_size * spatial_merge_size)."""
+        unit = self.patch_size * self.spatial_merge_size
+        return max(unit, min(448, math.isqrt(self.max_pixels)) // unit * unit)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,21 +60,26 @@ class HFStreamDecoder:
 
 
 class HFTokenizer(ChatTokenizer):
-    """A `tokenizers.Tokenizer` with the checkpoint's chat template, special tokens and image token.
+    """A `tokenizers.Tokenizer` with the checkpoint's chat template, special tokens and image token
+    (and video token, for models that take clips).
 
-    image_id: the id that marks an image placeholder; stop_ids: generation stops at these
-    (eos ids of generation_config.json / config.json / tokenizer_config.json)."""
+    image_id / video_id: the ids that mark an image / a clip placeholder; stop_ids: generation
+    stops at these (eos ids of generation_config.json / config.json / tokenizer_config.json)."""
 
     name = "hf"
 
     def __init__(self, tokenizer, *, image_token: str, chat_template: str | None = None,
-                 special_tokens: Mapping[str, str] | None = None, stop_ids: Iterable[int] = ()):
+                 special_tokens: Mapping[str, str] | None = None, stop_ids: Iterable[int] = (),
+                 video_token: str | None = None):
         self._tok = tokenizer
-        self.image_token = image_token
+        self.image_token, self.video_token = image_token, video_token
         image_id = tokenizer.token_to_id(image_token)
         if image_id is None:
             raise ValueError(f"image token {image_token!r} is not in the tokenizer's vocabulary")
         self.image_id = image_id
+        self.video_id = None if video_token is None else tokenizer.token_to_id(video_token)
+        if video_token is not None and self.video_id is None:
+            raise ValueError(f"video token {video_token!r} is not in the tokenizer's vocabulary")
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_tokens = dict(special_tokens or {})
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
@@ -87,7 +92,8 @@ class HFTokenizer(ChatTokenizer):
     def from_dir(cls, directory: str | Path) -> HFTokenizer:
         """Read tokenizer.json, tokenizer_config.json / special_tokens_map.json, the chat template
         (chat_template.jinja, chat_template.json or tokenizer_config.json), generation_config.json,
-        and the image token id from the model's HF config when there is one (else "<image>")."""
+        and the image (and video) token ids from the model's HF config when there is one (else
+        "<image>", and no video)."""
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
@@ -102,20 +108,22 @@ class HFTokenizer(ChatTokenizer):
                                    for f in ("tokenizer_config.json", "special_tokens_map.json"))
         special = {k: _token_text(v) for k, v in {**special_map, **tok_config}.items() if k in _SPECIAL_NAMES and v}
         meta = hf_metadata(directory) or {}
-        image_token = "<image>"
-        image_index = meta.get("image_token_index", meta.get("image_token_id"))
-        if image_index is not None:
-            image_token = tok.id_to_token(image_index)
-            if image_token is None:
-                raise ValueError(f"{directory}: image token id {image_index} (config image_token_index) is not in "
-                                 f"{path}")
+        image_token, video_token = "<image>", None
+        for kind, index in (("image", meta.get("image_token_index", meta.get("image_token_id"))),
+                            ("video", meta.get("video_token_id"))):
+            if index is None:
+                continue
+            token = tok.id_to_token(index)
+            if token is None:
+                raise ValueError(f"{directory}: {kind} token id {index} (config {kind}_token_id) is not in {path}")
+            image_token, video_token = (token, video_token) if kind == "image" else (image_token, token)
         stop = set(_ids(meta.get("eos_token_id")) + _ids((meta.get("text_config") or {}).get("eos_token_id")))
         if (directory / "generation_config.json").exists():
             stop |= set(_ids(_read_json(directory / "generation_config.json").get("eos_token_id")))
         if special.get("eos_token") and tok.token_to_id(special["eos_token"]) is not None:
             stop.add(tok.token_to_id(special["eos_token"]))
         return cls(tok, image_token=image_token, chat_template=_chat_template(directory, tok_config),
-                   special_tokens=special, stop_ids=stop)
+                   special_tokens=special, stop_ids=stop, video_token=video_token)
 
     # ids <-> text ----------------------------------------------------------------------------
     def _check_id(self, token_id: Any) -> int:
@@ -142,24 +150,28 @@ class HFTokenizer(ChatTokenizer):
     # prompts -----------------------------------------------------------------------------------
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The chat template's text for `messages` (same message format as ByteTokenizer.chat_prompt)."""
-        _check_messages(messages, self.image_token)
+        _check_messages(messages, self.image_token, self.video_token)
         return self._template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                                     image_token=self.image_token, **self.special_tokens)
+                                     image_token=self.image_token, video_token=self.video_token,
+                                     **self.special_tokens)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Ids of the rendered conversation; each image part yields one image id. The
-        tokenizer's own special tokens (e.g. a leading <s>) are added unless the rendered text
-        already starts with the bos token, as transformers' processors do.
+        """Ids of the rendered conversation; each image (video) part yields one image (video)
+        id. The tokenizer's own special tokens (e.g. a leading <s>) are added unless the rendered
+        text already starts with the bos token, as transformers' processors do.
 
-        Raises ValueError on malformed messages, text that contains the image token, or a
-        template that does not render one image token per image part."""
-        num_images = _check_messages(messages, self.image_token)
+        Raises ValueError on malformed messages, text that contains the image or video token, a
+        video part for a model without a video token, or a template that does not render one
+        token per image and video part."""
+        counts = _check_messages(messages, self.image_token, self.video_token)
         text = self.render(messages, add_generation_prompt)
         bos = self.special_tokens.get("bos_token")
         ids = self._tok.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids
-        if ids.count(self.image_id) != num_images:
-            raise ValueError(f"the chat template rendered {ids.count(self.image_id)} image tokens "
-                             f"{self.image_token!r} for {num_images} image parts")
+        for kind, token, token_id, n in (("image", self.image_token, self.image_id, counts[0]),
+                                         ("video", self.video_token, self.video_id, counts[1])):
+            if token is not None and ids.count(token_id) != n:
+                raise ValueError(f"the chat template rendered {ids.count(token_id)} {kind} tokens {token!r} for "
+                                 f"{n} {kind} parts")
         return ids
 
 
@@ -235,13 +247,14 @@ def _compile(template: str):
         raise ValueError(f"chat template does not compile: {e}") from e
 
 
-def _check_messages(messages: Any, image_token: str) -> int:
-    """Validate a conversation; returns its number of image parts."""
+def _check_messages(messages: Any, image_token: str, video_token: str | None = None) -> tuple[int, int]:
+    """Validate a conversation (video parts only where there is a video token); returns its
+    numbers of image and video parts."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of dicts, got {messages!r}")
     if not messages:
         raise ValueError("empty conversation: messages=[]")
-    images = 0
+    images = videos = 0
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
             raise ValueError(f"message {i} must be a dict, got {msg!r}")
@@ -256,13 +269,17 @@ def _check_messages(messages: Any, image_token: str) -> int:
                 kind = part.get("type") if isinstance(part, Mapping) else None
                 if kind == "image":
                     images += 1
+                elif kind == "video" and video_token is not None:
+                    videos += 1
                 elif kind == "text" and isinstance(part.get("text"), str):
                     texts.append(part["text"])
                 else:
-                    raise ValueError(f"message {i} part {j}: expected {{'type': 'image'}} or "
+                    video = " or {'type': 'video'}" if video_token is not None else " (this model takes no video)"
+                    raise ValueError(f"message {i} part {j}: expected {{'type': 'image'}}{video} or "
                                      f"{{'type': 'text', 'text': str}}, got {part!r}")
         for text in texts:
-            if image_token in text:
-                raise ValueError(f"message {i}: text contains the image token {image_token!r}; images are "
-                                 "passed as image parts")
-    return images
+            for kind, token in (("image", image_token), ("video", video_token)):
+                if token is not None and token in text:
+                    raise ValueError(f"message {i}: text contains the {kind} token {token!r}; {kind}s are "
+                                     f"passed as {kind} parts")
+    return images, videos

@@ -64,16 +64,20 @@ class ChatTokenizer(abc.ABC):
     """What the generator needs beyond `chat_prompt` and `image_id`, shared by every tokenizer."""
 
     image_id: int
+    video_id: int | None = None
+    """The id that marks a clip's placeholder (None: the model takes no video)."""
 
     @abc.abstractmethod
     def chat_prompt(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """Ids of a conversation, one image placeholder per image part."""
 
-    def prompt_ids(self, text: str, num_images: int = 0) -> list[int]:
-        """`chat_prompt` of one user message: `num_images` image parts, then `text`."""
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-            raise ValueError(f"num_images must be an int >= 0, got {num_images!r}")
-        parts: list[dict[str, Any]] = [{"type": "image"}] * num_images
+    def prompt_ids(self, text: str, num_images: int = 0, num_videos: int = 0) -> list[int]:
+        """`chat_prompt` of one user message: `num_images` image parts, `num_videos` video parts,
+        then `text`."""
+        for name, n in (("num_images", num_images), ("num_videos", num_videos)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+        parts: list[dict[str, Any]] = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
         if text:
             parts.append({"type": "text", "text": text})
         return self.chat_prompt([{"role": "user", "content": parts}])
