@@ -163,12 +163,12 @@ def test_engine_greedy_tokens_equal_transformers(loaded, decode_loop):
     assert [list(c.token_ids) for c in engine.generate(requests)] == want
 
 
-@pytest.mark.parametrize("policy", ["unmerged", "merged"])
-def test_engine_serves_clips_images_and_adapters_as_the_oracle(loaded, policy):
+def test_engine_serves_clips_images_and_adapters_as_the_oracle(loaded):
     """A clip, images of different sizes, the decoder adapter and the vision-tower adapter
-    served together give each request what the full-recompute oracle gives it alone; Qwen2-VL's
-    clip also gives transformers' greedy tokens (Qwen2.5-VL's clip positions the text after it
-    as the model's release does: see test_patches_and_positions_match_the_processor)."""
+    served together (Qwen2.5-VL in merged steps, one adapter at a time; Qwen2-VL unmerged) give
+    each request what the full-recompute oracle gives it alone; Qwen2-VL's clip also gives
+    transformers' greedy tokens (Qwen2.5-VL's clip positions the text after it as the model's
+    release does: see test_patches_and_positions_match_the_processor)."""
     from oracle import reference_completion
     from serve.config import EngineConfig
     from serve.engine import Engine
@@ -177,7 +177,7 @@ def test_engine_serves_clips_images_and_adapters_as_the_oracle(loaded, policy):
     from valora_jax.request import Clip
 
     name, runner, _ = loaded
-    runner = runner.twin()
+    runner, policy = runner.twin(), "merged" if name == "qwen2_5-vl" else "unmerged"
     tokenizer = load_tokenizer(FIXTURES / name)
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     adapters = {a: read_peft(FIXTURES / f"{name}-{a}", runner.config, name=a) for a in MODELS[name]}
