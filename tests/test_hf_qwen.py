@@ -203,3 +203,37 @@ def test_engine_serves_clips_images_and_adapters_as_the_oracle(loaded):
         assert completion.token_ids == want.token_ids, request.adapter
     if name == "qwen2-vl":
         assert list(got[0].token_ids) == REFS[key + "video/greedy"][:8].tolist()
+
+
+def test_precompiled_qwen_engine_compiles_nothing_while_serving():
+    """precompile covers the Qwen-VL tower's patch buckets and the steps with M-RoPE positions:
+    images of several sizes and a clip are then served without compiling a step or a tower call
+    (Qwen2.5-VL; Qwen2-VL's steps and tower have the same shapes)."""
+    from serve.config import EngineConfig, precompile
+    from serve.engine import Engine
+    from valora_jax import AdapterPool, Request
+    from valora_jax.hf_tokenizer import load_tokenizer
+    from valora_jax.request import Clip
+    from valora_jax.runtime import compile_seconds_by_function
+
+    def compiled_step_functions():
+        functions = ("jit(_sample_step_impl)", "jit(_encode_patches_impl)", "jit(_decode_loop_impl)")
+        return {f: s for f, s in compile_seconds_by_function().items() if f in functions}
+
+    runner = ModelRunner(load_hf_model(FIXTURES / "qwen2_5-vl"))
+    tokenizer = load_tokenizer(FIXTURES / "qwen2_5-vl")
+    config = EngineConfig(num_pages=64, prefill_chunk=32, prefill_width=32, token_budget=64, max_rows=4, min_rows=4,
+                          min_pages=16, min_features=256, encoder_batches=(1, 2, 4), precompile=True, decode_loop=2)
+    pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
+    precompile(runner, config, ("unmerged",), vocab_size=tokenizer.vocab_size)
+    compiled = compiled_step_functions()
+    assert len(compiled) == 3
+    engine = Engine(runner, pool, config=config, policy="unmerged", tokenizer=tokenizer)
+    rng = np.random.default_rng(0)
+
+    def image(h, w):
+        return rng.integers(0, 256, (h, w, 3), np.uint8)
+
+    engine.generate([Request("one", [image(60, 90)], max_tokens=5), Request("two", [image(40, 40), image(200, 120)]),
+                     Request("clip", videos=[Clip([image(56, 56)] * 3)], max_tokens=5)])
+    assert compiled_step_functions() == compiled

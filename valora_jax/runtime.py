@@ -494,13 +494,13 @@ class ModelRunner:
         return [self._merge.lower(*_abstract(self._state_leaves()), jax.ShapeDtypeStruct((), jnp.int32))]
 
     def lower_encoder(self, counts, mode: str = "unmerged") -> list:
-        """The encoder on batches of each of `counts` images (Qwen-VL: of as many of the
-        largest images' patches, bucketed as encode_patches does), traced and lowered (not
-        compiled), as `lower_steps` does for steps."""
+        """The encoder on batches of each of `counts` images, traced and lowered (not compiled),
+        as `lower_steps` does for steps. Qwen-VL: on every patch bucket encode_patches may use
+        for up to max(counts) of the largest images."""
         spec, v = jax.ShapeDtypeStruct, self.config.vision
         if self.config.is_qwen:
-            most = v.max_tokens_per_image * v.spatial_merge_size ** 2
-            sizes = sorted({self._patch_bucket(n * most) for n in counts})
+            most = min(self.ENCODER_PATCHES, max(counts) * v.max_tokens_per_image * v.spatial_merge_size ** 2)
+            sizes = [1 << k for k in range(6, self._patch_bucket(most).bit_length())]
             i32 = lambda *shape: spec(shape, jnp.int32)
             return [self._encode_patches.lower(*self._state_leaves(), spec((n, v.patch_dim), jnp.float32), i32(n),
                                                i32(n), i32(2, n), i32(n), i32(), mode=mode) for n in sizes]
