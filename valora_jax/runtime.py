@@ -26,10 +26,10 @@ from flax import nnx
 from jax import monitoring
 
 from valora_jax.adapters import Adapter, Layout, PackedAdapter, unpack
+from valora_jax.blocks import bucket
 from valora_jax.decoder import ATTENTION_BACKENDS, Block
 from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
                              adapter_slots, merge_parts, merged_kernel, module_path, module_shapes, targeted_linears)
-from valora_jax.blocks import bucket
 from valora_jax.model import LMM, split_model
 from valora_jax.qwen_vision import Grid, patch_layout
 from valora_jax.sampling import sample
