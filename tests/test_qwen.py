@@ -72,8 +72,10 @@ def test_mrope_positions_of_text_images_and_video():
     unscaled, _ = mrope_positions(tokens, img, vid, VISION, image_grids=[(1, 4, 6)], video_grids=[(2, 2, 4)],
                                   video_seconds=[1.5], scaled_time=False)
     assert unscaled[10].tolist() == [6, 5, 5]
-    with pytest.raises(ValueError, match="not the 6 tokens of grid"):
+    with pytest.raises(ValueError, match="fewer than the 6 of grid"):
         mrope_positions([img] * 5, img, vid, VISION, image_grids=[(1, 4, 6)])
+    adjacent, _ = mrope_positions([img] * 12, img, vid, VISION, image_grids=[(1, 4, 6), (1, 4, 6)])
+    assert adjacent[6].tolist() == [2, 2, 2]                              # the second image starts after the first
     with pytest.raises(ValueError, match="more image runs"):
         mrope_positions([img] * 6, img, vid, VISION)
     with pytest.raises(ValueError, match="1 grids without their tokens"):

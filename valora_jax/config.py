@@ -3,9 +3,9 @@
 Each component gets only the config it needs: the vision tower a `VisionConfig` (LLaVA's
 CLIP) or a `QwenVisionConfig` (the Qwen-VL family's dynamic-resolution ViT), the decoder a
 `TextConfig`, the adapter machinery a `LoraConfig`; `LMMConfig` ties them together and names
-the model family. Presets: `tiny()` (the embedded default, fast on CPU), `llava_1_5_7b()`,
-`llava_1_5_13b()`, `qwen2_5_vl_3b()` and `qwen2_5_vl_7b()` (real shapes, for GPU benchmarks
-with random weights).
+the model family. Presets: `tiny()` (the embedded default, fast on CPU) and `qwen2_5_vl_tiny()` (its Qwen2.5-VL
+counterpart), `llava_1_5_7b()`, `llava_1_5_13b()`, `qwen2_5_vl_3b()` and `qwen2_5_vl_7b()` (real
+shapes, for GPU benchmarks with random weights).
 """
 
 import dataclasses
@@ -350,5 +350,17 @@ def qwen2_5_vl_7b(**lora_overrides) -> LMMConfig:
                         mrope_section=(16, 24, 24)))
 
 
+def qwen2_5_vl_tiny(**lora_overrides) -> LMMConfig:
+    """Qwen2.5-VL's architecture at the embedded default's size (fast on CPU): a 2-block windowed
+    tower, images of up to 16 tokens, the byte vocabulary."""
+    return LMMConfig(
+        name="qwen2.5-vl-tiny", family="qwen2_5_vl",
+        vision=QwenVisionConfig(window_size=56, full_attention_layers=(1,), min_pixels=56 * 56,
+                                max_pixels=112 * 112),
+        text=dataclasses.replace(TextConfig(), qkv_bias=True, mrope_section=(8, 12, 12), rope_theta=1e6),
+        lora=LoraConfig(**{"max_loras": 4, "max_rank": 32, **lora_overrides}),
+    )
+
+
 PRESETS = {"tiny": tiny, "llava-1.5-7b": llava_1_5_7b, "llava-1.5-13b": llava_1_5_13b,
-           "qwen2.5-vl-3b": qwen2_5_vl_3b, "qwen2.5-vl-7b": qwen2_5_vl_7b}
+           "qwen2.5-vl-tiny": qwen2_5_vl_tiny, "qwen2.5-vl-3b": qwen2_5_vl_3b, "qwen2.5-vl-7b": qwen2_5_vl_7b}

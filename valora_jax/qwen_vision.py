@@ -170,8 +170,8 @@ def mrope_positions(tokens: Sequence[int], image_id: int, video_id: int, cfg: Qw
     """The M-RoPE positions [L, 3] (temporal, row, column) of a prompt's tokens, and its delta:
     the positions of the tokens after the prompt are (index + delta) on every axis.
 
-    Runs of image_id (video_id) tokens are the images (clips) of image_grids (video_grids), in
-    order, each of t * h * w / m^2 tokens. A text token's position is 1 + the largest position
+    The image_id (video_id) tokens are the images (clips) of image_grids (video_grids), in
+    order, each t * h * w / m^2 consecutive tokens (adjacent media included). A text token's position is 1 + the largest position
     before it, on all three axes; a media token's is (time, unit row, unit column) + the
     position its run starts at. time = frame index t, or with scaled_time (Qwen2.5-VL)
     int(t * seconds per frame pair * tokens_per_second) (video_seconds[i]; 0 for images)."""
@@ -195,8 +195,8 @@ def mrope_positions(tokens: Sequence[int], image_id: int, video_id: int, cfg: Qw
             raise ValueError(f"more {'image' if kind == image_id else 'video'} runs in the prompt than grids given")
         (t, h, w), seconds = queues[kind].pop(0)
         n = t * (h // m) * (w // m)
-        if j + n > len(tokens) or np.any(tokens[j:j + n] != kind) or (j + n < len(tokens) and tokens[j + n] == kind):
-            raise ValueError(f"a run of {kind} tokens at {j} is not the {n} tokens of grid {(t, h, w)}")
+        if j + n > len(tokens) or np.any(tokens[j:j + n] != kind):
+            raise ValueError(f"the {kind} tokens at {j} are fewer than the {n} of grid {(t, h, w)}")
         time = np.arange(t) * (seconds * cfg.tokens_per_second if scaled_time else 1.0)
         tt, hh, ww = np.meshgrid(time.astype(np.int64), np.arange(h // m), np.arange(w // m), indexing="ij")
         parts.append(next_pos + np.stack([tt, hh, ww], -1).reshape(-1, 3))
