@@ -75,7 +75,7 @@ def test_mrope_positions_of_text_images_and_video():
     with pytest.raises(ValueError, match="fewer than the 6 of grid"):
         mrope_positions([img] * 5, img, vid, VISION, image_grids=[(1, 4, 6)])
     adjacent, _ = mrope_positions([img] * 12, img, vid, VISION, image_grids=[(1, 4, 6), (1, 4, 6)])
-    assert adjacent[6].tolist() == [2, 2, 2]                              # the second image starts after the first
+    assert adjacent[6].tolist() == [3, 3, 3]                              # the second image starts after the first
     with pytest.raises(ValueError, match="more image runs"):
         mrope_positions([img] * 6, img, vid, VISION)
     with pytest.raises(ValueError, match="1 grids without their tokens"):
