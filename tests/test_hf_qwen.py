@@ -3,6 +3,7 @@
 features, and the logits of the base model and of adapters in every mode, for one image, two
 images of different sizes and a clip."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -26,15 +27,19 @@ CASES = ("one_image", "two_images", "video")
 LORA = LoraConfig(max_loras=2, max_rank=8, targets=ALL_TARGETS)
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def loaded(request):
+@functools.cache
+def _loaded(name: str):
     """(fixture name, runner of the HF directory read directly with its adapters in slots 0..,
     config.json)."""
-    name = request.param
     runner = ModelRunner(load_hf_model(FIXTURES / name, lora=LORA))
     for slot, adapter in enumerate(MODELS[name]):
         runner.write_slot(slot, read_peft(FIXTURES / f"{name}-{adapter}", runner.config))
     return name, runner, json.loads((FIXTURES / name / "config.json").read_text())
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def loaded(request):
+    return _loaded(request.param)
 
 
 def _media(name: str, case: str):
@@ -171,10 +176,11 @@ def test_engine_greedy_tokens_equal_transformers(loaded, decode_loop):
     assert [list(c.token_ids) for c in engine.generate(requests)] == want
 
 
-def test_engine_serves_clips_images_and_adapters_as_the_oracle(loaded):
+def test_engine_serves_clips_images_and_adapters_as_the_oracle():
     """A clip, images of different sizes, the decoder adapter and the vision-tower adapter
-    served together (Qwen2.5-VL in merged steps, one adapter at a time; Qwen2-VL unmerged) give
-    each request what the full-recompute oracle gives it alone."""
+    served together in merged steps (one adapter at a time) give each request what the
+    full-recompute oracle gives it alone (Qwen2.5-VL; the unmerged engine is checked against
+    transformers in test_engine_greedy_tokens_equal_transformers)."""
     from oracle import reference_completion
     from serve.config import EngineConfig
     from serve.engine import Engine
@@ -182,8 +188,8 @@ def test_engine_serves_clips_images_and_adapters_as_the_oracle(loaded):
     from valora_jax.hf_tokenizer import load_tokenizer
     from valora_jax.request import Clip
 
-    name, runner, _ = loaded
-    runner, policy = runner.twin(), "merged" if name == "qwen2_5-vl" else "unmerged"
+    name, runner, _ = _loaded("qwen2_5-vl")
+    runner, policy = runner.twin(), "merged"
     tokenizer = load_tokenizer(FIXTURES / name)
     pool = AdapterPool(runner.config, runner.module_shapes, runner.write_slot)
     adapters = {a: read_peft(FIXTURES / f"{name}-{a}", runner.config, name=a) for a in MODELS[name]}
