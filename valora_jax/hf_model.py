@@ -235,11 +235,11 @@ def module_path(hf_module: str, family: str = "llava") -> str | None:
     canon = canonical_name(hf_module, family)
     if canon is None:
         return None
-    if family != "llava":
-        return hf_qwen.module_path(canon)
     m = re.fullmatch(r"text\.layers\.(\d+)\.(.+)", canon)
     if m and m.group(2) in _TEXT_LINEARS:
         return f"decoder.layers.{m.group(1)}.{_TEXT_LINEARS[m.group(2)]}"
+    if family != "llava":
+        return hf_qwen.vision_module_path(canon)
     m = re.fullmatch(r"vision\.encoder\.layers\.(\d+)\.(.+)", canon)
     if m and m.group(2) in _VISION_LINEARS:
         return f"vision_tower.layers.{m.group(1)}.{_VISION_LINEARS[m.group(2)]}"
@@ -248,15 +248,11 @@ def module_path(hf_module: str, family: str = "llava") -> str | None:
     return None
 
 
-def _plan(config: LMMConfig, projector_bias: bool, tied: bool) -> dict[str, tuple[str, str]]:
-    """canonical HF tensor name -> (our parameter path, transform): "copy" | "T" | "patch"."""
+def _decoder_plan(config: LMMConfig, tied: bool) -> dict[str, tuple[str, str]]:
+    """canonical HF tensor name -> (our parameter path, transform: "copy" | "T") of the decoder's
+    tensors (both families name them alike)."""
     plan = {"text.embed_tokens.weight": ("decoder.embed_tokens", "copy"),
-            "text.norm.weight": ("decoder.norm.weight", "copy"),
-            "vision.embeddings.patch_embedding.weight": ("vision_tower.patch_embedding", "patch"),
-            "vision.embeddings.class_embedding": ("vision_tower.class_embedding", "copy"),
-            "vision.embeddings.position_embedding.weight": ("vision_tower.position_embedding", "copy"),
-            "vision.pre_layrnorm.weight": ("vision_tower.pre_layernorm.scale", "copy"),
-            "vision.pre_layrnorm.bias": ("vision_tower.pre_layernorm.bias", "copy")}
+            "text.norm.weight": ("decoder.norm.weight", "copy")}
     if not tied:
         plan["lm_head.weight"] = ("decoder.lm_head", "T")
     for i in range(config.text.num_layers):
@@ -264,6 +260,19 @@ def _plan(config: LMMConfig, projector_bias: bool, tied: bool) -> dict[str, tupl
             plan[f"text.layers.{i}.{norm}.weight"] = (f"decoder.layers.{i}.{norm}.weight", "copy")
         for hf, ours in _TEXT_LINEARS.items():
             plan[f"text.layers.{i}.{hf}.weight"] = (f"decoder.layers.{i}.{ours}.kernel", "T")
+            if config.text.qkv_bias and ours in ("q_proj", "k_proj", "v_proj"):
+                plan[f"text.layers.{i}.{hf}.bias"] = (f"decoder.layers.{i}.{ours}.bias", "copy")
+    return plan
+
+
+def _llava_vision_plan(config: LMMConfig, projector_bias: bool) -> dict[str, tuple[str, str]]:
+    """canonical HF tensor name -> (our parameter path, transform): "copy" | "T" | "patch" of
+    LLaVA's vision tower and projector."""
+    plan = {"vision.embeddings.patch_embedding.weight": ("vision_tower.patch_embedding", "patch"),
+            "vision.embeddings.class_embedding": ("vision_tower.class_embedding", "copy"),
+            "vision.embeddings.position_embedding.weight": ("vision_tower.position_embedding", "copy"),
+            "vision.pre_layrnorm.weight": ("vision_tower.pre_layernorm.scale", "copy"),
+            "vision.pre_layrnorm.bias": ("vision_tower.pre_layernorm.bias", "copy")}
     for i in range(config.vision.num_layers):
         for norm in ("layer_norm1", "layer_norm2"):
             plan[f"vision.encoder.layers.{i}.{norm}.weight"] = (f"vision_tower.layers.{i}.{norm}.scale", "copy")
@@ -333,9 +342,10 @@ def _load_params(directory: Path, config: LMMConfig, settings: dict, expected: d
     shapes |= {path: (*shapes[fused][:-1], width) for path, (fused, _, width) in layout.items()}
     tied = bool(settings["tie_word_embeddings"])
     if config.is_qwen:
-        plan, skipped = hf_qwen.plan(config, tied), hf_qwen.SKIPPED
+        plan, skipped = _decoder_plan(config, tied) | hf_qwen.vision_plan(config), hf_qwen.SKIPPED
     else:
-        plan, skipped = _plan(config, bool(settings["multimodal_projector_bias"]), tied), _SKIPPED
+        plan = _decoder_plan(config, tied) | _llava_vision_plan(config, bool(settings["multimodal_projector_bias"]))
+        skipped = _SKIPPED
     weight_map = _weight_files(directory)
     by_canon: dict[str, str] = {}
     for key in weight_map:

@@ -24,9 +24,6 @@ PREFIXES = (("model.language_model.", "text."), ("model.visual.", "vision."), ("
 SKIPPED = re.compile(r"text\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 """Cached buffers some checkpoints carry: skipped on purpose."""
 
-TEXT_LINEARS = {"self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
-                "self_attn.o_proj": "o_proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj",
-                "mlp.down_proj": "down_proj"}
 VISION_LINEARS = {"attn.qkv": "qkv", "attn.proj": "proj", "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj",
                   "mlp.down_proj": "down_proj", "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
 
@@ -118,35 +115,22 @@ def read_config(cfg: dict, path: Path, processor: dict, *, name: str, lora: Lora
     return config, {"tie_word_embeddings": text_config.tie_word_embeddings}
 
 
-def module_path(canon: str) -> str | None:
-    """Our module path of a canonical Qwen-VL linear name (text.layers.3.self_attn.q_proj ->
-    decoder.layers.3.q_proj, vision.blocks.0.attn.qkv -> visual.blocks.0.qkv), else None."""
-    m = re.fullmatch(r"text\.layers\.(\d+)\.(.+)", canon)
-    if m and m.group(2) in TEXT_LINEARS:
-        return f"decoder.layers.{m.group(1)}.{TEXT_LINEARS[m.group(2)]}"
+def vision_module_path(canon: str) -> str | None:
+    """Our module path of a canonical Qwen-VL tower linear (vision.blocks.0.attn.qkv ->
+    visual.blocks.0.qkv), else None."""
     m = re.fullmatch(r"vision\.blocks\.(\d+)\.(.+)", canon)
     if m and m.group(2) in VISION_LINEARS:
         return f"visual.blocks.{m.group(1)}.{VISION_LINEARS[m.group(2)]}"
     return None
 
 
-def plan(config: LMMConfig, tied: bool) -> dict[str, tuple[str, str]]:
-    """canonical HF tensor name -> (our parameter path, transform): "copy" | "T" | "patch3d"."""
+def vision_plan(config: LMMConfig) -> dict[str, tuple[str, str]]:
+    """canonical HF tensor name -> (our parameter path, transform: "copy" | "T" | "patch3d") of
+    the tower's tensors (the decoder's are hf_model's)."""
     vision = config.vision
     norm = ("weight",) if vision.gated_mlp else ("weight", "bias")
     ours_norm = {"weight": "weight"} if vision.gated_mlp else {"weight": "scale", "bias": "bias"}
-    out = {"text.embed_tokens.weight": ("decoder.embed_tokens", "copy"),
-           "text.norm.weight": ("decoder.norm.weight", "copy"),
-           "vision.patch_embed.proj.weight": ("visual.patch_embedding", "patch3d")}
-    if not tied:
-        out["lm_head.weight"] = ("decoder.lm_head", "T")
-    for i in range(config.text.num_layers):
-        for n in ("input_layernorm", "post_attention_layernorm"):
-            out[f"text.layers.{i}.{n}.weight"] = (f"decoder.layers.{i}.{n}.weight", "copy")
-        for hf, ours in TEXT_LINEARS.items():
-            out[f"text.layers.{i}.{hf}.weight"] = (f"decoder.layers.{i}.{ours}.kernel", "T")
-            if ours in ("q_proj", "k_proj", "v_proj"):
-                out[f"text.layers.{i}.{hf}.bias"] = (f"decoder.layers.{i}.{ours}.bias", "copy")
+    out = {"vision.patch_embed.proj.weight": ("visual.patch_embedding", "patch3d")}
     mlp = ("gate_proj", "up_proj", "down_proj") if vision.gated_mlp else ("fc1", "fc2")
     for i in range(vision.num_layers):
         for n in ("norm1", "norm2"):
