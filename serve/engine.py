@@ -44,16 +44,20 @@ from valora_jax.kv_cache import PageAllocator, init_pages
 from valora_jax.lora import PAD_SLOT
 from valora_jax.request import Completion, Request, RequestState
 from valora_jax.blocks import RowSpec, bucket, pack_block, split_row
-from valora_jax.runtime import Feed, ModelRunner, Sampling, compile_seconds
+from valora_jax.runtime import Feed, ImageFeatures, ModelRunner, Sampling, compile_seconds
 from valora_jax.tokenizer import ByteTokenizer
 
 log = logging.getLogger("valora.engine")
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _place_rows(buffer: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
-    """buffer [F, D] with rows [n, D] written from row `start` on (buffer donated)."""
-    return jax.lax.dynamic_update_slice(buffer, rows.astype(buffer.dtype), (start, 0))
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=4)
+def _copy_rows(buffer: jax.Array, source: jax.Array, src: jax.Array, dst: jax.Array, size: int,
+               count: jax.Array) -> jax.Array:
+    """buffer [F, D] (donated) with rows src..src+count-1 of source [R, D] written from row dst
+    on (count <= size; one compile per buffer, source and size bucket, whatever the offsets)."""
+    i = jnp.arange(size)
+    rows = jnp.take(source, jnp.minimum(src + i, source.shape[0] - 1), axis=0).astype(buffer.dtype)
+    return buffer.at[jnp.where(i < count, dst + i, buffer.shape[0])].set(rows, mode="drop", unique_indices=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,7 @@ class _Seq:
     on_event: Callable | None
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0                         # tokens whose keys/values are in the cache
-    features: tuple[jax.Array, ...] | None = None   # [P, D] per image, once encoded
+    features: tuple[ImageFeatures, ...] | None = None   # per image, once encoded
     served: float = 0.0                       # seconds of the steps it ran in
     cancelled: bool = False
     digests: tuple[str, ...] = ()             # sha256 of each preprocessed image
@@ -129,7 +133,9 @@ class _Dispatched:
 
 
 class ImageCache:
-    """LRU of image features [P, D] keyed by (pixel digest, vision adapter identity)."""
+    """LRU of image features (ImageFeatures) keyed by (pixel digest, vision adapter identity). A
+    Qwen-VL image's features keep its encoder call's output alive (at most ENCODER_PATCHES / 4
+    rows) until the last image of that call leaves."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -644,38 +650,33 @@ class Engine:
             for digest, px, grid in itertools.zip_longest(seq.digests, seq.state.pixels, seq.state.grids):
                 if self.images.get((digest, vkey)) is None:
                     missing[(digest, vkey)] = (px, grid, slots.get(seq.adapter, -1) if vkey else -1)
-        if missing and self.runner.config.is_qwen:            # images of any size, host features
+        if missing and self.runner.config.is_qwen:            # images of any size
             feats = self.runner.encode_patches([px for px, _, _ in missing.values()],
                                                [grid for _, grid, _ in missing.values()],
                                                [s for _, _, s in missing.values()])
-            for key, f in zip(missing, feats):
-                self.images.put(key, f)
         elif missing:
             n = bucket(len(missing))
             pixels = np.zeros((n, *todo[0].state.pixels.shape[1:]), np.float32)
             pixels[: len(missing)] = [px for px, _, _ in missing.values()]
             slots_of_images = [s for _, _, s in missing.values()] + [PAD_SLOT] * (n - len(missing))
-            feats = self.runner.encode_images(pixels, slots_of_images)
-            for i, key in enumerate(missing):
-                self.images.put(key, feats[i])
+            encoded = self.runner.encode_images(pixels, slots_of_images)           # [n, P, D]
+            feats = [ImageFeatures(encoded[i], 0, encoded.shape[1]) for i in range(len(missing))]
+        for key, f in zip(missing, feats if missing else ()):
+            self.images.put(key, f)
         for seq in todo:
             vkey = self._vision_key(seq.adapter)
             seq.features = tuple(self.images.get((d, vkey)) for d in seq.digests)
 
     def _image_features(self, placed, n_rows: int) -> jax.Array:
         """The step's image features [bucket(n_rows, min_features), D] (or [0, D] with none and no
-        minimum), each (row, [P, D] image) placed at its row: one compile per step size, whatever
-        the images' mix (concatenating them compiled once per combination of sizes)."""
+        minimum), each (row, ImageFeatures) placed at its row on the device: compiles bounded by
+        the step sizes and the encoder's batch buckets, whatever the images' mix and sizes."""
         cfg = self.runner.config
         size = bucket(n_rows, self.config.min_features) if placed or self.config.min_features else 0
-        if cfg.is_qwen:                     # host features of any number of tokens: placed on the host
-            feats = np.zeros((size, cfg.text.hidden_size), jnp.dtype(cfg.dtype))
-            for row, image in placed:
-                feats[row: row + len(image)] = image
-            return jnp.asarray(feats)
         feats = jnp.zeros((size, cfg.text.hidden_size), jnp.dtype(cfg.dtype))
         for row, image in placed:
-            feats = _place_rows(feats, image, jnp.int32(row))
+            feats = _copy_rows(feats, image.rows, jnp.int32(image.start), jnp.int32(row), bucket(image.count),
+                               jnp.int32(image.count))
         return feats
 
     def _run(self, rows, slots, mode: str) -> _Dispatched:
@@ -693,9 +694,9 @@ class Engine:
                 local = np.asarray(seq.state.image_rows + [-1] * len(seq.state.out))[seq.computed: seq.computed + n]
                 if (local >= 0).any():
                     image_rows = np.where(local >= 0, local + offset, -1)
-                    starts = offset + np.cumsum([0] + [f.shape[0] for f in seq.features[:-1]])
+                    starts = offset + np.cumsum([0] + [len(f) for f in seq.features[:-1]])
                     features += [(int(start), f) for start, f in zip(starts, seq.features)]
-                    offset += sum(f.shape[0] for f in seq.features)
+                    offset += sum(len(f) for f in seq.features)
             spec = RowSpec(chunk, seq.computed, image_rows, slots.get(seq.adapter, -1), seq.pages,
                            seq.state.rope_positions(seq.computed, len(chunk)))
             (decode if n == 1 else prefill).append((seq, spec))

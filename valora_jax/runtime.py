@@ -13,6 +13,7 @@ The blocks a step takes are packed on the host by `valora_jax.blocks`.
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
@@ -143,6 +144,19 @@ class Sampling(NamedTuple):
     def greedy(cls, rows: int) -> "Sampling":
         return cls(np.zeros(rows, np.float32), np.ones(rows, np.float32), np.zeros(rows, np.uint32),
                    np.zeros(rows, np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFeatures:
+    """One image's features, left on the device: rows [start, start + count) of `rows` [R, D],
+    the encoder's output for the call that encoded it (with other images). len() = count."""
+
+    rows: jax.Array
+    start: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class Feed(NamedTuple):
@@ -520,9 +534,10 @@ class ModelRunner:
         return min(bucket(n, 64), max(self.ENCODER_PATCHES, n))
 
     def encode_patches(self, patches: Sequence[np.ndarray], grids: Sequence[Grid], slot,
-                       mode: str = "unmerged") -> list[np.ndarray]:
+                       mode: str = "unmerged") -> list[ImageFeatures]:
         """Qwen-VL: each image's patches [t*h*w, C*T*p*p] of `grids`, slot [N] (vision adapter
-        per image) -> each image's features [t*h*w / m^2, D] (host arrays). Images run together,
+        per image) -> each image's features (t*h*w / m^2 rows of D, left on the device: nothing
+        waits for the encoder). Images run together,
         up to ENCODER_PATCHES patches a call (an image larger than that alone), packed into a
         bucketed number of patches: one compile per bucket, whatever the mix of sizes."""
         v = self.config.vision
@@ -545,9 +560,10 @@ class ModelRunner:
             buffer[:n] = np.concatenate([patches[i] for i in group])
             slots = np.full(padded, PAD_SLOT, np.int32)
             slots[:n] = np.repeat(np.asarray(slot, np.int32)[group], sizes)
-            feats = np.asarray(self._encode_patches(*self._state_leaves(), buffer, row, col, segments, slots,
-                                                    jnp.int32(self.merged_slot), mode=mode))
-            out += np.split(feats[: n // units], np.cumsum(sizes)[:-1] // units)
+            feats = self._encode_patches(*self._state_leaves(), buffer, row, col, segments, slots,
+                                         jnp.int32(self.merged_slot), mode=mode)
+            starts = np.cumsum([0, *sizes]) // units
+            out += [ImageFeatures(feats, int(a), int(b - a)) for a, b in zip(starts[:-1], starts[1:])]
         return out
 
     def write_slot(self, slot: int, adapter: Adapter | PackedAdapter | None) -> None:
