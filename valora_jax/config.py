@@ -345,9 +345,8 @@ def qwen2_5_vl_7b(**lora_overrides) -> LMMConfig:
     base = qwen2_5_vl_3b(**lora_overrides)
     return dataclasses.replace(
         base, name="qwen2.5-vl-7b",
-        text=TextConfig(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
-                        mlp_size=18944, max_position=128000, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
-                        mrope_section=(16, 24, 24)))
+        text=dataclasses.replace(base.text, vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28,
+                                 num_kv_heads=4, mlp_size=18944, tie_word_embeddings=False))
 
 
 def qwen2_5_vl_tiny(**lora_overrides) -> LMMConfig:
