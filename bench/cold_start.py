@@ -63,8 +63,9 @@ def measure(model: str, cache_dir: str) -> dict:
     for name in ("cold", "warm"):
         env = {**os.environ, "VALORA_XLA_CACHE": cache_dir}
         out = subprocess.run([sys.executable, __file__, "--child", str(time.time()), "--model", model], env=env,
-                             check=True, capture_output=True, text=True)
+                             capture_output=True, text=True)
         sys.stderr.write(out.stderr[-3000:])
+        out.check_returncode()
         runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{name}: " + ", ".join(f"{k} {runs[name][k]:.1f}" for k in PHASES), flush=True)
     return runs

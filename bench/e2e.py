@@ -50,7 +50,7 @@ from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 
 ENGINE_FIELDS = ("max_rows", "token_budget", "prefill_chunk", "num_pages", "min_rows", "prefill_width", "min_pages",
-                 "max_prefill_rows", "min_features")
+                 "max_prefill_rows", "min_features", "decode_loop")
 """EngineConfig fields the command line may set instead of the serving configuration."""
 
 

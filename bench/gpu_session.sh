@@ -18,7 +18,8 @@
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison; each call
-#                                                          adds the workloads bench/results/e2e.json lacks)
+#                                                          adds the workloads bench/results/e2e.json lacks;
+#                                                          E2E_PRESET=qwen2.5-vl-7b: e2e_qwen2.5-vl-7b.json)
 #   bash bench/gpu_session.sh e2e-start e2e-wait          (the same, one process a GPU in the background, each
 #                                                          adding its share of the grid, E2E_ARGS_<gpu>; it
 #                                                          outlives the call, and calls of e2e-wait that follow
@@ -46,8 +47,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then            # once a machine: sessions may
               touch /tmp/site/.installed; } || exit
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-E2E="python3 bench/e2e.py --preset llava-1.5-7b --append"
-E2E_DIR=/tmp/valora-e2e     # the background e2e's results, outside the repo (each call's copy of it replaces tracked files)
+E2E_PRESET=${E2E_PRESET:-llava-1.5-7b}      # another preset's results are named after it (e2e_<preset>.*), or E2E_NAME
+[ "$E2E_PRESET" = llava-1.5-7b ] && E2E_NAME=${E2E_NAME:-e2e} || E2E_NAME=${E2E_NAME:-e2e_$E2E_PRESET}
+E2E="python3 bench/e2e.py --preset $E2E_PRESET --append"
+E2E_DIR=/tmp/valora-$E2E_NAME   # the background e2e's results, outside the repo (each call's copy of it replaces tracked files)
 SOAK="python3 bench/soak.py --minutes ${SOAK_MINUTES:-20}"
 SOAK_DIR=/tmp/valora-soak   # the background soak's report and log, likewise
 with_server() {             # runs "$@" with the HTTP server's packages importable
@@ -73,7 +76,7 @@ for stage in "$@"; do
                       ${OVERHEAD_VARIANTS:+--variants $OVERHEAD_VARIANTS} ;;
         floor)   $limit python3 bench/step_floor.py --out bench/results/step_floor ;;
         profile) $limit python3 bench/step_profile.py --out bench/results/step_profile --trace-dir "$OUT/traces" ;;
-        cold-start) $limit python3 bench/cold_start.py --out bench/results/cold_start ;;
+        cold-start) with_server $limit python3 bench/cold_start.py --out bench/results/cold_start ;;
         layout)  $limit python3 bench/layer_layout.py --out bench/results/layer_layout ;;
         soak)    with_server $limit $SOAK --out bench/results/soak_gpu ;;
         soak-start) mkdir -p $SOAK_DIR
@@ -103,19 +106,20 @@ for stage in "$@"; do
                  skip=$([ -e checkpoints/.work/pretrain_done.json ] && echo checkpoints/.work/pretrain)  # done: not needed to resume
                  tar cf - ${skip:+--exclude=$skip} checkpoints bench/results/adapter_generation.* 2>/dev/null |
                      split -b 15M - "$OUT/checkpoints.tar." ;;
-        e2e)     $limit $E2E --out bench/results/e2e --deadline-s "${E2E_DEADLINE_S:-480}" \
-                     --step-log "$OUT/e2e_steps.json" ${E2E_ARGS:-} ;;
+        e2e)     $limit $E2E --out bench/results/$E2E_NAME --deadline-s "${E2E_DEADLINE_S:-480}" \
+                     --step-log "$OUT/${E2E_NAME}_steps.json" ${E2E_ARGS:-} ;;
         e2e-start) mkdir -p $E2E_DIR      # the grid, and its step log, go on from what is committed
-                 [ -e $E2E_DIR/e2e.json ] || [ ! -e bench/results/e2e.json ] || cp bench/results/e2e.json $E2E_DIR/
-                 [ -e $E2E_DIR/e2e_steps.json ] || [ ! -e bench/results/e2e_steps.json.gz ] ||
-                     gunzip -c bench/results/e2e_steps.json.gz >$E2E_DIR/e2e_steps.json
+                 [ -e $E2E_DIR/$E2E_NAME.json ] || [ ! -e bench/results/$E2E_NAME.json ] ||
+                     cp bench/results/$E2E_NAME.json $E2E_DIR/
+                 [ -e $E2E_DIR/${E2E_NAME}_steps.json ] || [ ! -e bench/results/${E2E_NAME}_steps.json.gz ] ||
+                     gunzip -c bench/results/${E2E_NAME}_steps.json.gz >$E2E_DIR/${E2E_NAME}_steps.json
                  # the processes compile their step variants at once, sharing the cores (one process
                  # compiling on every core and the others loading its executables from the
                  # compilation cache afterwards took longer: 288 s + 133 s against 255 s)
                  gpus=$(nvidia-smi -L | wc -l)
                  for gpu in $(seq 0 $((gpus - 1))); do
                      share=E2E_ARGS_$gpu
-                     CUDA_VISIBLE_DEVICES=$gpu setsid nohup $E2E --out $E2E_DIR/e2e --step-log $E2E_DIR/e2e_steps.json \
+                     CUDA_VISIBLE_DEVICES=$gpu setsid nohup $E2E --out $E2E_DIR/$E2E_NAME --step-log $E2E_DIR/${E2E_NAME}_steps.json \
                          --compile-threads $(($(nproc) / gpus)) ${E2E_ARGS:-} ${!share:-} \
                          </dev/null >$E2E_DIR/gpu$gpu.log 2>&1 &
                      echo "e2e on GPU $gpu: ${E2E_ARGS:-} ${!share:-}"
@@ -123,11 +127,12 @@ for stage in "$@"; do
         e2e-wait) while pgrep -f bench/e2e.py >/dev/null && [ $((deadline - SECONDS)) -gt 20 ]; do sleep 5; done
                  pgrep -f bench/e2e.py >/dev/null && echo "e2e still running" || echo "e2e ended"
                  tail -n 12 $E2E_DIR/gpu*.log
-                 cp $E2E_DIR/e2e.json $E2E_DIR/e2e.md $E2E_DIR/e2e.png bench/results/ 2>/dev/null ||
+                 cp $E2E_DIR/$E2E_NAME.json $E2E_DIR/$E2E_NAME.md $E2E_DIR/$E2E_NAME.png bench/results/ 2>/dev/null ||
                      echo "no e2e results yet"
-                 if [ -e $E2E_DIR/e2e_steps.json ]; then  # the step log, and where the steps' time went
-                     gzip -9 -c $E2E_DIR/e2e_steps.json >bench/results/e2e_steps.json.gz
-                     python3 bench/e2e_steps.py bench/results/e2e_steps.json.gz --out bench/results/e2e_step_times >/dev/null
+                 if [ -e $E2E_DIR/${E2E_NAME}_steps.json ]; then  # the step log, and where the steps' time went
+                     gzip -9 -c $E2E_DIR/${E2E_NAME}_steps.json >bench/results/${E2E_NAME}_steps.json.gz
+                     python3 bench/e2e_steps.py bench/results/${E2E_NAME}_steps.json.gz \
+                         --out bench/results/${E2E_NAME}_step_times >/dev/null
                  fi
                  tar czf "$OUT/e2e_logs.tgz" -C $E2E_DIR $(cd $E2E_DIR && ls gpu*.log 2>/dev/null) ;;
         *)       echo "unknown stage $stage"; false ;;
