@@ -1,10 +1,10 @@
-"""ATMM, the swift merge, prefill and decode attention on the GPU vs the references: the checks of
-tests/test_atmm.py, tests/test_merge.py, tests/test_prefill_attention.py and
-tests/test_decode_attention.py, compiled for real.
+"""ATMM, the swift merge, prefill, decode and segment attention on the GPU vs the references: the
+checks of tests/test_atmm.py, tests/test_merge.py, tests/test_prefill_attention.py,
+tests/test_decode_attention.py and tests/test_segment_attention.py, compiled for real.
 
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
-several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge,attention,decode]
+several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge,attention,decode,segment]
 (exit status 1 on any failure)
 """
 
@@ -17,7 +17,8 @@ import traceback
 from pallas_kernels import MergeTile, TileConfig
 from pallas_kernels.testing import CASES as BASE_CASES
 from pallas_kernels.testing import (ATTENTION_CASES, DECODE_CASES, FUSED_CASES, MERGE_CASES, MERGE_PARTS_CASES,
-                                    AttentionCase, Case, DecodeCase, MergeCase, MergePartsCase, check, check_attention,
+                                    SEGMENT_CASES, AttentionCase, Case, DecodeCase, MergeCase, MergePartsCase,
+                                    SegmentCase, check, check_attention, check_segment_attention,
                                     check_decode_attention, check_fused, check_merge, check_merge_parts)
 from valora_jax.versions import stack_versions, versions_line
 
@@ -71,6 +72,12 @@ DECODE = DECODE_CASES + [                                               # LLaVA-
     DecodeCase(8, 16, 200, 32, 32, 128, dtype="float32", pages_per_block=4),
 ]
 
+SEGMENT = SEGMENT_CASES + [                                             # the Qwen2.5-VL tower: 16 heads of 80
+    SegmentCase((64,) * 128, 16, 80, "bfloat16", block_q=64, block_k=64),         # windowed, 8192 patches
+    SegmentCase((5120, 2048, 1024), 16, 80, "bfloat16", block_q=64, block_k=64),  # full attention, frames
+    SegmentCase((1000, 36, 3000), 16, 80, "float32", block_q=32, block_k=64),
+]
+
 
 def _run(label: str, fn) -> bool:
     t0 = time.perf_counter()
@@ -86,8 +93,9 @@ def _run(label: str, fn) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernels", default="atmm,merge,attention,decode", help="which checks: atmm, merge, attention, decode")
-    kernels, known = set(p.parse_args(argv).kernels.split(",")), {"atmm", "merge", "attention", "decode"}
+    p.add_argument("--kernels", default="atmm,merge,attention,decode,segment",
+                   help="which checks: atmm, merge, attention, decode, segment")
+    kernels, known = set(p.parse_args(argv).kernels.split(",")), {"atmm", "merge", "attention", "decode", "segment"}
     if not kernels <= known:
         p.error(f"unknown kernels {sorted(kernels - known)}; choose from {', '.join(sorted(known))}")
     versions = stack_versions()
@@ -106,6 +114,9 @@ def main(argv=None) -> int:
         results += [_run(str(case), lambda case=case: check_attention(case, seed=case.context)) for case in ATTENTION]
     if "decode" in kernels:
         results += [_run(str(case), lambda case=case: check_decode_attention(case, seed=case.pages)) for case in DECODE]
+    if "segment" in kernels:
+        results += [_run(str(case)[:200], lambda case=case: check_segment_attention(case, seed=len(case.lengths)))
+                    for case in SEGMENT]
     failures = results.count(False)
     print(f"{failures} failures", flush=True)
     return 1 if failures else 0

@@ -1,4 +1,4 @@
-"""Random ATMM, merge, prefill- and decode-attention problems and the kernel-vs-reference checks (shared
+"""Random ATMM, merge, prefill-, decode- and segment-attention problems and the kernel-vs-reference checks (shared
 by tests/ and bench/gpu_smoke.py), for single and fused (columns) linears.
 
 Problems use fresh random data: adapter padding beyond each slot's rank holds large garbage
@@ -19,6 +19,7 @@ from pallas_kernels.lora_reference import (PAD_SLOT, LoraWeight, lora_delta_refe
                                            merge_weight_reference)
 from pallas_kernels.merge import _merge, merge_parts
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference
+from pallas_kernels.segment_attention import segment_attention, segment_attention_reference
 from pallas_kernels.tiling import MergeTile, TileConfig, pick_tile
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3}
@@ -494,4 +495,49 @@ DECODE_CASES = [
     DecodeCase(4, 8, 64, heads=8, kv_heads=8, head_dim=16, pages_per_block=4),   # MHA, automatic splits
     DecodeCase(3, 16, 64, heads=8, kv_heads=1, head_dim=32, dtype="bfloat16", pages_per_block=4, splits=2),
     DecodeCase(6, 4, 32, heads=4, kv_heads=2, head_dim=16, dtype="float16", page_size=8, pages_per_block=8),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentCase:
+    """A packed sequence of runs of `lengths` positions (segment ids in no order, negative ones
+    included) of `heads` heads of head_dim."""
+
+    lengths: tuple[int, ...]
+    heads: int = 2
+    head_dim: int = 16
+    dtype: str = "float32"
+    block_q: int = 16
+    block_k: int = 16
+
+
+def segment_problem(case: SegmentCase, seed: int = 0) -> tuple:
+    """(q, k, v [P, H, Dh], segment [P]) of fresh random data."""
+    rng = np.random.default_rng(seed)
+    p = sum(case.lengths)
+    q, k, v = (jnp.asarray(rng.standard_normal((p, case.heads, case.head_dim)), case.dtype) for _ in range(3))
+    ids = rng.permutation(len(case.lengths)) * 3 - 5
+    return q, k, v, jnp.asarray(np.repeat(ids, case.lengths), jnp.int32)
+
+
+def check_segment_attention(case: SegmentCase, seed: int = 0, interpret: bool = False) -> float:
+    """The segment-attention kernel against its reference on segment_problem; returns the
+    relative error. Raises AssertionError on NaN or an error beyond TOLERANCE[dtype]."""
+    q, k, v, segment = segment_problem(case, seed)
+    got = np.asarray(segment_attention(q, k, v, segment, block_q=case.block_q, block_k=case.block_k,
+                                       interpret=interpret), np.float32)
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(segment_attention_reference(q, k, v, segment), np.float32)
+    assert not np.isnan(got).any(), f"{np.isnan(got).sum()} NaN in the output"
+    err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    assert err <= TOLERANCE[case.dtype], f"relative error {err:.3g} > {TOLERANCE[case.dtype]}"
+    return err
+
+
+SEGMENT_CASES = [
+    SegmentCase((1,), 1),
+    SegmentCase((7, 1, 30, 16, 2, 40), head_dim=80),                    # runs across blocks, Dh not a power of 2
+    SegmentCase((100,), 3, 32, "bfloat16", block_q=32),                 # one segment, P padded
+    SegmentCase((16, 16, 16, 16), 2, 64, "float16", block_k=32),        # runs on block edges
+    SegmentCase((64, 5, 3, 64, 1, 1, 50), 4, 24, "bfloat16", block_q=64),
 ]

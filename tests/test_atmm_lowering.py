@@ -127,3 +127,13 @@ def test_merge_parts_lowers_to_triton(dtype, d_in, widths, ranks, columns, width
     fn = functools.partial(_merge_parts, columns=columns, tile=MergeTile(row_tiles=row_tiles, stages=stages),
                            interpret=False)
     assert triton_launches(fn, kernel, kernel, parts, jnp.int32(1)) == 1
+
+
+@pytest.mark.parametrize("p, heads, head_dim, blocks", [(8192, 16, 80, (64, 64)), (300, 2, 16, (16, 32)),
+                                                        (5, 1, 128, (64, 64))], ids=["qwen-tower", "ragged", "tiny"])
+def test_segment_attention_lowers_to_triton(p, heads, head_dim, blocks):
+    from pallas_kernels.segment_attention import _segment_attention
+    q = jnp.zeros((p, heads, head_dim), jnp.bfloat16)
+    fn = functools.partial(_segment_attention, block_q=blocks[0], block_k=blocks[1], warps=4, stages=2,
+                           interpret=False)
+    assert triton_launches(fn, q, q, q, jnp.zeros((p,), jnp.int32)) == 1

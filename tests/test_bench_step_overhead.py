@@ -15,18 +15,23 @@ from bench import step_overhead  # noqa: E402
 
 
 def test_step_overhead_reports_every_variant(tmp_path):
-    step_overhead.main(["--preset", "tiny", "--variants", "default", "--out", str(tmp_path / "o")])
+    step_overhead.main(["--preset", "tiny", "--variants", "default", "--kernels", "reference/reference",
+                        "--out", str(tmp_path / "o")])
     report = json.loads((tmp_path / "o.json").read_text())
-    r = report["results"]["default"]
-    for mode in ("merged", "unmerged"):
-        assert 0 < r[mode]["dispatch_ms"] <= r[mode]["step_ms"]
-    assert r["arguments_only_ms"] > 0
-    assert "| default | `` |" in (tmp_path / "o.md").read_text()
+    for r in (report["results"]["default"], report["kernels"]["reference/reference"]):
+        for mode in ("merged", "unmerged"):
+            assert 0 < r[mode]["dispatch_ms"] <= r[mode]["step_ms"]
+        assert r["arguments_only_ms"] > 0
+    table = (tmp_path / "o.md").read_text()
+    assert "| default | `` |" in table
+    assert "| LoRA reference, attention reference | `--xla_gpu_enable_command_buffer=` |" in table
 
 
 def test_step_overhead_rejects_unknown_variants(tmp_path):
     with pytest.raises(SystemExit, match="no_such"):
         step_overhead.main(["--variants", "default,no_such", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="'pallas'"):
+        step_overhead.main(["--variants", "default", "--kernels", "pallas", "--out", str(tmp_path / "o")])
 
 
 def test_serving_xla_flags_fill_in_only_what_the_user_left_unset(monkeypatch):

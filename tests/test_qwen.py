@@ -83,17 +83,24 @@ def test_mrope_positions_of_text_images_and_video():
 
 
 def test_patch_layout_windows_and_frames():
-    """Patches come merge unit by merge unit; a window holds (56 / 28)^2 = 4 units; segments of
-    two images never meet."""
-    row, col, seg = patch_layout(VISION, [(1, 4, 6), (2, 2, 2)])
-    assert row[:8].tolist() == [0, 0, 1, 1, 0, 0, 1, 1] and col[:8].tolist() == [0, 1, 0, 1, 2, 3, 2, 3]
-    frame, window = seg
+    """Patches come merge unit by merge unit; a window holds (56 / 28)^2 = 4 units and the tower
+    takes them window by window, so that every frame and window is one run; segments of two
+    images never meet; restore puts the units back in the processor's order."""
+    layout = patch_layout(VISION, [(1, 4, 6), (2, 2, 2)])
+    order, row, col, (frame, window), restore = layout
+    assert (order.reshape(-1, 4) % 4 == np.arange(4)).all()                 # whole units, in their order
+    assert (order[::4] // 4).tolist() == [0, 1, 3, 4, 2, 5, 6, 7]           # image 0: units 2 x 3, windows of 2 x 2
+    assert row[:12].tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3]
+    assert col[:12].tolist() == [0, 1, 0, 1, 2, 3, 2, 3, 0, 1, 0, 1]
     assert frame.tolist() == [0] * 24 + [1] * 4 + [2] * 4
-    unit_window = window[:24:4]                                            # the 2 x 3 units of image 0
-    assert unit_window.tolist() == [0, 0, 1, 0, 0, 1]
-    assert set(window[24:]) .isdisjoint(window[:24]) and window[24] != window[28]
+    assert window.tolist() == [0] * 16 + [1] * 8 + [2] * 4 + [3] * 4
+    assert ((order[::4] // 4)[restore] == np.arange(8)).all()
     no_windows = dataclasses.replace(VISION, window_size=0, full_attention_layers=())
-    assert (patch_layout(no_windows, [(1, 4, 6)])[2][1] == 0).all()
+    plain = patch_layout(no_windows, [(1, 4, 6)])
+    assert (plain.segments[1] == 0).all() and (plain.order == np.arange(24)).all()
+    padded = layout.padded(40, 4)
+    assert padded.order[32:].tolist() == list(range(32, 40)) and (padded.segments[:, 32:] == -1).all()
+    assert padded.restore.tolist() == restore.tolist() + [8, 9]
     angles = vision_rope_angles(row, col, head_dim=8)
     assert angles.shape == (32, 4) and angles[5, 0] == row[5] and angles[5, 2] == col[5]
 
@@ -163,3 +170,21 @@ def test_tower_runs_images_of_any_size_together(family):
         model.encode_patches(jnp.concatenate(patches)[1:], grids, none(2))
     with pytest.raises(ValueError, match="use encode_patches"):
         model.encode_images(jnp.zeros((1, 28, 28, 3)), none(1))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_tower_attention_kernel_matches_the_reference(family):
+    """The segment-attention kernel (interpreted) in the tower, windowed and full blocks, on two
+    images and a clip, through the runner's padded patch buffers, as the dense reference does."""
+    from valora_jax import ModelRunner
+
+    cfg = tiny_qwen(family)
+    runner = ModelRunner(init_model(cfg, seed=3), backend="reference", attention="reference")
+    kernel = runner.twin(attention="pallas-interpret")
+    rng = np.random.default_rng(4)
+    grids = [(1, 4, 6), (2, 4, 4), (1, 2, 2)]
+    patches = [rng.standard_normal((t * h * w, cfg.vision.patch_dim)).astype(np.float32) for t, h, w in grids]
+    want, got = (r.encode_patches(patches, grids, [-1, -1, -1]) for r in (runner, kernel))
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.rows[g.start:g.start + g.count], w.rows[w.start:w.start + w.count],
+                                   rtol=2e-5, atol=2e-6)

@@ -17,7 +17,7 @@ from flax import nnx
 from valora_jax.config import LMMConfig, LoraConfig
 from valora_jax.decoder import Block, Decoder
 from valora_jax.lora import LoraContext, MergedWeight, LoraSlot
-from valora_jax.qwen_vision import Grid, QwenVisionTower, patch_layout
+from valora_jax.qwen_vision import Grid, PatchLayout, QwenVisionTower, patch_layout
 from valora_jax.vision import Projector, VisionTower
 
 
@@ -39,18 +39,20 @@ class LMM(nnx.Module):
             raise ValueError(f"{self.config.family} encodes patches of any grid: use encode_patches")
         return self.projector(self.vision_tower(pixels, ctx), ctx)
 
-    def encode_patches(self, patches: jax.Array, grids: Sequence[Grid], ctx: LoraContext) -> jax.Array:
+    def encode_patches(self, patches: jax.Array, grids: Sequence[Grid], ctx: LoraContext,
+                       attention: str = "reference") -> jax.Array:
         """Qwen-VL: patches [P, C*T*p*p] of images of `grids`, ctx.slot [len(grids)] (vision
-        adapter per image) -> features [P / m^2, D], each image's tokens in order (qwen_vision)."""
+        adapter per image) -> features [P / m^2, D], each image's tokens in order (qwen_vision;
+        attention: the tower's attention backend)."""
         if not self.config.is_qwen:
             raise ValueError("LLaVA encodes whole images: use encode_images")
         sizes = [t * h * w for t, h, w in grids]
         if patches.shape != (sum(sizes), self.config.vision.patch_dim):
             raise ValueError(f"patches {patches.shape} do not match grids {list(grids)}: expected "
                              f"[{sum(sizes)}, {self.config.vision.patch_dim}]")
-        row, col, segments = patch_layout(self.config.vision, grids)
+        layout = PatchLayout(*map(jnp.asarray, patch_layout(self.config.vision, grids)))
         slot = jnp.repeat(ctx.slot, np.array(sizes), total_repeat_length=sum(sizes))
-        return self.visual(patches, row, col, jnp.asarray(segments), ctx.for_tokens(slot))
+        return self.visual(patches, layout, ctx.for_tokens(slot), attention)
 
     def embed(self, blocks: Sequence[Block], image_features: jax.Array) -> jax.Array:
         """The blocks' tokens flattened in order -> embeddings [T, D]; image tokens take rows of

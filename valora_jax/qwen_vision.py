@@ -14,19 +14,23 @@ values run over channel, frame, pixel row, pixel column. The tower:
     out = merger(x): norm, the m^2 patches of each unit concatenated, Linear -> GELU -> Linear
                                                                       [P / m^2, D] (decoder width)
 
-Windows are attention masks here, not the reordering of HF's implementation: the same maths.
-Several images (any sizes) run in one call, their layout (rows, columns, attention segments)
-computed on the host (`patch_layout`) and passed as arrays, so one compiled tower serves any
-mix of sizes that fits its number of patches; attention never crosses an image or a frame.
+The blocks see the patches in window order (each window's units together, as HF's reordering
+does), so that every attention segment, window or frame, is one run of patches and the
+segment-attention kernel reads only the keys of its queries' runs; the merger's output goes back
+to the processor's order. Several images (any sizes) run in one call, their layout (order, rows,
+columns, attention segments) computed on the host (`patch_layout`) and passed as arrays, so one
+compiled tower serves any mix of sizes that fits its number of patches; attention never crosses
+an image or a frame.
 """
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.segment_attention import segment_attention_reference
 from valora_jax.config import LoraConfig, QwenVisionConfig
 from valora_jax.decoder import RMSNorm, rotate
 from valora_jax.lora import Linear, LoraContext
@@ -40,11 +44,35 @@ def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
     return lora if lora is not None and name in lora.targets else None
 
 
-def patch_layout(cfg: QwenVisionConfig, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Host-side index maths of the patches of `grids`, in the processor's order:
-    (row [P], column [P] of each patch in its frame, and segment [2, P]: the attention group of each
-    patch in a full-attention block (its frame) and in a windowed block (its window; the frame
-    again where the config has no windows)). Segments of different images never coincide."""
+class PatchLayout(NamedTuple):
+    """Where the tower's P patches (of some images, in window order) come from and attend (int32):
+
+    order [P]: the processor-order index of the patch at each tower position;
+    row [P], col [P]: the patch's row and column in its frame;
+    segments [2, P]: its attention group in a full-attention block (its frame) and in a windowed
+      block (its window; the frame again without windows), each group one run of positions;
+    restore [P / m^2]: the tower position of each merge unit in the processor's order."""
+
+    order: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    segments: np.ndarray
+    restore: np.ndarray
+
+    def padded(self, size: int, units: int) -> "PatchLayout":
+        """The layout of `size` patches (a multiple of `units` = m^2): padding patches after these,
+        in their own segment (-1, attending only each other), in place in both orders."""
+        n, extra = len(self.order), size - len(self.order)
+        return PatchLayout(np.concatenate([self.order, np.arange(n, size, dtype=np.int32)]),
+                           np.pad(self.row, (0, extra)), np.pad(self.col, (0, extra)),
+                           np.pad(self.segments, ((0, 0), (0, extra)), constant_values=-1),
+                           np.concatenate([self.restore, np.arange(n // units, size // units, dtype=np.int32)]))
+
+
+def patch_layout(cfg: QwenVisionConfig, grids: Sequence[Grid]) -> PatchLayout:
+    """Host-side index maths of the patches of `grids` (`PatchLayout`). Windows keep the
+    processor's order of their patches, frames and images their order of windows; segments of
+    different images never coincide."""
     m = cfg.spatial_merge_size
     rows, cols, frames, windows = [], [], [], []
     ws = cfg.window_size // (cfg.patch_size * m) if cfg.window_size else 0
@@ -69,7 +97,9 @@ def patch_layout(cfg: QwenVisionConfig, grids: Sequence[Grid]) -> tuple[np.ndarr
         frame0 += t
     row, col, frame = (np.concatenate(a).astype(np.int32) for a in (rows, cols, frames))
     window = np.concatenate(windows).astype(np.int32) if ws else frame
-    return row, col, np.stack([frame, window])
+    order = np.argsort(window, kind="stable").astype(np.int32)     # windows are whole merge units
+    restore = np.argsort(order[::m * m]).astype(np.int32)
+    return PatchLayout(order, row[order], col[order], np.stack([frame, window])[:, order], restore)
 
 
 def vision_rope_angles(row: jax.Array, col: jax.Array, head_dim: int, theta: float = 10000.0) -> jax.Array:
@@ -109,17 +139,24 @@ class QwenVisionBlock(nnx.Module):
             return self.down_proj(jax.nn.silu(gate) * up, ctx)
         return self.fc2(quick_gelu(self.fc1(x, ctx)), ctx)
 
-    def __call__(self, x: jax.Array, angles: jax.Array, segment: jax.Array, ctx: LoraContext) -> jax.Array:
-        """x [P, D_v], angles [P, Dh/2], segment [P] (patches attend within theirs) -> [P, D_v]."""
+    def __call__(self, x: jax.Array, angles: jax.Array, segment: jax.Array, ctx: LoraContext,
+                 attention: str = "reference") -> jax.Array:
+        """x [P, D_v], angles [P, Dh/2], segment [P] (patches attend within theirs: runs, for the
+        kernel backends) -> [P, D_v]."""
         p, d = x.shape
         dh = d // self.num_heads
         q, k, v = (t.reshape(p, self.num_heads, dh) for t in jnp.split(self.qkv(self.norm1(x), ctx), 3, axis=-1))
         q, k = rotate(q, angles), rotate(k, angles)
-        scores = jnp.einsum("QHd,KHd->HQK", q, k, preferred_element_type=jnp.float32) / np.sqrt(dh)
-        scores = jnp.where((segment[:, None] == segment[None, :])[None], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        x = x + self.proj(jnp.einsum("HQK,KHd->QHd", probs, v).reshape(p, d), ctx)
+        x = x + self.proj(_segment_attention(q, k, v, segment, attention).reshape(p, d), ctx)
         return x + self.mlp(self.norm2(x), ctx)
+
+
+def _segment_attention(q, k, v, segment, backend: str) -> jax.Array:
+    """Attention within segments by the attention backend (decoder.ATTENTION_BACKENDS)."""
+    if backend == "reference":
+        return segment_attention_reference(q, k, v, segment)
+    from pallas_kernels.segment_attention import segment_attention    # the kernel backends'
+    return segment_attention(q, k, v, segment, interpret=backend == "pallas-interpret")
 
 
 class PatchMerger(nnx.Module):
@@ -148,20 +185,21 @@ class QwenVisionTower(nnx.Module):
         self.blocks = nnx.List([QwenVisionBlock(cfg, lora, dtype, rngs) for _ in range(cfg.num_layers)])
         self.merger = PatchMerger(cfg, d_text, dtype, rngs)
 
-    def __call__(self, patches: jax.Array, row: jax.Array, col: jax.Array, segments: jax.Array,
-                 ctx: LoraContext) -> jax.Array:
-        """patches [P, C*T*p*p] in the processor's order with each patch's row [P] and column [P]
-        in its frame and segments [2, P] (`patch_layout`; padding patches: a segment of their
-        own), ctx.slot [P] (the vision adapter of each patch's image) -> features [P / m^2, D].
-        P must be a multiple of m^2 (an image's patches are)."""
+    def __call__(self, patches: jax.Array, layout: PatchLayout, ctx: LoraContext,
+                 attention: str = "reference") -> jax.Array:
+        """patches [P, C*T*p*p] in the processor's order, their `layout` (`patch_layout`, as
+        arrays; padding patches: a segment of their own), ctx.slot [P] (the vision adapter of
+        each patch's image, processor order), attention: the attention backend -> features
+        [P / m^2, D] in the processor's order. P must be a multiple of m^2 (an image's patches are)."""
         cfg = self.cfg
         units = cfg.spatial_merge_size ** 2
-        angles = vision_rope_angles(row, col, cfg.hidden_size // cfg.num_heads)
+        angles = vision_rope_angles(layout.row, layout.col, cfg.hidden_size // cfg.num_heads)
         full = set(cfg.full_attention_layers) if cfg.window_size else set(range(cfg.num_layers))
-        x = patches.astype(self.patch_embedding.dtype) @ self.patch_embedding[...]
+        x = patches[layout.order].astype(self.patch_embedding.dtype) @ self.patch_embedding[...]
+        ctx = ctx.for_tokens(ctx.slot[layout.order])
         for i, block in enumerate(self.blocks):
-            x = block(x, angles, segments[0 if i in full else 1], ctx)
-        return self.merger(x, ctx.for_tokens(ctx.slot[::units]))
+            x = block(x, angles, layout.segments[0 if i in full else 1], ctx, attention)
+        return self.merger(x, ctx.for_tokens(ctx.slot[::units]))[layout.restore]
 
 
 def mrope_positions(tokens: Sequence[int], image_id: int, video_id: int, cfg: QwenVisionConfig,

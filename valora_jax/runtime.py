@@ -32,7 +32,7 @@ from valora_jax.decoder import ATTENTION_BACKENDS, Block
 from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
                              adapter_slots, merge_parts, merged_kernel, module_path, module_shapes, targeted_linears)
 from valora_jax.model import LMM, split_model
-from valora_jax.qwen_vision import Grid, patch_layout
+from valora_jax.qwen_vision import Grid, PatchLayout, patch_layout
 from valora_jax.sampling import sample
 
 
@@ -359,9 +359,9 @@ class ModelRunner:
         model = self._model(params, lora, merged)
         return model.encode_images(pixels, self._ctx(slot, merged_slot, mode))
 
-    def _encode_patches_impl(self, params, lora, merged, patches, row, col, segments, slot, merged_slot, mode):
+    def _encode_patches_impl(self, params, lora, merged, patches, layout, slot, merged_slot, mode):
         model = self._model(params, lora, merged)
-        return model.visual(patches, row, col, segments, self._ctx(slot, merged_slot, mode))
+        return model.visual(patches, layout, self._ctx(slot, merged_slot, mode), self.attention)
 
     def _write_impl(self, params, lora, merged, slot, buffer, scales, layout: Layout):
         model = self._model(params, lora, merged)
@@ -516,8 +516,9 @@ class ModelRunner:
             most = min(self.ENCODER_PATCHES, max(counts) * v.max_tokens_per_image * v.spatial_merge_size ** 2)
             sizes = [1 << k for k in range(6, self._patch_bucket(most).bit_length())]
             i32 = lambda *shape: spec(shape, jnp.int32)
-            return [self._encode_patches.lower(*self._state_leaves(), spec((n, v.patch_dim), jnp.float32), i32(n),
-                                               i32(n), i32(2, n), i32(n), i32(), mode=mode) for n in sizes]
+            layout = lambda n: PatchLayout(i32(n), i32(n), i32(n), i32(2, n), i32(n // v.spatial_merge_size ** 2))
+            return [self._encode_patches.lower(*self._state_leaves(), spec((n, v.patch_dim), jnp.float32), layout(n),
+                                               i32(n), i32(), mode=mode) for n in sizes]
         size = v.image_size
         return [self._encode.lower(*self._state_leaves(), spec((n, size, size, 3), jnp.float32), spec((n,), jnp.int32),
                                    spec((), jnp.int32), mode=mode) for n in counts]
@@ -528,7 +529,7 @@ class ModelRunner:
                             jnp.int32(self.merged_slot), mode=mode)
 
     ENCODER_PATCHES = 8192
-    """Qwen-VL: the most patches one tower call takes (the tower's attention is dense over them)."""
+    """Qwen-VL: the most patches one tower call takes."""
 
     def _patch_bucket(self, n: int) -> int:
         return min(bucket(n, 64), max(self.ENCODER_PATCHES, n))
@@ -553,14 +554,12 @@ class ModelRunner:
         for group in groups:
             sizes = [len(patches[i]) for i in group]
             n, padded = sum(sizes), self._patch_bucket(sum(sizes))
-            row, col, segments = (np.zeros(shape, np.int32) for shape in ((padded,), (padded,), (2, padded)))
-            row[:n], col[:n], segments[:, :n] = patch_layout(v, [grids[i] for i in group])
-            segments[:, n:] = -1                                     # padding attends only padding
+            layout = patch_layout(v, [grids[i] for i in group]).padded(padded, units)
             buffer = np.zeros((padded, v.patch_dim), np.float32)
             buffer[:n] = np.concatenate([patches[i] for i in group])
             slots = np.full(padded, PAD_SLOT, np.int32)
             slots[:n] = np.repeat(np.asarray(slot, np.int32)[group], sizes)
-            feats = self._encode_patches(*self._state_leaves(), buffer, row, col, segments, slots,
+            feats = self._encode_patches(*self._state_leaves(), buffer, layout, slots,
                                          jnp.int32(self.merged_slot), mode=mode)
             starts = np.cumsum([0, *sizes]) // units
             out += [ImageFeatures(feats, int(a), int(b - a)) for a, b in zip(starts[:-1], starts[1:])]
