@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh adapter-copy                (one adapter's host-to-device copy, beside a serving loop)
 #   bash bench/gpu_session.sh attention                   (prefill attention: GPU checks, then flash vs dense)
 #   bash bench/gpu_session.sh decode                      (decode attention: GPU checks, then launches vs the floor)
+#   bash bench/gpu_session.sh segment                     (the Qwen-VL tower's attention: GPU checks, then vs dense)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side)
@@ -92,6 +93,8 @@ for stage in "$@"; do
                      $limit python3 bench/prefill_attention.py --out bench/results/prefill_attention ;;
         decode)  $limit python3 -m bench.gpu_smoke --kernels decode &&
                      $limit python3 bench/decode_attention.py --out bench/results/decode_attention ;;
+        segment) $limit python3 -m bench.gpu_smoke --kernels segment &&
+                     $limit python3 bench/segment_attention.py --out bench/results/segment_attention ;;
         switch)  $limit python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;
         tune)    $limit python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         tune-merge) $limit python3 -m pallas_kernels.tune --merge ;;
