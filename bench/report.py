@@ -208,6 +208,29 @@ def prefill_attention(d):
             "top.dense_us": num(top["us"]["dense"], 0)}
 
 
+def segment_attention(d):
+    recs = d["records"]
+    default = "flash q64 k64 w4 s2"                       # segment_attention's default launch
+    windowed = [r for r in recs if r["label"].startswith("windowed")]
+    full = [r for r in recs if r["label"].startswith("full")]
+    return {"command": d["command"], "device": d["device"], "shapes": str(len(recs)),
+            "launches": str(len(recs[0]["us"]) - 1),
+            "windowed.speedup": span([r["dense_over_best"] for r in windowed], 0, x),
+            "full.speedup": span([r["dense_over_best"] for r in full], 1, x),
+            "windowed.us": span([r["us"][r["best_flash"]] for r in windowed], 0),
+            "windowed.over_floor": span([r["best_over_floor"] for r in windowed], 0, x),
+            "full.over_floor": span([r["best_over_floor"] for r in full], 1, x),
+            "default_off": pct(max(r["us"][default] / r["us"][r["best_flash"]] - 1 for r in recs)),
+            "default": f"`{default}`"}
+
+
+def dispatch_by_kernels(d):
+    base, kernels = d["results"]["no_command_buffers"], d["kernels"]["pallas/reference"]
+    return {"command": d["command"], "device": d["device"], "merged_ms": num(base["merged"]["dispatch_ms"]),
+            "reference.merged_ms": num(kernels["merged"]["dispatch_ms"]),
+            "step_ms": num(base["merged"]["step_ms"]), "reference.step_ms": num(kernels["merged"]["step_ms"])}
+
+
 def decode_attention(d):
     recs = d["records"]
     launches = [k for k in recs[0]["us"] if k != "gather+dense"]
@@ -494,6 +517,8 @@ def values(results: Path = RESULTS) -> dict[str, str]:
                "pallas_copy": pallas_copy(load("pallas_copy"), switch_json),
                "prefill": prefill_attention(load("prefill_attention")),
                "decode_attn": decode_attention(load("decode_attention")), "smoke": model_smoke(load("model_smoke")),
+               "segment": segment_attention(load("segment_attention")),
+               "dispatch": dispatch_by_kernels(load("dispatch_by_kernels")),
                "overhead": step_overhead(load("step_overhead")), "floor": step_floor(load("step_floor")),
                "layout": layer_layout(load("layer_layout")), "adapter_copy": adapter_copy(load("adapter_copy")),
                "e2e": e2e(load("e2e")), "steps": e2e_step_times(load("e2e_step_times")),
