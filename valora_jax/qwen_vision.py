@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.segment_attention import segment_attention_reference
+from pallas_kernels.segment_attention import segment_attention, segment_attention_reference
 from valora_jax.config import LoraConfig, QwenVisionConfig
 from valora_jax.decoder import RMSNorm, rotate
 from valora_jax.lora import Linear, LoraContext
@@ -155,7 +155,6 @@ def _segment_attention(q, k, v, segment, backend: str) -> jax.Array:
     """Attention within segments by the attention backend (decoder.ATTENTION_BACKENDS)."""
     if backend == "reference":
         return segment_attention_reference(q, k, v, segment)
-    from pallas_kernels.segment_attention import segment_attention    # the kernel backends'
     return segment_attention(q, k, v, segment, interpret=backend == "pallas-interpret")
 
 
