@@ -1,5 +1,6 @@
 """Benchmarks and GPU checks of valora-jax (see bench/gpu_session.sh for how each runs)."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,3 +12,18 @@ def save_result(out: str | Path, result: dict, table: str) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(table)
     print(table)
+
+
+def require_gpu(script: str) -> None:
+    """Exit naming `script` unless JAX's default backend is a GPU (scripts that time GPU kernels)."""
+    import jax
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"{script} times GPU kernels; the default backend is {jax.default_backend()!r}")
+
+
+def flash_variants(dense, kernel, launches) -> dict:
+    """{"dense": dense, "flash q{block_q} k{block_k} w{warps} s{stages}": kernel at that launch} for
+    each (block_q, block_k, warps, stages) of `launches`: a flash kernel's variants beside its reference."""
+    return {"dense": dense} | {f"flash q{bq} k{bk} w{w} s{s}": functools.partial(kernel, block_q=bq, block_k=bk,
+                                                                                   warps=w, stages=s)
+                               for bq, bk, w, s in launches}

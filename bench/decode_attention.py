@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import save_result  # noqa: E402
+from bench import require_gpu, save_result  # noqa: E402
 from pallas_kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from pallas_kernels.timing import BulkTimer, compile_all, copy_bandwidth, harness_overhead  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
@@ -89,9 +89,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/decode_attention")
     args = ap.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        raise SystemExit(f"bench/decode_attention.py times GPU kernels; the default backend is "
-                         f"{jax.default_backend()!r}")
+    require_gpu("bench/decode_attention.py")
     bandwidth, harness = copy_bandwidth(), harness_overhead(4)
     print(f"{jax.devices()[0].device_kind}: copy {bandwidth / 1e12:.2f} TB/s, harness {harness * 1e6:.2f} us",
           flush=True)

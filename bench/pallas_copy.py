@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import save_result  # noqa: E402
+from bench import require_gpu, save_result  # noqa: E402
 from pallas_kernels import merge  # noqa: E402
 from pallas_kernels.lora_reference import LoraWeight  # noqa: E402
 from pallas_kernels.tiling import pick_merge_tile  # noqa: E402
@@ -101,8 +101,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/pallas_copy")
     args = ap.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        raise SystemExit(f"bench/pallas_copy.py times GPU kernels; the default backend is {jax.default_backend()!r}")
+    require_gpu("bench/pallas_copy.py")
     device = jax.devices()[0].device_kind
     rng = np.random.default_rng(0)
     sets = [(jnp.asarray(rng.standard_normal(SHAPE, np.float32), jnp.bfloat16), jnp.ones((1,), jnp.bfloat16))

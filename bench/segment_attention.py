@@ -13,7 +13,6 @@ dimension padded to 128, so 1.6x that floor is its own ceiling.
 
 import argparse
 import dataclasses
-import functools
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import save_result  # noqa: E402
+from bench import flash_variants, require_gpu, save_result  # noqa: E402
 from bench.step_floor import _matmul_rate  # noqa: E402
 from pallas_kernels.segment_attention import segment_attention, segment_attention_reference  # noqa: E402
-from pallas_kernels.timing import BulkTimer, compile_all, harness_overhead  # noqa: E402
+from pallas_kernels.timing import harness_overhead, net_us  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 80
@@ -65,29 +64,19 @@ def _inputs(shape: Shape, seed: int):
 
 
 def variants() -> dict:
-    out = {"dense": segment_attention_reference}
-    for bq, bk, warps, stages in LAUNCHES:
-        out[f"flash q{bq} k{bk} w{warps} s{stages}"] = functools.partial(
-            segment_attention, block_q=bq, block_k=bk, warps=warps, stages=stages)
-    return out
+    return flash_variants(segment_attention_reference, segment_attention, LAUNCHES)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/segment_attention")
     args = ap.parse_args(argv)
-    if jax.default_backend() != "gpu":
-        raise SystemExit(f"bench/segment_attention.py times GPU kernels; the default backend is "
-                         f"{jax.default_backend()!r}")
+    require_gpu("bench/segment_attention.py")
     harness, matmul_rate = harness_overhead(4), _matmul_rate()
     records = []
     for shape in SHAPES:
         sets = [_inputs(shape, seed) for seed in range(2)]
-        us = {}
-        jobs = [(name, functools.partial(BulkTimer, fn, sets, unroll=4)) for name, fn in variants().items()]
-        for name, timer in compile_all(jobs):
-            us[name] = (f"{type(timer).__name__}: {str(timer).splitlines()[0][:160]}" if isinstance(timer, Exception)
-                        else (timer.seconds(target_s=0.05) - harness) * 1e6)
+        us = net_us(variants(), sets, harness)
         timed = {n: t for n, t in us.items() if isinstance(t, float)}
         flash = {n: t for n, t in timed.items() if n.startswith("flash")}
         best = min(flash, key=flash.get) if flash else None

@@ -12,6 +12,7 @@ call: `harness_overhead` measures it. Reports the median over repeats of (wall t
 """
 
 import concurrent.futures
+import functools
 import itertools
 import time
 
@@ -106,6 +107,14 @@ def compile_all(jobs, threads: int = 16):
             del batch, futures                    # each timer (and its inputs) lives until yielded
             while done:
                 yield done.pop(0)
+
+
+def net_us(fns: dict, arg_sets, harness_s: float, *, unroll: int = 4, target_s: float = 0.05) -> dict:
+    """{name: net microseconds per call of fns[name] over arg_sets (BulkTimer, less the harness's
+    harness_s), or the error that made it fail, as one line}, every variant compiled by compile_all."""
+    jobs = [(name, functools.partial(BulkTimer, fn, arg_sets, unroll=unroll)) for name, fn in fns.items()]
+    return {name: f"{type(timer).__name__}: {str(timer).splitlines()[0][:160]}" if isinstance(timer, Exception)
+            else (timer.seconds(target_s=target_s) - harness_s) * 1e6 for name, timer in compile_all(jobs)}
 
 
 def time_op(fn, arg_sets, *, target_s: float = 0.01, repeats: int = 3, unroll: int = 16) -> float:

@@ -260,6 +260,17 @@ def test_compile_all_reports_a_job_that_fails_to_trace_and_goes_on():
     assert out[0].seconds(target_s=1e-4, repeats=1) > 0 and out[2].seconds(target_s=1e-4, repeats=1) > 0
 
 
+def test_net_us_times_every_variant_and_names_a_failing_one():
+    from pallas_kernels.timing import net_us
+
+    def bad(x, s):
+        raise ValueError("too big\nsecond line")
+
+    sets = [(jnp.ones((8, 8)), jnp.zeros((1,)))]
+    out = net_us({"good": lambda x, s: (x * 2 + s[0],), "bad": bad}, sets, harness_s=0.0, target_s=1e-4)
+    assert out["good"] > 0 and out["bad"] == "ValueError: too big"
+
+
 def test_tuner_candidates_are_valid_tiles():
     from pallas_kernels import tune
     for bt, bk, split, warps in tune.SHRINK:
