@@ -25,6 +25,8 @@
 #                                                          adding its share of the grid, E2E_ARGS_<gpu>; it
 #                                                          outlives the call, and calls of e2e-wait that follow
 #                                                          while the machine is warm bring its results back)
+#   bash bench/gpu_session.sh loop-ab                     (ours and always-unmerged with decode loops of 1 and of 8
+#                                                          steps a call, on a slice of e2e's workloads; --append)
 #   bash bench/gpu_session.sh train   (resumable: unpack $OUT/checkpoints.tar.* here, carry checkpoints/.work)
 # Packages the GPU machine lacks come as wheels in the git-ignored .whl/ (carry it): grain and its
 # needs in .whl/ (installed into /tmp/site first), tokamax and its needs in .whl/tokamax/ (installed
@@ -111,6 +113,12 @@ for stage in "$@"; do
                      split -b 15M - "$OUT/checkpoints.tar." ;;
         e2e)     $limit $E2E --out bench/results/$E2E_NAME --deadline-s "${E2E_DEADLINE_S:-480}" \
                      --step-log "$OUT/${E2E_NAME}_steps.json" ${E2E_ARGS:-} ;;
+        loop-ab) for loop in 1 8; do   # decode loops of 1 and 8 steps a call, on the same slice of workloads
+                     $limit python3 bench/e2e.py --preset $E2E_PRESET --append --decode-loop $loop \
+                         --out bench/results/e2e_decode_loop$loop --deadline-s "${E2E_DEADLINE_S:-200}" \
+                         --requests 40 --warmup-requests 24 --policies ours,unmerged \
+                         --workloads ${LOOP_AB_WORKLOADS:-vqa/poisson/hot80/6,vqa/bursty/uniform/10,video/poisson/hot80/6,video/poisson/zipf1.5/2}
+                 done ;;
         e2e-start) mkdir -p $E2E_DIR      # the grid, and its step log, go on from what is committed
                  [ -e $E2E_DIR/$E2E_NAME.json ] || [ ! -e bench/results/$E2E_NAME.json ] ||
                      cp bench/results/$E2E_NAME.json $E2E_DIR/
