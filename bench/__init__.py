@@ -27,3 +27,15 @@ def flash_variants(dense, kernel, launches) -> dict:
     return {"dense": dense} | {f"flash q{bq} k{bk} w{w} s{s}": functools.partial(kernel, block_q=bq, block_k=bk,
                                                                                    warps=w, stages=s)
                                for bq, bk, w, s in launches}
+
+
+def flash_timings(fns: dict, arg_sets, harness_s: float) -> dict:
+    """The flash_variants `fns` timed on arg_sets: {"us": net_us's {name: us or error}, "best_flash":
+    the fastest flash launch (None if none ran), "dense_over_best": dense's time over it (or None)}."""
+    from pallas_kernels.timing import net_us
+    us = net_us(fns, arg_sets, harness_s)
+    flash = {n: t for n, t in us.items() if n.startswith("flash") and isinstance(t, float)}
+    best = min(flash, key=flash.get) if flash else None
+    dense = us.get("dense")
+    return {"us": us, "best_flash": best,
+            "dense_over_best": dense / flash[best] if best and isinstance(dense, float) else None}

@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import flash_variants, require_gpu, save_result  # noqa: E402
+from bench import flash_timings, flash_variants, require_gpu, save_result  # noqa: E402
 from pallas_kernels.prefill_attention import prefill_attention, prefill_attention_reference  # noqa: E402
-from pallas_kernels.timing import harness_overhead, net_us  # noqa: E402
+from pallas_kernels.timing import harness_overhead  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 HEADS, HEAD_DIM, PAGE = 32, 128, 16
@@ -91,15 +91,12 @@ def main(argv=None) -> None:
     records = []
     for shape in SHAPES:
         sets = [_inputs(shape, seed) for seed in range(2)]
-        us = net_us(variants(), sets, harness)
-        timed = {n: t for n, t in us.items() if isinstance(t, float)}
-        flash = {n: t for n, t in timed.items() if n.startswith("flash")}
-        best = min(flash, key=flash.get) if flash else None
-        record = {"shape": dataclasses.asdict(shape), "label": shape.label(), "us": us, "best_flash": best,
-                  "dense_over_best": timed["dense"] / flash[best] if best and "dense" in timed else None,
-                  "best_tflops": 4 * HEAD_DIM * HEADS * shape.attended_keys() / flash[best] / 1e6 if best else None}
+        timings = flash_timings(variants(), sets, harness)
+        us, best = timings["us"], timings["best_flash"]
+        record = {"shape": dataclasses.asdict(shape), "label": shape.label(), **timings,
+                  "best_tflops": 4 * HEAD_DIM * HEADS * shape.attended_keys() / us[best] / 1e6 if best else None}
         records.append(record)
-        print(f"{shape.label():55s} best {best}: {flash.get(best, float('nan')):.1f} us; dense: {us['dense']}; "
+        print(f"{shape.label():55s} best {best}: {us.get(best, float('nan')):.1f} us; dense: {us['dense']}; "
               f"dense / best {record['dense_over_best']}", flush=True)
         del sets
     result = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind, **stack_versions(),

@@ -23,10 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import flash_variants, require_gpu, save_result  # noqa: E402
+from bench import flash_timings, flash_variants, require_gpu, save_result  # noqa: E402
 from bench.step_floor import _matmul_rate  # noqa: E402
 from pallas_kernels.segment_attention import segment_attention, segment_attention_reference  # noqa: E402
-from pallas_kernels.timing import harness_overhead, net_us  # noqa: E402
+from pallas_kernels.timing import harness_overhead  # noqa: E402
 from valora_jax.versions import stack_versions, versions_line  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 80
@@ -76,16 +76,13 @@ def main(argv=None) -> None:
     records = []
     for shape in SHAPES:
         sets = [_inputs(shape, seed) for seed in range(2)]
-        us = net_us(variants(), sets, harness)
-        timed = {n: t for n, t in us.items() if isinstance(t, float)}
-        flash = {n: t for n, t in timed.items() if n.startswith("flash")}
-        best = min(flash, key=flash.get) if flash else None
+        timings = flash_timings(variants(), sets, harness)
+        us, best = timings["us"], timings["best_flash"]
         floor_us = 4 * HEAD_DIM * HEADS * shape.attended_pairs() / matmul_rate * 1e6
-        record = {"shape": dataclasses.asdict(shape), "label": shape.label(), "us": us, "best_flash": best,
-                  "floor_us": floor_us, "best_over_floor": flash[best] / floor_us if best else None,
-                  "dense_over_best": timed["dense"] / flash[best] if best and "dense" in timed else None}
+        record = {"shape": dataclasses.asdict(shape), "label": shape.label(), **timings, "floor_us": floor_us,
+                  "best_over_floor": us[best] / floor_us if best else None}
         records.append(record)
-        print(f"{shape.label():70s} best {best}: {flash.get(best, float('nan')):.1f} us "
+        print(f"{shape.label():70s} best {best}: {us.get(best, float('nan')):.1f} us "
               f"({record['best_over_floor']}x floor); dense: {us['dense']}", flush=True)
         del sets
     result = {"command": "python " + " ".join(sys.argv), "device": jax.devices()[0].device_kind, **stack_versions(),

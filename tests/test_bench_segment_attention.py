@@ -34,3 +34,19 @@ def test_report_lists_timings_floors_ratios_and_failures():
     text = bench.report(result)
     assert "| w: 128 patches in 2 runs of 64 | 40.0 | – | 10.0 |" in text and "| 5.0 | 2.00x | 4.00x |" in text
     assert f"- w: 128 patches in 2 runs of 64, {names[1]}: ValueError: too big" in text and "700 TFLOP/s" in text
+
+
+def test_flash_timings_pick_the_fastest_flash_launch_that_ran():
+    from bench import flash_timings
+
+    def broken(*args):
+        raise ValueError("no such launch")
+
+    sets = [bench._inputs(bench.Shape("s", (8, 8)), seed=2)]
+    fns = {"dense": bench.segment_attention_reference, "flash broken": broken,
+           "flash interpreted": lambda *a: bench.segment_attention(*a, interpret=True)}
+    t = flash_timings(fns, sets, harness_s=0.0)
+    assert t["best_flash"] == "flash interpreted" and t["us"]["flash broken"] == "ValueError: no such launch"
+    assert t["dense_over_best"] == t["us"]["dense"] / t["us"]["flash interpreted"] > 0
+    assert flash_timings({"flash broken": broken}, sets, 0.0) == {
+        "us": {"flash broken": "ValueError: no such launch"}, "best_flash": None, "dense_over_best": None}
