@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels import atmm_mosaic
 from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight
 from pallas_kernels.tiling import TileConfig, pick_tile
 
@@ -363,6 +364,12 @@ def _ignore_aliased_inputs(kernel, n_inputs: int, n_aliased: int):
 def _lora_delta(x, weights, slot, merged_slot, base=None, *, mixture: bool, tile: TileConfig,
                 interpret: bool, poison: bool = False, columns: tuple | None = None):
     n_tokens = x.shape[0]
+    if tile.kernel == "mosaic":
+        merged = jnp.asarray(merged_slot, jnp.int32).reshape(())
+        sets = _token_sets(slot, jnp.ones(n_tokens, bool), merged, weights[0].a.shape[0], mixture)
+        return atmm_mosaic.lora_delta_mosaic(
+            x, weights, sets, block_k=tile.block_k, split_k=tile.split_k, block_n=tile.block_n,
+            stages=tile.shrink_stages, interpret=interpret, base=base, columns=columns, poison=poison)
     bt = max(tile.shrink_block_t, tile.expand_block_t)
     t_pad = _cdiv(n_tokens, bt) * bt
     merged = jnp.asarray(merged_slot, jnp.int32).reshape(1)
@@ -383,6 +390,7 @@ def lora_delta(
     interpret: bool = False,
     base: Sequence[jax.Array] | None = None,
     columns: Sequence[int] | None = None,
+    kernel: str | None = None,
 ) -> tuple[jax.Array, ...]:
     """LoRA deltas of several weights sharing the input x, by the ATMM kernels.
 
@@ -400,7 +408,7 @@ def lora_delta(
       slot: [T] int32 adapter slot per token (-1 = base model only, PAD_SLOT = padding).
       merged_slot: int32 scalar, the merged adapter (mixture mode only).
       mixture: whether the step runs in mixture (deLoRA) mode.
-      tile: the tile shapes; None = pick from the device's tuned table by shape bucket.
+      tile: the tile shapes and kernels; None = pick from the device's tuned table by shape bucket.
       interpret: run the kernels in the Pallas interpreter (CPU tests).
       base: optional [T, D_out_w] arrays in x.dtype (the base projections): then the result is
         base[w] + y[w], accumulated in float32 and written over base[w]'s buffer (inside a jit
@@ -408,6 +416,8 @@ def lora_delta(
         required, exactly one [T, N] array in x.dtype (the fused base projection).
       columns: optional static ints, weight w's first output column in the fused output; the
         parts' ranges [columns[w], columns[w] + D_out_w) must lie in [0, N) and not overlap.
+      kernel: with tile None, whose tiles to pick: "triton", "mosaic" (bfloat16 / float16 only) or
+        None = the device's (tiling.device_kernels).
     Returns: one [T, D_out_w] array per weight, in x.dtype; with columns, a tuple of one [T, N]
       array, base[0] with each weight's delta added at its columns (float32 accumulation, written
       over base[0]'s buffer; columns no part owns are base[0]'s, bit for bit).
@@ -431,7 +441,7 @@ def lora_delta(
         n_slots = weights[0].a.shape[0]
         tile = pick_tile(n_tokens, d_in, sum(w.b.shape[-1] for w in weights),
                          max(w.a.shape[-1] for w in weights), min(n_slots, n_tokens),
-                         device_kind="interpret" if interpret else None)
+                         device_kind="interpret" if interpret else None, kernel=kernel)
     return _lora_delta(x, weights, jnp.asarray(slot), merged_slot, base, mixture=mixture, tile=tile,
                        interpret=interpret, columns=columns)
 

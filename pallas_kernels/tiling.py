@@ -5,8 +5,11 @@ The table (`configs/<device kind>.json`, written by `python -m pallas_kernels.tu
 buckets to the fastest measured tile. Lookup is pure Python on static shapes (no device sync):
 
     bucket(T, D_in, D_out, R, n) = the table entry nearest in log2 space, tokens weighing most
-    pick_tile(...)                = that entry's tile, or heuristic_tile(...) when the table has
+    pick_tile(...)                = that entry's tile, or the kernel's heuristic tile when the table has
                                     no entry within one octave of T (or none for this device)
+
+A tile names its kernels (TileConfig.kernel: the Triton-lowered ATMM or the Mosaic GPU one); the
+table's "kernel" says which a device runs by default, and a lookup sees only that kernel's entries.
     pick_merge_tile(D_in, D_out, R) = the nearest merge entry's tile, or MergeTile() without one
 """
 
@@ -19,6 +22,7 @@ import pathlib
 import jax
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+KERNELS = ("triton", "mosaic")
 _NUM_SMS = 132          # H100/H200; only the heuristic uses it
 DECODE_TOKENS = 256     # up to this many tokens a call is decode-sized: one token per program can pay
 _KEY_WEIGHTS = {"tokens": 4.0, "d_in": 1.0, "d_out": 1.0, "rank": 1.0, "adapters": 1.0}
@@ -59,8 +63,17 @@ class TileConfig:
     """Warps per expand program."""
     expand_stages: int = 1
     """Pipelining depth of the expand kernel (it has no long loop)."""
+    kernel: str = "triton"
+    """Which kernels run the tile: "triton" (Pallas lowered through Triton, any CUDA GPU) or
+    "mosaic" (Mosaic GPU: TMA and wgmma, Hopper; token blocks of 64, bfloat16 / float16; the
+    stages fields are its pipeline depth, the warps fields unused)."""
 
     def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"TileConfig.kernel={self.kernel!r} must be one of {KERNELS}")
+        if self.kernel == "mosaic" and (self.shrink_block_t, self.expand_block_t) != (64, 64):
+            raise ValueError(f"a mosaic tile takes token blocks of 64 (one warpgroup's wgmma), got "
+                             f"shrink_block_t={self.shrink_block_t}, expand_block_t={self.expand_block_t}")
         _require(self, ("block_k", "block_n"), lambda v: _is_pow2(v) and v >= 16, "a power of 2 >= 16")
         _require(self, ("shrink_block_t", "expand_block_t"), lambda v: v == 1 or (_is_pow2(v) and v >= 16),
                  "1 or a power of 2 >= 16")
@@ -130,6 +143,17 @@ def heuristic_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int)
                       block_n=256 if big else 128, expand_warps=8 if big else 4)
 
 
+def heuristic_mosaic_tile(tokens: int, d_in: int, rank: int) -> TileConfig:
+    """A Mosaic GPU tile from first principles: 64-token blocks, D_in in 64-column steps split
+    until the shrink launches about one program per SM (each split keeping >= 4 steps), a 3-deep
+    TMA pipeline (2 at rank > 64, whose adapter tiles fill shared memory), 128-column outputs."""
+    blocks = -(-tokens // 64)
+    split = max(1, min(_pow2_floor(max(1, _NUM_SMS // blocks)), _pow2_floor(max(1, d_in // 256))))
+    stages = 3 if rank <= 64 else 2
+    return TileConfig(shrink_block_t=64, block_k=64, split_k=split, shrink_stages=stages, expand_block_t=64,
+                      block_n=128, expand_stages=stages, kernel="mosaic")
+
+
 def device_table_name(device_kind: str) -> str:
     """'NVIDIA H200' -> 'NVIDIA_H200' (the table's file stem)."""
     return "".join(c if c.isalnum() else "_" for c in device_kind)
@@ -139,6 +163,12 @@ def device_table_name(device_kind: str) -> str:
 def _table_file(device_kind: str) -> dict:
     path = CONFIG_DIR / f"{device_table_name(device_kind)}.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def device_kernels(device_kind: str) -> str:
+    """The ATMM kernels a device runs by default (its table's "kernel": one of KERNELS), "triton"
+    for a device without a table or without that field."""
+    return _table_file(device_kind).get("kernel", "triton")
 
 
 def load_table(device_kind: str) -> tuple:
@@ -157,15 +187,20 @@ def _distance(key: dict, query: dict) -> float:
 
 
 def pick_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int,
-              device_kind: str | None = None) -> TileConfig:
+              device_kind: str | None = None, kernel: str | None = None) -> TileConfig:
     """The tile for one ATMM call (pure Python on static shapes).
 
     tokens: T; d_in: D_in; d_out: total D_out of the weights sharing x; rank: padded rank R;
-    adapters: an upper bound on the distinct adapters among the tokens (e.g. min(S, T)).
+    adapters: an upper bound on the distinct adapters among the tokens (e.g. min(S, T));
+    kernel: one of KERNELS, None = the device's (`device_kernels`). Only that kernel's entries
+    of the table are looked at, then its heuristic.
     """
     query = {"tokens": tokens, "d_in": d_in, "d_out": d_out, "rank": rank, "adapters": adapters}
     kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
-    table = load_table(kind)
+    kernel = device_kernels(kind) if kernel is None else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} must be one of {KERNELS}")
+    table = tuple(e for e in load_table(kind) if e[1].kernel == kernel)
     if table:
         key, tile = min(table, key=lambda e: _distance(e[0], query))
         per_token = tile.shrink_block_t == 1 or tile.expand_block_t == 1
@@ -173,6 +208,8 @@ def pick_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int,
         if abs(math.log2(max(1, key["tokens"])) - math.log2(max(1, tokens))) <= 1.0 and not (
                 per_token and tokens > DECODE_TOKENS):
             return tile
+    if kernel == "mosaic":
+        return heuristic_mosaic_tile(tokens, d_in, rank)
     return heuristic_tile(tokens, d_in, d_out, rank, adapters)
 
 

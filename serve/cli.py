@@ -62,6 +62,7 @@ def _runner(model, args, system=None):
     import jax
 
     from valora_jax import ModelRunner, resolve_backends
+    from valora_jax.runtime import lora_kernels
 
     try:
         backend, attention = resolve_backends(args.backend, args.attention)
@@ -69,7 +70,9 @@ def _runner(model, args, system=None):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     auto = lambda choice: " (auto)" if choice == "auto" else ""
-    print(f"backends: LoRA {runner.backend}{auto(args.backend)}, attention {runner.attention}{auto(args.attention)}, "
+    kernels = lora_kernels(runner.backend)
+    kernels = f" [{kernels} ATMM kernels]" if kernels else ""
+    print(f"backends: LoRA {runner.backend}{kernels}{auto(args.backend)}, attention {runner.attention}{auto(args.attention)}, "
           f"on JAX platform {jax.default_backend()}", file=sys.stderr)
     return runner
 
@@ -271,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", help="checkpoint directory or preset name (default: embedded)")
     common.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="load an adapter")
     common.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
-                        help="LoRA backend (auto: the pallas kernels on a GPU, reference elsewhere)")
+                        help="LoRA backend (auto: pallas on a GPU, the ATMM kernels its tile table names; reference elsewhere)")
     common.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                         help="paged-attention backend (auto: the pallas kernels on a GPU, reference elsewhere)")
     info = sub.add_parser("info", parents=[common], help="config, parameter counts, adapters")

@@ -482,7 +482,8 @@ class ServingSystem:
 
     def backend(self, backend: str) -> str:
         """The LoRA backend this system runs where `backend` would run ours."""
-        return "pallas-static" if self.static_tiles and backend == "pallas" else backend
+        compiled = backend in ("pallas", "pallas-triton", "pallas-mosaic")
+        return "pallas-static" if self.static_tiles and compiled else backend
 
 
 SYSTEMS: dict[str, ServingSystem] = {

@@ -165,9 +165,9 @@ def test_empty_weights_and_bad_tiles_raise():
         TileConfig(expand_block_t=2)
 
 
-def _write_table(tmp_path, monkeypatch, entries, merge=()):
+def _write_table(tmp_path, monkeypatch, entries, merge=(), **fields):
     table = {"device": "Test GPU", "entries": [{"key": k, "tile": t.to_dict()} for k, t in entries],
-             "merge": [{"key": k, "tile": t.to_dict()} for k, t in merge]}
+             "merge": [{"key": k, "tile": t.to_dict()} for k, t in merge], **fields}
     (tmp_path / "Test_GPU.json").write_text(json.dumps(table))
     monkeypatch.setattr(tiling, "CONFIG_DIR", tmp_path)
     tiling._table_file.cache_clear()
@@ -188,6 +188,23 @@ def test_tile_lookup_nearest_bucket_then_heuristic(tmp_path, monkeypatch):
     assert tiling.pick_tile(256, 4096, 4096, 16, 64, device_kind="Test GPU") == per_token
     blocked = tiling.pick_tile(512, 4096, 4096, 16, 8, device_kind="Test GPU")  # within an octave, but prefill-sized
     assert blocked == tiling.heuristic_tile(512, 4096, 4096, 16, 8) and blocked.shrink_block_t > 1
+    tiling._table_file.cache_clear()
+
+
+def test_tile_lookup_sees_only_the_asked_kernels(tmp_path, monkeypatch):
+    """A table names the kernels its device runs by default; a lookup for one kernel never returns
+    the other's tile, and falls back to that kernel's heuristic."""
+    key = dict(tokens=64, d_in=4096, d_out=6144, rank=16, adapters=8)
+    triton, mosaic = TileConfig(split_k=8), TileConfig(shrink_block_t=64, expand_block_t=64, split_k=4, kernel="mosaic")
+    _write_table(tmp_path, monkeypatch, [(key, triton), (key, mosaic)], kernel="mosaic")
+    assert tiling.device_kernels("Test GPU") == "mosaic" and tiling.device_kernels("No table GPU") == "triton"
+    assert tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU") == mosaic
+    assert tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU", kernel="triton") == triton
+    far = tiling.pick_tile(4096, 4096, 6144, 16, 8, device_kind="Test GPU")
+    assert far == tiling.heuristic_mosaic_tile(4096, 4096, 16) and far.kernel == "mosaic"
+    assert tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="No table GPU").kernel == "triton"
+    with pytest.raises(ValueError, match="kernel 'cuda' must be one of"):
+        tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU", kernel="cuda")
     tiling._table_file.cache_clear()
 
 

@@ -227,6 +227,25 @@ def test_pallas_backend_matches_reference_through_the_model(config, loaded):
         np.testing.assert_allclose(got, ref, **tol(jnp.float32))
 
 
+def test_mosaic_kernels_match_reference_through_the_model():
+    """The Mosaic GPU ATMM (interpreted) in a bfloat16 model: fused q/k/v and gate/up columns over
+    the base outputs, mixed adapters and base-model tokens, unmerged and mixture modes."""
+    config = micro_config(dtype="bfloat16")
+    runner = ModelRunner(init_model(config, seed=6))
+    for s, r in enumerate((4, 16, 8)):
+        runner.write_slot(s, random_adapter(config, runner.module_shapes, f"m{s}", r, seed=30 + s))
+    runner.merge(2)
+    model = runner.model()
+    tokens, rows = _sequence(config, np.random.default_rng(9), 24, num_images=0)
+    slots = jnp.asarray(np.repeat(np.array([-1, 0, 1, 2], np.int32), 6))
+    args = (tokens[None], np.arange(24)[None], np.ones((1, 24), bool), rows[None],
+            jnp.zeros((0, config.text.hidden_size), jnp.bfloat16))
+    for mode, merged in (("unmerged", -1), ("mixture", 2)):
+        ref = model(*args, LoraContext(slots, jnp.int32(merged), mode, "reference"))
+        got = model(*args, LoraContext(slots, jnp.int32(merged), mode, "pallas-mosaic-interpret"))
+        assert_rel_close(got, ref, jnp.bfloat16)
+
+
 def test_swift_merge_kernel_through_the_runner(loaded):
     """A runner on the pallas backend merges by the swift-merge kernel (interpreted): the merged
     weights match the jnp merge, the one-call and per-layer switches agree bit for bit and free
@@ -284,15 +303,20 @@ def test_backends_auto_picks_the_platforms_and_explicit_choices_are_honoured_or_
     from valora_jax.runtime import resolve_backends
     assert resolve_backends() == ("reference", "reference")                    # the tests run on a CPU
     assert resolve_backends("pallas-interpret", "pallas-interpret") == ("pallas-interpret", "pallas-interpret")
+    assert resolve_backends("pallas-mosaic-interpret")[0] == "pallas-mosaic-interpret"
     runner = ModelRunner(loaded.model())
     assert (runner.backend, runner.attention) == ("reference", "reference")
     for backend, attention, message in (("pallas", "auto", "LoRA backend 'pallas' runs compiled GPU kernels"),
                                         ("auto", "pallas", "attention backend 'pallas' runs compiled GPU kernels"),
-                                        ("pallas-static", "auto", "'pallas-static'"), ("fast", "auto", "'fast'")):
+                                        ("pallas-static", "auto", "'pallas-static'"), ("fast", "auto", "'fast'"),
+                                        ("pallas-mosaic", "auto", "'pallas-mosaic' runs compiled GPU kernels")):
         with pytest.raises(ValueError, match=message):
             resolve_backends(backend, attention)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert resolve_backends() == ("pallas", "pallas")
+    assert resolve_backends("pallas-triton")[0] == "pallas-triton"
+    with pytest.raises(ValueError, match=r"'pallas-mosaic' runs Mosaic GPU kernels for Hopper .* but this GPU is cpu"):
+        resolve_backends("pallas-mosaic")          # the CPU device stands in for a GPU that is not a Hopper
     assert resolve_backends("reference", "pallas") == ("reference", "pallas")
 
 

@@ -26,7 +26,11 @@ from flax import nnx
 from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight, lora_delta_reference, merge_parts_reference
 
 MODES = ("unmerged", "merged", "mixture")
-BACKENDS = ("reference", "pallas", "pallas-static", "pallas-interpret")
+BACKENDS = ("reference", "pallas", "pallas-triton", "pallas-mosaic", "pallas-static", "pallas-interpret",
+            "pallas-mosaic-interpret")
+_KERNELS = {"pallas-triton": "triton", "pallas-interpret": "triton", "pallas-mosaic": "mosaic",
+            "pallas-mosaic-interpret": "mosaic"}
+"""The ATMM kernels of the explicit kernel backends ("pallas" runs the device's, see tiling.device_kernels)."""
 
 
 class LoraSlot(nnx.Variable):
@@ -45,9 +49,11 @@ class LoraContext:
       padding token (no LoRA delta in any mode).
     merged_slot: int32 scalar, the slot held in the merged weights (ignored when unmerged).
     mode: one of MODES (static).
-    backend: one of BACKENDS (static): "reference" is plain jnp, "pallas" the ATMM kernel with
-      tiles picked per shape, "pallas-static" the same kernel with one static tile (the baseline
-      of static-tiling servers), "pallas-interpret" the kernel interpreted (for CPU tests).
+    backend: one of BACKENDS (static): "reference" is plain jnp, "pallas" the ATMM kernels the
+      device's tile table names ("pallas-triton" / "pallas-mosaic": the Triton-lowered or the
+      Mosaic GPU ones, explicitly) with tiles picked per shape, "pallas-static" the Triton kernels
+      with one static tile (the baseline of static-tiling servers), "pallas-interpret" /
+      "pallas-mosaic-interpret" the Triton / Mosaic kernels interpreted (for CPU tests).
     """
 
     slot: jax.Array
@@ -77,8 +83,8 @@ def _kernel_lora(x: jax.Array, weights: Sequence[LoraWeight], ctx: LoraContext, 
     from pallas_kernels import STATIC_TILE, lora_delta  # needed only for the kernel backends
 
     return lora_delta(x, weights, ctx.slot, ctx.merged_slot, mixture=ctx.mode == "mixture",
-                      tile=STATIC_TILE if ctx.backend == "pallas-static" else None,
-                      interpret=ctx.backend == "pallas-interpret", base=[base], columns=columns)[0]
+                      tile=STATIC_TILE if ctx.backend == "pallas-static" else None, kernel=_KERNELS.get(ctx.backend),
+                      interpret=ctx.backend.endswith("-interpret"), base=[base], columns=columns)[0]
 
 
 class LoraSlots(nnx.Module):

@@ -114,7 +114,8 @@ def resolve_backends(backend: str = "auto", attention: str = "auto") -> tuple[st
 
     "auto" picks the Pallas kernels ("pallas") on a GPU and the plain-jnp references elsewhere.
     An explicit choice is honoured or refused, never replaced: the compiled kernels ("pallas",
-    "pallas-static") need a GPU; "reference" and "pallas-interpret" run anywhere.
+    "pallas-triton", "pallas-mosaic", "pallas-static") need a GPU, the Mosaic GPU ones a Hopper
+    (compute capability 9.x); "reference" and the "-interpret" backends run anywhere.
     Raises ValueError naming an unknown or impossible choice."""
     platform = jax.default_backend()
     resolved = []
@@ -123,11 +124,33 @@ def resolve_backends(backend: str = "auto", attention: str = "auto") -> tuple[st
             choice = "pallas" if platform == "gpu" else "reference"
         elif choice not in known:
             raise ValueError(f"unknown {kind} backend {choice!r}; expected 'auto' or one of {known}")
-        elif choice in ("pallas", "pallas-static") and platform != "gpu":
+        elif choice in ("pallas", "pallas-triton", "pallas-mosaic", "pallas-static") and platform != "gpu":
             raise ValueError(f"{kind} backend {choice!r} runs compiled GPU kernels, but JAX's platform here is "
                              f"{platform!r}; choose 'auto', 'reference' or 'pallas-interpret'")
+        elif choice == "pallas-mosaic" and not _hopper():
+            raise ValueError(f"LoRA backend 'pallas-mosaic' runs Mosaic GPU kernels for Hopper (compute capability "
+                             f"9.x), but this GPU is {_device_name()}; choose 'pallas-triton' or 'pallas'")
         resolved.append(choice)
     return resolved[0], resolved[1]
+
+
+def _device_name() -> str:
+    device = jax.devices()[0]
+    return f"{device.device_kind} (compute capability {getattr(device, 'compute_capability', 'unknown')})"
+
+
+def _hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def lora_kernels(backend: str) -> str | None:
+    """The ATMM kernels a LoRA backend runs ("triton" / "mosaic"), None for the reference."""
+    if backend == "reference":
+        return None
+    if backend == "pallas":
+        from pallas_kernels.tiling import device_kernels       # needed only for the kernel backends
+        return device_kernels(jax.devices()[0].device_kind)
+    return "mosaic" if "mosaic" in backend else "triton"
 
 
 class Sampling(NamedTuple):
