@@ -4,17 +4,20 @@ tests/test_decode_attention.py and tests/test_segment_attention.py, compiled for
 
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
-several tiles on the device. Usage: python3 -m bench.gpu_smoke [--kernels atmm,merge,attention,decode,segment]
+several tiles on the device. Usage:
+python3 -m bench.gpu_smoke [--kernels atmm,atmm-mosaic,merge,attention,decode,segment]
 (exit status 1 on any failure)
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 import traceback
 
 
 from pallas_kernels import MergeTile, TileConfig
+from pallas_kernels.tiling import heuristic_mosaic_tile
 from pallas_kernels.testing import CASES as BASE_CASES
 from pallas_kernels.testing import (ATTENTION_CASES, DECODE_CASES, FUSED_CASES, MERGE_CASES, MERGE_PARTS_CASES,
                                     SEGMENT_CASES, AttentionCase, Case, DecodeCase, MergeCase, MergePartsCase,
@@ -40,6 +43,13 @@ TILES = [
     TileConfig(shrink_block_t=16, block_k=64, split_k=4, expand_block_t=16, block_n=64),
     TileConfig(shrink_block_t=64, block_k=128, split_k=1, shrink_warps=8, expand_block_t=64,
                block_n=256, expand_warps=8),
+]
+MOSAIC_TILES = [
+    "heuristic",                                                        # heuristic_mosaic_tile per case
+    TileConfig(shrink_block_t=64, block_k=128, split_k=4, shrink_stages=2, expand_block_t=64, block_n=64,
+               kernel="mosaic"),
+    TileConfig(shrink_block_t=64, block_k=64, split_k=1, shrink_stages=4, expand_block_t=64, block_n=256,
+               kernel="mosaic"),
 ]
 FUSED = FUSED_CASES + [                                                  # LLaVA-sized q/k/v and gate/up
     (Case(64, 4096, (4096, 4096, 4096), 16, 8, rank=16, layout="distinct", dtype="bfloat16"), (0, 4096, 8192), 12288),
@@ -93,9 +103,10 @@ def _run(label: str, fn) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    known = {"atmm", "atmm-mosaic", "merge", "attention", "decode", "segment"}
     p.add_argument("--kernels", default="atmm,merge,attention,decode,segment",
-                   help="which checks: atmm, merge, attention, decode, segment")
-    kernels, known = set(p.parse_args(argv).kernels.split(",")), {"atmm", "merge", "attention", "decode", "segment"}
+                   help=f"which checks: {', '.join(sorted(known))}")
+    kernels = set(p.parse_args(argv).kernels.split(","))
     if not kernels <= known:
         p.error(f"unknown kernels {sorted(kernels - known)}; choose from {', '.join(sorted(known))}")
     versions = stack_versions()
@@ -107,6 +118,16 @@ def main(argv=None) -> int:
         results += [_run(f"{case} columns={columns}  tile={tile}", lambda case=case, c=columns, w=width, tile=tile:
                          check_fused(case, c, w, seed=case.tokens + 9, tile=tile))
                     for case, columns, width in FUSED for tile in TILES]
+    if "atmm-mosaic" in kernels:                                        # 16-bit floats: wgmma operands
+        half = [c if c.dtype != "float32" else dataclasses.replace(c, dtype="bfloat16") for c in CASES]
+        tile_for = lambda case, tile: heuristic_mosaic_tile(case.tokens, case.d_in, case.max_rank) \
+            if tile == "heuristic" else tile
+        results += [_run(f"{case}  tile={tile}", lambda case=case, tile=tile: check(
+            case, seed=case.tokens + 7, tile=tile_for(case, tile), with_base=tile == "heuristic"))
+            for case in half for tile in MOSAIC_TILES]
+        results += [_run(f"{case} columns={columns}  tile={tile}", lambda case=case, c=columns, w=width, tile=tile:
+                         check_fused(case, c, w, seed=case.tokens + 9, tile=tile_for(case, tile)))
+                    for case, columns, width in FUSED if case.dtype != "float32" for tile in MOSAIC_TILES]
     if "merge" in kernels:
         results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
         results += [_run(str(case), lambda case=case: check_merge_parts(case, seed=case.d_in)) for case in MERGE_PARTS]

@@ -1,7 +1,8 @@
-"""Side-by-side GPU benchmark of the LoRA delta: ATMM (tuned table) against a static tile,
-jax.lax.ragged_dot, tokamax.ragged_dot (its Mosaic GPU and Triton kernels, when tokamax is
-installed), a gather-einsum, a per-adapter dense loop, and the bandwidth floor; then a whole
-LLaVA-1.5-7B decoder layer with and without LoRA.
+"""Side-by-side GPU benchmark of the LoRA delta: ATMM (tuned table; on a Hopper also the other of
+its two kernels, Triton-lowered or Mosaic GPU) against a static tile, jax.lax.ragged_dot,
+tokamax.ragged_dot (its Mosaic GPU and Triton kernels, when tokamax is installed), a
+gather-einsum, a per-adapter dense loop, and the bandwidth floor; then a whole LLaVA-1.5-7B
+decoder layer with and without LoRA.
 
     python3 -m bench.kernels [--quick] [--out-dir bench/results] [--budget-s 400]
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from pallas_kernels import lora_delta
 from pallas_kernels.problems import Shape, flops, floor_bytes, make_inputs
-from pallas_kernels.tiling import STATIC_TILE
+from pallas_kernels.tiling import KERNELS, STATIC_TILE, device_kernels
 from pallas_kernels.timing import BulkTimer, compile_all, copy_bandwidth, harness_overhead, time_op
 from valora_jax.versions import stack_versions, versions_line
 
@@ -40,8 +41,8 @@ except ImportError as e:              # said in the report, not silently skipped
 L2_BYTES = 50 << 20
 UNROLL = 8              # chained calls per timing-loop iteration
 TOKAMAX_IMPLEMENTATIONS = ("mosaic", "triton")
-VARIANTS = ["atmm", "atmm_static", "ragged_dot", *(f"tokamax_{i}" for i in TOKAMAX_IMPLEMENTATIONS),
-            "gather_einsum", "dense_loop"]
+VARIANTS = ["atmm", "atmm_triton", "atmm_mosaic", "atmm_static", "ragged_dot",
+            *(f"tokamax_{i}" for i in TOKAMAX_IMPLEMENTATIONS), "gather_einsum", "dense_loop"]
 """Every variant a run may time, in report order (a column shows '–' where a shape lacks one)."""
 PROJ = ((4096, 4096), (4096, 11008), (5120, 13824))
 
@@ -108,11 +109,22 @@ def _gather_bytes(s: Shape) -> int:
     return 2 * s.tokens * s.max_rank * (s.d_in + s.d_out) * s.n_weights
 
 
+def other_kernels() -> str | None:
+    """The ATMM kernels this device does not run by default, where it can run them (Mosaic GPU
+    needs a Hopper); None where it cannot."""
+    device = jax.devices()[0]
+    other = "triton" if device_kernels(device.device_kind) == "mosaic" else "mosaic"
+    hopper = str(getattr(device, "compute_capability", "")).startswith("9.")
+    return other if other == "triton" or hopper else None
+
+
 def _variants(shape: Shape, static) -> dict:
     """name -> fn(x, weights, slot) of the variants that fit this shape."""
     out = {"atmm": lambda x, w, s: lora_delta(x, w, s),
            "atmm_static": lambda x, w, s: lora_delta(x, w, s, tile=static),
            "ragged_dot": ragged_dot_delta, "gather_einsum": gather_delta, "dense_loop": dense_loop_delta}
+    if (other := other_kernels()) is not None:
+        out[f"atmm_{other}"] = lambda x, w, s: lora_delta(x, w, s, kernel=other)
     if tokamax is not None:
         out.update({f"tokamax_{impl}": tokamax_delta(impl) for impl in TOKAMAX_IMPLEMENTATIONS})
     if _gather_bytes(shape) > (2 << 30):
@@ -253,6 +265,9 @@ def summarize(records: list[dict], layers: list[dict], harness_us: float) -> dic
         "atmm_vs_ragged_dot_geomean": _geomean([ratio(r, "ragged_dot") for r in records]),
         **{f"atmm_vs_tokamax_{i}_geomean": _geomean([ratio(r, f"tokamax_{i}") for r in records])
            for i in TOKAMAX_IMPLEMENTATIONS},
+        **{f"atmm_vs_{k}_geomean": _geomean([ratio(r, f"atmm_{k}") for r in records]) for k in KERNELS},
+        **{f"{k}_prefill_floor_fraction_min": min((r["floor_us"] / net(r, f"atmm_{k}") for r in prefill
+                                                   if f"atmm_{k}" in r["us"]), default=None) for k in KERNELS},
         "atmm_vs_static_geomean": _geomean(vs_static),
         "atmm_vs_static_worst": min(vs_static),
         "atmm_vs_gather_einsum_geomean": _geomean([ratio(r, "gather_einsum") for r in records]),

@@ -30,7 +30,8 @@ def _record(shape: str, us: dict, errors: dict | None = None) -> dict:
 
 
 def test_report_lists_variants_failures_and_targets(tmp_path):
-    records = [_record("T4096 a", {"atmm": 30.0, "atmm_static": 40.0, "ragged_dot": 300.0, "tokamax_triton": 90.0},
+    records = [_record("T4096 a", {"atmm": 30.0, "atmm_mosaic": 20.0, "atmm_static": 40.0, "ragged_dot": 300.0,
+                                   "tokamax_triton": 90.0},
                        {"tokamax_mosaic": "NotImplementedError: N=16 below the kernel's minimum"}),
                _record("T4096 b", {"atmm": 50.0, "atmm_static": 60.0, "ragged_dot": 400.0, "tokamax_triton": 70.0})]
     layers = [{"tokens": 4096, "context": None, "us": {"base": 100.0, "lora": 105.0}, "ratio": 1.05}]
@@ -40,9 +41,13 @@ def test_report_lists_variants_failures_and_targets(tmp_path):
     result["summary"] = kernels.summarize(records, layers, 0.0)
     assert result["summary"]["atmm_vs_tokamax_triton_geomean"] == pytest.approx((3.0 * 1.4) ** 0.5)
     assert result["summary"]["atmm_vs_tokamax_mosaic_geomean"] is None
+    assert result["summary"]["atmm_vs_mosaic_geomean"] == pytest.approx(20.0 / 30.0)     # the shapes it ran on
+    assert result["summary"]["mosaic_prefill_floor_fraction_min"] == pytest.approx(1.0)
+    assert result["summary"]["atmm_vs_triton_geomean"] is None
     kernels.write_report(result, tmp_path, "k")
     table = (tmp_path / "k.md").read_text()
     assert "| tokamax_mosaic | tokamax_triton |" in table and "gather_einsum" not in table
+    assert "| atmm | atmm_mosaic | atmm_static |" in table
     assert "tokamax_mosaic on 1 shapes, e.g. T4096 a: NotImplementedError: N=16" in table
     assert "| layer_T4096_ratio | 1.05 | <= 1.1 | yes |" in table
     assert "| atmm_vs_ragged_dot_geomean |" in table and json.loads((tmp_path / "k.json").read_text())["tokamax"]
