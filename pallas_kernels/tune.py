@@ -2,6 +2,7 @@
 
     python -m pallas_kernels.tune [--tokens 1 16 ...] [--budget-s 600] [--out F] [--sweep-out F]
     python -m pallas_kernels.tune --merge          # the swift-merge tiles instead
+    python -m pallas_kernels.tune --kernel mosaic  # the Mosaic GPU ATMM's tiles (a Hopper)
 
 Per (T, R) it times the shrink kernel under every shrink candidate; then the expand kernel for
 each D_out on the partial sums of the few fastest shrinks' split factors. The entry for bucket
@@ -9,6 +10,10 @@ each D_out on the partial sums of the few fastest shrinks' split factors. The en
 of the token buckets and keeps the table's other entries, so a sweep can be split over runs.
 `--merge` times every MergeTile candidate on the LLaVA-1.5 weight shapes and keeps the fastest
 per (D_in, D_out, R) in the table's "merge" section (the ATMM entries stay).
+`--kernel mosaic` times the Mosaic GPU ATMM whole (plan, shrink, expand) per (T, R, D_out): its
+shrink pipeline candidates at 128-column outputs, then the output widths under the fastest; its
+entries join the Triton ones, and the table's "kernel" (the device's default) becomes the kernel
+whose entries are faster in geometric mean over the buckets both hold.
 """
 
 import argparse
@@ -49,6 +54,10 @@ SHRINK = [(1, 128, s, 4) for s in (1, 2, 4, 8, 16, 32)] + [(1, 256, s, 4) for s 
 EXPAND = [(1, n, 4) for n in (32, 64, 128, 256, 512)] + [(1, 128, 2), (1, 256, 8)] + \
          [(16, n, 4) for n in (32, 64, 128, 256)] + [(32, n, 4) for n in (64, 128, 256)] + \
          [(64, 64, 4), (64, 128, 4), (64, 256, 8), (64, 512, 8), (128, 64, 4), (128, 128, 8), (128, 256, 8)]
+
+# Mosaic GPU: (block_k, split_k, stages) at block_n 128, then the block_n under the fastest
+MOSAIC_SHRINK = [(bk, split, stages) for bk in (64, 128) for split in (1, 2, 4, 8, 16) for stages in (2, 4)]
+MOSAIC_BLOCK_N = (64, 256)
 
 MERGE_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (5120, 5120), (5120, 13824), (13824, 5120))
 MERGE_RANKS = (64,)       # the rank barely matters to a pass that streams W; lookups take the nearest
@@ -201,6 +210,73 @@ def _sweep_expand(tokens: int, candidates: dict, out: dict, bar) -> None:
         out["expand"][(tokens, *key)] = {c: t for (k, c), t in times.items() if k == key}
 
 
+def mosaic_tile(block_k: int, split_k: int, stages: int, block_n: int = 128) -> TileConfig:
+    return TileConfig(shrink_block_t=64, block_k=block_k, split_k=split_k, shrink_stages=stages, expand_block_t=64,
+                      block_n=block_n, expand_stages=stages, kernel="mosaic")
+
+
+def _mosaic_sets(tokens: int, rank: int, d_out: int) -> list:
+    """(x, weights, slot) sets of one bucket, beyond L2 together."""
+    shape = _shape(tokens, rank, d_out)
+    first = make_inputs(shape)
+    k = _rotations(first[0].nbytes + first[1][0].a.nbytes + first[1][0].b.nbytes)
+    return [first] + [make_inputs(shape, seed=i) for i in range(1, k)]
+
+
+def sweep_mosaic(budget_s: float, tokens_list=TOKENS, on_bucket=lambda out: None) -> dict:
+    """{(T, R, D_out): {(block_k, split_k, stages, block_n): seconds}} of the whole Mosaic ATMM,
+    measured on the GPU (buckets start while within budget_s; on_bucket(out) follows each)."""
+    start, out = time.perf_counter(), {}
+    bar = _progress(len(tokens_list) * len(RANKS) * len(D_OUTS) * (len(MOSAIC_SHRINK) + len(MOSAIC_BLOCK_N)))
+    for tokens in tokens_list:
+        if time.perf_counter() - start > budget_s:
+            print(f"budget of {budget_s:.0f}s spent; buckets from T={tokens} on skipped")
+            break
+        for rank in RANKS:
+            for d_out in D_OUTS:
+                sets = _mosaic_sets(tokens, rank, d_out)
+
+                def timer(_, cand):
+                    tile = mosaic_tile(*cand)
+                    return BulkTimer(lambda x, ws, slot: atmm.lora_delta(x, ws, slot, tile=tile), sets, unroll=4)
+
+                shrinks = [(None, (*c, 128)) for c in MOSAIC_SHRINK if c[0] * c[1] * 2 <= D_IN]
+                times = _time_all(shrinks, timer, bar)
+                best = min(times, key=times.get)[1][:3] if times else (64, 1, 2)
+                times |= _time_all([(None, (*best, n)) for n in MOSAIC_BLOCK_N], timer, bar)
+                out[(tokens, rank, d_out)] = {cand: t for (_, cand), t in times.items()}
+        on_bucket(out)
+    bar.close()
+    return out
+
+
+def mosaic_entries(result: dict, command: str) -> list[dict]:
+    """The fastest Mosaic tile per (T, R, D_out) bucket, with its time."""
+    date, entries = datetime.date.today().isoformat(), []
+    for (tokens, rank, d_out), times in sorted(result.items()):
+        if times:
+            best = min(times, key=times.get)
+            key = {"tokens": tokens, "d_in": D_IN, "d_out": d_out, "rank": rank, "adapters": min(tokens, ADAPTERS)}
+            entries.append({"key": key, "tile": mosaic_tile(*best).to_dict(), "us": round(times[best] * 1e6, 2),
+                            "command": command, "date": date})
+    return entries
+
+
+def default_kernels(entries: list[dict]) -> str:
+    """The kernel whose entries are faster in geometric mean over the buckets both kernels hold
+    (an ATMM entry's time: its shrink + expand, or its whole "us"); "triton" without such buckets."""
+    times = {}
+    for e in entries:
+        kernel = e["tile"].get("kernel", "triton")
+        us = e.get("us", e.get("shrink_us", 0.0) + e.get("expand_us", 0.0))
+        times.setdefault(tuple(e["key"].values()), {})[kernel] = us
+    both = [t for t in times.values() if len(t) == 2 and min(t.values()) > 0]
+    if not both:
+        return "triton"
+    log_ratio = sum(math.log(t["mosaic"] / t["triton"]) for t in both) / len(both)
+    return "mosaic" if log_ratio < 0 else "triton"
+
+
 def _merge_sets(d_in: int, d_out: int, rank: int) -> list:
     """(kernel [D_in, D_out], a 2-slot pool of rank `rank`, slot) sets, bfloat16, beyond L2 together."""
     def one(seed):
@@ -276,6 +352,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=600.0, help="stop sweeping new buckets after this")
     p.add_argument("--out", help="table path (default: pallas_kernels/configs/<device>.json)")
     p.add_argument("--merge", action="store_true", help="sweep the swift-merge tiles (not ATMM's)")
+    p.add_argument("--kernel", choices=("triton", "mosaic"), default="triton", help="whose ATMM tiles to sweep")
     p.add_argument("--sweep-out", help="also write every measured time here (JSON)")
     args = p.parse_args(argv)
     command = ("python -m pallas_kernels.tune " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
@@ -289,19 +366,22 @@ def main(argv=None) -> None:
         print(f"wrote {len(table['entries'])} ATMM and {len(table['merge'])} merge entries to {out}", flush=True)
 
     def write_atmm(result: dict) -> None:
-        table = build_table(result, command)
-        swept = {e["key"]["tokens"] for e in table["entries"]}       # keep the buckets this run did not sweep
-        table["entries"] = [e for e in old.get("entries", []) if e["key"]["tokens"] not in swept] + table["entries"]
-        table["entries"].sort(key=lambda e: tuple(e["key"].values()))
-        table["merge"] = old.get("merge", [])
-        write(table)
+        new = mosaic_entries(result, command) if args.kernel == "mosaic" else build_table(result, command)["entries"]
+        swept = {e["key"]["tokens"] for e in new}    # keep the buckets this run did not sweep, and the other kernel's
+        kept = [e for e in old.get("entries", [])
+                if e["key"]["tokens"] not in swept or e["tile"].get("kernel", "triton") != args.kernel]
+        entries = sorted(kept + new, key=lambda e: (tuple(e["key"].values()), e["tile"].get("kernel", "triton")))
+        write({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "kernel": default_kernels(entries),
+               "entries": entries, "merge": old.get("merge", [])})
 
     if args.merge:
         result = {"merge": sweep_merge()}
         write({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                "entries": old.get("entries", []), "merge": merge_entries(result["merge"], command)})
     else:
-        result = sweep(args.budget_s, args.tokens, on_bucket=write_atmm)   # saved after every bucket
+        run = sweep_mosaic if args.kernel == "mosaic" else sweep
+        result = run(args.budget_s, args.tokens, on_bucket=write_atmm)   # saved after every bucket
+        result = {"mosaic": result} if args.kernel == "mosaic" else result
     if args.sweep_out:
         flat = {kind: [{"bucket": list(b), "cand": list(c), "us": round(t * 1e6, 2)}
                        for b, times in d.items() for c, t in times.items()]

@@ -367,6 +367,33 @@ def test_merge_sweep_writes_the_fastest_tile_and_keeps_the_atmm_entries(tmp_path
     assert again["merge"] == table["merge"] and atmm_entry in again["entries"] and len(again["entries"]) > 1
 
 
+def test_mosaic_sweep_joins_the_triton_entries_and_names_the_faster_default(tmp_path, monkeypatch):
+    """`tune --kernel mosaic` on made-up times (no GPU): a Mosaic entry per swept bucket (the
+    fastest pipeline, then the fastest output width under it) beside the Triton entries, which
+    stay; the table's default kernel is the one faster over the buckets both hold."""
+    from pallas_kernels import tune
+
+    def fake_time_all(jobs, make_timer, bar):
+        bar.update(len(jobs))
+        return {(key, cand): 1e-6 * (5 + (cand[1] != 4) + (cand[3] != 256)) for key, cand in jobs}
+
+    monkeypatch.setattr(tune, "_time_all", fake_time_all)
+    monkeypatch.setattr(tune, "_mosaic_sets", lambda tokens, rank, d_out: None)
+    key = {"tokens": 16, "d_in": 4096, "d_out": 4096, "rank": 16, "adapters": 16}
+    triton = {"key": key, "tile": TileConfig().to_dict(), "shrink_us": 4.0, "expand_us": 4.0}
+    out = tmp_path / "table.json"
+    out.write_text(json.dumps({"device": "cpu", "entries": [triton], "merge": []}))
+    tune.main(["--kernel", "mosaic", "--tokens", "16", "--out", str(out)])
+    table = json.loads(out.read_text())
+    mosaic = [e for e in table["entries"] if e["tile"]["kernel"] == "mosaic"]
+    assert triton in table["entries"] and len(mosaic) == len(tune.RANKS) * len(tune.D_OUTS)
+    tile = TileConfig.from_dict(mosaic[0]["tile"])
+    assert (tile.split_k, tile.block_n, mosaic[0]["us"]) == (4, 256, 5.0)
+    assert table["kernel"] == "mosaic"                                 # 5 us against the Triton entry's 8
+    assert tune.default_kernels([triton, {**mosaic[0], "key": key, "us": 9.0}]) == "triton"
+    assert tune.default_kernels([triton]) == "triton"
+
+
 def test_tuner_saves_each_bucket_as_it_finishes(tmp_path, monkeypatch):
     """A sweep cut off in its second bucket (a device call's time limit) leaves the first one in
     the table, beside the buckets it did not sweep."""
