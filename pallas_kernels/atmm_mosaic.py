@@ -7,18 +7,21 @@ step keeps one copy) lists each block's distinct adapters per token set j (`atmm
     adapters[j, b, k] = the k-th distinct adapter of block b in set j, ascending (k < count[j, b])
     which[j, t]       = k of token t's adapter in its block's list; -1 = nothing to add
 
-    shrink (grid: blocks x split_k): for each (j, k), a TMA pipeline over the share K_p of D_in
-        feeds x[block, K_p] @ A_w[u][K_p, :RB] into one accumulator per weight (x is loaded once
-        for all weights), kept on the rows with which == k:
+    shrink (grid: blocks x split_k): one TMA pipeline over (k, step of the share K_p of D_in) feeds
+        x[block, K_p] @ A_w[u_k][K_p, :RB] into one accumulator per weight (x loaded once for all
+        the weights of a launch, as many as shared memory holds), never reset: after adapter k's
+        last step, the rows with which == k keep acc - acc after adapter k - 1's:
             h[w][j, p, block] = [BLOCK_T, RB] float32
     expand (grid: blocks x output tiles of every weight): one accumulator per [BLOCK_T, BN] tile,
-            acc = sum_j sum_k (sign_j * scale_w[u] * mask_k(sum_p h[w][j, p, block])) @ B_w[u][:RB, tile]
-        (mask_k: rows with which == k, columns < rank_w[u]) in wgmma steps, then
-            y = base tile + acc (float32), rounded once, written by TMA.
+            acc = sum_j sum_k (sign_j * scale_w[u_k] * mask_k(sum_p h[w][j, p, block])) @ B_w[u_k][:RB, tile]
+        (mask_k: rows with which == k, columns < rank_w[u_k]; the B tiles come through a 2-deep
+        pipeline over k, the base tile's load overlaps them), then y = base tile + acc (float32),
+        rounded once, written by TMA.
 
 With base, outputs are written over the base buffers (in place); with columns, over the one fused
-base, where columns no part owns are never visited. Shapes off the blocks (T % 64, D_in % 16, widths
-or columns off BN) are padded in the wrapper, a copy that serving widths never pay. bfloat16 and
+base, where columns no part owns are never visited. Shapes off the blocks are padded in the wrapper
+(T % 64: a copy of x and the outputs' rows; D_in % 16 or widths off BN: of the adapters too; fused
+columns off BN: each part apart, then scattered into the base), copies that serving widths never pay. bfloat16 and
 float16 only (wgmma operands). Adapter padding beyond a slot's rank must be finite (pools hold
 zeros there): it is read, then masked by select.
 """
@@ -35,6 +38,8 @@ from pallas_kernels.lora_reference import LoraWeight
 
 BLOCK_T = 64
 """Tokens per program: the rows of one warpgroup's wgmma."""
+SMEM_BYTES = 200 << 10
+"""Shared memory a shrink program may take (a Hopper SM has 227 KB)."""
 DTYPES = (jnp.bfloat16, jnp.float16)
 _WGMMA = plgpu.Layout.WGMMA
 
@@ -78,46 +83,50 @@ def _load_which(which, b, n_sets: int, body):
 def _shrink_body(adapters, counts, which, x, *refs, n_weights: int, n_sets: int, bk: int, k_steps: int,
                  stages: int):
     """Program (b, p): h[w][j, p, block b] for every weight w and token set j."""
-    a_refs, rank_refs, h_refs = refs[:n_weights], refs[n_weights:2 * n_weights], refs[2 * n_weights:]
+    a_refs, h_refs = refs[:n_weights], refs[n_weights:]
     rb = a_refs[0].shape[-1]
     b, p = jax.lax.axis_index("b"), jax.lax.axis_index("p")
     operand = _swizzled(min(bk, rb), x.dtype)
-    x_spec = plgpu.BlockSpec((BLOCK_T, bk), lambda s: (b, p * k_steps + s), transforms=operand)
-    a_spec = plgpu.BlockSpec((bk, rb), lambda s: (p * k_steps + s, 0), transforms=operand)
-
-    def products(u):
-        """x[block, K_p] @ A_w[u][K_p] for every w: [BLOCK_T, RB] float32 each."""
-        def scoped(*accs):
-            def step(_, x_s, *a_s):
-                for acc, a in zip(accs, a_s):
-                    plgpu.wgmma(acc, x_s, a)
-                plgpu.wgmma_wait(0)
-
-            plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=[x_spec] + [a_spec] * n_weights,
-                                max_concurrent_steps=stages)(x, *[a.at[u] for a in a_refs])
-            return tuple(acc[...] for acc in accs)
-        return pl.run_scoped(scoped, *[plgpu.ACC((BLOCK_T, rb), jnp.float32)] * n_weights)
+    x_spec = plgpu.BlockSpec((BLOCK_T, bk), lambda k, s: (b, p * k_steps + s), transforms=operand)
+    zero = plgpu.layout_cast(jnp.zeros((BLOCK_T, rb), jnp.float32), _WGMMA)
 
     def with_rows(rows):
-        def scoped(*h_s):
+        def scoped(*buffers):
+            kept, before = buffers[:n_weights], buffers[n_weights:]
             for j in range(n_sets):
                 token_k = _rows(rows[j], rb)
+                for buffer in buffers:
+                    buffer[...] = zero
 
-                def visit(k, kept):
-                    u = adapters[j, b, k]
-                    own = token_k == k
-                    return tuple(jnp.where(own, v, h) for v, h in zip(products(u), kept))
+                def products(*accs, j=j):
+                    """One pipeline over (k, K_p step) feeding x[block, K_p] @ A_w[u_k][K_p] into accs, never
+                    reset: after adapter k's last step, its rows keep acc - (acc after adapter k - 1's)."""
+                    def step(index, x_s, *a_s):
+                        k, s = index
+                        for acc, a in zip(accs, a_s):
+                            plgpu.wgmma(acc, x_s, a)
+                        plgpu.wgmma_wait(0)
 
-                zero = plgpu.layout_cast(jnp.zeros((BLOCK_T, rb), jnp.float32), _WGMMA)
-                kept = jax.lax.fori_loop(0, counts[j, b], visit, (zero,) * n_weights)
-                for h_ref, s, value in zip(h_refs, h_s, kept):
-                    s[...] = value
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(s, h_ref.at[j, p, pl.ds(b * BLOCK_T, BLOCK_T)])
+                        @pl.when(s == k_steps - 1)
+                        def _():
+                            for acc, h, h0 in zip(accs, kept, before):
+                                now = acc[...]
+                                h[...] = jnp.where(token_k == k, now - h0[...], h[...])
+                                h0[...] = now
+
+                    a_spec = plgpu.BlockSpec((None, bk, rb), lambda k, s: (adapters[j, b, k], p * k_steps + s, 0),
+                                             transforms=operand)
+                    plgpu.emit_pipeline(step, grid=(counts[j, b], k_steps), in_specs=[x_spec] + [a_spec] * n_weights,
+                                        max_concurrent_steps=stages)(x, *a_refs)
+
+                pl.run_scoped(products, *[plgpu.ACC((BLOCK_T, rb), jnp.float32)] * n_weights)
+                plgpu.commit_smem()
+                for h_ref, h in zip(h_refs, kept):
+                    plgpu.copy_smem_to_gmem(h, h_ref.at[j, p, pl.ds(b * BLOCK_T, BLOCK_T)])
                 plgpu.wait_smem_to_gmem(0)
 
         staging = plgpu.SMEM((BLOCK_T, rb), jnp.float32, transforms=_swizzled(rb, jnp.float32))
-        pl.run_scoped(scoped, *[staging] * n_weights)
+        pl.run_scoped(scoped, *[staging] * (2 * n_weights))
 
     _load_which(which, b, n_sets, with_rows)
 
@@ -134,13 +143,17 @@ def _expand_body(adapters, counts, which, *refs, n_weights: int, signs: tuple, b
     b, tile = jax.lax.axis_index("b"), jax.lax.axis_index("n")
     n_sets = len(signs)
 
-    def weight_tile(n0, c0, h_ref, b_ref, scale_ref, rank_ref, out_ref, rows):
+    def weight_tile(n_block, c0, h_ref, b_ref, scale_ref, rank_ref, out_ref, rows):
         split_k, rb = h_ref.shape[1], h_ref.shape[-1]
         dtype = b_ref.dtype
         block = pl.ds(b * BLOCK_T, BLOCK_T)
+        target = out_ref.at[block, pl.ds(c0 + n_block * bn, bn)]
         operand = _swizzled(min(rb, bn), dtype)
 
-        def scoped(h_s, hu_s, b_s, y_s, h_bar, b_bar, y_bar):
+        def scoped(h_s, hu_s, y_s, h_bar, y_bar):
+            if has_base:                                                # in flight while the deltas accumulate
+                plgpu.copy_gmem_to_smem(target, y_s, y_bar)
+
             def accumulate(acc):
                 for j, sign in enumerate(signs):
                     plgpu.copy_gmem_to_smem(h_ref.at[j, :, block], h_s, h_bar)
@@ -148,24 +161,22 @@ def _expand_body(adapters, counts, which, *refs, n_weights: int, signs: tuple, b
                     h = sum(h_s[q] for q in range(split_k))                          # [BLOCK_T, RB] float32
                     token_k = _rows(rows[j], rb)
 
-                    def visit(k, carry):
+                    def step(index, b_s):                                # B_w[u_k]'s tile, loads pipelined over k
+                        (k,) = index
                         u = adapters[j, b, k]
-                        plgpu.copy_gmem_to_smem(b_ref.at[u, :, pl.ds(n0, bn)], b_s, b_bar)
                         keep = (token_k == k) & _columns_below(rank_ref[u], rb)
                         hu_s[...] = jnp.where(keep, h * (sign * scale_ref[u]), 0.0).astype(dtype)
                         plgpu.commit_smem()
-                        plgpu.barrier_wait(b_bar)
                         plgpu.wgmma(acc, hu_s, b_s)
                         plgpu.wgmma_wait(0)
-                        return carry
 
-                    jax.lax.fori_loop(0, counts[j, b], visit, 0)
+                    b_spec = plgpu.BlockSpec((None, rb, bn), lambda k, j=j: (adapters[j, b, k], 0, n_block),
+                                             transforms=operand)
+                    plgpu.emit_pipeline(step, grid=(counts[j, b],), in_specs=[b_spec], max_concurrent_steps=2)(b_ref)
                 return acc[...]
 
             y = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_T, bn), jnp.float32))
-            target = out_ref.at[block, pl.ds(c0 + n0, bn)]
             if has_base:
-                plgpu.copy_gmem_to_smem(target, y_s, y_bar)
                 plgpu.barrier_wait(y_bar)
                 y = y + y_s[...].astype(jnp.float32)
             y_s[...] = y.astype(y_s.dtype)
@@ -177,16 +188,14 @@ def _expand_body(adapters, counts, which, *refs, n_weights: int, signs: tuple, b
             scoped,
             plgpu.SMEM((split_k, BLOCK_T, rb), jnp.float32, transforms=_swizzled(rb, jnp.float32)),
             plgpu.SMEM((BLOCK_T, rb), dtype, transforms=operand),
-            plgpu.SMEM((rb, bn), dtype, transforms=operand),
             plgpu.SMEM((BLOCK_T, bn), out_ref.dtype, transforms=_swizzled(bn, out_ref.dtype)),
-            *[plgpu.Barrier(num_arrivals=1)] * 3)
+            *[plgpu.Barrier(num_arrivals=1)] * 2)
 
     def with_rows(rows):
         for w, (c0, *weight_refs, out_ref) in enumerate(zip(offsets, *groups, outs)):
             first, last = tile_offsets[w], tile_offsets[w + 1]
-            n0 = pl.multiple_of((tile - first) * bn, bn)
             pl.when((tile >= first) & (tile < last))(
-                functools.partial(weight_tile, n0, c0, *weight_refs, out_ref, rows))
+                functools.partial(weight_tile, tile - first, c0, *weight_refs, out_ref, rows))
 
     _load_which(which, b, n_sets, with_rows)
 
@@ -220,6 +229,21 @@ def block_plan(sets, n_slots: int, t_pad: int):
     return adapters, counts, which
 
 
+def _shrink_plan(n_weights: int, rb: int, bk: int, stages: int, itemsize: int) -> tuple[int, int, int]:
+    """(weights per shrink launch, block_k, stages) within SMEM_BYTES (the pipeline's x and adapter
+    tiles, two [BLOCK_T, RB] float32 buffers per weight): as many weights per launch as fit (x is
+    read once per launch), at the given pipeline, else 2 stages, else narrower steps."""
+    def smem(n, bk, stages):
+        return stages * (BLOCK_T * bk + n * bk * rb) * itemsize + 2 * n * BLOCK_T * rb * 4
+
+    pipelines = [(bk, stages), (bk, min(stages, 2))] + [(bk >> i, min(stages, 2)) for i in range(1, 4) if bk >> i >= 16]
+    for n in range(n_weights, 0, -1):
+        for k, st in pipelines:
+            if smem(n, k, st) <= SMEM_BYTES:
+                return n, k, st
+    return 1, *pipelines[-1]
+
+
 def _pad_to(a, shape):
     return a if a.shape == tuple(shape) else jnp.pad(a, [(0, n - d) for d, n in zip(a.shape, shape)])
 
@@ -241,8 +265,10 @@ def lora_delta_mosaic(x, weights, sets, *, block_k: int, split_k: int, block_n: 
     if n_tokens == 0:
         return tuple(base) if base is not None else tuple(jnp.zeros((0, d), x.dtype) for d in widths)
     t_pad = _cdiv(n_tokens, BLOCK_T) * BLOCK_T
+    rb = max(max(16, 1 << (w.a.shape[-1] - 1).bit_length()) for w in weights)
+    block_n = min(block_n, max(16, 16384 // rb))            # the expand's two B tiles in flight: <= 64 KB
     bn = _pow2_divisor(int(np.gcd.reduce(widths + list(columns or []))), block_n)
-    if columns is not None and (bn < 16 or t_pad != n_tokens):      # off the blocks: per-part, then scatter
+    if columns is not None and bn < 16:                      # parts off the blocks: per part, then scattered
         parts = [base[0][:, c:c + d] for c, d in zip(columns, widths)]
         ys = lora_delta_mosaic(x, weights, sets, block_k=block_k, split_k=split_k, block_n=block_n,
                                stages=stages, interpret=interpret, base=parts)
@@ -252,10 +278,11 @@ def lora_delta_mosaic(x, weights, sets, *, block_k: int, split_k: int, block_n: 
         return (out,)
     if bn < 16:
         bn = min(block_n, max(16, 1 << (min(widths) - 1).bit_length()))
-    bk = max(16, _pow2_divisor(d_in, block_k))
+    per_launch, bk, stages = _shrink_plan(len(weights), rb, max(16, _pow2_divisor(d_in, block_k)), stages,
+                                          x.dtype.itemsize)
+    split_k = min(split_k, max(1, 256 // rb))                # the expand holds a block's partial sums: <= 64 KB
     split = _pow2_divisor(max(1, d_in // bk), split_k)
     d_pad = _cdiv(d_in, bk * split) * bk * split
-    rb = max(max(16, 1 << (w.a.shape[-1] - 1).bit_length()) for w in weights)
     n_slots = weights[0].a.shape[0]
     n_pads = [_cdiv(d, bn) * bn for d in widths]
     weights = [LoraWeight(_pad_to(w.a, (n_slots, d_pad, rb)), _pad_to(w.b, (n_slots, rb, n)),
@@ -263,18 +290,20 @@ def lora_delta_mosaic(x, weights, sets, *, block_k: int, split_k: int, block_n: 
     adapters, counts, which = block_plan([s for s, _ in sets], n_slots, t_pad)
     n_blocks, n_sets = t_pad // BLOCK_T, len(sets)
     plan = (adapters, counts, which)
-    grid = dict(interpret=interpret)
-
-    hs = _launch(
-        functools.partial(_shrink_body, n_weights=len(weights), n_sets=n_sets, bk=bk,
-                          k_steps=d_pad // bk // split, stages=stages),
-        (*plan, _pad_to(x, (t_pad, d_pad)), *[w.a for w in weights], *[w.rank for w in weights]),
-        [jax.ShapeDtypeStruct((n_sets, split, t_pad, rb), jnp.float32)] * len(weights),
-        grid=(n_blocks, split), names=("b", "p"), in_place=False, **grid)
+    x = _pad_to(x, (t_pad, d_pad))
+    hs = []
+    for first in range(0, len(weights), per_launch):
+        group = weights[first:first + per_launch]
+        hs += _launch(
+            functools.partial(_shrink_body, n_weights=len(group), n_sets=n_sets, bk=bk, k_steps=d_pad // bk // split,
+                              stages=stages),
+            (*plan, x, *[w.a for w in group]),
+            [jax.ShapeDtypeStruct((n_sets, split, t_pad, rb), jnp.float32)] * len(group),
+            grid=(n_blocks, split), names=("b", "p"), in_place=False, interpret=interpret)
 
     tiles = tuple(int(t) for t in np.cumsum([0] + [n // bn for n in n_pads]))
     if columns is not None:
-        outs = [base[0]]
+        outs = [_pad_to(base[0], (t_pad, base[0].shape[1]))]
     elif base is not None:
         outs = [_pad_to(y, (t_pad, n)) for y, n in zip(base, n_pads)]
     elif poison:
@@ -285,8 +314,7 @@ def lora_delta_mosaic(x, weights, sets, *, block_k: int, split_k: int, block_n: 
         functools.partial(_expand_body, n_weights=len(weights), signs=tuple(sign for _, sign in sets), bn=bn,
                           tile_offsets=tiles, columns=columns, has_base=base is not None),
         (*plan, *hs, *[w.b for w in weights], *[w.scale for w in weights], *[w.rank for w in weights]),
-        outs, grid=(n_blocks, tiles[-1]), names=("b", "n"),
-        in_place=base is not None or poison, **grid)
+        outs, grid=(n_blocks, tiles[-1]), names=("b", "n"), in_place=base is not None or poison, interpret=interpret)
     if columns is not None:
-        return ys
+        return (ys[0][:n_tokens],)
     return tuple(y[:n_tokens, :d] for y, d in zip(ys, widths))

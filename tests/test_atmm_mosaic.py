@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import PAD_SLOT, TileConfig, lora_delta
+from pallas_kernels import PAD_SLOT, TileConfig, atmm_mosaic, lora_delta
 from pallas_kernels.atmm import _lora_delta
 from pallas_kernels.atmm_mosaic import BLOCK_T, block_plan
 from pallas_kernels.testing import CASES, FUSED_CASES, Case, check, check_fused, make_problem
@@ -73,6 +73,17 @@ def test_fused_columns_on_the_blocks_every_kind_of_token():
     slot = rng.choice([PAD_SLOT, -1, 0, 1, 2, 3], size=128).astype(np.int32)
     case = Case(128, 64, (64, 32), 16, 4, layout="segments", mixture=True, dtype="bfloat16")   # q 64 | k 32 | v 32
     check_fused(case, (0, 96), 128, seed=5, tile=MOSAIC, interpret=True, slot=slot)
+
+
+def test_weights_split_over_shrink_launches_when_shared_memory_is_short(monkeypatch):
+    """With too little shared memory for every weight's buffers, the weights share x over several
+    shrink launches, first trading pipeline depth and step width; the result does not change."""
+    monkeypatch.setattr(atmm_mosaic, "SMEM_BYTES", 48 << 10)
+    assert atmm_mosaic._shrink_plan(3, 32, 64, 3, 2) == (2, 32, 2)          # 2 launches: q and k, then v
+    assert atmm_mosaic._shrink_plan(2, 16, 64, 3, 2) == (2, 64, 2)
+    assert atmm_mosaic._shrink_plan(1, 128, 128, 3, 2) == (1, 16, 2)        # nothing fits: the smallest pipeline
+    check(Case(66, 96, (64, 32, 48), 32, 5, layout="segments", dtype="bfloat16", mixture=True), seed=13,
+          tile=MOSAIC_WIDE, interpret=True, with_base=True)
 
 
 def test_public_op_and_refusals():
@@ -135,14 +146,16 @@ def _lowered(fn, *args) -> str:
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("case, columns, width", [
-    (Case(64, 4096, (4096, 1024, 1024), 16, 8, dtype="bfloat16"), (0, 4096, 5120), 6144),   # decode q/k/v
-    (Case(64, 4096, (11008, 11008), 64, 8, dtype="bfloat16", mixture=True), (0, 11008), 22016),
-    (Case(256, 4096, (4096,), 128, 8, dtype="bfloat16"), None, None),                        # prefill o_proj
-    (Case(128, 3584, (18944,), 16, 4, dtype="float16", mixture=True), None, None),           # Qwen2.5-7B MLP
-], ids=["decode-qkv", "decode-gate-up-mixture", "prefill-r128", "qwen-mlp-f16"])
-def test_lowers_for_hopper(case, columns, width):
-    """Two Mosaic GPU kernels (shrink, expand) per call; with a base, the output aliases it."""
+@pytest.mark.parametrize("case, columns, width, launches", [
+    (Case(64, 4096, (4096, 1024, 1024), 16, 8, dtype="bfloat16"), (0, 4096, 5120), 6144, 2),   # decode q/k/v
+    (Case(64, 4096, (11008, 11008), 64, 8, dtype="bfloat16", mixture=True), (0, 11008), 22016, 2),
+    (Case(256, 4096, (4096,), 128, 8, dtype="bfloat16"), None, None, 2),                        # prefill o_proj
+    (Case(128, 3584, (18944,), 16, 4, dtype="float16", mixture=True), None, None, 2),           # Qwen2.5-7B MLP
+    (Case(256, 4096, (4096, 4096, 4096), 128, 4, dtype="bfloat16"), (0, 4096, 8192), 12288, 3),
+], ids=["decode-qkv", "decode-gate-up-mixture", "prefill-r128", "qwen-mlp-f16", "qkv-r128-two-shrinks"])
+def test_lowers_for_hopper(case, columns, width, launches):
+    """A shrink and an expand kernel per call (two shrinks where one would not fit shared memory:
+    q/k/v at rank 128); with a base, the output aliases it."""
     x, weights, slot, merged = make_problem(case, seed=0)
     base = None
     if columns is not None:
@@ -151,5 +164,5 @@ def test_lowers_for_hopper(case, columns, width):
     fn = functools.partial(_lora_delta, mixture=case.mixture, tile=tile, interpret=False,
                            columns=columns)
     text = _lowered(fn, x, weights, slot, jnp.int32(merged), base)
-    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 2
+    assert len(re.findall(r"custom_call @mosaic_gpu", text)) == launches
     assert ("output_operand_alias" in text) == (base is not None)
