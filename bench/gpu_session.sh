@@ -18,7 +18,7 @@
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
 #   bash bench/gpu_session.sh tune-mosaic                 (the Mosaic ATMM's tiles; the table's default kernel follows)
-#   bash bench/gpu_session.sh mosaic                      (the Mosaic GPU ATMM's checks on the GPU, a Hopper)
+#   bash bench/gpu_session.sh mosaic                      (the Mosaic GPU ATMM's and merge's checks, a Hopper)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side, both kernels on a Hopper)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison; each call
 #                                                          adds the workloads bench/results/e2e.json lacks;
@@ -97,7 +97,7 @@ for stage in "$@"; do
                      $limit python3 bench/prefill_attention.py --out bench/results/prefill_attention ;;
         decode)  $limit python3 -m bench.gpu_smoke --kernels decode &&
                      $limit python3 bench/decode_attention.py --out bench/results/decode_attention ;;
-        mosaic)  $limit python3 -m bench.gpu_smoke --kernels atmm-mosaic ;;
+        mosaic)  $limit python3 -m bench.gpu_smoke --kernels mosaic ;;
         segment) $limit python3 -m bench.gpu_smoke --kernels segment &&
                      $limit python3 bench/segment_attention.py --out bench/results/segment_attention ;;
         switch)  $limit python3 bench/switch.py --preset llava-1.5-7b --rank 64 --out bench/results/switch ;;

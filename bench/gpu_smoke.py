@@ -5,7 +5,8 @@ tests/test_decode_attention.py and tests/test_segment_attention.py, compiled for
 Interpret mode does not enforce the GPU's constraints (power-of-2 blocks, dot shapes, the bf16
 small-contraction trap), so this runs the same random problems, from tiny to LLaVA-sized, under
 several tiles on the device. Usage:
-python3 -m bench.gpu_smoke [--kernels atmm,atmm-mosaic,merge,attention,decode,segment]
+python3 -m bench.gpu_smoke [--kernels atmm,merge,mosaic,attention,decode,segment]
+(mosaic: the ATMM and merge grids on the Mosaic GPU kernels, 16-bit, on a Hopper)
 (exit status 1 on any failure)
 """
 
@@ -17,7 +18,7 @@ import traceback
 
 
 from pallas_kernels import MergeTile, TileConfig
-from pallas_kernels.tiling import heuristic_mosaic_tile
+from pallas_kernels.tiling import MOSAIC_MERGE_TILE, heuristic_mosaic_tile
 from pallas_kernels.testing import CASES as BASE_CASES
 from pallas_kernels.testing import (ATTENTION_CASES, DECODE_CASES, FUSED_CASES, MERGE_CASES, MERGE_PARTS_CASES,
                                     SEGMENT_CASES, AttentionCase, Case, DecodeCase, MergeCase, MergePartsCase,
@@ -89,6 +90,12 @@ SEGMENT = SEGMENT_CASES + [                                             # the Qw
 ]
 
 
+def _mosaic_merge(case):
+    """A merge case on the Mosaic kernel (its default tile where the case has none), in 16-bit floats."""
+    tile = MOSAIC_MERGE_TILE if case.tile is None else dataclasses.replace(case.tile, kernel="mosaic")
+    return dataclasses.replace(case, tile=tile, dtype="bfloat16" if case.dtype == "float32" else case.dtype)
+
+
 def _run(label: str, fn) -> bool:
     t0 = time.perf_counter()
     try:
@@ -103,7 +110,7 @@ def _run(label: str, fn) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    known = {"atmm", "atmm-mosaic", "merge", "attention", "decode", "segment"}
+    known = {"atmm", "merge", "mosaic", "attention", "decode", "segment"}
     p.add_argument("--kernels", default="atmm,merge,attention,decode,segment",
                    help=f"which checks: {', '.join(sorted(known))}")
     kernels = set(p.parse_args(argv).kernels.split(","))
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
         results += [_run(f"{case} columns={columns}  tile={tile}", lambda case=case, c=columns, w=width, tile=tile:
                          check_fused(case, c, w, seed=case.tokens + 9, tile=tile))
                     for case, columns, width in FUSED for tile in TILES]
-    if "atmm-mosaic" in kernels:                                        # 16-bit floats: wgmma operands
+    if "mosaic" in kernels:                                             # 16-bit floats: wgmma operands
         half = [c if c.dtype != "float32" else dataclasses.replace(c, dtype="bfloat16") for c in CASES]
         tile_for = lambda case, tile: heuristic_mosaic_tile(case.tokens, case.d_in, case.max_rank) \
             if tile == "heuristic" else tile
@@ -128,6 +135,10 @@ def main(argv=None) -> int:
         results += [_run(f"{case} columns={columns}  tile={tile}", lambda case=case, c=columns, w=width, tile=tile:
                          check_fused(case, c, w, seed=case.tokens + 9, tile=tile_for(case, tile)))
                     for case, columns, width in FUSED if case.dtype != "float32" for tile in MOSAIC_TILES]
+        results += [_run(f"{case} mosaic", lambda case=case: check_merge(_mosaic_merge(case), seed=case.d_in))
+                    for case in MERGES]
+        results += [_run(f"{case} mosaic", lambda case=case: check_merge_parts(_mosaic_merge(case), seed=case.d_in))
+                    for case in MERGE_PARTS]
     if "merge" in kernels:
         results += [_run(str(case), lambda case=case: check_merge(case, seed=case.d_in)) for case in MERGES]
         results += [_run(str(case), lambda case=case: check_merge_parts(case, seed=case.d_in)) for case in MERGE_PARTS]

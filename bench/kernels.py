@@ -28,7 +28,7 @@ import numpy as np
 
 from pallas_kernels import lora_delta
 from pallas_kernels.problems import Shape, flops, floor_bytes, make_inputs
-from pallas_kernels.tiling import KERNELS, STATIC_TILE, device_kernels
+from pallas_kernels.tiling import KERNELS, STATIC_TILE, device_kernels, runs_mosaic
 from pallas_kernels.timing import BulkTimer, compile_all, copy_bandwidth, harness_overhead, time_op
 from valora_jax.versions import stack_versions, versions_line
 
@@ -112,10 +112,8 @@ def _gather_bytes(s: Shape) -> int:
 def other_kernels() -> str | None:
     """The ATMM kernels this device does not run by default, where it can run them (Mosaic GPU
     needs a Hopper); None where it cannot."""
-    device = jax.devices()[0]
-    other = "triton" if device_kernels(device.device_kind) == "mosaic" else "mosaic"
-    hopper = str(getattr(device, "compute_capability", "")).startswith("9.")
-    return other if other == "triton" or hopper else None
+    other = "triton" if device_kernels(jax.devices()[0].device_kind) == "mosaic" else "mosaic"
+    return other if other == "triton" or runs_mosaic() else None
 
 
 def _variants(shape: Shape, static) -> dict:
@@ -124,7 +122,7 @@ def _variants(shape: Shape, static) -> dict:
            "atmm_static": lambda x, w, s: lora_delta(x, w, s, tile=static),
            "ragged_dot": ragged_dot_delta, "gather_einsum": gather_delta, "dense_loop": dense_loop_delta}
     if (other := other_kernels()) is not None:
-        out[f"atmm_{other}"] = lambda x, w, s: lora_delta(x, w, s, kernel=other)
+        out[f"atmm_{other}"] = lambda x, w, s: lora_delta(x, w, s, kernels=other)
     if tokamax is not None:
         out.update({f"tokamax_{impl}": tokamax_delta(impl) for impl in TOKAMAX_IMPLEMENTATIONS})
     if _gather_bytes(shape) > (2 << 30):

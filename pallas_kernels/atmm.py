@@ -390,7 +390,7 @@ def lora_delta(
     interpret: bool = False,
     base: Sequence[jax.Array] | None = None,
     columns: Sequence[int] | None = None,
-    kernel: str | None = None,
+    kernels: str | None = None,
 ) -> tuple[jax.Array, ...]:
     """LoRA deltas of several weights sharing the input x, by the ATMM kernels.
 
@@ -416,7 +416,7 @@ def lora_delta(
         required, exactly one [T, N] array in x.dtype (the fused base projection).
       columns: optional static ints, weight w's first output column in the fused output; the
         parts' ranges [columns[w], columns[w] + D_out_w) must lie in [0, N) and not overlap.
-      kernel: with tile None, whose tiles to pick: "triton", "mosaic" (bfloat16 / float16 only) or
+      kernels: with tile None, whose tiles to pick: "triton", "mosaic" (bfloat16 / float16 only) or
         None = the device's (tiling.device_kernels).
     Returns: one [T, D_out_w] array per weight, in x.dtype; with columns, a tuple of one [T, N]
       array, base[0] with each weight's delta added at its columns (float32 accumulation, written
@@ -441,7 +441,7 @@ def lora_delta(
         n_slots = weights[0].a.shape[0]
         tile = pick_tile(n_tokens, d_in, sum(w.b.shape[-1] for w in weights),
                          max(w.a.shape[-1] for w in weights), min(n_slots, n_tokens),
-                         device_kind="interpret" if interpret else None, kernel=kernel)
+                         device_kind="interpret" if interpret else None, kernels=kernels)
     return _lora_delta(x, weights, jnp.asarray(slot), merged_slot, base, mixture=mixture, tile=tile,
                        interpret=interpret, columns=columns)
 

@@ -11,6 +11,9 @@ write and re-read the product. The tile shape comes from the device's tuned tabl
 (`MergeTile`, `pick_merge_tile`). The slot is read on the device, so one compiled merge serves
 every slot.
 
+A MergeTile(kernel="mosaic") runs the same merge on Mosaic GPU instead (`merge_mosaic.py`: TMA
+pipelines and wgmma, Hopper).
+
 `merge_parts` does the same for a fused weight [D_in, N] (q/k/v, gate/up) in one launch: each
 part p with an adapter (A_p [S, D_in, R_p], B_p [S, R_p, D_out_p]) is folded into its columns
 [columns[p], columns[p] + D_out_p) from the base kernel; the other columns keep the merged copy's
@@ -28,6 +31,7 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.atmm import _FLOAT_DTYPES, _cdiv, _check_columns, _ignore_aliased_inputs, _pad_rank
 from pallas_kernels.lora_reference import LoraWeight
+from pallas_kernels.merge_mosaic import merge_mosaic
 from pallas_kernels.tiling import MergeTile, pick_merge_tile
 
 
@@ -119,12 +123,16 @@ def _merge_call(kernel, parts, slot, columns: tuple, *, tile: MergeTile, interpr
 
 @functools.partial(jax.jit, static_argnames=("tile", "interpret", "poison"))
 def _merge(kernel, w, slot, *, tile: MergeTile, interpret: bool, poison: bool = False):
+    if tile.kernel == "mosaic":                     # a fresh output: NaN when interpreted
+        return merge_mosaic(kernel, None, (w,), slot, columns=(0,), tile=tile, interpret=interpret)
     over = jnp.full(kernel.shape, jnp.nan, kernel.dtype) if poison else None   # tests: unwritten stays NaN
     return _merge_call(kernel, [w], slot, (0,), tile=tile, interpret=interpret, over=over)
 
 
 @functools.partial(jax.jit, static_argnames=("columns", "tile", "interpret"))
 def _merge_parts(kernel, merged, parts, slot, *, columns: tuple, tile: MergeTile, interpret: bool):
+    if tile.kernel == "mosaic":
+        return merge_mosaic(kernel, merged, parts, slot, columns=columns, tile=tile, interpret=interpret)
     return _merge_call(kernel, parts, slot, columns, tile=tile, interpret=interpret, over=merged)
 
 
@@ -158,7 +166,7 @@ def _check_slot(slot, n_slots: int):
 
 
 def merge_weight(kernel: jax.Array, w: LoraWeight, slot, *, tile: MergeTile | None = None,
-                 interpret: bool = False) -> jax.Array:
+                 interpret: bool = False, kernels: str | None = None) -> jax.Array:
     """`merge_weight_reference` by one Pallas kernel (see the module docstring):
 
         W_m = kernel + scale[s] * A[s][:, :rank[s]] @ B[s][:rank[s], :]      (s = slot)
@@ -168,8 +176,10 @@ def merge_weight(kernel: jax.Array, w: LoraWeight, slot, *, tile: MergeTile | No
       kernel: [D_in, D_out] float32 / bfloat16 / float16 base weight.
       w: LoraWeight with a [S, D_in, R] and b [S, R, D_out] in kernel's dtype, scale [S], rank [S].
       slot: int32 scalar, the slot to fold in (a host int is checked against [0, S)).
-      tile: the launch; None: `pick_merge_tile` for this shape (the device's tuned table).
+      tile: the launch and its kernel (Triton or Mosaic GPU: bfloat16 / float16 only); None:
+        `pick_merge_tile` for this shape (the device's tuned table).
       interpret: run in the Pallas interpreter (CPU tests).
+      kernels: with tile None, whose tile: "triton", "mosaic" or None = the device's.
     Returns: [D_in, D_out] in kernel.dtype.
     Raises: ValueError for inconsistent shapes or dtypes, or a host slot outside [0, S).
     """
@@ -178,12 +188,12 @@ def merge_weight(kernel: jax.Array, w: LoraWeight, slot, *, tile: MergeTile | No
     n_slots = _check_adapter(kernel, w, d_out, "w")
     _check_slot(slot, n_slots)
     if tile is None:
-        tile = pick_merge_tile(d_in, d_out, w.a.shape[-1], "interpret" if interpret else None)
+        tile = pick_merge_tile(d_in, d_out, w.a.shape[-1], "interpret" if interpret else None, kernels)
     return _merge(kernel, w, slot, tile=tile, interpret=interpret)
 
 
 def merge_parts(kernel: jax.Array, merged: jax.Array, parts: Sequence[LoraWeight], columns: Sequence[int], slot,
-                *, tile: MergeTile | None = None, interpret: bool = False) -> jax.Array:
+                *, tile: MergeTile | None = None, interpret: bool = False, kernels: str | None = None) -> jax.Array:
     """`merge_parts_reference` by one Pallas kernel: one slot folded into the parts of a fused weight.
 
         out[:, c_p : c_p + D_out_p] = kernel[:, c_p : c_p + D_out_p]
@@ -201,8 +211,10 @@ def merge_parts(kernel: jax.Array, merged: jax.Array, parts: Sequence[LoraWeight
       columns: static ints, part p's first column; the ranges [columns[p], columns[p] + D_out_p)
         must lie in [0, N) and not overlap.
       slot: int32 scalar, the slot to fold in (a host int is checked against [0, S)).
-      tile: the launch; None: `pick_merge_tile` for D_in, the parts' total width and largest R.
+      tile: the launch and its kernel (Triton or Mosaic GPU: bfloat16 / float16 only); None:
+        `pick_merge_tile` for D_in, the parts' total width and largest R.
       interpret: run in the Pallas interpreter (CPU tests).
+      kernels: with tile None, whose tile: "triton", "mosaic" or None = the device's.
     Returns: [D_in, N] in kernel.dtype.
     Raises: ValueError for inconsistent shapes or dtypes, bad columns, or a host slot outside [0, S).
     """
@@ -225,5 +237,5 @@ def merge_parts(kernel: jax.Array, merged: jax.Array, parts: Sequence[LoraWeight
     _check_slot(slot, n_slots)
     if tile is None:
         tile = pick_merge_tile(d_in, sum(widths), max(w.a.shape[-1] for w in parts),
-                               "interpret" if interpret else None)
+                               "interpret" if interpret else None, kernels)
     return _merge_parts(kernel, merged, parts, slot, columns=columns, tile=tile, interpret=interpret)

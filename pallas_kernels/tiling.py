@@ -5,12 +5,13 @@ The table (`configs/<device kind>.json`, written by `python -m pallas_kernels.tu
 buckets to the fastest measured tile. Lookup is pure Python on static shapes (no device sync):
 
     bucket(T, D_in, D_out, R, n) = the table entry nearest in log2 space, tokens weighing most
-    pick_tile(...)                = that entry's tile, or the kernel's heuristic tile when the table has
-                                    no entry within one octave of T (or none for this device)
+    pick_tile(...)                = that entry's tile, or the kernels' heuristic tile when the table
+                                    has no entry within one octave of T (or none for this device)
+    pick_merge_tile(D_in, D_out, R) = the nearest merge entry's tile, or the kernels' default tile
 
-A tile names its kernels (TileConfig.kernel: the Triton-lowered ATMM or the Mosaic GPU one); the
-table's "kernel" says which a device runs by default, and a lookup sees only that kernel's entries.
-    pick_merge_tile(D_in, D_out, R) = the nearest merge entry's tile, or MergeTile() without one
+A tile names its kernels (TileConfig.kernel, MergeTile.kernel: Pallas lowered through Triton, or
+Mosaic GPU); the table's "kernel" says which a device runs by default, and a lookup sees only the
+asked kernels' entries.
 """
 
 import dataclasses
@@ -108,14 +109,24 @@ class MergeTile:
     with stages > 1 the next tile's loads overlap the current one's dot and store."""
     stages: int = 1
     """Software-pipelining depth of the loop over row tiles."""
+    kernel: str = "triton"
+    """Which kernel runs the merge: "triton" or "mosaic" (Mosaic GPU, Hopper: block_m is raised to
+    64, one warpgroup's wgmma; bfloat16 / float16; warps unused)."""
 
     def __post_init__(self):
         _require(self, ("block_m", "block_n"), lambda v: _is_pow2(v) and v >= 16, "a power of 2 >= 16")
         _require(self, ("warps",), _is_pow2, "a power of 2")
         _require(self, ("row_tiles", "stages"), lambda v: v >= 1, ">= 1")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"MergeTile.kernel={self.kernel!r} must be one of {KERNELS}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+MOSAIC_MERGE_TILE = MergeTile(block_m=64, block_n=256, row_tiles=8, stages=3, kernel="mosaic")
+"""The Mosaic merge's tile where a device has no tuned one: [64, 256] tiles, 8 down the rows per
+program (its B tile loaded once), the W and A tiles of 3 in flight."""
 
 
 def _pow2_floor(n: int) -> int:
@@ -165,9 +176,23 @@ def _table_file(device_kind: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def runs_mosaic(device=None) -> bool:
+    """Whether a device (default: JAX's first) runs the Mosaic GPU kernels: a Hopper, compute capability 9.x."""
+    device = device if device is not None else jax.devices()[0]
+    return str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def _kernels(kernels: str | None, device_kind: str) -> str:
+    """kernels, or the device's where None; ValueError unless one of KERNELS."""
+    kernels = device_kernels(device_kind) if kernels is None else kernels
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r} must be one of {KERNELS}")
+    return kernels
+
+
 def device_kernels(device_kind: str) -> str:
-    """The ATMM kernels a device runs by default (its table's "kernel": one of KERNELS), "triton"
-    for a device without a table or without that field."""
+    """The kernels (ATMM and the swift merge) a device runs by default: its table's "kernel", one
+    of KERNELS; "triton" for a device without a table or without that field."""
     return _table_file(device_kind).get("kernel", "triton")
 
 
@@ -187,20 +212,18 @@ def _distance(key: dict, query: dict) -> float:
 
 
 def pick_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int,
-              device_kind: str | None = None, kernel: str | None = None) -> TileConfig:
+              device_kind: str | None = None, kernels: str | None = None) -> TileConfig:
     """The tile for one ATMM call (pure Python on static shapes).
 
     tokens: T; d_in: D_in; d_out: total D_out of the weights sharing x; rank: padded rank R;
     adapters: an upper bound on the distinct adapters among the tokens (e.g. min(S, T));
-    kernel: one of KERNELS, None = the device's (`device_kernels`). Only that kernel's entries
-    of the table are looked at, then its heuristic.
+    kernels: one of KERNELS, None = the device's (`device_kernels`). Only those kernels' entries
+    of the table are looked at, then their heuristic.
     """
     query = {"tokens": tokens, "d_in": d_in, "d_out": d_out, "rank": rank, "adapters": adapters}
     kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
-    kernel = device_kernels(kind) if kernel is None else kernel
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel {kernel!r} must be one of {KERNELS}")
-    table = tuple(e for e in load_table(kind) if e[1].kernel == kernel)
+    kernels = _kernels(kernels, kind)
+    table = tuple(e for e in load_table(kind) if e[1].kernel == kernels)
     if table:
         key, tile = min(table, key=lambda e: _distance(e[0], query))
         per_token = tile.shrink_block_t == 1 or tile.expand_block_t == 1
@@ -208,18 +231,21 @@ def pick_tile(tokens: int, d_in: int, d_out: int, rank: int, adapters: int,
         if abs(math.log2(max(1, key["tokens"])) - math.log2(max(1, tokens))) <= 1.0 and not (
                 per_token and tokens > DECODE_TOKENS):
             return tile
-    if kernel == "mosaic":
+    if kernels == "mosaic":
         return heuristic_mosaic_tile(tokens, d_in, rank)
     return heuristic_tile(tokens, d_in, d_out, rank, adapters)
 
 
-def pick_merge_tile(d_in: int, d_out: int, rank: int, device_kind: str | None = None) -> MergeTile:
-    """The swift-merge tile for a [d_in, d_out] weight with pool rank `rank`: the tuned entry
-    nearest in log2 space, or MergeTile() when the device has none (pure Python)."""
+def pick_merge_tile(d_in: int, d_out: int, rank: int, device_kind: str | None = None,
+                    kernels: str | None = None) -> MergeTile:
+    """The swift-merge tile for a [d_in, d_out] weight with pool rank `rank`: the kernels' tuned
+    entry nearest in log2 space, or their default tile when the device has none (pure Python).
+    kernels: one of KERNELS, None = the device's (`device_kernels`)."""
     kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
-    table = load_merge_table(kind)
+    kernels = _kernels(kernels, kind)
+    table = tuple(e for e in load_merge_table(kind) if e[1].kernel == kernels)
     if not table:
-        return MergeTile()
+        return MOSAIC_MERGE_TILE if kernels == "mosaic" else MergeTile()
     query = {"d_in": d_in, "d_out": d_out, "rank": rank}
     return min(table, key=lambda e: sum(abs(math.log2(max(1, e[0][k])) - math.log2(max(1, v)))
                                         for k, v in query.items()))[1]

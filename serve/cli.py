@@ -72,8 +72,8 @@ def _runner(model, args, system=None):
     auto = lambda choice: " (auto)" if choice == "auto" else ""
     kernels = lora_kernels(runner.backend)
     kernels = f" [{kernels} ATMM kernels]" if kernels else ""
-    print(f"backends: LoRA {runner.backend}{kernels}{auto(args.backend)}, attention {runner.attention}{auto(args.attention)}, "
-          f"on JAX platform {jax.default_backend()}", file=sys.stderr)
+    print(f"backends: LoRA {runner.backend}{kernels}{auto(args.backend)}, attention {runner.attention}"
+          f"{auto(args.attention)}, on JAX platform {jax.default_backend()}", file=sys.stderr)
     return runner
 
 
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", help="checkpoint directory or preset name (default: embedded)")
     common.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="load an adapter")
     common.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
-                        help="LoRA backend (auto: pallas on a GPU, the ATMM kernels its tile table names; reference elsewhere)")
+                        help="LoRA backend (auto: pallas on a GPU, running the ATMM kernels its tile table names; "
+                             "reference elsewhere)")
     common.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                         help="paged-attention backend (auto: the pallas kernels on a GPU, reference elsewhere)")
     info = sub.add_parser("info", parents=[common], help="config, parameter counts, adapters")

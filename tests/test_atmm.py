@@ -199,12 +199,12 @@ def test_tile_lookup_sees_only_the_asked_kernels(tmp_path, monkeypatch):
     _write_table(tmp_path, monkeypatch, [(key, triton), (key, mosaic)], kernel="mosaic")
     assert tiling.device_kernels("Test GPU") == "mosaic" and tiling.device_kernels("No table GPU") == "triton"
     assert tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU") == mosaic
-    assert tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU", kernel="triton") == triton
+    assert tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU", kernels="triton") == triton
     far = tiling.pick_tile(4096, 4096, 6144, 16, 8, device_kind="Test GPU")
     assert far == tiling.heuristic_mosaic_tile(4096, 4096, 16) and far.kernel == "mosaic"
     assert tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="No table GPU").kernel == "triton"
-    with pytest.raises(ValueError, match="kernel 'cuda' must be one of"):
-        tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU", kernel="cuda")
+    with pytest.raises(ValueError, match="kernels 'cuda' must be one of"):
+        tiling.pick_tile(64, 4096, 6144, 16, 8, device_kind="Test GPU", kernels="cuda")
     tiling._table_file.cache_clear()
 
 
@@ -215,6 +215,7 @@ def test_merge_tile_lookup_nearest_shape_then_default(tmp_path, monkeypatch):
     assert tiling.pick_merge_tile(4096, 4096, 16, device_kind="Test GPU") == square
     assert tiling.pick_merge_tile(5120, 13824, 128, device_kind="Test GPU") == wide
     assert tiling.pick_merge_tile(4096, 4096, 64, device_kind="No table GPU") == tiling.MergeTile()
+    assert tiling.pick_merge_tile(4096, 4096, 64, device_kind="Test GPU", kernels="mosaic") == tiling.MOSAIC_MERGE_TILE
     with pytest.raises(ValueError, match="block_n=96"):
         tiling.MergeTile(block_n=96)
     with pytest.raises(ValueError, match="warps=3"):

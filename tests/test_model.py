@@ -229,7 +229,8 @@ def test_pallas_backend_matches_reference_through_the_model(config, loaded):
 
 def test_mosaic_kernels_match_reference_through_the_model():
     """The Mosaic GPU ATMM (interpreted) in a bfloat16 model: fused q/k/v and gate/up columns over
-    the base outputs, mixed adapters and base-model tokens, unmerged and mixture modes."""
+    the base outputs, mixed adapters and base-model tokens, unmerged and mixture modes; its swift
+    merge (one adapter replacing another) equals the jnp merge."""
     config = micro_config(dtype="bfloat16")
     runner = ModelRunner(init_model(config, seed=6))
     for s, r in enumerate((4, 16, 8)):
@@ -244,6 +245,11 @@ def test_mosaic_kernels_match_reference_through_the_model():
         ref = model(*args, LoraContext(slots, jnp.int32(merged), mode, "reference"))
         got = model(*args, LoraContext(slots, jnp.int32(merged), mode, "pallas-mosaic-interpret"))
         assert_rel_close(got, ref, jnp.bfloat16)
+    mosaic = runner.twin(backend="pallas-mosaic-interpret")       # the swift merge on the Mosaic kernel
+    mosaic.merge(1)
+    mosaic.merge(2)
+    for got, want in zip(jax.tree.leaves(mosaic.merged), jax.tree.leaves(runner.merged)):
+        assert_rel_close(got, want, jnp.bfloat16)
 
 
 def test_swift_merge_kernel_through_the_runner(loaded):

@@ -28,9 +28,9 @@ from pallas_kernels.lora_reference import PAD_SLOT, LoraWeight, lora_delta_refer
 MODES = ("unmerged", "merged", "mixture")
 BACKENDS = ("reference", "pallas", "pallas-triton", "pallas-mosaic", "pallas-static", "pallas-interpret",
             "pallas-mosaic-interpret")
-_KERNELS = {"pallas-triton": "triton", "pallas-interpret": "triton", "pallas-mosaic": "mosaic",
-            "pallas-mosaic-interpret": "mosaic"}
-"""The ATMM kernels of the explicit kernel backends ("pallas" runs the device's, see tiling.device_kernels)."""
+BACKEND_KERNELS = {"pallas-triton": "triton", "pallas-static": "triton", "pallas-interpret": "triton",
+                   "pallas-mosaic": "mosaic", "pallas-mosaic-interpret": "mosaic"}
+"""The ATMM kernels of the explicit kernel backends ("pallas" runs the device's: tiling.device_kernels)."""
 
 
 class LoraSlot(nnx.Variable):
@@ -83,8 +83,9 @@ def _kernel_lora(x: jax.Array, weights: Sequence[LoraWeight], ctx: LoraContext, 
     from pallas_kernels import STATIC_TILE, lora_delta  # needed only for the kernel backends
 
     return lora_delta(x, weights, ctx.slot, ctx.merged_slot, mixture=ctx.mode == "mixture",
-                      tile=STATIC_TILE if ctx.backend == "pallas-static" else None, kernel=_KERNELS.get(ctx.backend),
-                      interpret=ctx.backend.endswith("-interpret"), base=[base], columns=columns)[0]
+                      tile=STATIC_TILE if ctx.backend == "pallas-static" else None,
+                      kernels=BACKEND_KERNELS.get(ctx.backend), interpret=ctx.backend.endswith("-interpret"),
+                      base=[base], columns=columns)[0]
 
 
 class LoraSlots(nnx.Module):
@@ -196,12 +197,14 @@ def merge_parts(kernel: jax.Array, merged: jax.Array, weights: Sequence[LoraWeig
     """kernel [D_in, D_out] with scale_w[slot] * A_w[slot][:, :rank] @ B_w[slot][:rank] added to
     the columns of each weight w from columns[w] on, rounded once to the kernel dtype; the other
     columns are merged's [D_in, D_out] (inside a jit that donates merged, its buffer is written).
-    Plain jnp (backend "reference") or one swift-merge launch (the pallas backends)."""
+    Plain jnp (backend "reference") or one swift-merge launch (the pallas backends, on the kernels
+    they name: BACKEND_KERNELS)."""
     if backend == "reference":
         return merge_parts_reference(kernel, merged, weights, columns, slot)
     from pallas_kernels import merge_parts as merge_kernel   # needed only for the kernel backends
 
-    return merge_kernel(kernel, merged, weights, columns, slot, interpret=backend == "pallas-interpret")
+    return merge_kernel(kernel, merged, weights, columns, slot, interpret=backend.endswith("-interpret"),
+                        kernels=BACKEND_KERNELS.get(backend))
 
 
 def merged_kernel(lin: Linear, slot: jax.Array, backend: str = "reference") -> jax.Array:

@@ -26,11 +26,13 @@ import numpy as np
 from flax import nnx
 from jax import monitoring
 
+from pallas_kernels.tiling import device_kernels, runs_mosaic
 from valora_jax.adapters import Adapter, Layout, PackedAdapter, unpack
 from valora_jax.blocks import bucket
 from valora_jax.decoder import ATTENTION_BACKENDS, Block
-from valora_jax.lora import (BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight, MergedWeight,
-                             adapter_slots, merge_parts, merged_kernel, module_path, module_shapes, targeted_linears)
+from valora_jax.lora import (BACKEND_KERNELS, BACKENDS, MODES, PAD_SLOT, LoraContext, LoraSlot, LoraWeight,
+                             MergedWeight, adapter_slots, merge_parts, merged_kernel, module_path, module_shapes,
+                             targeted_linears)
 from valora_jax.model import LMM, split_model
 from valora_jax.qwen_vision import Grid, PatchLayout, patch_layout
 from valora_jax.sampling import sample
@@ -127,7 +129,7 @@ def resolve_backends(backend: str = "auto", attention: str = "auto") -> tuple[st
         elif choice in ("pallas", "pallas-triton", "pallas-mosaic", "pallas-static") and platform != "gpu":
             raise ValueError(f"{kind} backend {choice!r} runs compiled GPU kernels, but JAX's platform here is "
                              f"{platform!r}; choose 'auto', 'reference' or 'pallas-interpret'")
-        elif choice == "pallas-mosaic" and not _hopper():
+        elif choice == "pallas-mosaic" and not runs_mosaic():
             raise ValueError(f"LoRA backend 'pallas-mosaic' runs Mosaic GPU kernels for Hopper (compute capability "
                              f"9.x), but this GPU is {_device_name()}; choose 'pallas-triton' or 'pallas'")
         resolved.append(choice)
@@ -139,18 +141,11 @@ def _device_name() -> str:
     return f"{device.device_kind} (compute capability {getattr(device, 'compute_capability', 'unknown')})"
 
 
-def _hopper() -> bool:
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
-
-
 def lora_kernels(backend: str) -> str | None:
     """The ATMM kernels a LoRA backend runs ("triton" / "mosaic"), None for the reference."""
-    if backend == "reference":
-        return None
     if backend == "pallas":
-        from pallas_kernels.tiling import device_kernels       # needed only for the kernel backends
         return device_kernels(jax.devices()[0].device_kind)
-    return "mosaic" if "mosaic" in backend else "triton"
+    return BACKEND_KERNELS.get(backend)
 
 
 class Sampling(NamedTuple):
