@@ -17,7 +17,7 @@
 #   bash bench/gpu_session.sh segment                     (the Qwen-VL tower's attention: GPU checks, then vs dense)
 #   bash bench/gpu_session.sh tune                        (the tile sweep; split with TUNE_TOKENS=...)
 #   bash bench/gpu_session.sh tune-merge switch           (the swift-merge tiles, then the switch with them)
-#   bash bench/gpu_session.sh tune-mosaic                 (the Mosaic ATMM's tiles; the table's default kernel follows)
+#   bash bench/gpu_session.sh tune-mosaic                 (the Mosaic ATMM's and merge's tiles; the table's default kernels follow)
 #   bash bench/gpu_session.sh mosaic                      (the Mosaic GPU ATMM's and merge's checks, a Hopper)
 #   bash bench/gpu_session.sh kernels                     (ATMM side by side, both kernels on a Hopper)
 #   bash bench/gpu_session.sh e2e                         (the end-to-end policy comparison; each call
@@ -104,7 +104,8 @@ for stage in "$@"; do
         tune)    $limit python3 -m pallas_kernels.tune --budget-s "${TUNE_BUDGET_S:-480}" ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
         tune-merge) $limit python3 -m pallas_kernels.tune --merge ;;
         tune-mosaic) $limit python3 -m pallas_kernels.tune --kernel mosaic --budget-s "${TUNE_BUDGET_S:-480}" \
-                     ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} ;;
+                     ${TUNE_TOKENS:+--tokens $TUNE_TOKENS} &&
+                 $limit python3 -m pallas_kernels.tune --kernel mosaic --merge ;;
         kernels) if ls .whl/tokamax/*.whl >/dev/null 2>&1; then
                      python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-tokamax \
                          .whl/tokamax/*.whl

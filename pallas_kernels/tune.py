@@ -2,7 +2,7 @@
 
     python -m pallas_kernels.tune [--tokens 1 16 ...] [--budget-s 600] [--out F] [--sweep-out F]
     python -m pallas_kernels.tune --merge          # the swift-merge tiles instead
-    python -m pallas_kernels.tune --kernel mosaic  # the Mosaic GPU ATMM's tiles (a Hopper)
+    python -m pallas_kernels.tune --kernel mosaic [--merge]   # the Mosaic GPU kernels' tiles (a Hopper)
 
 Per (T, R) it times the shrink kernel under every shrink candidate; then the expand kernel for
 each D_out on the partial sums of the few fastest shrinks' split factors. The entry for bucket
@@ -66,6 +66,10 @@ MERGE_RANKS = (64,)       # the rank barely matters to a pass that streams W; lo
 _MERGE_TILES = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (64, 128, 256, 512, 1024) for w in (4, 8)
                 if 2048 <= bm * bn <= 4096 * w]
 MERGE = [(*t, 1, 1) for t in _MERGE_TILES] + [(*t, 4, 3) for t in _MERGE_TILES if t[0] <= 64]
+# Mosaic GPU (warps unused): one warpgroup's [BM, BN] accumulator of at most 128 registers a thread,
+# 1 to 8 row tiles down a column block, pipelines 2 or 3 deep
+MOSAIC_MERGE = [(bm, bn, 4, rows, stages, "mosaic") for bm in (64, 128) for bn in (64, 128, 256) if bm * bn <= 16384
+                for rows in (1, 4, 8) for stages in (2, 3)]
 
 
 def _fits(block_t: int, tokens: int) -> bool:
@@ -288,16 +292,16 @@ def _merge_sets(d_in: int, d_out: int, rank: int) -> list:
     return [one(i) for i in range(_rotations(2 * d_in * d_out))]
 
 
-def sweep_merge() -> dict:
-    """{(D_in, D_out, R): {(block_m, block_n, warps, row_tiles, stages): seconds}} for every MERGE candidate."""
+def sweep_merge(candidates=MERGE) -> dict:
+    """{(D_in, D_out, R): {MergeTile fields: seconds}} for every candidate (MERGE or MOSAIC_MERGE)."""
     shapes = [(d_in, d_out, r) for d_in, d_out in MERGE_SHAPES for r in MERGE_RANKS]
-    bar = _progress(len(shapes) * len(MERGE))
+    bar = _progress(len(shapes) * len(candidates))
     out = {}
     for shape in shapes:
         sets = _merge_sets(*shape)
         timer = lambda shape, cand: BulkTimer(functools.partial(merge._merge, tile=MergeTile(*cand), interpret=False),
                                               sets, unroll=4)
-        out[shape] = {c: t for (_, c), t in _time_all([(shape, c) for c in MERGE], timer, bar).items()}
+        out[shape] = {c: t for (_, c), t in _time_all([(shape, c) for c in candidates], timer, bar).items()}
         del sets
     bar.close()
     return out
@@ -352,7 +356,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=600.0, help="stop sweeping new buckets after this")
     p.add_argument("--out", help="table path (default: pallas_kernels/configs/<device>.json)")
     p.add_argument("--merge", action="store_true", help="sweep the swift-merge tiles (not ATMM's)")
-    p.add_argument("--kernel", choices=("triton", "mosaic"), default="triton", help="whose ATMM tiles to sweep")
+    p.add_argument("--kernel", choices=("triton", "mosaic"), default="triton", help="whose tiles to sweep")
     p.add_argument("--sweep-out", help="also write every measured time here (JSON)")
     args = p.parse_args(argv)
     command = ("python -m pallas_kernels.tune " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
@@ -375,9 +379,11 @@ def main(argv=None) -> None:
                "entries": entries, "merge": old.get("merge", [])})
 
     if args.merge:
-        result = {"merge": sweep_merge()}
+        result = {"merge": sweep_merge(MOSAIC_MERGE if args.kernel == "mosaic" else MERGE)}
+        kept = [e for e in old.get("merge", []) if e["tile"].get("kernel", "triton") != args.kernel]
         write({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "entries": old.get("entries", []), "merge": merge_entries(result["merge"], command)})
+               "kernel": default_kernels(old.get("entries", [])), "entries": old.get("entries", []),
+               "merge": kept + merge_entries(result["merge"], command)})
     else:
         run = sweep_mosaic if args.kernel == "mosaic" else sweep
         result = run(args.budget_s, args.tokens, on_bucket=write_atmm)   # saved after every bucket

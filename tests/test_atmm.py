@@ -371,7 +371,8 @@ def test_merge_sweep_writes_the_fastest_tile_and_keeps_the_atmm_entries(tmp_path
 def test_mosaic_sweep_joins_the_triton_entries_and_names_the_faster_default(tmp_path, monkeypatch):
     """`tune --kernel mosaic` on made-up times (no GPU): a Mosaic entry per swept bucket (the
     fastest pipeline, then the fastest output width under it) beside the Triton entries, which
-    stay; the table's default kernel is the one faster over the buckets both hold."""
+    stay; the table's default kernel is the one faster over the buckets both hold. `--merge` adds
+    the Mosaic merge's tiles beside the Triton ones in the same way."""
     from pallas_kernels import tune
 
     def fake_time_all(jobs, make_timer, bar):
@@ -393,6 +394,14 @@ def test_mosaic_sweep_joins_the_triton_entries_and_names_the_faster_default(tmp_
     assert table["kernel"] == "mosaic"                                 # 5 us against the Triton entry's 8
     assert tune.default_kernels([triton, {**mosaic[0], "key": key, "us": 9.0}]) == "triton"
     assert tune.default_kernels([triton]) == "triton"
+    triton_merge = {"key": {"d_in": 4096, "d_out": 4096, "rank": 64}, "tile": tiling.MergeTile().to_dict()}
+    out.write_text(json.dumps({**table, "merge": [triton_merge]}))
+    monkeypatch.setattr(tune, "_merge_sets", lambda *shape: None)
+    tune.main(["--kernel", "mosaic", "--merge", "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert merged["entries"] == table["entries"] and merged["kernel"] == "mosaic" and triton_merge in merged["merge"]
+    mosaic_merge = [tiling.MergeTile(**e["tile"]) for e in merged["merge"] if e["tile"]["kernel"] == "mosaic"]
+    assert len(mosaic_merge) == len(tune.MERGE_SHAPES) * len(tune.MERGE_RANKS)
 
 
 def test_tuner_saves_each_bucket_as_it_finishes(tmp_path, monkeypatch):
