@@ -32,12 +32,12 @@ def _half(cases):
 
 
 M = functools.partial(MergeTile, kernel="mosaic")
-WEIGHT_CASES = _half(MERGE_CASES) + [
+WEIGHT_CASES = _half(MERGE_CASES[1:4]) + [                                  # ragged, R < 16, R 128
     MergeCase(192, 96, 16, 3, "bfloat16", M(64, 32, row_tiles=2, stages=2)),   # ragged last program
     MergeCase(128, 160, 48, 3, "float16", M(128, 256, stages=2)),              # BM 128, BN 32 divides 160
     MergeCase(64, 256, 128, 2, "bfloat16", M(16, 256)),                        # block_m raised to 64, R 128
 ]
-PARTS_CASES = _half(MERGE_PARTS_CASES) + [
+PARTS_CASES = _half(MERGE_PARTS_CASES[1:3] + MERGE_PARTS_CASES[4:]) + [     # ragged, row loop, gaps, order
     MergePartsCase(128, (64, 32), (32, 128), 192, (24, 16), 3, "bfloat16",
                    tile=M(64, 64, row_tiles=2, stages=2)),                    # gaps on both sides
     MergePartsCase(192, (64, 32, 32), (0, 96, 160), 224, (16, 8, 48), 3, "float16",
