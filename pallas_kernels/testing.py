@@ -22,6 +22,15 @@ from pallas_kernels.prefill_attention import prefill_attention, prefill_attentio
 from pallas_kernels.segment_attention import segment_attention, segment_attention_reference
 from pallas_kernels.tiling import MergeTile, TileConfig, pick_tile
 
+def lowered_for(device_kind: str, fn, *args) -> str:
+    """The StableHLO text of jit(fn)(*args) lowered for a CUDA GPU of `device_kind` through an
+    abstract device (JAX's public way to lower for a GPU that is not here; nothing runs)."""
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=None, platform="cuda"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 TOLERANCE = {"float32": 2e-3, "bfloat16": 2e-2, "float16": 5e-3}
 """Max relative Frobenius error per output, by dtype (float32 dots run as TF32 on GPU)."""
 

@@ -10,24 +10,16 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
 import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.atmm import _lora_delta
-from pallas_kernels.testing import Case, make_problem
+from pallas_kernels.testing import Case, lowered_for, make_problem
 from pallas_kernels.tiling import TileConfig, heuristic_tile
 
-_H200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H200", num_cores=None, platform="cuda"))
-
-
 def triton_launches(fn, *args) -> int:
-    """How many Triton kernels jit(fn)(*args) launches, lowered for an H200 through an abstract
-    device (JAX's public way to lower for a GPU that is not here)."""
-    with jax.sharding.use_abstract_mesh(_H200):
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return text.count("__gpu$xla.gpu.triton")
+    """How many Triton kernels jit(fn)(*args) launches, lowered for an H200."""
+    return lowered_for("NVIDIA H200", fn, *args).count("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.parametrize("case, tile", [

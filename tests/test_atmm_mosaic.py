@@ -10,7 +10,6 @@ import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from pallas_kernels import PAD_SLOT, TileConfig, atmm_mosaic, lora_delta
 from pallas_kernels.atmm import _lora_delta
 from pallas_kernels.atmm_mosaic import BLOCK_T, block_plan
-from pallas_kernels.testing import CASES, FUSED_CASES, Case, check, check_fused, make_problem
+from pallas_kernels.testing import CASES, FUSED_CASES, Case, check, check_fused, lowered_for, make_problem
 
 MOSAIC = TileConfig(shrink_block_t=64, expand_block_t=64, block_k=32, split_k=2, block_n=32, kernel="mosaic")
 MOSAIC_WIDE = dataclasses.replace(MOSAIC, block_k=64, split_k=1, block_n=64, shrink_stages=3)
@@ -137,13 +136,8 @@ def test_block_plan_matches_numpy(tokens, slots):
         assert g.dtype == jnp.int32
 
 
-_H100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
-
-
 def _lowered(fn, *args) -> str:
-    with jax.sharding.use_abstract_mesh(_H100):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return lowered_for("NVIDIA H100 80GB HBM3", fn, *args)
 
 
 @pytest.mark.parametrize("case, columns, width, launches", [

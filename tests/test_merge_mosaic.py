@@ -19,7 +19,7 @@ import pytest
 
 from pallas_kernels import (LoraWeight, MergeTile, merge_parts, merge_parts_reference, merge_weight,
                             merge_weight_reference, testing)
-from pallas_kernels.testing import MERGE_CASES, MERGE_PARTS_CASES, MergeCase, MergePartsCase
+from pallas_kernels.testing import MERGE_CASES, MERGE_PARTS_CASES, MergeCase, MergePartsCase, lowered_for
 
 
 def _half(cases):
@@ -110,13 +110,8 @@ def test_float32_is_refused_and_the_kernels_are_picked_by_name():
         MergeTile(kernel="cuda")
 
 
-_H100 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
-
-
 def _lowered(fn, *args) -> str:
-    with jax.sharding.use_abstract_mesh(_H100):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return lowered_for("NVIDIA H100 80GB HBM3", fn, *args)
 
 
 @pytest.mark.parametrize("dtype, d_in, widths, ranks, columns, width, tile", [
