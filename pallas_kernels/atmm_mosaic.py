@@ -39,13 +39,9 @@ from pallas_kernels.lora_reference import LoraWeight
 BLOCK_T = 64
 """Tokens per program: the rows of one warpgroup's wgmma."""
 SMEM_BYTES = 200 << 10
-"""Shared memory a shrink program may take (a Hopper SM has 227 KB)."""
+"""Shared memory a program of the Mosaic kernels may take (a Hopper SM has 227 KB)."""
 DTYPES = (jnp.bfloat16, jnp.float16)
 _WGMMA = plgpu.Layout.WGMMA
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -264,7 +260,7 @@ def lora_delta_mosaic(x, weights, sets, *, block_k: int, split_k: int, block_n: 
     widths = [w.b.shape[-1] for w in weights]
     if n_tokens == 0:
         return tuple(base) if base is not None else tuple(jnp.zeros((0, d), x.dtype) for d in widths)
-    t_pad = _cdiv(n_tokens, BLOCK_T) * BLOCK_T
+    t_pad = pl.cdiv(n_tokens, BLOCK_T) * BLOCK_T
     rb = max(max(16, 1 << (w.a.shape[-1] - 1).bit_length()) for w in weights)
     block_n = min(block_n, max(16, 16384 // rb))            # the expand's two B tiles in flight: <= 64 KB
     bn = _pow2_divisor(int(np.gcd.reduce(widths + list(columns or []))), block_n)
@@ -282,9 +278,9 @@ def lora_delta_mosaic(x, weights, sets, *, block_k: int, split_k: int, block_n: 
                                           x.dtype.itemsize)
     split_k = min(split_k, max(1, 256 // rb))                # the expand holds a block's partial sums: <= 64 KB
     split = _pow2_divisor(max(1, d_in // bk), split_k)
-    d_pad = _cdiv(d_in, bk * split) * bk * split
+    d_pad = pl.cdiv(d_in, bk * split) * bk * split
     n_slots = weights[0].a.shape[0]
-    n_pads = [_cdiv(d, bn) * bn for d in widths]
+    n_pads = [pl.cdiv(d, bn) * bn for d in widths]
     weights = [LoraWeight(_pad_to(w.a, (n_slots, d_pad, rb)), _pad_to(w.b, (n_slots, rb, n)),
                           w.scale.astype(jnp.float32), w.rank.astype(jnp.int32)) for w, n in zip(weights, n_pads)]
     adapters, counts, which = block_plan([s for s, _ in sets], n_slots, t_pad)
