@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.atmm import _cdiv, _pad_rank
+from pallas_kernels.atmm import _pad_rank
 from pallas_kernels.atmm_mosaic import DTYPES, SMEM_BYTES, _launch, _pad_to, _pow2_divisor, _swizzled
 from pallas_kernels.tiling import MergeTile
 
@@ -131,7 +131,7 @@ def _launch_merge(kernel, out, parts, columns: tuple, slot, *, bm: int, bn: int,
                              tile_offsets=offsets)
     args = (jnp.asarray(slot, jnp.int32).reshape(1), kernel, *[w.a for w in parts], *[w.b for w in parts],
             *[w.scale for w in parts], *[w.rank for w in parts])
-    (merged,) = _launch(body, args, [out], grid=(_cdiv(n_row_tiles, row_tiles), offsets[-1]), names=("i", "t"),
+    (merged,) = _launch(body, args, [out], grid=(pl.cdiv(n_row_tiles, row_tiles), offsets[-1]), names=("i", "t"),
                         interpret=interpret, in_place=not isinstance(out, jax.ShapeDtypeStruct))
     return merged
 
@@ -156,7 +156,7 @@ def merge_mosaic(kernel, merged, parts, slot, *, columns: tuple, tile: MergeTile
     # buffer, then written back at their columns.
     if bn is None:
         bn = _block_n(tile, bm, [max(16, 1 << (min(widths) - 1).bit_length())], [], rbs, itemsize) or 16
-    d_pad, n_pads = _cdiv(d_in, bm) * bm, [_cdiv(d, bn) * bn for d in widths]
+    d_pad, n_pads = pl.cdiv(d_in, bm) * bm, [pl.cdiv(d, bn) * bn for d in widths]
     compact = jnp.concatenate([_pad_to(kernel[:, c:c + d], (d_pad, m)) for c, d, m in zip(columns, widths, n_pads)],
                               axis=1)
     n_slots = parts[0].a.shape[0]

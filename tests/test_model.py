@@ -10,8 +10,8 @@ from valora_jax import (LoraContext, ModelRunner, RowSpec, count_params, init_mo
                         random_adapter)
 from valora_jax.config import llava_1_5_7b, llava_1_5_13b
 from valora_jax.image import preprocess_batch
-from pallas_kernels.testing import lowered_for
-from valora_jax.lora import PAD_SLOT, LoraWeight, merge_parts
+from pallas_kernels.testing import Case, lowered_for, make_problem
+from valora_jax.lora import PAD_SLOT, merge_parts
 from valora_jax.blocks import split_row
 from valora_jax.runtime import token_slots
 
@@ -228,13 +228,6 @@ def test_pallas_backend_matches_reference_through_the_model(config, loaded):
         np.testing.assert_allclose(got, ref, **tol(jnp.float32))
 
 
-def random_adapter_weight(d_in: int, d_out: int, slots: int, rank: int) -> LoraWeight:
-    rng = np.random.default_rng(d_in + d_out)
-    return LoraWeight(jnp.asarray(rng.normal(size=(slots, d_in, rank)), jnp.bfloat16),
-                      jnp.asarray(rng.normal(size=(slots, rank, d_out)), jnp.bfloat16),
-                      jnp.ones((slots,), jnp.float32), jnp.full((slots,), rank, jnp.int32))
-
-
 def test_the_mosaic_backend_runs_the_mosaic_kernels_through_the_model():
     """A bfloat16 model's step on "pallas-mosaic", lowered for an H100, runs its LoRA branches on
     the Mosaic ATMM (Triton nowhere), and lora.merge_parts on it the Mosaic merge. The kernels'
@@ -251,7 +244,7 @@ def test_the_mosaic_backend_runs_the_mosaic_kernels_through_the_model():
                        lambda *a: model(*a, LoraContext(slots, jnp.int32(2), "mixture", "pallas-mosaic")), *args)
     assert "custom_call @mosaic_gpu" in step and "xla.gpu.triton" not in step
     kernel = jnp.zeros((64, 128), jnp.bfloat16)
-    parts = [random_adapter_weight(64, d, 3, 16) for d in (64, 32)]
+    _, parts, _, _ = make_problem(Case(1, 64, (64, 32), 16, 3, dtype="bfloat16"), seed=0)
     merge = lowered_for("NVIDIA H100 80GB HBM3",
                         lambda k, m, ws, s: merge_parts(k, m, ws, (0, 96), s, "pallas-mosaic"), kernel, kernel, parts,
                         jnp.int32(1))
